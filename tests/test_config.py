@@ -1,0 +1,91 @@
+import pytest
+import yaml
+
+from trainer.config import ConfigError, load_config, parse_overrides, save_config
+
+
+def write(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_text(content)
+    return p
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = write(tmp_path, "a.yaml", "model: {flavor: 210m}\noptim: {lr: 1e-3}\n")
+    cfg = load_config(p, ["--optim.lr=3e-3", "--optim.beta1=null", "--run.dir=runs/x", "--train.max_steps=200"])
+    assert cfg.model.d_model == 1024 and cfg.model.n_layers == 12
+    assert cfg.optim.lr == 3e-3 and cfg.optim.beta1 is None
+    assert cfg.run.dir == "runs/x" and cfg.train.max_steps == 200
+
+
+def test_yaml_1_1_float_strings_are_numbers(tmp_path):
+    # PyYAML reads "1e-3" (no dot) as a string; a float key still takes it.
+    cfg = load_config(write(tmp_path, "a.yaml", "optim:\n  lr: 1e-3\n"))
+    assert cfg.optim.lr == pytest.approx(1e-3)
+
+
+def test_explicit_model_keys_beat_flavor(tmp_path):
+    cfg = load_config(write(tmp_path, "a.yaml", "model: {flavor: 550m, n_layers: 2}\n"))
+    assert cfg.model.d_model == 1280 and cfg.model.n_layers == 2
+
+
+def test_base_inheritance(tmp_path):
+    write(tmp_path, "base.yaml", "train: {max_steps: 10, global_batch: 8, micro_batch: 4}\noptim: {lr: 0.1}\n")
+    (tmp_path / "sub").mkdir()
+    p = write(tmp_path / "sub", "child.yaml", "base: ../base.yaml\noptim: {name: adamw}\n")
+    cfg = load_config(p)
+    assert cfg.train.max_steps == 10 and cfg.optim.lr == 0.1
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["--optim.lrr=1"], r"unknown config key optim\.lrr\. Did you mean 'lr'"),
+        (["--trian.max_steps=1"], r"unknown config section 'trian'\. Did you mean 'train'"),
+        (["--train.max_steps=abc"], r"train\.max_steps: expected an integer"),
+        (["--train.fused_update=1"], r"train\.fused_update: expected true or false"),
+        (["--optim.lr=fast"], r"optim\.lr: expected a number"),
+        (["--model.flavor=huge"], r"unknown model\.flavor 'huge'"),
+        (["--train.micro_batch=7"], r"not a multiple of train\.micro_batch"),
+        (["--data.seq_len=4096"], r"exceeds model\.max_seq_len"),
+        (["--train.precision=fp16"], r"train\.precision='fp16' is not one of"),
+        (["optim.lr=1"], r"use --section\.key=value"),
+    ],
+)
+def test_bad_config_errors_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_unknown_yaml_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key train\.max_step\. Did you mean 'max_steps'"):
+        load_config(write(tmp_path, "a.yaml", "train: {max_step: 3}\n"))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "bad.yaml", "train: {max_steps: [\n"))
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["--optim.name=adamw", "--optim.beta1=null", "--model.flavor=210m"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["d_model"] == 1024
+
+
+def test_shipped_configs_load():
+    for name, gb, steps in (("configs/210m.yaml", 1024, 8000), ("configs/550m.yaml", 2048, 8000)):
+        cfg = load_config(name)
+        assert cfg.train.global_batch == gb and cfg.train.max_steps == steps
+        assert cfg.data.seq_len == 512 and cfg.scheduler.warmup_steps == 2500
+        o = cfg.optim
+        assert (o.name, o.beta1, o.beta2, o.eps, o.weight_decay) == ("adamw", 0.9, 0.95, 1e-8, 0.01)
+    load_config("configs/tiny.yaml")
+
+
+def test_parse_overrides_types():
+    assert parse_overrides(["--a.b=1", "--a.c=true", "--d.e=x"]) == {"a": {"b": 1, "c": True}, "d": {"e": "x"}}

@@ -1,0 +1,56 @@
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, Transformer
+from trainer.distributed import DistInfo
+from trainer.parallelize import autocast_context
+from trainer.step import evaluate, forward_backward, split_micro_batches
+
+FP32 = autocast_context("fp32", torch.device("cpu"))
+
+
+def grads_and_loss(model, inputs, targets, micro_batch):
+    model.zero_grad(set_to_none=True)
+    loss = forward_backward(
+        model, split_micro_batches(inputs, targets, micro_batch), loss_denominator=targets.numel(), autocast=FP32
+    )
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_micro_batched_global_batch_equals_unsplit():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=64, n_layers=2, vocab_size=300, max_seq_len=32))
+    tokens = torch.randint(0, 300, (8, 17))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    full_loss, full_grads = grads_and_loss(model, inputs, targets, micro_batch=8)
+    for micro in (1, 2, 4):
+        loss, grads = grads_and_loss(model, inputs, targets, micro_batch=micro)
+        torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+        for name in full_grads:
+            torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-5, atol=1e-7)
+    # And the loss is the plain mean token cross-entropy of the batch.
+    with torch.no_grad():
+        ref = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(full_loss, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_before_backward_is_armed_only_for_the_last_micro_batch():
+    model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=100, max_seq_len=16))
+    tokens = torch.randint(0, 100, (6, 9))
+    calls = []
+    forward_backward(
+        model, split_micro_batches(tokens[:, :-1], tokens[:, 1:], 2), loss_denominator=48.0, autocast=FP32,
+        before_backward=calls.append,
+    )
+    assert calls == [False, False, True]
+
+
+def test_evaluate_is_mean_token_loss():
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=100, max_seq_len=16))
+    batches = [(torch.randint(0, 100, (3, 8)), torch.randint(0, 100, (3, 8))) for _ in range(3)]
+    loss, ppl = evaluate(model, batches, DistInfo(0, 1, 0, torch.device("cpu")), FP32)
+    with torch.no_grad():
+        ref = torch.stack([F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") for x, y in batches]).sum() / 72
+    assert abs(loss - ref.item()) < 1e-5 and abs(ppl - torch.exp(ref).item()) < 1e-3
+    assert model.training  # restored

@@ -1,0 +1,44 @@
+"""memopt-lm's one entry point.
+
+    python train.py configs/tiny.yaml [--section.key=value ...]
+    torchrun --nproc_per_node=8 train.py configs/210m.yaml --optim.name=adamem --optim.lr=3.16e-3
+
+Re-running the same command on the same run directory resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = "usage: python train.py CONFIG.yaml [--section.key=value ...]   (e.g. configs/tiny.yaml --train.max_steps=200)"
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    from data.errors import DataError
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError, load_config
+    from trainer.trainer import TrainingDiverged, train
+
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        result = train(cfg)
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir = cfg.run.dir
+        if result.val_losses:
+            first, last = result.val_losses[0], result.val_losses[-1]
+            print(f"validation loss: {first[1]:.4f} at step {first[0]} -> {last[1]:.4f} at step {last[0]}")
+        print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")
+        print(f"view the curves: tensorboard --logdir {run_dir}/tensorboard   (then open http://localhost:6006)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,29 @@
+"""Peak dense bf16 throughput of known accelerators, for MFU. Unknown devices (and CPUs) get none."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Dense (non-sparse) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated bytes on a CUDA device; the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -1,0 +1,72 @@
+"""One optimizer step's forward/backward over micro-batches, and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.distributed import DistInfo, all_reduce_sum
+
+
+def split_micro_batches(inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int):
+    return list(zip(inputs.split(micro_batch), targets.split(micro_batch)))
+
+
+def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, autocast) -> torch.Tensor:
+    """Summed token cross-entropy, computed in fp32 from the (possibly bf16) logits."""
+    with autocast:
+        logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+def forward_backward(
+    model: nn.Module,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    loss_denominator: float,
+    autocast,
+    no_sync: Optional[Callable] = None,
+    before_backward: Optional[Callable[[bool], None]] = None,
+) -> torch.Tensor:
+    """Accumulate gradients of sum(CE) / loss_denominator over the micro-batches.
+
+    The denominator is the number of target tokens of the whole global batch divided by the
+    number of ranks (DDP averages gradients over ranks), so the gradient is that of the mean
+    token loss over the global batch, whatever the micro-batch split. `no_sync` (DDP) skips the
+    all-reduce on all but the last micro-batch; `before_backward(is_last)` lets an in-backward
+    optimizer arm itself for the last one. Returns this rank's share of the loss (detached).
+    """
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        if before_backward is not None:
+            before_backward(last)
+        sync = contextlib.nullcontext() if (last or no_sync is None) else no_sync()
+        with sync:
+            loss = token_loss_sum(model, x, y, autocast) / loss_denominator
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list, info: DistInfo, autocast) -> tuple[float, float]:
+    """Mean token cross-entropy and perplexity over the validation batches (split over ranks)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+    count = torch.zeros((), dtype=torch.float64, device=info.device)
+    for x, y in batches[info.rank :: info.world_size]:
+        x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+        loss_sum += token_loss_sum(model, x, y, autocast).double()
+        count += y.numel()
+    all_reduce_sum(loss_sum, info)
+    all_reduce_sum(count, info)
+    model.train(was_training)
+    loss = (loss_sum / count).item()
+    return loss, math.exp(min(loss, 700.0))
