@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    from data.errors import DataError
+    from data import DataError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError, load_config
     from trainer.trainer import TrainingDiverged, train

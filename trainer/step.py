@@ -39,7 +39,7 @@ def forward_backward(
     number of ranks (DDP averages gradients over ranks), so the gradient is that of the mean
     token loss over the global batch, whatever the micro-batch split. `no_sync` (DDP) skips the
     all-reduce on all but the last micro-batch; `before_backward(is_last)` lets an in-backward
-    optimizer arm itself for the last one. Returns this rank's share of the loss (detached).
+    optimizer arm itself for the last one. Returns this rank's mean token loss (detached).
     """
     total = torch.zeros((), device=micro_batches[0][0].device)
     for i, (x, y) in enumerate(micro_batches):

@@ -228,11 +228,13 @@ def _train(cfg: Config, info: DistInfo) -> TrainResult:
                 if t.max_grad_norm > 0:
                     torch.nn.utils.clip_grads_with_norm_(params, t.max_grad_norm, norm)
                 grad_norm = norm.item()
-            loss_value = all_reduce_sum(loss, info).item()  # the ranks' shares add up to the global mean
+            # Each rank's loss is its tokens' summed CE over (global tokens / ranks), as DDP averages
+            # gradients; the global mean token loss is the average over ranks.
+            loss_value = all_reduce_sum(loss, info).item() / info.world_size
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 last = ckpt.latest_checkpoint(ckpt_dir)
                 raise TrainingDiverged(
-                    f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step {step} "
+                    f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step {step + 1} "
                     f"(loss {loss_value}, grad norm {grad_norm}); stopping without saving. "
                     f"Last good checkpoint: {last or 'none'}. Lower --optim.lr or enable --train.max_grad_norm."
                 )

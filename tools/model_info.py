@@ -1,0 +1,47 @@
+"""Parameter counts, FLOPs per token and optimizer state bytes for a config.
+
+    python tools/model_info.py configs/210m.yaml [--section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model import flops_per_token, param_counts  # noqa: E402
+from trainer.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("-"):
+        print(__doc__.strip())
+        return 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    m = cfg.model
+    counts = param_counts(m)
+    seq = cfg.data.seq_len
+    fpt = flops_per_token(m, seq)
+    tokens = cfg.train.max_steps * cfg.train.global_batch * seq
+    print(f"model {m.flavor}: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, vocab {m.vocab_size}")
+    print(f"  parameters      {counts['total']:>15,}  ({counts['total'] / 1e6:.1f}M)")
+    print(f"  non-embedding   {counts['non_embedding']:>15,}  ({counts['non_embedding'] / 1e6:.1f}M)")
+    print(f"  embedding+head  {counts['embedding']:>15,}")
+    print(f"  FLOPs/token     {fpt:>15,}  (seq_len {seq}: 6N + 12*L*d*T + 6*d*V)")
+    print(f"  run budget      {tokens:>15,} tokens = {tokens * fpt:.3e} FLOPs "
+          f"({cfg.train.max_steps} steps x {cfg.train.global_batch} x {seq})")
+    try:
+        from optim.state_bytes import print_state_bytes_table
+    except ImportError:
+        return 0
+    print_state_bytes_table(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
