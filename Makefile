@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-CACHE ?= .cache
+CACHE := $(or $(MEMOPT_CACHE),.cache)
 SAMPLE_TOKENS := $(CACHE)/tokens/sample/manifest.json
 
 .PHONY: demo test setup setup-test assets data clean help
@@ -32,7 +32,7 @@ assets: setup
 	$(PY) tools/fetch_assets.py
 
 $(SAMPLE_TOKENS): | assets
-	$(PY) tools/prepare_data.py --source $(CACHE)/corpus/sample --out $(CACHE)/tokens/sample
+	$(PY) tools/prepare_data.py
 
 data: assets $(SAMPLE_TOKENS)
 

@@ -4,16 +4,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE_TOKENS = REPO / ".cache" / "tokens" / "sample"
 
 
 @pytest.fixture(scope="session")
 def sample_tokens() -> Path:
     """The prepared sample corpus (real English, T5 tokenizer), made by `make data`; the test
     command runs that first."""
-    if not (SAMPLE_TOKENS / "manifest.json").exists():
-        pytest.fail(f"{SAMPLE_TOKENS} is missing: run `make data` (the test command `make test` does)")
-    return SAMPLE_TOKENS
+    from data.paths import sample_tokens_dir
+
+    tokens = sample_tokens_dir()
+    if not (tokens / "manifest.json").exists():
+        pytest.fail(f"{tokens} is missing: run `make data` (the test command `make test` does)")
+    return tokens
 
 
 def tiny_overrides(run_dir: Path, tokens: Path, **extra) -> list[str]:

@@ -56,6 +56,8 @@ class _StopFlag:
                 pass
 
     def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once, without saving
         self.requested = True
 
     def restore(self) -> None:
@@ -110,6 +112,12 @@ def _train(cfg: Config, info: DistInfo) -> TrainResult:
     data = TrainBatches(cfg.data, global_batch=t.global_batch, rank=info.rank, world_size=info.world_size,
                         pin_memory=device.type == "cuda")
     val_batches = validation_batches(cfg.data, cfg.eval.batch_size)
+    data_vocab = data.manifest["tokenizer"]["vocab_size"]
+    if data_vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the data's tokenizer has {data_vocab} ids but model.vocab_size={cfg.model.vocab_size}; "
+            f"set --model.vocab_size to at least {data_vocab} (a multiple of 128 is fastest)"
+        )
 
     torch.manual_seed(cfg.run.seed)
     model = Transformer(cfg.model).to(device)
@@ -123,10 +131,14 @@ def _train(cfg: Config, info: DistInfo) -> TrainResult:
     if latest is not None:
         state = ckpt.load_checkpoint(latest)
         model.load_state_dict(state["model"])
+        configured_lrs = [group["initial_lr"] for group in optimizer.param_groups]
         try:
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise ckpt.CheckpointError(f"cannot restore the optimizer from {latest}: {e}") from None
+        # The peak lr comes from the config, not the checkpoint, so --optim.lr can change on resume.
+        for group, lr in zip(optimizer.param_groups, configured_lrs):
+            group["initial_lr"] = lr
         data.check_resume(state["data"])
         ckpt.set_rng_state(state["rng"])
         start_step, resumed_from = state["step"], latest

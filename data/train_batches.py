@@ -1,0 +1,107 @@
+"""Training batches: a map-style dataset indexed by step, read through a torch DataLoader.
+
+See data/windows.py for the windows and their order. Item `s` of the dataset is this
+rank's slice of global batch s, as (inputs, targets) int64 tensors of shape
+(global_batch // world_size, seq_len), targets = inputs shifted by one token. A sampler
+counting up from start_step drives a DataLoader (cfg.num_workers workers, pinned memory
+on CUDA): batches arrive in step order whatever the worker count, and resuming is just
+starting the count at the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data.config import DataConfig
+from data.prepared import open_split
+from data.token_store import TokenStore
+from data.tokenizer import DataError
+from data.windows import WindowOrder, count_windows, permutation_fingerprint, rank_slice
+
+
+class StepDataset(Dataset):
+    """step -> this rank's (inputs, targets) of the global batch at that step."""
+
+    def __init__(self, store: TokenStore, n_windows: int, seed: int, seq_len: int, global_batch: int,
+                 rank: int, world_size: int):
+        self.store, self.seq_len, self.global_batch = store, seq_len, global_batch
+        self.order = WindowOrder(n_windows, seed)
+        self.lo, self.hi = rank_slice(global_batch, rank, world_size)
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        base = step * self.global_batch
+        windows = self.order.windows(base + self.lo, base + self.hi)
+        rows = np.empty((len(windows), self.seq_len + 1), dtype=np.int64)
+        for row, w in zip(rows, windows):
+            self.store.read_into(row, int(w) * self.seq_len)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+class _StepsFrom(Sampler):
+    """start, start+1, ... forever."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+class TrainBatches:
+    """This rank's training batches for `global_batch` windows per step (see module doc)."""
+
+    def __init__(self, cfg: DataConfig, *, global_batch: int, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False):
+        if global_batch < 1 or world_size < 1 or global_batch % world_size:
+            raise DataError(
+                f"global_batch={global_batch} is not divisible by world_size={world_size}. Fix: choose a global "
+                "batch that is a multiple of the number of ranks (each rank takes an equal slice)."
+            )
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} outside [0, world_size={world_size})")
+        self.manifest, info, self.store = open_split(cfg, "train")
+        self.cfg, self.global_batch, self.rank, self.world_size = cfg, global_batch, rank, world_size
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.n_windows = count_windows(self.store.n_tokens, cfg.seq_len)
+        if self.n_windows < 1:
+            raise DataError(
+                f"the train split has {self.store.n_tokens} tokens, too few for one window of seq_len+1="
+                f"{cfg.seq_len + 1}. Fix: prepare more data (raise --max_tokens/--max_docs) or lower data.seq_len."
+            )
+        self.tokens_per_step = global_batch * cfg.seq_len
+        self.checksum = info["checksum"]
+        self._fingerprint = permutation_fingerprint(cfg.seed, self.n_windows)
+        self.dataset = StepDataset(self.store, self.n_windows, cfg.seed, cfg.seq_len, global_batch, rank, world_size)
+
+    def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's (inputs, targets) for steps start_step, start_step+1, ... (forever)."""
+        loader = DataLoader(self.dataset, batch_size=None, sampler=_StepsFrom(start_step),
+                            num_workers=self.cfg.num_workers, pin_memory=self.pin_memory,
+                            persistent_workers=False)
+        return iter(loader)
+
+    def state(self, step: int) -> dict:
+        """Plain data for the checkpoint: where training is and which data it was on."""
+        position = step * self.global_batch
+        return {"step": step, "epoch": position // self.n_windows, "position": position,
+                "tokens_seen": step * self.tokens_per_step, "seed": self.cfg.seed, "seq_len": self.cfg.seq_len,
+                "global_batch": self.global_batch, "n_windows": self.n_windows,
+                "manifest_checksum": self.checksum, "permutation": self._fingerprint}
+
+    def check_resume(self, state: dict) -> None:
+        """Raise if resuming from `state` would not continue the same sample sequence."""
+        now = self.state(int(state.get("step", 0)))
+        keys = ("manifest_checksum", "n_windows", "seed", "seq_len", "global_batch", "permutation")
+        diffs = [f"{k}: checkpoint {state[k]!r} != now {now[k]!r}" for k in keys if k in state and state[k] != now[k]]
+        if diffs:
+            raise DataError(
+                "the data changed since this checkpoint, so resuming would not continue its sample order ("
+                + "; ".join(diffs) + "). Fix: resume with the checkpoint's data config (prepared_dir, seq_len, "
+                "seed, global batch) and data, or start a new run."
+            )

