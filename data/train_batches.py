@@ -11,6 +11,7 @@ starting the count at the checkpoint's step.
 from __future__ import annotations
 
 import itertools
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -41,6 +42,14 @@ class StepDataset(Dataset):
             self.store.read_into(row, int(w) * self.seq_len)
         rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the main process: a Ctrl-C or preemption sent to the
+    whole process group must not kill a worker mid-step, or the main process could not finish
+    the step and save. The workers exit with the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _StepsFrom(Sampler):
@@ -83,7 +92,8 @@ class TrainBatches:
         """This rank's (inputs, targets) for steps start_step, start_step+1, ... (forever)."""
         loader = DataLoader(self.dataset, batch_size=None, sampler=_StepsFrom(start_step),
                             num_workers=self.cfg.num_workers, pin_memory=self.pin_memory,
-                            persistent_workers=False)
+                            persistent_workers=False,
+                            worker_init_fn=_ignore_stop_signals if self.cfg.num_workers else None)
         return iter(loader)
 
     def state(self, step: int) -> dict:

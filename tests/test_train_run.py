@@ -1,5 +1,6 @@
 """End-to-end CPU runs of the trainer on the prepared sample corpus."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -108,15 +109,17 @@ def test_fused_update_trains_and_matches_the_ordinary_path(tmp_path, sample_toke
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path, sample_tokens):
+    """Preemption signals the whole process group, DataLoader workers included."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "train.py", "configs/tiny.yaml",
            *tiny_overrides(run_dir, sample_tokens, **{"train.max_steps": 100000, "checkpoint.interval": 100000,
-                                                      "eval.interval": 0})]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                                      "eval.interval": 0, "data.num_workers": 2})]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(losses(run_dir)) < 3:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     saved = ckpt.latest_checkpoint(run_dir / "checkpoints")
