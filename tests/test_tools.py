@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_model_info_prints_counts_and_flops():
+    out = run_tool("tools/model_info.py", "configs/210m.yaml")
+    assert out.returncode == 0, out.stderr
+    assert "216,818,688" in out.stdout and "151,020,544" in out.stdout
+    assert "1,179,015,168" in out.stdout  # FLOPs/token at seq_len 512
+    bad = run_tool("tools/model_info.py", "configs/210m.yaml", "--model.widht=3")
+    assert bad.returncode == 1 and "unknown config key model.widht" in bad.stderr
+
+
+def test_sweep_expands_the_grid_and_validates(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        f"config: {REPO / 'configs/tiny.yaml'}\n"
+        "grid: {optim.lr: [1.0e-3, 3.0e-3], optim.weight_decay: [0.0, 0.1]}\n"
+        "run_dir: runs/s/lr{optim.lr}_wd{optim.weight_decay}\n"
+        "overrides: {train.max_steps: 7}\n"
+    )
+    out = run_tool("tools/sweep.py", str(sweep), "--launcher", "torchrun --nproc_per_node=8")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 4
+    assert lines[0].startswith("torchrun --nproc_per_node=8 train.py")
+    assert "--optim.lr=0.001 --optim.weight_decay=0.0 --run.dir=runs/s/lr0.001_wd0.0" in lines[0]
+    assert all("--train.max_steps=7" in line for line in lines)
+    sweep.write_text(f"config: {REPO / 'configs/tiny.yaml'}\ngrid: {{optim.lrr: [1]}}\nrun_dir: x\n")
+    bad = run_tool("tools/sweep.py", str(sweep))
+    assert bad.returncode == 1 and "optim.lrr" in bad.stderr
+
+
+def test_shipped_sweeps_expand():
+    for sweep in sorted((REPO / "configs").rglob("sweeps/*.yaml")):
+        out = run_tool("tools/sweep.py", str(sweep))
+        assert out.returncode == 0, (sweep, out.stderr)
+        assert out.stdout.count("train.py") >= 2
+
+
+def test_plot_runs_writes_a_png(tmp_path):
+    for name, losses in (("a", [5.0, 4.0]), ("b", [5.0, 3.5])):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val/loss": v}) + "\n" for s, v in zip((0, 10), losses)))
+    out = run_tool("tools/plot_runs.py", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "p.png"))
+    assert out.returncode == 0, out.stderr
+    assert "final val/loss 3.5000 at step 10" in out.stdout
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
