@@ -32,6 +32,11 @@ class OptimConfig:
     scale_parameter: bool = False
     relative_step: bool = False
     one_sided: bool = False
+    warmup_init: bool = False  # HF Adafactor's relative-step warm-up (with relative_step)
+    # Adafactor momentum: adam = EMA of G, bias-corrected, then preconditioned (the AdaMeM paper's
+    # "Adafactor with momentum"); hf = EMA of the preconditioned lr-scaled update (HF / galore_torch).
+    # null = the optimizer's reference: adam for adafactor / adamem, hf for galore_adafactor.
+    momentum_style: Optional[str] = None
 
     # --- low rank (galore_adamw, galore_adafactor, adamem) ---
     lowrank_targets: str = "blocks"  # blocks | all
@@ -44,8 +49,13 @@ class OptimConfig:
     delta: float = 1.0  # AdaMeM residual weight
     variant: str = "adamem"  # adamem | variant1 | variant2
     second_moment_from: str = "momentum"  # momentum (Algorithm 3 as printed) | gradient
+    # adamem: parameters outside lowrank_targets (embedding, output, LayerNorms) run Adafactor
+    # with momentum beta1 (true) or without momentum (false).
+    lowrank_base_momentum: bool = True
 
     # --- AdaLomo ---
     update_norm: str = "grouped"  # grouped | none | layerwise | global
     factorization: str = "nmf"  # nmf | svd | qr
     factor_rank: int = 1
+    # nmf (r > 1): multiplicative-update iterations per step; svd: subspace iterations per step
+    factor_iters: int = 1

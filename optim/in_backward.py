@@ -2,17 +2,45 @@
 gradient freed at once, so the full set of gradients never sits in memory (LOMO / AdaLomo style).
 
 Built from the same OptimizerSpec as the ordinary path, as one optimizer per parameter, so the
-per-parameter math is identical. Only the last micro-batch of an optimizer step is `armed`: on the
-others the hooks let gradients accumulate as usual. The learning rate for the step must be set on
-`param_groups` before the armed backward. The memory saving is full only without gradient
-accumulation (accumulation needs every gradient kept until the last micro-batch).
+per-parameter math is identical and the parameters match the ordinary `step()` path bit for bit
+on CPU (tests/test_in_backward.py checks every registered optimizer). Works for any optimizer
+whose update of a tensor depends only on that tensor (AdamW, Adafactor, GaLore, AdaMeM,
+AdaLomo grouped/none); its state lives in each per-parameter optimizer's `state`.
 
-Limits, refused by the trainer with a clear error rather than silently wrong:
-- gradient-norm clipping needs the global norm before any update;
+Protocol of a training step (what the trainer does):
+1. set the step's learning rate on `param_groups` (the scheduler steps once per optimizer step);
+2. `arm(False)` for every micro-batch but the last: the hooks let gradients accumulate as usual;
+3. `arm(True)` before the last micro-batch's backward: each parameter is updated once, as soon as
+   its accumulated gradient is complete, and its gradient is freed;
+4. `step()` after that backward: finishes any deferred group (see below); check `nonfinite`.
+The memory saving is full only without gradient accumulation: with k > 1 micro-batches every
+gradient is kept from the first micro-batch to the last, as in the ordinary path; only the
+last backward frees them one by one (and the optimizer step needs no second full pass).
+
+Cross-tensor update statistics (AdaLomo `update_norm` = layerwise / global): the optimizer
+exposes `norm_group_key(p)` (None = independent) and a two-phase API (`prepare`,
+`shared_divisor`, `apply`). A tensor whose gradient arrives is folded into its state at once,
+its gradient freed, and its fp32 direction U kept until the last tensor of its group arrives;
+then the group's divisor is computed (sums taken in the optimizer's parameter order, as the
+ordinary path does) and the group's updates applied. Memory: layerwise holds at most the U of
+one transformer block (about 12 d^2 fp32 values) plus the gradient being processed; global
+holds every U until the end of backward, i.e. one fp32 copy of all gradients: no saving over
+the ordinary path (it is supported for the ablation, not for memory). No extra compute.
+`peak_deferred_bytes` reports the largest deferred total seen.
+
+Refused (see `check_fused_supported`), never silently wrong:
+- gradient-norm clipping: the global norm is known only after every update has happened. A
+  correct version needs a first backward that only measures the norm and a second that
+  updates (2x backward compute, or keeping the graph); not built. AdaLomo's update
+  normalisation replaces clipping (the paper trains without it).
 - several ranks (DDP): the hook would fire before the gradient is all-reduced.
-Non-finite gradients: a parameter whose gradient is non-finite is not updated and the step is
-flagged (`nonfinite`); parameters updated earlier in the same backward stay updated, so after
-such a failure only the last checkpoint is a consistent state.
+
+Non-finite gradients: each gradient's squared sum is checked in its hook (one host sync per
+parameter); a parameter whose gradient is non-finite is not updated (nor is its state touched)
+and is listed in `nonfinite`. Parameters updated earlier in the same backward stay updated,
+so after a failure the in-memory model is a mix of two steps: the trainer must stop and the
+last checkpoint saved before this step is the consistent state to resume from (it predates
+the partial update, which it never contains since checkpoints are taken between steps).
 """
 
 from __future__ import annotations
@@ -22,46 +50,124 @@ import torch
 from optim.registry import OptimizerSpec
 
 
+def check_fused_supported(*, grad_clip: float | None, world_size: int) -> None:
+    """Raise a clear error for combinations the fused path does not implement."""
+    if grad_clip is not None and grad_clip > 0:
+        raise ValueError(
+            f"train.fused_update=true cannot clip the gradient norm (clip={grad_clip}): the global norm is "
+            "known only after every parameter was already updated in the backward pass. Disable gradient "
+            "clipping with --train.max_grad_norm=0 (AdaLomo's update normalisation replaces it) or set "
+            "--train.fused_update=false."
+        )
+    if world_size > 1:
+        raise ValueError(
+            f"train.fused_update=true is not supported with {world_size} ranks (DDP): the update would run "
+            "before the gradient is all-reduced. Use one rank or train.fused_update=false."
+        )
+
+
 class InBackwardOptimizer:
     def __init__(self, spec: OptimizerSpec):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._params: dict[str, torch.Tensor] = {}
         self._handles = []
         self.armed = False
         self.nonfinite: list[str] = []
-        self.grad_sq_sum = 0.0  # sum of squared gradient entries of the armed backward
+        self._grad_sq = []  # 0-d tensors of the armed backward, summed lazily (grad_sq_sum)
+        # Coupled update statistics: key -> member names in spec order; name -> key.
+        self._members: dict[str, list[str]] = {}
+        self._key_of: dict[str, str] = {}
+        self._pending: dict[str, dict[str, tuple | None]] = {}
+        self.deferred_bytes = 0
+        self.peak_deferred_bytes = 0
         for group in spec.param_groups:
             options = {k: v for k, v in group.items() if k not in ("params", "names")}
             for name, p in zip(group["names"], group["params"]):
-                self.optimizers[name] = spec.cls([{**options, "params": [p], "names": [name]}], **spec.kwargs)
+                opt = spec.cls([{**options, "params": [p], "names": [name]}], **spec.kwargs)
+                self.optimizers[name] = opt
+                self._params[name] = p
+                key = opt.norm_group_key(p) if hasattr(opt, "norm_group_key") else None
+                if key is not None:
+                    self._key_of[name] = key
+                    self._members.setdefault(key, []).append(name)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(name)))
 
     def _make_hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
             if not self.armed:
                 return
-            sq = p.grad.detach().float().pow(2).sum()
-            if not torch.isfinite(sq):
-                self.nonfinite.append(name)
+            grad = p.grad
+            if grad.is_meta:  # shape-only runs (tools/bench_memory.py): no values to check
+                finite = True
             else:
-                self.grad_sq_sum += float(sq)
+                sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+                finite = bool(torch.isfinite(sq))
+                if finite:
+                    self._grad_sq.append(sq)
+            key = self._key_of.get(name)
+            if not finite:
+                self.nonfinite.append(name)
+            elif key is None:
                 self.optimizers[name].step()
+            if key is not None:
+                pending = self._pending.setdefault(key, {})
+                if finite:
+                    u, usq = self.optimizers[name].prepare(p)
+                    pending[name] = (u, usq)
+                    self.deferred_bytes += u.nbytes
+                    self.peak_deferred_bytes = max(self.peak_deferred_bytes, self.deferred_bytes)
+                else:
+                    pending[name] = None
             p.grad = None
+            if key is not None and len(self._pending[key]) == len(self._members[key]):
+                self._flush(key)
 
         return hook
+
+    def _flush(self, key: str) -> None:
+        pending = self._pending.pop(key, {})
+        names = [n for n in self._members[key] if pending.get(n) is not None]  # spec order
+        if not names:
+            return
+        first = self.optimizers[names[0]]
+        div = first.shared_divisor(
+            [pending[n][1] for n in names],
+            [pending[n][0].numel() for n in names],
+            first.param_groups[0]["clip_threshold"],
+        )
+        for n in names:
+            u = pending[n][0]
+            self.optimizers[n].apply(self._params[n], u, div)
+            self.deferred_bytes -= u.nbytes
+        del pending
+
+    @property
+    def grad_sq_sum(self) -> float:
+        """Sum of squared entries of the armed backward's finite gradients."""
+        return float(torch.stack(self._grad_sq).sum()) if self._grad_sq else 0.0
 
     def arm(self, armed: bool) -> None:
         """Arm before the backward of the last micro-batch of a step."""
         self.armed = armed
         if armed:
+            if self._pending:
+                raise RuntimeError(
+                    f"deferred updates of {sorted(self._pending)[:3]} are still pending from the previous armed "
+                    "backward (some members got no gradient): call InBackwardOptimizer.step() after each armed backward"
+                )
             self.nonfinite = []
-            self.grad_sq_sum = 0.0
+            self._grad_sq = []
 
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers.values() for g in opt.param_groups]
 
     def step(self) -> None:
-        """Nothing to do: every update happened during backward."""
+        """Every independent update happened during backward. Finishes the deferred groups whose
+        members did not all receive a gradient (unused parameters), as the ordinary step() would
+        (it skips parameters without a gradient). Call it once after the armed backward."""
+        for key in list(self._pending):
+            self._flush(key)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():

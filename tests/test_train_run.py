@@ -108,6 +108,12 @@ def test_fused_update_trains_and_matches_the_ordinary_path(tmp_path, sample_toke
     assert losses(tmp_path / "plain") == losses(tmp_path / "fused")
 
 
+def test_resume_with_the_other_fused_setting_is_a_clear_error(tmp_path, sample_tokens):
+    run(tmp_path, sample_tokens, **{"train.max_steps": 3, "train.max_grad_norm": 0})
+    with pytest.raises(ckpt.CheckpointError, match=r"saved with train.fused_update=False; resume with --train.fused_update=false"):
+        run(tmp_path, sample_tokens, **{"train.max_steps": 3, "train.max_grad_norm": 0, "train.fused_update": True})
+
+
 def test_sigterm_saves_and_exits_zero(tmp_path, sample_tokens):
     """Preemption signals the whole process group, DataLoader workers included."""
     run_dir = tmp_path / "run"

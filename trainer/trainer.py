@@ -18,7 +18,7 @@ import yaml
 from data import TrainBatches, validation_batches
 from model import Transformer, flops_per_token, param_counts
 from optim import optimizer_spec
-from optim.in_backward import InBackwardOptimizer
+from optim.in_backward import InBackwardOptimizer, check_fused_supported
 from trainer import checkpoint as ckpt
 from trainer.config import Config, ConfigError, save_config
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
@@ -96,17 +96,11 @@ def _train(cfg: Config, info: DistInfo) -> TrainResult:
             f"train.global_batch={t.global_batch} must split into {info.world_size} rank(s) x whole micro-batches "
             f"of train.micro_batch={t.micro_batch}"
         )
-    if t.fused_update and t.max_grad_norm > 0:
-        raise ConfigError(
-            "train.fused_update=true updates each parameter before the global gradient norm is known, so "
-            "gradient clipping cannot be applied; set --train.max_grad_norm=0 (AdaLomo's grouped update "
-            "normalization replaces clipping)"
-        )
-    if t.fused_update and info.enabled:
-        raise ConfigError(
-            "train.fused_update=true is not supported with several ranks yet: the update hook would fire "
-            "before DDP all-reduces the gradient; use --train.fused_update=false"
-        )
+    if t.fused_update:
+        try:
+            check_fused_supported(grad_clip=t.max_grad_norm, world_size=info.world_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     # Data first: its checks (missing data, tokenizer mismatch) should fail before any heavy work.
     data = TrainBatches(cfg.data, global_batch=t.global_batch, rank=info.rank, world_size=info.world_size,
@@ -132,6 +126,11 @@ def _train(cfg: Config, info: DistInfo) -> TrainResult:
         state = ckpt.load_checkpoint(latest)
         model.load_state_dict(state["model"])
         configured_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        if ("in_backward" in state["optimizer"]) != t.fused_update:
+            raise ckpt.CheckpointError(
+                f"{latest} was saved with train.fused_update={not t.fused_update}; resume with "
+                f"--train.fused_update={str(not t.fused_update).lower()} (the optimizer state layouts differ)"
+            )
         try:
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
@@ -234,6 +233,7 @@ def _train(cfg: Config, info: DistInfo) -> TrainResult:
                 before_backward=arm,
             )
             if t.fused_update:
+                optimizer.step()  # finishes updates deferred to the end of backward (AdaLomo layerwise/global)
                 grad_norm = math.sqrt(optimizer.grad_sq_sum) if not optimizer.nonfinite else math.inf
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])

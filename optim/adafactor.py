@@ -1,0 +1,236 @@
+"""Adafactor (Shazeer & Stern 2018), used like Adam as in the AdaMeM paper, with HF's switches.
+
+Per parameter with gradient G (m x n), t = number of this parameter's steps (1 on the first):
+
+  beta2_t = beta2                         (constant, the paper: .95), bias correction c2 = 1 - beta2^t
+          = 1 - t^beta2_decay              (Adafactor's schedule, e.g. beta2_decay = -0.8), c2 = 1
+            (beta2_1 = 0, so the EMA is already unbiased: 1 - prod_s beta2_s = 1)
+  Q = G^2 + eps1                          (eps1 as HF's eps[0], 1e-30)
+  factored (2-D, default):  r = beta2_t r + (1 - beta2_t) mean_cols(Q)   (length m, one per row)
+                            c = beta2_t c + (1 - beta2_t) mean_rows(Q)   (length n, one per column)
+                            V_hat = r c^T / (mean(r) c2)
+  one_sided (2-D):          one statistic on the larger side only: per column (length n) if
+                            m <= n, else per row (length m); V_hat = c / c2 broadcast (AdaMeM's
+                            Algorithm 4 applied to the whole gradient)
+  1-D parameters:           full v = beta2_t v + (1 - beta2_t) Q, V_hat = v / c2
+  D = 1 / (sqrt(V_hat) + eps)             (eps = 1e-8 as Adam; eps = 0 gives HF / torch exactly)
+
+  momentum_style "adam" (the paper's "Adafactor with momentum", Adam-like; default):
+      beta1 None:  u = G D
+      beta1 float: m = beta1 m + (1 - beta1) G, u = (m / (1 - beta1^t)) D
+      (second-moment statistics always from G^2)
+      u = u / max(1, RMS(u) / clip_threshold)     (only when clip_threshold is set)
+      Delta = lr_t u
+  momentum_style "hf" (HF transformers / galore_torch / fairseq: momentum of the scaled update):
+      u = clip(G D), Delta = m = beta1 m + (1 - beta1) lr_t u   (no bias correction), or lr_t u
+      without beta1
+
+  lr_t = rho_t * s_t, rho_t = lr, or with relative_step min(1e-2, 1/sqrt(t)) (HF; warmup_init:
+  min(1e-6 t, 1/sqrt(t))), s_t = max(eps2, RMS(W)) with scale_parameter, else 1.
+  W <- W - lr_t * weight_decay * W - Delta   (decoupled weight decay applied before the update, to
+  the pre-update weights, scaled by lr_t, i.e. by the group lr when relative_step and
+  scale_parameter are off: exactly HF's and galore_torch's weight decay).
+
+With beta1=None, beta2_decay=-0.8, eps=0, eps1=1e-30, eps2=1e-3, clip_threshold=1,
+scale_parameter=relative_step=True this is HF `Adafactor()` with its defaults and
+`torch.optim.Adafactor(lr=1e-2)` (tests/test_optim_parity.py).
+
+State (fp32 whatever the parameter dtype): `step` (int), `exp_avg` (beta1), `exp_avg_sq_row`,
+`exp_avg_sq_col` (factored), `exp_avg_sq_col` or `exp_avg_sq_row` alone (one_sided),
+`exp_avg_sq` (1-D).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from optim.projector import FP32StateOptimizer
+
+MOMENTUM_STYLES = ("adam", "hf")
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.norm(2) / (x.numel() ** 0.5)
+
+
+def second_moment_mode(shape: torch.Size, one_sided: bool) -> str:
+    """'factored', 'cols' (one statistic per column), 'rows' or 'full' for a tensor of `shape`."""
+    if len(shape) < 2:
+        return "full"
+    if not one_sided:
+        return "factored"
+    return "cols" if shape[-2] <= shape[-1] else "rows"
+
+
+def update_second_moment(state: dict, prefix: str, sq: torch.Tensor, mode: str, beta2_t: float) -> None:
+    """EMA of the statistics of sq (= x^2 + eps1) into state[prefix + ...], created at zero."""
+    def ema(key: str, value: torch.Tensor) -> None:
+        if key not in state:
+            state[key] = torch.zeros_like(value)
+        state[key].mul_(beta2_t).add_(value, alpha=1.0 - beta2_t)
+
+    if mode in ("factored", "rows"):
+        ema(prefix + "exp_avg_sq_row", sq.mean(dim=-1))
+    if mode in ("factored", "cols"):
+        ema(prefix + "exp_avg_sq_col", sq.mean(dim=-2))
+    if mode == "full":
+        ema(prefix + "exp_avg_sq", sq)
+
+
+def precondition(state: dict, prefix: str, x: torch.Tensor, mode: str, bias2: float, eps: float) -> torch.Tensor:
+    """x / (sqrt(V_hat) + eps) with V_hat from the statistics in state (see module docstring)."""
+    if mode == "factored":
+        row = state[prefix + "exp_avg_sq_row"]
+        col = state[prefix + "exp_avg_sq_col"]
+        # sqrt(r c^T / (mean(r) c2)) = sqrt(r / (mean(r) c2)) sqrt(c)^T: one m x n temporary only.
+        row_f = (row / (row.mean(dim=-1, keepdim=True) * bias2)).sqrt_()
+        denom = row_f.unsqueeze(-1) * col.sqrt().unsqueeze(-2)
+    elif mode == "cols":
+        denom = (state[prefix + "exp_avg_sq_col"] / bias2).sqrt_().unsqueeze(-2).expand_as(x)
+    elif mode == "rows":
+        denom = (state[prefix + "exp_avg_sq_row"] / bias2).sqrt_().unsqueeze(-1).expand_as(x)
+    else:
+        denom = (state[prefix + "exp_avg_sq"] / bias2).sqrt_()
+    if mode == "factored" or mode == "full":  # denom is a fresh temporary: reuse it for the result
+        if eps:
+            denom.add_(eps)
+        return torch.div(x, denom, out=denom)
+    if eps:
+        denom = denom + eps
+    return x / denom
+
+
+def clip_by_rms(u: torch.Tensor, clip_threshold: Optional[float]) -> torch.Tensor:
+    if clip_threshold is None:
+        return u
+    return u.div_((_rms(u) / clip_threshold).clamp_(min=1.0))
+
+
+def beta2_at(group: dict, t: int) -> tuple[float, float]:
+    """(beta2_t, bias correction c2) for step t (see module docstring)."""
+    if group.get("beta2_decay") is not None:
+        return 1.0 - math.pow(t, group["beta2_decay"]), 1.0
+    return group["beta2"], 1.0 - group["beta2"] ** t
+
+
+def step_size(group: dict, t: int, param: torch.Tensor):
+    """lr_t = rho_t * s_t (HF `_get_lr`). A 0-d tensor when scale_parameter (no host sync)."""
+    rho = group["lr"]
+    if group.get("relative_step"):
+        min_step = 1e-6 * t if group.get("warmup_init") else 1e-2
+        rho = min(min_step, 1.0 / math.sqrt(t))
+    if group.get("scale_parameter"):
+        return _rms(param.float()).clamp(min=group["eps2"]) * rho
+    return rho
+
+
+class Adafactor(FP32StateOptimizer):
+    """Adafactor with the switches of the module docstring (all per parameter group)."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        beta1: Optional[float] = None,
+        beta2: float = 0.95,
+        beta2_decay: Optional[float] = None,
+        eps: float = 1e-8,
+        eps1: float = 1e-30,
+        eps2: float = 1e-3,
+        clip_threshold: Optional[float] = None,
+        scale_parameter: bool = False,
+        relative_step: bool = False,
+        warmup_init: bool = False,
+        one_sided: bool = False,
+        weight_decay: float = 0.0,
+        momentum_style: str = "adam",
+    ):
+        if momentum_style not in MOMENTUM_STYLES:
+            raise ValueError(f"momentum_style must be one of {MOMENTUM_STYLES}, got {momentum_style!r}")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"beta1 must be in [0, 1) or None, got {beta1}")
+        defaults = dict(
+            lr=lr, beta1=beta1, beta2=beta2, beta2_decay=beta2_decay, eps=eps, eps1=eps1, eps2=eps2,
+            clip_threshold=clip_threshold, scale_parameter=scale_parameter, relative_step=relative_step,
+            warmup_init=warmup_init, one_sided=one_sided, weight_decay=weight_decay, momentum_style=momentum_style,
+        )
+        super().__init__(params, defaults)
+
+    def adafactor_delta(self, g: torch.Tensor, state: dict, group: dict, t: int, lr_t, prefix: str = "") -> torch.Tensor:
+        """Delta (already scaled by lr_t) for fp32 gradient g at moment step t; updates state."""
+        beta1 = group["beta1"]
+        beta2_t, bias2 = beta2_at(group, t)
+        mode = second_moment_mode(g.shape, group["one_sided"])
+        update_second_moment(state, prefix, (g * g).add_(group["eps1"]), mode, beta2_t)
+        if group["momentum_style"] == "hf":
+            u = clip_by_rms(precondition(state, prefix, g, mode, bias2, group["eps"]), group["clip_threshold"])
+            u = u.mul_(lr_t)
+            if beta1 is None:
+                return u
+            if prefix + "exp_avg" not in state:
+                state[prefix + "exp_avg"] = torch.zeros_like(g)
+            return state[prefix + "exp_avg"].mul_(beta1).add_(u, alpha=1.0 - beta1)
+        if beta1 is None:
+            x = g
+        else:
+            if prefix + "exp_avg" not in state:
+                state[prefix + "exp_avg"] = torch.zeros_like(g)
+            m = state[prefix + "exp_avg"].mul_(beta1).add_(g, alpha=1.0 - beta1)
+            x = m / (1.0 - beta1**t)
+        u = clip_by_rms(precondition(state, prefix, x, mode, bias2, group["eps"]), group["clip_threshold"])
+        return u.mul_(lr_t)
+
+    @staticmethod
+    def apply(p: torch.Tensor, delta: torch.Tensor, lr_t, weight_decay: float) -> None:
+        """W <- W - lr_t wd W - Delta (weight decay on the pre-update weights, as HF)."""
+        if weight_decay != 0.0:
+            if torch.is_tensor(lr_t):
+                p.sub_(p * (weight_decay * lr_t).to(p.dtype))
+            else:
+                p.add_(p, alpha=-weight_decay * lr_t)
+        p.sub_(delta.to(p.dtype))
+
+    def _step_param(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+        state["step"] += 1
+        t = state["step"]
+        lr_t = step_size(group, t, p)
+        delta = self.adafactor_delta(p.grad.float(), state, group, t, lr_t)
+        self.apply(p, delta, lr_t, group["weight_decay"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Adafactor does not support sparse gradients")
+                self._step_param(p, group)
+        return loss
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+from torch import nn  # noqa: E402
+
+from optim.adamw import decay_split_groups  # noqa: E402
+from optim.config import OptimConfig  # noqa: E402
+from optim.registry import OptimizerSpec, register  # noqa: E402
+
+
+@register("adafactor")
+def build_adafactor(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
+    """optim.beta1 null = Adafactor without momentum, a float = the paper's Adam-like momentum."""
+    from optim.galore import adafactor_kwargs
+
+    return OptimizerSpec(Adafactor, decay_split_groups(model, cfg), adafactor_kwargs(cfg, momentum_style="adam"))

@@ -1,0 +1,248 @@
+"""AdaLomo (Lv et al. 2023, arXiv 2310.10195): Adafactor without momentum, with grouped update
+normalisation and a parameter-scaled step, designed to be applied in the backward pass.
+
+Per parameter theta with gradient g (fp32), global step t = 1, 2, ...:
+
+    beta2_t = 1 - t^decay_rate                         (decay_rate = -0.8; beta2_1 = 0)
+    u       = g^2 + eps1                               (eps1 = 1e-30)
+    matrix: row r <- beta2_t r + (1 - beta2_t) mean_cols(u); column c likewise over rows;
+            U = g * rsqrt(r / mean(r)) * rsqrt(c)      (factorization nmf, factor_rank 1;
+            other factorizations: see optim/factorization.py)
+    vector: v <- beta2_t v + (1 - beta2_t) u;  U = g / sqrt(v)
+    update normalisation (update_norm):
+        grouped   U <- U / max(1, RMS(U) / clip_threshold)            per tensor (default)
+        none      U unchanged
+        layerwise one RMS over all U of a transformer block (blocks.{i}.*); a parameter outside
+                  the blocks (embedding, final norm, lm head) is its own group
+        global    one RMS over all U of the optimizer
+      where RMS over a group = sqrt(sum of U^2 / number of entries).
+    eta   = lr * max(eps2, RMS(theta))                 (eps2 = 1e-3; RMS before the update)
+    theta <- theta * (1 - eta * weight_decay)          (decoupled decay)
+    theta <- theta - eta * U                           (fp32, written back in theta's dtype)
+
+With nmf-1 and grouped normalisation one step equals HF transformers' Adafactor(lr,
+eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=wd,
+scale_parameter=True, relative_step=False) and lomo_optim.AdaLomo (tests/test_adalomo.py).
+
+State (all in `optimizer.state`, so checkpoints resume exactly): `step` and the factors,
+m + n floats per m x n matrix (nmf-1), (m + n) r for rank r, n per vector.
+Cost per m x n matrix: O(mn) elementwise (nmf-1), plus O(mnr) per factorisation iteration.
+
+Two-phase API (used by optim.in_backward for layerwise / global normalisation, where a tensor's
+update needs statistics of tensors whose gradients arrive later in the backward):
+`prepare(p)` folds p.grad into the state and returns (U, sum U^2); `shared_divisor(...)` turns
+a group's sums into one divisor; `apply(p, U, divisor)` does the parameter update.
+The ordinary `step()` computes the same values in the same order, so both paths agree bit for
+bit. Memory of `step()` with layerwise / global: two passes over the gradients (pass 1 updates
+the state and keeps only sum U^2, pass 2 recomputes U from the new state), so no U is kept;
+the extra cost is one more preconditioning (O(mn), or O(mnr) for r > 1 factorisations is not
+repeated: only the cheap U = g / sqrt(V) is recomputed).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+from optim import factorization as fac
+from optim.config import OptimConfig
+from optim.param_groups import describe_parameters, weight_decay_of
+from optim.registry import OptimizerSpec, register
+
+UPDATE_NORMS = ("grouped", "none", "layerwise", "global")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+class AdaLomo(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        eps1: float = 1e-30,
+        eps2: float = 1e-3,
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        weight_decay: float = 0.0,
+        update_norm: str = "grouped",
+        factorization: str = "nmf",
+        factor_rank: int = 1,
+        factor_iters: int = 1,
+    ):
+        if update_norm not in UPDATE_NORMS:
+            raise ValueError(f"optim.update_norm={update_norm!r}: expected one of {UPDATE_NORMS}")
+        if factorization not in fac.METHODS:
+            raise ValueError(f"optim.factorization={factorization!r}: expected one of {fac.METHODS}")
+        if factor_rank < 1 or factor_iters < 1:
+            raise ValueError(f"optim.factor_rank and optim.factor_iters must be >= 1, got {factor_rank}, {factor_iters}")
+        if clip_threshold is None or clip_threshold <= 0:
+            raise ValueError(f"AdaLomo needs clip_threshold > 0 (use update_norm=none to disable), got {clip_threshold}")
+        if decay_rate >= 0:
+            raise ValueError(f"AdaLomo needs decay_rate < 0 (beta2_t = 1 - t^decay_rate), got {decay_rate}")
+        defaults = dict(
+            lr=lr, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold, decay_rate=decay_rate,
+            weight_decay=weight_decay, update_norm=update_norm, factorization=factorization,
+            factor_rank=factor_rank, factor_iters=factor_iters,
+        )
+        super().__init__(params, defaults)
+
+    # ----- which tensors share one normalisation statistic ---------------------------------
+    def norm_group_key(self, p: torch.Tensor) -> Optional[str]:
+        """None when p's update needs no other tensor (grouped / none), else its group's key."""
+        for group in self.param_groups:
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return self._key(group, i)
+        raise KeyError("parameter not in this optimizer")
+
+    @staticmethod
+    def _key(group: dict, i: int) -> Optional[str]:
+        mode = group["update_norm"]
+        if mode in ("grouped", "none"):
+            return None
+        if mode == "global":
+            return "global"
+        names = group.get("names")
+        name = names[i] if names else f"param{id(group['params'][i])}"
+        m = _BLOCK.match(name)
+        return f"blocks.{m.group(1)}" if m else name
+
+    # ----- the two phases ----------------------------------------------------------------
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter not in this optimizer")
+
+    @torch.no_grad()
+    def _fold(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """Update p's second-moment state with p.grad; return the fp32 gradient."""
+        grad = p.grad.float()
+        state = self.state[p]
+        first = len(state) == 0
+        if first:
+            state["step"] = 0
+            if grad.dim() >= 2:
+                fac.init_state(state, grad.shape, group["factorization"], group["factor_rank"], grad.device)
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+        state["step"] += 1
+        beta = 1.0 - math.pow(state["step"], group["decay_rate"])
+        u = grad.square().add_(group["eps1"])
+        if grad.dim() >= 2:
+            if grad.dim() > 2:
+                raise ValueError("AdaLomo handles 1-D and 2-D parameters only")
+            fac.update(state, u, beta, state["step"] == 1, group["factorization"], group["factor_rank"],
+                       group["factor_iters"], group["eps1"])
+        else:
+            state["exp_avg_sq"].mul_(beta).add_(u, alpha=1.0 - beta)
+        return grad
+
+    @torch.no_grad()
+    def _direction(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
+        """U = g / sqrt(V) from the (already updated) state."""
+        state = self.state[p]
+        if grad.dim() >= 2:
+            return fac.precondition(state, grad, group["eps1"])
+        return state["exp_avg_sq"].rsqrt().mul_(grad)
+
+    @torch.no_grad()
+    def prepare(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phase 1: fold p.grad into the state; return U (fp32) and sum(U^2) (0-d fp32)."""
+        group = self._group_of(p)
+        u = self._direction(p, self._fold(p, group), group)
+        return u, u.square().sum()
+
+    @staticmethod
+    def shared_divisor(sq_sums: list[torch.Tensor], numels: list[int], clip_threshold: float) -> torch.Tensor:
+        """max(1, RMS / clip_threshold) with RMS = sqrt(sum of sq_sums / sum of numels).
+        Callers pass the sums in the optimizer's parameter order, so the result is bitwise the
+        same whichever path (ordinary or in-backward) computed it."""
+        total = torch.stack(sq_sums).sum()
+        return (total / sum(numels)).sqrt_().div_(clip_threshold).clamp_(min=1.0)
+
+    @torch.no_grad()
+    def apply(self, p: torch.Tensor, u: torch.Tensor, divisor: Optional[torch.Tensor]) -> None:
+        """Phase 2: theta <- theta (1 - eta wd) - eta U / divisor, eta = lr max(eps2, RMS(theta))."""
+        group = self._group_of(p)
+        self._apply(p, u, divisor, group)
+
+    @staticmethod
+    def _apply(p: torch.Tensor, u: torch.Tensor, divisor: Optional[torch.Tensor], group: dict) -> None:
+        if divisor is not None:
+            u.div_(divisor)
+        theta = p if p.dtype == torch.float32 else p.float()
+        # Tensors throughout (no .item()): no host sync per parameter on GPU.
+        eta = (theta.norm(2) / (theta.numel() ** 0.5)).clamp_(min=group["eps2"]).mul_(group["lr"])
+        if group["weight_decay"] != 0:
+            theta.mul_(1.0 - eta * group["weight_decay"])
+        theta.addcmul_(u, eta, value=-1.0)
+        if theta is not p:
+            p.copy_(theta)
+
+    @staticmethod
+    def _own_divisor(u: torch.Tensor, group: dict) -> Optional[torch.Tensor]:
+        if group["update_norm"] == "none":
+            return None
+        # HF's form: (||U|| / sqrt(numel)) / clip_threshold, clamped at 1.
+        return (u.norm(2) / (u.numel() ** 0.5)).div_(group["clip_threshold"]).clamp_(min=1.0)
+
+    def _step_alone(self, p: torch.Tensor, group: dict) -> None:
+        u = self._direction(p, self._fold(p, group), group)
+        self._apply(p, u, self._own_divisor(u, group), group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Pass 1: per-tensor updates, or (coupled modes) fold the state and keep sum U^2 only.
+        coupled: dict[str, list] = {}
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                key = self._key(group, i)
+                if key is None:
+                    self._step_alone(p, group)
+                    continue
+                u = self._direction(p, self._fold(p, group), group)
+                coupled.setdefault(key, []).append((p, group, u.square().sum(), u.numel()))
+                del u  # recomputed in pass 2: keeps no U alive across tensors
+        # Pass 2: one divisor per group, then recompute U (same ops, same bits) and apply.
+        for members in coupled.values():
+            div = self.shared_divisor([m[2] for m in members], [m[3] for m in members], members[0][1]["clip_threshold"])
+            for p, group, _, _ in members:
+                u = self._direction(p, p.grad.float(), group)
+                self._apply(p, u, div, group)
+        return loss
+
+
+@register("adalomo")
+def build_adalomo(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
+    """Reads optim.lr, weight_decay, decay_norm_weights, eps1, eps2, clip_threshold (null -> 1.0),
+    beta2_decay (null -> -0.8), update_norm, factorization, factor_rank, factor_iters.
+    Ignores beta1/beta2/eps (no momentum, no AdamW eps), scale_parameter/relative_step (AdaLomo
+    always scales the step by max(eps2, RMS(theta)))."""
+    groups: dict[float, dict] = {}
+    for info in describe_parameters(model):
+        wd = weight_decay_of(info, cfg.weight_decay, cfg.decay_norm_weights)
+        group = groups.setdefault(wd, {"params": [], "names": [], "weight_decay": wd})
+        group["params"].append(info.param)
+        group["names"].append(info.name)
+    kwargs = dict(
+        lr=cfg.lr,
+        eps1=cfg.eps1,
+        eps2=cfg.eps2,
+        clip_threshold=1.0 if cfg.clip_threshold is None else cfg.clip_threshold,
+        decay_rate=-0.8 if cfg.beta2_decay is None else cfg.beta2_decay,
+        update_norm=cfg.update_norm,
+        factorization=cfg.factorization,
+        factor_rank=cfg.factor_rank,
+        factor_iters=getattr(cfg, "factor_iters", 1),
+    )
+    return OptimizerSpec(AdaLomo, list(groups.values()), kwargs)

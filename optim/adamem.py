@@ -1,0 +1,148 @@
+"""AdaMeM (Vyas, Morwani, Kakade): Adafactor with momentum kept only in the top-r SVD subspace of the
+gradient, full-rank gradients on the residual. No public code exists; this is the reference.
+
+Groups with `rank` (not None) hold the low-rank 2-D weights; every other parameter (1-D, or groups
+without `rank`: the embedding, output layer and LayerNorms in the paper's Figure 1 left/middle)
+runs plain optim.Adafactor with the group's options (its `beta1` decides whether they keep
+full momentum: the registry's `lowrank_base_momentum`).
+
+For a low-rank W with gradient G (m x n): if m > n the roles are transposed (the algorithm runs on
+G^T and the update is transposed back), so below m <= n. t = this parameter's step (1 first),
+t_m = moment step (= t unless moments were reset on a projector change).
+
+  1. Project (Algorithm 2): if (t - 1) % T == 0, P (m x r) = U[:, :r] of the fp32 SVD of G
+     (full_matrices=False; `svd_method: randomized` for the randomized range finder). `proj_type`
+     is ignored: AdaMeM always projects on the smaller side (left after the transposition).
+  2. R = P^T G (r x n); S = G - P R (residual; exactly 0 when r >= m, see the code).
+  3. M = b1 M + (1 - b1) R; M_hat = M / (1 - b1^t_m) (b1 = None is treated as 0).
+  4. N1 (Algorithm 3, two-sided Adafactor in the low-rank space): statistics rows (r) and
+     columns (n) are EMAs (beta2 / beta2_decay, as optim.Adafactor) of the row / column means of
+     X^2 + eps1 with X = M_hat (`second_moment_from: momentum`, the printed Algorithm 3, default;
+     M_hat rather than M so that eps keeps its meaning whatever b1) or X = R (`gradient`: "similar
+     to the Adafactor variant of GaLore"); V1 = row col^T / (mean(row) c2(t_m));
+     N1 = M_hat / (sqrt(V1) + eps).
+  5. N2 (Algorithm 4, one-sided Adafactor on the residual): one statistic per *column* (length n,
+     the side not touched by P): c = EMA of mean_rows(S^2 + eps1); N2 = S / (sqrt(c / c2(t)) + eps)
+     broadcast over rows, i.e. N2 = S D3 with D3 diagonal (n x n). Then <P N1, N2> =
+     Tr(N1^T P^T (I - P P^T) G D3) = 0 for any N1: Claim 3.1 (tests/test_optim_adamem.py).
+     (Algorithm 4 as printed keeps a per-row statistic R_t = (S^2) 1_n of length m, which
+     would multiply S from the left and break the orthogonality; we follow the claim.)
+  6. U = P N1 + delta N2 (the printed line 11 omits P; the proof includes it), optional RMS
+     clipping of U (clip_threshold), W <- W - lr_t wd W - lr_t U (decoupled weight decay on the
+     pre-update weights, scaled by lr_t, as optim.Adafactor; lr_t = lr unless relative_step /
+     scale_parameter).
+
+Variants (Figure 2), `variant`:
+  - `variant1`: X = P M_hat + delta S, then ordinary two-sided Adafactor on X in the original
+    space (statistics m and n from X^2 + eps1): U = X / (sqrt(V) + eps).
+  - `variant2`: as AdaMeM but N2 = ordinary two-sided Adafactor on S (statistics m and n).
+State per matrix (fp32 floats): P m r + M r n + (r + n) + n  = (m + n) r + r + 2n (adamem);
+variant2 + m; variant1: (m + n) r + m + n. Keys: `proj_left`, `exp_avg`, `lr_exp_avg_sq_row/col`,
+`res_exp_avg_sq_col` (`res_exp_avg_sq_row` for variant2), `step`, `moment_step`, `proj_updates`,
+`svd_failures` (when any).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from optim.adafactor import Adafactor, beta2_at, clip_by_rms, precondition, step_size, update_second_moment
+from optim.galore import _name_of
+from optim.projector import refresh_projector
+
+VARIANTS = ("adamem", "variant1", "variant2")
+SECOND_MOMENT_FROM = ("momentum", "gradient")
+ADAMEM_DEFAULTS = dict(rank=None, update_proj_gap=200, delta=1.0, variant="adamem", second_moment_from="momentum",
+                       svd_method="exact", moments_on_proj_change="keep")
+
+
+class AdaMeM(Adafactor):
+    """AdaMeM (see module docstring). Defaults are the paper's: beta1 .9, beta2 .95, eps 1e-8, T 200, delta 1."""
+
+    def __init__(self, params, lr: float = 1e-3, beta1: Optional[float] = 0.9, **kwargs):
+        extra = {k: kwargs.pop(k) for k in list(kwargs) if k in ADAMEM_DEFAULTS}
+        super().__init__(params, lr=lr, beta1=beta1, **kwargs)
+        for group in self.param_groups:
+            for k, v in {**ADAMEM_DEFAULTS, **extra}.items():
+                group.setdefault(k, v)
+            if group["variant"] not in VARIANTS:
+                raise ValueError(f"variant must be one of {VARIANTS}, got {group['variant']!r}")
+            if group["second_moment_from"] not in SECOND_MOMENT_FROM:
+                raise ValueError(f"second_moment_from must be one of {SECOND_MOMENT_FROM}")
+        self.defaults.update({**ADAMEM_DEFAULTS, **extra})
+
+    def _step_param(self, p: torch.Tensor, group: dict) -> None:
+        if group.get("rank") is None or p.dim() != 2:
+            return super()._step_param(p, group)
+        state = self.state[p]
+        g = p.grad.float()
+        transposed = g.shape[0] > g.shape[1]
+        if transposed:
+            g = g.T
+        if "step" not in state:
+            state["step"] = 0
+            state["moment_step"] = 0
+        refresh_projector(state, g, group, "left", ("exp_avg",), ("exp_avg", "lr_exp_avg_sq_row", "lr_exp_avg_sq_col"),
+                          name=_name_of(group, p))
+        state["step"] += 1
+        state["moment_step"] += 1
+        t, t_m = state["step"], state["moment_step"]
+        P = state["proj_left"]
+        R = P.T @ g
+        # rank >= min(m, n): the residual is zero in exact arithmetic; make it exactly zero, or the
+        # one-sided normaliser would blow its rounding noise (~1e-7 |G|) up to O(1) updates.
+        S = torch.zeros_like(g) if P.shape[1] >= g.shape[0] else g - P @ R
+        delta = group["delta"]
+        beta1 = group["beta1"] or 0.0
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(R)
+        M = state["exp_avg"].mul_(beta1).add_(R, alpha=1.0 - beta1)
+        M_hat = M / (1.0 - beta1**t_m)
+        eps, eps1 = group["eps"], group["eps1"]
+        if group["variant"] == "variant1":
+            X = P @ M_hat
+            X.add_(S, alpha=delta)
+            beta2_t, bias2 = beta2_at(group, t)
+            update_second_moment(state, "", X * X + eps1, "factored", beta2_t)
+            U = precondition(state, "", X, "factored", bias2, eps)
+        else:
+            src = M_hat if group["second_moment_from"] == "momentum" else R
+            beta2_t, bias2 = beta2_at(group, t_m)
+            update_second_moment(state, "lr_", src * src + eps1, "factored", beta2_t)
+            N1 = precondition(state, "lr_", M_hat, "factored", bias2, eps)
+            mode = "cols" if group["variant"] == "adamem" else "factored"
+            beta2_t, bias2 = beta2_at(group, t)
+            update_second_moment(state, "res_", S * S + eps1, mode, beta2_t)
+            N2 = precondition(state, "res_", S, mode, bias2, eps)
+            U = P @ N1
+            U.add_(N2, alpha=delta)
+        U = clip_by_rms(U, group["clip_threshold"])
+        if transposed:
+            U = U.T
+        lr_t = step_size(group, t, p)
+        self.apply(p, U * lr_t, lr_t, group["weight_decay"])
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+from torch import nn  # noqa: E402
+
+from optim.config import OptimConfig  # noqa: E402
+from optim.galore import adafactor_kwargs, lowrank_split_groups  # noqa: E402
+from optim.registry import OptimizerSpec, register  # noqa: E402
+
+
+@register("adamem")
+def build_adamem(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
+    """Low-rank targets: AdaMeM; the rest: Adafactor, with momentum beta1 when
+    optim.lowrank_base_momentum (default) else without (beta1 None)."""
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"optim.variant must be one of {VARIANTS}, got {cfg.variant!r}")
+    lowrank = dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, delta=cfg.delta, variant=cfg.variant,
+                   second_moment_from=cfg.second_moment_from, svd_method=cfg.svd_method,
+                   moments_on_proj_change=cfg.moments_on_proj_change)
+    base = {} if cfg.lowrank_base_momentum else {"beta1": None}
+    kwargs = adafactor_kwargs(cfg, momentum_style="adam")
+    return OptimizerSpec(AdaMeM, lowrank_split_groups(model, cfg, lowrank, base), kwargs)

@@ -1,0 +1,226 @@
+"""GaLore's gradient projector, as plain functions over tensors kept in `optimizer.state`.
+
+The reference (`galore_torch.GaLoreProjector`) is a Python object stored in the optimizer state;
+that cannot be checkpointed with `torch.load(weights_only=True)`, so here the projector is just
+tensors in the parameter's state:
+
+- `proj_left`  (m x r): top-r left singular vectors U[:, :r] of the gradient G (m x n);
+  projection R = P^T G (r x n), back-projection P R.
+- `proj_right` (r x n): top-r right singular vectors Vh[:r, :]; projection G Q^T (m x r),
+  back-projection R Q.
+- both for `full` (the "double projection" ablation): P^T G Q^T (r x r), back P R Q.
+
+Which side (`proj_type`, same meanings as galore_torch):
+- `std`: the smaller side (m >= n -> right, m < n -> left; note m == n -> right, as the reference);
+- `reverse_std`: the larger side (m >= n -> left, else right);
+- `left` / `right`: always that side; `full`: both.
+
+Refresh schedule (Algorithm 2; galore_torch): with `step` = the number of completed steps
+(0 on the first call), the basis is recomputed when `step % update_proj_gap == 0`, i.e. on the
+first step and every T steps after.
+
+SVD: `exact` = `torch.linalg.svd(G.float(), full_matrices=False)` (what galore_torch calls, so the
+bases agree bit for bit); `randomized` = Halko et al.'s randomized range finder (the algorithm of
+`torch.svd_lowrank`: q = r + 10 columns, 2 power iterations with QR re-orthonormalisation) with
+a `torch.Generator` seeded from the step, so it is deterministic, resumable and does not consume
+the global RNG (which `torch.svd_lowrank` would).
+
+SVD failure (LinAlgError or non-finite output, e.g. from a NaN gradient) never raises: the previous
+basis is kept (or, on the first refresh, a jittered copy of G is tried and then a seeded random
+orthonormal basis is used), a warning is issued and `state["svd_failures"]` is incremented (the
+optimizers expose the total as `optimizer.svd_failures` for the trainer's logs).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+SVD_METHODS = ("exact", "randomized")
+MOMENT_POLICIES = ("keep", "reset", "rotate")
+OVERSAMPLE = 10
+POWER_ITERS = 2
+
+
+def projection_side(shape: torch.Size | tuple[int, ...], proj_type: str) -> str:
+    """'left', 'right' or 'full' for a gradient of `shape` (m, n)."""
+    m, n = shape[-2], shape[-1]
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right", "full"):
+        return proj_type
+    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+
+
+def _randomized_svd(g: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate (U[:, :q], Vh[:q]) with q = min(rank + OVERSAMPLE, m, n) (Halko et al. 2011)."""
+    m, n = g.shape
+    q = min(rank + OVERSAMPLE, m, n)
+    gen = torch.Generator(device=g.device)
+    gen.manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, device=g.device, dtype=g.dtype)
+    basis = torch.linalg.qr(g @ omega).Q
+    for _ in range(POWER_ITERS):
+        basis = torch.linalg.qr(g @ torch.linalg.qr(g.T @ basis).Q).Q
+    u_small, _, vh = torch.linalg.svd(basis.T @ g, full_matrices=False)
+    return basis @ u_small, vh
+
+
+def _svd(g: torch.Tensor, rank: int, method: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if method == "exact":
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        return u, vh
+    if method == "randomized":
+        return _randomized_svd(g, rank, seed)
+    raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {method!r}")
+
+
+def _bases(g: torch.Tensor, rank: int, side: str, method: str, seed: int) -> dict[str, torch.Tensor] | None:
+    """Top-`rank` bases for `side`, or None when the SVD fails or returns non-finite values."""
+    try:
+        u, vh = _svd(g, rank, method, seed)
+    except (RuntimeError, torch.linalg.LinAlgError):  # LinAlgError subclasses RuntimeError
+        return None
+    out = {}
+    if side in ("left", "full"):
+        out["proj_left"] = u[:, :rank].contiguous()
+    if side in ("right", "full"):
+        out["proj_right"] = vh[:rank, :].contiguous()
+    if not all(bool(torch.isfinite(t).all()) for t in out.values()):
+        return None
+    return out
+
+
+def _random_bases(shape, rank: int, side: str, seed: int, device) -> dict[str, torch.Tensor]:
+    """Seeded random orthonormal bases: last resort when no SVD basis exists yet."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    m, n = shape
+    out = {}
+    if side in ("left", "full"):
+        out["proj_left"] = torch.linalg.qr(torch.randn(m, min(rank, m), generator=gen, device=device)).Q
+    if side in ("right", "full"):
+        out["proj_right"] = torch.linalg.qr(torch.randn(n, min(rank, n), generator=gen, device=device)).Q.T.contiguous()
+    return out
+
+
+def compute_bases(
+    grad: torch.Tensor, rank: int, side: str, method: str, seed: int, state: dict, name: str = "?"
+) -> dict[str, torch.Tensor]:
+    """New bases from `grad` (any dtype; the SVD runs in fp32). Counts failures in state["svd_failures"]."""
+    g = grad.float()
+    bases = _bases(g, rank, side, method, seed)
+    if bases is not None:
+        return bases
+    state["svd_failures"] = state.get("svd_failures", 0) + 1
+    previous = {k: state[k] for k in ("proj_left", "proj_right") if k in state}
+    if previous:
+        warnings.warn(f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; keeping the previous basis")
+        return previous
+    # First refresh: retry on a slightly jittered copy (helps LAPACK non-convergence), then random.
+    gen = torch.Generator(device=g.device)
+    gen.manual_seed(seed + 1)
+    scale = 1e-3 * float(g.nan_to_num().pow(2).mean().sqrt()) + 1e-30
+    bases = _bases(g + scale * torch.randn(g.shape, generator=gen, device=g.device), rank, side, method, seed)
+    if bases is None:
+        warnings.warn(f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; using a random basis")
+        bases = _random_bases(g.shape, rank, side, seed, g.device)
+    else:
+        warnings.warn(f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; used a jittered copy")
+    return bases
+
+
+def project(grad: torch.Tensor, state: dict) -> torch.Tensor:
+    """Low-rank gradient: P^T G, G Q^T, or P^T G Q^T (whichever bases are in `state`)."""
+    out = grad
+    if "proj_left" in state:
+        out = state["proj_left"].T @ out
+    if "proj_right" in state:
+        out = out @ state["proj_right"].T
+    return out
+
+
+def project_back(low: torch.Tensor, bases: dict) -> torch.Tensor:
+    """Back to the full shape: P X, X Q, or P X Q (unscaled)."""
+    out = low
+    if "proj_left" in bases:
+        out = bases["proj_left"] @ out
+    if "proj_right" in bases:
+        out = out @ bases["proj_right"]
+    return out
+
+
+def refresh_projector(
+    state: dict,
+    grad: torch.Tensor,
+    group: dict,
+    side: str,
+    first_moment_keys: tuple[str, ...],
+    lowrank_moment_keys: tuple[str, ...],
+    name: str = "?",
+) -> bool:
+    """Recompute the bases if due (`state["step"] % update_proj_gap == 0` or none yet).
+
+    On a change of subspace the low-rank moments follow `group["moments_on_proj_change"]`:
+    `keep` (galore_torch: moments carry over unchanged, though expressed in the old basis),
+    `reset` (every key in `lowrank_moment_keys` zeroed and `state["moment_step"]` set to 0, so bias
+    correction restarts), or `rotate` (first moments M -> new^T old M, i.e. re-expressed in the new
+    basis: exact for the part of M inside the new subspace; second-moment statistics kept, as a
+    factored/elementwise second moment has no exact rotation). Returns True when refreshed.
+    """
+    has_basis = "proj_left" in state or "proj_right" in state
+    if has_basis and state["step"] % group["update_proj_gap"] != 0:
+        return False
+    old = {k: state[k] for k in ("proj_left", "proj_right") if k in state}
+    seed = state["step"] + 1_000_003 * state.get("proj_updates", 0)
+    new = compute_bases(grad, group["rank"], side, group.get("svd_method", "exact"), seed, state, name)
+    state.update(new)
+    state["proj_updates"] = state.get("proj_updates", 0) + 1
+    policy = group.get("moments_on_proj_change", "keep")
+    if policy not in MOMENT_POLICIES:
+        raise ValueError(f"moments_on_proj_change must be one of {MOMENT_POLICIES}, got {policy!r}")
+    if has_basis and policy == "reset":
+        for key in lowrank_moment_keys:
+            if key in state:
+                state[key].zero_()
+        state["moment_step"] = 0
+    elif has_basis and policy == "rotate":
+        for key in first_moment_keys:
+            if key in state:
+                state[key] = project(project_back(state[key], old), new).contiguous()
+    return True
+
+
+class FP32StateOptimizer(torch.optim.Optimizer):
+    """Base of this package's optimizers: fp32 state kept fp32 across `load_state_dict`.
+
+    torch.optim.Optimizer.load_state_dict casts floating state tensors to the parameter's dtype;
+    our state (moments, statistics, projectors) is fp32 by design whatever the parameter dtype,
+    so floating tensors are restored as saved (moved to the parameter's device only). Also sums
+    the SVD-failure counters kept in each parameter's state (`svd_failures`, for the logs).
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        held: dict = {}
+        stripped = {}
+        for pid, s in state_dict["state"].items():
+            stripped[pid] = {k: v for k, v in s.items() if not (torch.is_tensor(v) and v.is_floating_point())}
+            held[pid] = {k: v for k, v in s.items() if torch.is_tensor(v) and v.is_floating_point()}
+        super().load_state_dict({**state_dict, "state": stripped})
+        for pid, p in zip(saved_ids, params):
+            for k, v in held.get(pid, {}).items():
+                self.state[p][k] = v.to(device=p.device, copy=True)
+
+    @property
+    def svd_failures(self) -> int:
+        return sum(int(s.get("svd_failures", 0)) for s in self.state.values())
+
+    @property
+    def proj_updates(self) -> int:
+        return sum(int(s.get("proj_updates", 0)) for s in self.state.values())

@@ -1,0 +1,195 @@
+"""Optimizer state memory: measured (sum of the state tensors' bytes) and closed-form formulas.
+
+- `measured_state_bytes(optimizer)`: sum of `numel * element_size` over every tensor in
+  `optimizer.state` (ints / floats such as step counters are not counted; torch.optim.AdamW keeps
+  `step` as a 4-byte tensor per parameter, which is counted). Works for an InBackwardOptimizer too.
+- `formula_state_bytes(model, cfg)`: the closed form, per parameter (fp32 state, s = min(m, n),
+  l = max(m, n), r = min(rank, s)):
+    adamw                 8 mn (+ 4 for its step tensor)            1-D: 8 n (+ 4)
+    adafactor             4 (m + n) [+ 4 mn with beta1]; one_sided 4 l [+ 4 mn]; 1-D 4 n [+ 4 n]
+    galore_adamw (low)    projector + 2 x low-rank shape: std 4 (s r + 2 r l), reverse_std
+                          4 (l r + 2 r s), left 4 (m r + 2 r n), right 4 (n r + 2 m r),
+                          full 4 (m r + n r + 2 r^2); other params as adamw (no step tensor)
+    galore_adafactor (low) projector + Adafactor on the low-rank shape (a x b): 4 (a + b) [+ 4 ab]
+    adamem (low)          4 (s r + r l + r + 2 l)  (= (m + n) r + r + 2 max(m, n) floats);
+                          variant2 + 4 s; variant1 4 (s r + r l + m + n); other params adafactor
+- `state_bytes_table(model_cfg, optim_names=None, optim_cfg=None)` -> list of row dicts
+  {optimizer, measured_bytes, formula_bytes, n_params, bytes_per_param}; measured by instantiating
+  each optimizer: per distinct (shape, group options), one single-parameter optimizer is built
+  from the registry's spec (the per-parameter math depends only on these), stepped once on a
+  random gradient, measured, and multiplied by the number of such parameters. So 550m needs no
+  2.2 GB model nor its SVDs 96 times. `format_state_bytes_table(rows)` renders it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from optim.config import OptimConfig
+from optim.param_groups import describe_parameters
+from optim.projector import projection_side
+from optim.registry import REGISTRY, optimizer_spec
+
+FP32 = 4
+MEMORY_EFFICIENT = ("adamw", "adafactor", "galore_adamw", "galore_adafactor", "adamem")
+# Table rows: "adafactor" = without momentum (beta1 null), "adafactor_momentum" = with beta1.
+TABLE_ROWS = ("adamw", "adafactor", "adafactor_momentum", "galore_adamw", "galore_adafactor", "adamem")
+
+
+def _named_cfg(base: OptimConfig, name: str) -> OptimConfig:
+    if name == "adafactor":
+        return replace(base, name="adafactor", beta1=None)
+    if name == "adafactor_momentum":
+        return replace(base, name="adafactor", beta1=base.beta1 if base.beta1 is not None else 0.9)
+    if name in ("adamw", "galore_adamw") and base.beta1 is None:
+        return replace(base, name=name, beta1=0.9)
+    return replace(base, name=name)
+
+
+def _state_tensors(optimizer) -> Iterable[torch.Tensor]:
+    if hasattr(optimizer, "optimizers"):  # InBackwardOptimizer: one optimizer per parameter
+        for opt in optimizer.optimizers.values():
+            yield from _state_tensors(opt)
+        return
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                yield value
+
+
+def measured_state_bytes(optimizer) -> int:
+    """Sum of the bytes of every tensor in the optimizer state (initialise it first: one step)."""
+    return sum(t.numel() * t.element_size() for t in _state_tensors(optimizer))
+
+
+def _adafactor_floats(shape, beta1: Optional[float], one_sided: bool) -> int:
+    numel = 1
+    for d in shape:
+        numel *= d
+    mom = numel if beta1 is not None else 0
+    if len(shape) < 2:
+        return numel + mom
+    m, n = shape[-2], shape[-1]
+    return (max(m, n) if one_sided else m + n) + mom
+
+
+def _param_formula(name: str, shape, low: bool, cfg: OptimConfig) -> int:
+    """State floats (or bytes for adamw's step tensors) of one parameter; returns bytes."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if name == "adamw":
+        return FP32 * (2 * numel + 1)
+    if name == "adafactor":
+        return FP32 * _adafactor_floats(shape, cfg.beta1, cfg.one_sided)
+    if not low:
+        if name == "galore_adamw":
+            return FP32 * 2 * numel
+        beta1 = cfg.beta1 if (name != "adamem" or cfg.lowrank_base_momentum) else None
+        return FP32 * _adafactor_floats(shape, beta1, cfg.one_sided)
+    m, n = shape
+    s, l = min(m, n), max(m, n)
+    r = min(cfg.rank, s)
+    if name == "adamem":
+        if cfg.variant == "variant1":
+            return FP32 * (s * r + r * l + m + n)
+        extra = s if cfg.variant == "variant2" else 0
+        return FP32 * (s * r + r * l + r + 2 * l + extra)
+    side = projection_side((m, n), cfg.proj_type)
+    r_left, r_right = min(cfg.rank, m), min(cfg.rank, n)
+    proj = {"left": m * r_left, "right": n * r_right, "full": m * r_left + n * r_right}[side]
+    low_shape = {"left": (r_left, n), "right": (m, r_right), "full": (r_left, r_right)}[side]
+    if name == "galore_adamw":
+        return FP32 * (proj + 2 * low_shape[0] * low_shape[1])
+    if name == "galore_adafactor":
+        return FP32 * (proj + _adafactor_floats(low_shape, cfg.beta1, cfg.one_sided))
+    raise ValueError(f"no state formula for optimizer {name!r}")
+
+
+def formula_state_bytes(model: nn.Module, cfg: OptimConfig) -> int:
+    """Closed-form state bytes of optimizer `cfg.name` on `model` (see module docstring)."""
+    from optim.galore import is_lowrank_target
+
+    total = 0
+    for info in describe_parameters(model):
+        low = cfg.name in ("galore_adamw", "galore_adafactor", "adamem") and is_lowrank_target(
+            info.role, info.param.dim(), cfg.lowrank_targets
+        )
+        total += _param_formula(cfg.name, tuple(info.param.shape), low, cfg)
+    return total
+
+
+def _group_key(group: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in group.items() if k not in ("params", "names")))
+
+
+def measured_state_bytes_for(model: nn.Module, cfg: OptimConfig, seed: int = 0) -> int:
+    """Measured bytes of `cfg.name` on `model`: one single-parameter optimizer per distinct
+    (shape, group options), stepped once on a random gradient, times its multiplicity."""
+    spec = optimizer_spec(model, cfg)
+    kinds: Counter = Counter()
+    examples: dict = {}
+    for group in spec.param_groups:
+        for p in group["params"]:
+            key = (tuple(p.shape), p.dtype, _group_key(group))
+            kinds[key] += 1
+            examples.setdefault(key, group)
+    gen = torch.Generator().manual_seed(seed)
+    total = 0
+    for key, count in kinds.items():
+        shape, dtype, _ = key
+        group = examples[key]
+        options = {k: v for k, v in group.items() if k not in ("params", "names")}
+        p = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        p.grad = torch.randn(shape, generator=gen).to(dtype)
+        opt = spec.cls([{**options, "params": [p]}], **spec.kwargs)
+        opt.step()
+        total += count * measured_state_bytes(opt)
+    return total
+
+
+def state_bytes_table(model_cfg, optim_names: Optional[Iterable[str]] = None,
+                      optim_cfg: Optional[OptimConfig] = None) -> list[dict]:
+    """Rows {optimizer, measured_bytes, formula_bytes, n_params, bytes_per_param} for `model_cfg`
+    (a model.ModelConfig) and each optimizer name (default: every registered one that has a
+    formula), with the other keys from `optim_cfg` (default OptimConfig())."""
+    from model import Transformer
+
+    base = optim_cfg or OptimConfig()
+    with torch.device("meta"):  # shapes only: the measurement instantiates one param per kind
+        model = Transformer(model_cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    names = list(optim_names) if optim_names is not None else list(TABLE_ROWS)
+    rows = []
+    for name in names:
+        cfg = _named_cfg(base, name)
+        name = cfg.name if name not in ("adafactor", "adafactor_momentum") else name
+        formula = formula_state_bytes(model, cfg) if cfg.name in MEMORY_EFFICIENT else None
+        # measuring needs real tensors: measured_state_bytes_for builds its own small ones
+        measured = measured_state_bytes_for(model, cfg)
+        rows.append(dict(optimizer=name, measured_bytes=measured, formula_bytes=formula, n_params=n_params,
+                         bytes_per_param=measured / n_params))
+    return rows
+
+
+def format_state_bytes_table(rows: list[dict]) -> str:
+    lines = [f"{'optimizer':<18} {'measured MiB':>13} {'formula MiB':>12} {'bytes/param':>12}"]
+    for r in rows:  # MiB = 2^20 bytes
+        formula = "-" if r["formula_bytes"] is None else f"{r['formula_bytes'] / 2**20:12.1f}"
+        lines.append(f"{r['optimizer']:<18} {r['measured_bytes'] / 2**20:13.1f} {formula:>12} {r['bytes_per_param']:12.3f}")
+    return "\n".join(lines)
+
+
+def print_state_bytes_table(cfg) -> None:
+    """For tools/model_info.py: `cfg` is the full run Config (uses cfg.model and cfg.optim's keys:
+    rank, lowrank_targets, proj_type, variant, one_sided, ...)."""
+    rows = state_bytes_table(cfg.model, optim_cfg=cfg.optim)
+    o = cfg.optim
+    print(f"optimizer state, fp32, measured (instantiated) vs closed form; rank {o.rank}, "
+          f"lowrank_targets {o.lowrank_targets}, proj_type {o.proj_type}, adamem variant {o.variant}:")
+    print(format_state_bytes_table(rows))
