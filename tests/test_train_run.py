@@ -139,3 +139,38 @@ def test_missing_data_is_a_clear_error(tmp_path):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "nothing_here" in out.stderr and "prepare_data" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tmp_path_factory):
+    """A corpus of ~100 windows of 32 tokens, so a run crosses epoch boundaries within a few steps."""
+    from data.testing import make_texts, tiny_tokenizer, write_corpus
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    train_texts, val_texts = make_texts(60, seed=1), make_texts(10, seed=2)
+    write_corpus(root / "corpus", train_texts, val_texts)
+    tok = tiny_tokenizer(root / "tok.model", train_texts + val_texts)
+    out = subprocess.run([sys.executable, "tools/prepare_data.py", "--source", str(root / "corpus"), "--tokenizer",
+                          str(tok), "--out", str(root / "tokens"), "--workers", "0", "--no_progress"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return root / "tokens", tok
+
+
+def test_resume_is_bit_exact_across_epoch_boundaries(tmp_path, tiny_prepared):
+    tokens, tok = tiny_prepared
+    extra = {"data.tokenizer": tok, "model.vocab_size": 512, "train.global_batch": 32, "train.micro_batch": 16,
+             "train.max_steps": 12, "checkpoint.interval": 5, "eval.interval": 6}
+    _, straight = run(tmp_path, tokens, name="straight", **extra)
+    from data import DataConfig, TrainBatches
+
+    n_windows = TrainBatches(DataConfig(prepared_dir=str(tokens), tokenizer=str(tok), seq_len=32), global_batch=32).n_windows
+    assert 12 * 32 > 2 * n_windows  # the run spans at least three epochs
+    run(tmp_path, tokens, name="resumed", **extra)
+    resumed = tmp_path / "resumed"
+    for late in ("step_00000010.pt", "step_00000012.pt"):
+        (resumed / "checkpoints" / late).unlink()
+    _, result = run(tmp_path, tokens, name="resumed", **extra)  # resumes at step 5, mid-epoch
+    a, b = losses(tmp_path / "straight"), losses(resumed)
+    assert sorted(b) == list(range(1, 13)) and all(a[s] == b[s] for s in a), (a, b)
+    assert result.val_losses == [v for v in straight.val_losses if v[0] > 5]
