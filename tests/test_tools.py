@@ -44,7 +44,10 @@ def test_shipped_sweeps_expand():
     for sweep in sorted((REPO / "configs").rglob("sweeps/*.yaml")):
         out = run_tool("tools/sweep.py", str(sweep))
         assert out.returncode == 0, (sweep, out.stderr)
-        assert out.stdout.count("train.py") >= 2
+        lines = out.stdout.strip().splitlines()
+        assert len(lines) >= 2
+        run_dirs = [line.rsplit("--run.dir=", 1)[1] for line in lines]
+        assert len(set(run_dirs)) == len(run_dirs), sweep  # every run gets its own directory
 
 
 def test_plot_runs_writes_a_png(tmp_path):

@@ -4,14 +4,16 @@
     python tools/sweep.py configs/sweeps/210m_adamw_lr.yaml --run           # run them in turn
     python tools/sweep.py SWEEP --launcher "torchrun --nproc_per_node=8"    # how each is started
 
-A sweep file names a config (relative to itself), a grid of dotted keys and a run directory
-template; the commands are the grid's cartesian product, each config validated up front:
+A sweep file names a config (relative to itself) or a list of them, a grid of dotted keys and a
+run directory template; the commands are the cartesian product of configs and grid, each config
+validated up front. `{config}` in run_dir is the config file's stem, `{optim.lr}` a grid value:
 
-    config: ../210m.yaml
+    config: [../paper/210m_galore_r64.yaml, ../paper/210m_galore_r128.yaml]
     grid:
-      optim.lr: [1.0e-4, 3.16e-4, 1.0e-3, 3.16e-3, 1.0e-2]
-    run_dir: runs/210m/adamw/lr{optim.lr}
-    overrides: {optim.name: adamw}      # optional fixed overrides
+      optim.lr: [3.16e-4, 1.0e-3, 3.16e-3]
+      optim.scale: [0.125, 0.25]
+    run_dir: runs/sweeps/{config}/lr{optim.lr}_alpha{optim.scale}
+    overrides: {train.max_grad_norm: 1.0}      # optional fixed overrides
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ def expand(sweep_path: Path) -> list[tuple[Path, list[str]]]:
     unknown = set(spec) - {"config", "grid", "run_dir", "overrides"}
     if unknown or "config" not in spec or "run_dir" not in spec:
         raise ConfigError(f"{sweep_path}: a sweep needs 'config' and 'run_dir' (+ 'grid', 'overrides'); unknown: {sorted(unknown)}")
-    config = (sweep_path.parent / spec["config"]).resolve()
+    configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
     grid = spec.get("grid") or {}
     fixed = spec.get("overrides") or {}
     runs = []
-    for values in itertools.product(*grid.values()):
+    for name, values in itertools.product(configs, itertools.product(*grid.values())):
+        config = (sweep_path.parent / name).resolve()
         point = dict(zip(grid, values))
-        run_dir = spec["run_dir"]
+        run_dir = spec["run_dir"].replace("{config}", config.stem)
         for key, value in point.items():  # "{optim.lr}" placeholders (dotted, so not str.format)
             run_dir = run_dir.replace("{" + key + "}", str(value))
         overrides = [f"--{k}={v}" for k, v in {**fixed, **point}.items()] + [f"--run.dir={run_dir}"]

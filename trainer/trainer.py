@@ -77,6 +77,17 @@ def _check_config_against_checkpoint(cfg: Config, saved: dict, log: MetricsLogge
         log.print("warning: config differs from the checkpoint's: " + "; ".join(changed))
 
 
+def optimizer_counters(optimizer) -> dict[str, float]:
+    """Cumulative counters that low-rank optimizers keep in their state (projector refreshes,
+    SVD failures that fell back to the previous projector), summed for the logs."""
+    parts = list(optimizer.optimizers.values()) if isinstance(optimizer, InBackwardOptimizer) else [optimizer]
+    return {
+        f"optim/{name}": float(sum(getattr(opt, name, 0) for opt in parts))
+        for name in ("proj_updates", "svd_failures")
+        if any(hasattr(opt, name) for opt in parts)
+    }
+
+
 def train(cfg: Config) -> TrainResult:
     info = init_distributed(cfg.train.device)
     try:
@@ -273,6 +284,7 @@ def _train(cfg: Config, info: DistInfo) -> TrainResult:
                 }
                 if peak is not None:
                     values["throughput/mfu"] = flops_tok * tok_s / (peak * info.world_size)
+                values.update(optimizer_counters(optimizer))
                 log.log(done, values)
                 elapsed = time.perf_counter() - t_start
                 log.console(done, t.max_steps, values, elapsed, avg * (t.max_steps - done))
