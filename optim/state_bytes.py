@@ -11,6 +11,7 @@
                           4 (l r + 2 r s), left 4 (m r + 2 r n), right 4 (n r + 2 m r),
                           full 4 (m r + n r + 2 r^2); other params as adamw (no step tensor)
     galore_adafactor (low) projector + Adafactor on the low-rank shape (a x b): 4 (a + b) [+ 4 ab]
+    adalomo               4 (m + n) factor_rank (nmf-1: 4 (m + n)); 1-D 4 n
     adamem (low)          4 (s r + r l + r + 2 l)  (= (m + n) r + r + 2 max(m, n) floats);
                           variant2 + 4 s; variant1 4 (s r + r l + m + n); other params adafactor
 - `state_bytes_table(model_cfg, optim_names=None, optim_cfg=None)` -> list of row dicts
@@ -36,9 +37,9 @@ from optim.projector import projection_side
 from optim.registry import REGISTRY, optimizer_spec
 
 FP32 = 4
-MEMORY_EFFICIENT = ("adamw", "adafactor", "galore_adamw", "galore_adafactor", "adamem")
+MEMORY_EFFICIENT = ("adamw", "adafactor", "galore_adamw", "galore_adafactor", "adamem", "adalomo")
 # Table rows: "adafactor" = without momentum (beta1 null), "adafactor_momentum" = with beta1.
-TABLE_ROWS = ("adamw", "adafactor", "adafactor_momentum", "galore_adamw", "galore_adafactor", "adamem")
+TABLE_ROWS = ("adamw", "adafactor", "adafactor_momentum", "galore_adamw", "galore_adafactor", "adamem", "adalomo")
 
 
 def _named_cfg(base: OptimConfig, name: str) -> OptimConfig:
@@ -87,6 +88,10 @@ def _param_formula(name: str, shape, low: bool, cfg: OptimConfig) -> int:
         return FP32 * (2 * numel + 1)
     if name == "adafactor":
         return FP32 * _adafactor_floats(shape, cfg.beta1, cfg.one_sided)
+    if name == "adalomo":  # (m + n) x factor_rank floats per matrix, n per vector
+        from optim.factorization import state_bytes
+
+        return state_bytes(tuple(shape), cfg.factorization, cfg.factor_rank, FP32)
     if not low:
         if name == "galore_adamw":
             return FP32 * 2 * numel

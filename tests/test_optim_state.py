@@ -121,7 +121,8 @@ def test_per_parameter_optimizers_match_single(name):
 
 
 @pytest.mark.parametrize("name", NAMES + ["adamem_variant1", "adamem_variant2", "galore_reverse_std",
-                                          "galore_adafactor_full", "adafactor_one_sided"])
+                                          "galore_adafactor_full", "adafactor_one_sided", "adalomo",
+                                          "adalomo_svd4"])
 @pytest.mark.parametrize("targets", ["blocks", "all"])
 def test_measured_state_bytes_match_formula(name, targets):
     extra = {}
@@ -133,6 +134,8 @@ def test_measured_state_bytes_match_formula(name, targets):
         name, extra = "galore_adafactor", dict(proj_type="full", beta1=0.9)
     elif name == "adafactor_one_sided":
         name, extra = "adafactor", dict(one_sided=True)
+    elif name == "adalomo_svd4":
+        name, extra = "adalomo", dict(factorization="svd", factor_rank=4)
     cfg = _cfg(name, rank=8, lowrank_targets=targets, **extra)
     model = _small_model()
     opt = REGISTRY[cfg.name](model, cfg).build()
@@ -148,4 +151,4 @@ def test_state_bytes_table_small():
     for r in rows:
         assert r["measured_bytes"] == r["formula_bytes"], r
     assert [r["optimizer"] for r in rows] == ["adamw", "adafactor", "adafactor_momentum", "galore_adamw",
-                                              "galore_adafactor", "adamem"]
+                                              "galore_adafactor", "adamem", "adalomo"]
