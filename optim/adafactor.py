@@ -223,7 +223,7 @@ class Adafactor(FP32StateOptimizer):
 
 from torch import nn  # noqa: E402
 
-from optim.adamw import decay_split_groups  # noqa: E402
+from optim.param_groups import decay_split_groups  # noqa: E402
 from optim.config import OptimConfig  # noqa: E402
 from optim.registry import OptimizerSpec, register  # noqa: E402
 

@@ -50,7 +50,7 @@ from torch import nn
 
 from optim import factorization as fac
 from optim.config import OptimConfig
-from optim.param_groups import describe_parameters, weight_decay_of
+from optim.param_groups import decay_split_groups
 from optim.registry import OptimizerSpec, register
 
 UPDATE_NORMS = ("grouped", "none", "layerwise", "global")
@@ -228,12 +228,6 @@ def build_adalomo(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
     beta2_decay (null -> -0.8), update_norm, factorization, factor_rank, factor_iters.
     Ignores beta1/beta2/eps (no momentum, no AdamW eps), scale_parameter/relative_step (AdaLomo
     always scales the step by max(eps2, RMS(theta)))."""
-    groups: dict[float, dict] = {}
-    for info in describe_parameters(model):
-        wd = weight_decay_of(info, cfg.weight_decay, cfg.decay_norm_weights)
-        group = groups.setdefault(wd, {"params": [], "names": [], "weight_decay": wd})
-        group["params"].append(info.param)
-        group["names"].append(info.name)
     kwargs = dict(
         lr=cfg.lr,
         eps1=cfg.eps1,
@@ -243,6 +237,6 @@ def build_adalomo(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
         update_norm=cfg.update_norm,
         factorization=cfg.factorization,
         factor_rank=cfg.factor_rank,
-        factor_iters=getattr(cfg, "factor_iters", 1),
+        factor_iters=cfg.factor_iters,
     )
-    return OptimizerSpec(AdaLomo, list(groups.values()), kwargs)
+    return OptimizerSpec(AdaLomo, decay_split_groups(model, cfg), kwargs)

@@ -6,19 +6,8 @@ import torch
 from torch import nn
 
 from optim.config import OptimConfig
-from optim.param_groups import describe_parameters, weight_decay_of
+from optim.param_groups import decay_split_groups
 from optim.registry import OptimizerSpec, register
-
-
-def decay_split_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Two groups: with and without weight decay (LayerNorm weights undecayed by default)."""
-    groups: dict[float, dict] = {}
-    for info in describe_parameters(model):
-        wd = weight_decay_of(info, cfg.weight_decay, cfg.decay_norm_weights)
-        group = groups.setdefault(wd, {"params": [], "names": [], "weight_decay": wd})
-        group["params"].append(info.param)
-        group["names"].append(info.name)
-    return list(groups.values())
 
 
 @register("adamw")

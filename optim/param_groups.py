@@ -45,3 +45,15 @@ def describe_parameters(model: nn.Module) -> list[ParamInfo]:
 
 def weight_decay_of(info: ParamInfo, weight_decay: float, decay_norm_weights: bool) -> float:
     return weight_decay if (info.role != "norm" or decay_norm_weights) else 0.0
+
+
+def decay_split_groups(model: nn.Module, cfg) -> list[dict]:
+    """Two groups: with and without weight decay (LayerNorm weights undecayed by default).
+    `cfg` is an OptimConfig (reads weight_decay, decay_norm_weights)."""
+    groups: dict[float, dict] = {}
+    for info in describe_parameters(model):
+        wd = weight_decay_of(info, cfg.weight_decay, cfg.decay_norm_weights)
+        group = groups.setdefault(wd, {"params": [], "names": [], "weight_decay": wd})
+        group["params"].append(info.param)
+        group["names"].append(info.name)
+    return list(groups.values())
