@@ -160,7 +160,7 @@ def tiny_prepared(tmp_path_factory):
 def test_resume_is_bit_exact_across_epoch_boundaries(tmp_path, tiny_prepared):
     tokens, tok = tiny_prepared
     extra = {"data.tokenizer": tok, "model.vocab_size": 512, "train.global_batch": 32, "train.micro_batch": 16,
-             "train.max_steps": 12, "checkpoint.interval": 5, "eval.interval": 6}
+             "train.max_steps": 12, "checkpoint.interval": 5, "eval.interval": 6, "data.val_tokens": 512}
     _, straight = run(tmp_path, tokens, name="straight", **extra)
     from data import DataConfig, TrainBatches
 

@@ -219,7 +219,8 @@ def _train(cfg: Config, info: DistInfo) -> TrainResult:
 
     try:
         if start_step >= t.max_steps:
-            log.print(f"run already complete at step {start_step} (train.max_steps={t.max_steps})")
+            log.print(f"run already complete at step {start_step} (train.max_steps={t.max_steps}); to train "
+                      f"longer raise --train.max_steps, to start over use another --run.dir or delete {run_dir}")
             return result
         if cfg.eval.interval and start_step == 0:
             run_eval(0)
