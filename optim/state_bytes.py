@@ -34,7 +34,7 @@ from torch import nn
 from optim.config import OptimConfig
 from optim.param_groups import describe_parameters
 from optim.projector import projection_side
-from optim.registry import REGISTRY, optimizer_spec
+from optim.registry import optimizer_spec
 
 FP32 = 4
 MEMORY_EFFICIENT = ("adamw", "adafactor", "galore_adamw", "galore_adafactor", "adamem", "adalomo")

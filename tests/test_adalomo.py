@@ -8,27 +8,13 @@ import math
 import pytest
 import torch
 
-from model import ModelConfig, Transformer
+from model import Transformer
 from optim import OptimConfig, optimizer_spec
 from optim import factorization as fac
 from optim.adalomo import AdaLomo
+from tiny_lm import batch, loss_of, tiny_model
 
 torch.set_num_threads(1)
-
-
-def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(d_model=64, n_layers=2, vocab_size=512, max_seq_len=32))
-
-
-def batch(seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 + seed)
-    return torch.randint(0, 512, (2, 17), generator=g)
-
-
-def loss_of(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    logits = model(tokens[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
 def test_one_step_matches_hf_adafactor():

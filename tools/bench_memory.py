@@ -269,12 +269,9 @@ def time_table(flavor, optims, micro_batch, seq_len, steps) -> None:
     print(f"CPU step time, model {flavor}, micro-batch {micro_batch} x {seq_len}, median of {steps} steps, "
           f"{torch.get_num_threads()} thread(s); forward+backward alone: {base * 1e3:.1f} ms")
     print(f"{'optimizer':<28} {'plain ms':>9} {'fused ms':>9} {'fused/plain':>11} {'opt ms plain':>12} {'opt ms fused':>12}")
-    ref = None
     for label, ocfg in optims:
         plain = time_steps(mcfg, ocfg, False, micro_batch, seq_len, steps)
         fused = time_steps(mcfg, ocfg, True, micro_batch, seq_len, steps)
-        if label == "adalomo":
-            ref = plain - base
         print(f"{label:<28} {plain * 1e3:9.1f} {fused * 1e3:9.1f} {fused / plain:11.3f} "
               f"{(plain - base) * 1e3:12.1f} {(fused - base) * 1e3:12.1f}")
         sys.stdout.flush()

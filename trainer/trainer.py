@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from data import TrainBatches, validation_batches
 from model import Transformer, flops_per_token, param_counts
