@@ -8,7 +8,7 @@ SAMPLE_TOKENS := $(CACHE)/tokens/sample/manifest.json
 
 .PHONY: demo test setup setup-test assets data clean help
 help:
-	@echo "make demo   set up and train the tiny model on the sample corpus (CPU, ~10 min)"
+	@echo "make demo   set up and train the tiny model on the sample corpus (CPU, ~7 min)"
 	@echo "make test   set up and run the test suite"
 
 # One pip command installs torch==2.13.0 together with everything else (pyproject.toml).
