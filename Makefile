@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 CACHE := $(or $(MEMOPT_CACHE),.cache)
 SAMPLE_TOKENS := $(CACHE)/tokens/sample/manifest.json
 
-.PHONY: demo test setup setup-test assets data clean help
+.PHONY: demo test check setup setup-test assets data clean help
 help:
 	@echo "make demo   set up and train the tiny model on the sample corpus (CPU, ~7 min)"
-	@echo "make test   set up and run the test suite"
+	@echo "make test   set up, run the checks (make check), then the test suite"
+	@echo "make check  lint (ruff check), format (ruff format --check) and types (mypy); settings in pyproject.toml"
 
 # One pip command installs torch==2.13.0 together with everything else (pyproject.toml).
 $(VENV)/.stamp-core: pyproject.toml
@@ -39,7 +40,14 @@ data: assets $(SAMPLE_TOKENS)
 demo: data
 	$(PY) train.py configs/tiny.yaml
 
+# The gate runs before the tests: style and type errors fail fast, before minutes of pytest.
+check: setup-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 test: setup-test
+	$(MAKE) --no-print-directory check
 	$(MAKE) --no-print-directory data
 	$(PY) -m pytest
 

@@ -12,7 +12,7 @@ import torch
 from data import DataConfig, DataError, TrainBatches, validation_batches
 from data.prepare import PrepareOptions, SplitPlan, prepare
 from data.sources import LocalSource
-from data.testing import make_texts, tiny_tokenizer, write_corpus
+from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
 from data.windows import epoch_permutation
 
 SEQ = 16

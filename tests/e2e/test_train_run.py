@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, tiny_overrides
+from tests.helpers.runs import REPO, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
 from trainer.metrics import read_metrics
@@ -144,7 +144,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_prepared(tmp_path_factory):
     """A corpus of ~100 windows of 32 tokens, so a run crosses epoch boundaries within a few steps."""
-    from data.testing import make_texts, tiny_tokenizer, write_corpus
+    from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
 
     root = tmp_path_factory.mktemp("tiny_corpus")
     train_texts, val_texts = make_texts(60, seed=1), make_texts(10, seed=2)

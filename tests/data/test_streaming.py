@@ -10,7 +10,7 @@ import torch
 
 from data import DataConfig, DataError
 from data.streaming import StreamingBatches
-from data.testing import make_texts, tiny_tokenizer, write_corpus
+from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
 from data.tokenizer import load_tokenizer
 
 SEQ, GB = 16, 4

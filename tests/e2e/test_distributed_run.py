@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, tiny_overrides
+from tests.helpers.runs import REPO, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.metrics import read_metrics
 

@@ -14,7 +14,7 @@ from optim import OptimConfig
 
 torch.set_num_threads(1)
 
-_spec = importlib.util.spec_from_file_location("bench_memory", Path(__file__).parents[1] / "tools" / "bench_memory.py")
+_spec = importlib.util.spec_from_file_location("bench_memory", Path(__file__).parents[2] / "tools" / "bench_memory.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 

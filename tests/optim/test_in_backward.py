@@ -11,7 +11,7 @@ import torch
 
 from optim import REGISTRY, OptimConfig, optimizer_spec
 from optim.in_backward import InBackwardOptimizer, check_fused_supported
-from tiny_lm import batch, loss_of, tiny_model
+from tests.helpers.tiny_lm import batch, loss_of, tiny_model
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ import pytest
 from data import c4_format
 from data.prepare import PrepareOptions, SplitPlan, prepare
 from data.sources import HubSource, LocalSource, make_source, resolve_local_files
-from data.testing import make_texts, tiny_tokenizer, write_corpus
+from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
 from data.tokenizer import DataError
 
 TRAIN = make_texts(90, seed=11)

@@ -11,7 +11,7 @@ import pytest
 
 from data.prepare import PrepareOptions, SplitPlan, prepare
 from data.sources import LocalSource
-from data.testing import make_texts, tiny_tokenizer, write_corpus
+from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
 from data.tokenizer import EOS_ID, DataError, load_tokenizer, sha256_file
 
 TRAIN = make_texts(120, seed=1)

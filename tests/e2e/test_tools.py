@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.helpers.runs import REPO
 
 
 def run_tool(*args):

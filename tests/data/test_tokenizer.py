@@ -8,7 +8,7 @@ import pytest
 from data.paths import REPO_ROOT, resolve_path, t5_tokenizer_path
 from data.prepare import encode_texts
 from data.spm_train import train_sentencepiece
-from data.testing import make_texts, tiny_tokenizer
+from tests.helpers.corpus import make_texts, tiny_tokenizer
 from data.tokenizer import (EOS_ID, DataError, check_tokenizer_matches, load_tokenizer, resolve_tokenizer_path,
                             sha256_file, token_dtype)
 

@@ -12,7 +12,7 @@ from model import Transformer
 from optim import OptimConfig, optimizer_spec
 from optim import factorization as fac
 from optim.adalomo import AdaLomo
-from tiny_lm import batch, loss_of, tiny_model
+from tests.helpers.tiny_lm import batch, loss_of, tiny_model
 
 torch.set_num_threads(1)
 
@@ -191,7 +191,7 @@ def test_ablation_configs_load():
     from pathlib import Path
 
     import trainer.config as config_mod
-    files = sorted((Path(__file__).parents[1] / "configs" / "ablations").glob("adalomo_*.yaml"))
+    files = sorted((Path(__file__).parents[2] / "configs" / "ablations").glob("adalomo_*.yaml"))
     seen = set()
     for f in files:
         cfg = config_mod.load_config(str(f), [])

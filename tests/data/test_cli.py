@@ -10,7 +10,7 @@ import pytest
 
 from data import DataConfig, TrainBatches, validation_batches
 from data.paths import REPO_ROOT, sample_tokens_dir
-from data.testing import make_texts, write_corpus
+from tests.helpers.corpus import make_texts, write_corpus
 
 
 def load_tool(name):

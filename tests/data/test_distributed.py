@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from data import DataConfig, TrainBatches
 from data.prepare import PrepareOptions, SplitPlan, prepare
 from data.sources import LocalSource
-from data.testing import make_texts, tiny_tokenizer, write_corpus
+from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
 
 STEPS, START, GLOBAL_BATCH = 3, 5, 6
 
