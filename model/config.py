@@ -2,22 +2,44 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass
+from typing import Any
 
 HEAD_DIM = 64  # fixed by the AdaMeM paper's setup: heads = width / 64
 
 
 @dataclass
 class ModelConfig:
-    flavor: str = "tiny"  # one of FLAVORS; its values fill every field not set explicitly
+    flavor: str = "tiny"
+    """A named size (one of FLAVORS: tiny, 210m, 550m); its values fill every field not set explicitly."""
     d_model: int = 128
+    """Width (residual stream); a multiple of the head dimension 64."""
     n_layers: int = 4
+    """Transformer blocks."""
     mlp_ratio: int = 4
-    # T5's 32100 ids padded up to a multiple of 128: matmul-friendly, ids >= 32100 never occur.
+    """MLP hidden width = mlp_ratio * d_model."""
     vocab_size: int = 32128
-    max_seq_len: int = 512  # RoPE table length; must be >= data.seq_len
+    """Embedding rows: T5's 32100 ids padded up to a multiple of 128 (matmul-friendly; ids >= 32100 never occur)."""
+    max_seq_len: int = 512
+    """RoPE table length; must be >= data.seq_len."""
     rope_theta: float = 10000.0
+    """RoPE base frequency."""
     init_std: float = 0.02
+    """Std of the normal init (residual projections get init_std / sqrt(2 n_layers))."""
+
+    @classmethod
+    def from_flavor(cls, flavor: str, **overrides: Any) -> ModelConfig:
+        """The flavour's sizes with `overrides` on top, e.g. `ModelConfig.from_flavor("210m", max_seq_len=1024)`."""
+        if flavor not in FLAVORS:
+            close = difflib.get_close_matches(flavor, FLAVORS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown model.flavor {flavor!r}.{hint} Flavours: {', '.join(FLAVORS)}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)} - {"flavor"}
+        if unknown:
+            raise TypeError(f"unknown ModelConfig fields {sorted(unknown)}")
+        return cls(**{**FLAVORS[flavor], **overrides, "flavor": flavor})
 
     @property
     def n_heads(self) -> int:
@@ -35,7 +57,7 @@ class ModelConfig:
 
 
 # The paper's sizes (AdaMeM, Section 5): widths 1024/1280, depths 12/24, MLP 4x, head dim 64.
-FLAVORS: dict[str, dict] = {
+FLAVORS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=128, n_layers=4),
     "210m": dict(d_model=1024, n_layers=12),
     "550m": dict(d_model=1280, n_layers=24),

@@ -220,7 +220,7 @@ def memory_table(flavors, optims, micro_batch, seq_len, device) -> None:
     print(hdr)
     print("-" * len(hdr))
     for flavor in flavors:
-        mcfg = ModelConfig(flavor=flavor, **FLAVORS[flavor], max_seq_len=max(seq_len, 512))
+        mcfg = ModelConfig.from_flavor(flavor, max_seq_len=max(seq_len, 512))
         for label, ocfg in optims:
             for fused in (False, True):
                 try:
@@ -264,7 +264,7 @@ def time_steps(model_cfg: ModelConfig, optim_cfg: OptimConfig | None, fused: boo
 
 
 def time_table(flavor, optims, micro_batch, seq_len, steps) -> None:
-    mcfg = ModelConfig(flavor=flavor, **FLAVORS[flavor], max_seq_len=max(seq_len, 512))
+    mcfg = ModelConfig.from_flavor(flavor, max_seq_len=max(seq_len, 512))
     base = time_steps(mcfg, None, False, micro_batch, seq_len, steps)
     print(f"CPU step time, model {flavor}, micro-batch {micro_batch} x {seq_len}, median of {steps} steps, "
           f"{torch.get_num_threads()} thread(s); forward+backward alone: {base * 1e3:.1f} ms")

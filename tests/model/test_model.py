@@ -13,7 +13,7 @@ def small_cfg(**kw) -> ModelConfig:
 
 @pytest.mark.parametrize("flavor,target", [("210m", 210e6), ("550m", 550e6)])
 def test_paper_sizes_param_counts(flavor, target):
-    cfg = ModelConfig(**FLAVORS[flavor])
+    cfg = ModelConfig.from_flavor(flavor)
     counts = param_counts(cfg)
     d, layers, vocab = cfg.d_model, cfg.n_layers, cfg.vocab_size
     assert counts["total"] == layers * (12 * d * d + 2 * d) + d + 2 * vocab * d
@@ -28,7 +28,7 @@ def test_paper_sizes_param_counts(flavor, target):
 
 
 def test_heads_and_vocab():
-    cfg = ModelConfig(**FLAVORS["550m"])
+    cfg = ModelConfig.from_flavor("550m")
     assert cfg.n_heads == 20 and cfg.vocab_size % 128 == 0 and cfg.vocab_size >= 32100
 
 
@@ -90,7 +90,7 @@ def test_initialisation_scales():
 
 
 def test_flops_per_token_formula():
-    cfg = ModelConfig(**FLAVORS["210m"])
+    cfg = ModelConfig.from_flavor("210m")
     n = param_counts(cfg)["non_embedding"]
     assert flops_per_token(cfg, 512) == 6 * n + 12 * 12 * 1024 * 512 + 6 * 1024 * cfg.vocab_size
 
