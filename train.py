@@ -15,8 +15,13 @@ USAGE = "usage: python train.py CONFIG.yaml [--section.key=value ...]   (e.g. co
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
+        if not argv:
+            print(USAGE, file=sys.stderr)
+            return 2
+        from trainer.config import help_text
+
+        print(USAGE + "\n\nEvery key (a YAML file sets them per section; --section.key=value overrides):" + help_text())
+        return 0
     from data import DataError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError, load_config

@@ -1,6 +1,6 @@
 """Plot a metric of several runs from their metrics.jsonl, and print each run's final value.
 
-    python tools/plot_runs.py runs/210m/* --metric val/loss --out val_loss.png
+python tools/plot_runs.py runs/210m/* --metric val/loss --out val_loss.png
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ else, without installing the repo itself as a package (it runs from the checkout
 """
 
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
 requirements = list(project["dependencies"])

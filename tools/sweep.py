@@ -38,14 +38,16 @@ def expand(sweep_path: Path) -> list[tuple[Path, list[str]]]:
     spec = yaml.safe_load(sweep_path.read_text()) or {}
     unknown = set(spec) - {"config", "grid", "run_dir", "overrides"}
     if unknown or "config" not in spec or "run_dir" not in spec:
-        raise ConfigError(f"{sweep_path}: a sweep needs 'config' and 'run_dir' (+ 'grid', 'overrides'); unknown: {sorted(unknown)}")
+        raise ConfigError(
+            f"{sweep_path}: a sweep needs 'config' and 'run_dir' (+ 'grid', 'overrides'); unknown: {sorted(unknown)}"
+        )
     configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
     grid = spec.get("grid") or {}
     fixed = spec.get("overrides") or {}
     runs = []
     for name, values in itertools.product(configs, itertools.product(*grid.values())):
         config = (sweep_path.parent / name).resolve()
-        point = dict(zip(grid, values))
+        point = dict(zip(grid, values, strict=True))
         run_dir = spec["run_dir"].replace("{config}", config.stem)
         for key, value in point.items():  # "{optim.lr}" placeholders (dotted, so not str.format)
             run_dir = run_dir.replace("{" + key + "}", str(value))

@@ -1,9 +1,18 @@
 """Checkpoints: one file per save, written atomically, loadable with torch.load(weights_only=True).
 
-`step_00000100.pt` holds the model, optimizer state, step, tokens seen, data position, RNG states
-and the resolved config. A save writes `<name>.tmp`, fsyncs it, then renames it over the final
-name (atomic on POSIX), so a crash or kill during a save leaves every earlier checkpoint intact
-and never leaves a half-written file under a final name. Older checkpoints beyond `keep_last` are
+A checkpoint is assembled from components that each own `state_dict` / `load_state_dict`
+(torch.distributed.checkpoint's `Stateful` protocol): the trainer's are `progress` (the step,
+stored here and nowhere else, and tokens seen), `model`, `optimizer` (the update strategy),
+`data` (which sample order the run is on) and `rng`; plus `config` (the resolved config, read to
+warn about changes, never restored). `Checkpointer` saves and restores them by name.
+
+Format (`format_version`): 2 = the components above. 1 (before components) stored the step
+three times (`step`, `scheduler.step`, `data.step`) next to `tokens_seen`, `model`, `optimizer`,
+`data`, `rng`, `config`; it is upgraded on load, so runs saved by earlier versions resume.
+
+`step_00000100.pt`: a save writes `<name>.tmp`, fsyncs it, then renames it over the final name
+(atomic on POSIX), so a crash or kill during a save leaves every earlier checkpoint intact and
+never leaves a half-written file under a final name. Older checkpoints beyond `keep_last` are
 deleted only after the new one is in place.
 """
 
@@ -14,12 +23,15 @@ import pickle
 import random
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_LEGACY_DATA_KEYS = ("step", "epoch", "position", "tokens_seen")  # positions version 1 kept in `data`
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
@@ -73,14 +85,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
         detail = (str(e).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail}). {fix}") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        version = state.get("format_version") if isinstance(state, dict) else None
-        raise CheckpointError(f"{path} is not a memopt-lm checkpoint of format {FORMAT_VERSION} (found {version!r}). {fix}")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail}). {fix}"
+        ) from None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version == 1:
+        state = _upgrade_from_v1(state)
+    elif version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is not a memopt-lm checkpoint of a known format (found format_version {version!r}; this "
+            f"version reads 1 and {FORMAT_VERSION}). {fix}"
+        )
     return state
 
 
-def latest_checkpoint(directory: Path) -> Optional[Path]:
+def _upgrade_from_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (one flat dict, the step in three places) -> version 2 (components)."""
+    data = {k: v for k, v in state["data"].items() if k not in _LEGACY_DATA_KEYS}
+    progress = {"step": int(state["step"]), "tokens_seen": int(state.get("tokens_seen", 0))}
+    kept: dict[str, Any] = {k: state[k] for k in ("model", "optimizer", "rng", "config") if k in state}
+    return {"format_version": FORMAT_VERSION, "progress": progress, "data": data, **kept}
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
     found = list_checkpoints(directory)
     return found[-1] if found else None
 
@@ -98,3 +125,67 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RNGState:
+    """The process's RNG streams (torch CPU, CUDA, Python's random) as a checkpoint component."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
+
+
+@dataclass
+class TrainProgress:
+    """Completed optimizer steps and tokens seen: the one place the step is stored."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+
+class Checkpointer:
+    """Saves and restores named components (see the module docstring) in `directory`."""
+
+    def __init__(self, directory: Path, components: dict[str, Stateful], keep_last: int):
+        self.directory = directory
+        self.components = components
+        self.keep_last = keep_last
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.directory)
+
+    def save(self, step: int, metadata: dict[str, Any]) -> Path:
+        """Write every component's state (plus `metadata`, e.g. the config) as `step`'s checkpoint."""
+        state = {name: component.state_dict() for name, component in self.components.items()}
+        return save_checkpoint(self.directory, step, {**metadata, **state}, self.keep_last)
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Load `path` into every component; returns the whole checkpoint dict (for its metadata).
+        A component that is missing or does not fit (another model shape, another optimizer or
+        fused setting) is a CheckpointError naming the file and the component."""
+        state = load_checkpoint(path)
+        missing = [name for name in self.components if name not in state]
+        if missing:
+            raise CheckpointError(
+                f"{path} lacks {', '.join(missing)}: it is incomplete. Delete it to resume "
+                f"from the previous checkpoint in {path.parent}, or start a new run."
+            )
+        for name, component in self.components.items():
+            try:
+                component.load_state_dict(state[name])
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise CheckpointError(
+                    f"cannot restore the {name} from {path}: {detail}. Resume with the settings the run was "
+                    f"started with (see {path.parent.parent / 'config.yaml'}), or start a new run with another "
+                    f"--run.dir."
+                ) from None
+        return state

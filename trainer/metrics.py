@@ -11,7 +11,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -58,7 +57,7 @@ class MetricsLogger:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
-    def console(self, step: int, max_steps: int, values: dict[str, float], elapsed: float, eta: Optional[float]) -> None:
+    def console(self, step: int, max_steps: int, values: dict[str, float], elapsed: float, eta: float | None) -> None:
         if not self.enabled:
             return
         parts = [f"step {step:>6}/{max_steps}"]

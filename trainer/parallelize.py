@@ -6,10 +6,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from model import Transformer
 from trainer.distributed import DistInfo
 
 
-def compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: Transformer) -> None:
     """Compile each transformer block separately: short compile times, and the compiled graph is
     reused by every block of the same shape."""
     for block in model.blocks:
@@ -21,10 +22,6 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def autocast_context(precision: str, device: torch.device):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from trainer.distributed import DistInfo, all_reduce_sum
 
 
 def split_micro_batches(inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int):
-    return list(zip(inputs.split(micro_batch), targets.split(micro_batch)))
+    return list(zip(inputs.split(micro_batch), targets.split(micro_batch), strict=True))
 
 
 def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, autocast) -> torch.Tensor:
@@ -30,8 +30,8 @@ def forward_backward(
     *,
     loss_denominator: float,
     autocast,
-    no_sync: Optional[Callable] = None,
-    before_backward: Optional[Callable[[bool], None]] = None,
+    no_sync: Callable | None = None,
+    before_backward: Callable[[bool], None] | None = None,
 ) -> torch.Tensor:
     """Accumulate gradients of sum(CE) / loss_denominator over the micro-batches.
 

@@ -16,14 +16,30 @@ def run(run_dir, tokens, nproc):
     if nproc == 1:
         cmd = [sys.executable, "train.py", "configs/tiny.yaml", *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "train.py", "configs/tiny.yaml", *overrides]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "train.py",
+            "configs/tiny.yaml",
+            *overrides,
+        ]
+    out = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     records = read_metrics(run_dir / "metrics.jsonl")
-    return ({r["step"]: r["train/loss"] for r in records if "train/loss" in r},
-            {r["step"]: r["val/loss"] for r in records if "val/loss" in r})
+    return (
+        {r["step"]: r["train/loss"] for r in records if "train/loss" in r},
+        {r["step"]: r["val/loss"] for r in records if "val/loss" in r},
+    )
 
 
 def test_two_ranks_match_one_rank(tmp_path, sample_tokens):

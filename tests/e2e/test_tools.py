@@ -52,7 +52,9 @@ def test_plot_runs_writes_a_png(tmp_path):
     for name, losses in (("a", [5.0, 4.0]), ("b", [5.0, 3.5])):
         run = tmp_path / name
         run.mkdir()
-        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val/loss": v}) + "\n" for s, v in zip((0, 10), losses)))
+        (run / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "val/loss": v}) + "\n" for s, v in zip((0, 10), losses, strict=True))
+        )
     out = run_tool("tools/plot_runs.py", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "p.png"))
     assert out.returncode == 0, out.stderr
     assert "final val/loss 3.5000 at step 10" in out.stdout

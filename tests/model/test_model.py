@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from model import FLAVORS, ModelConfig, Transformer, flops_per_token, param_counts
+from model import ModelConfig, Transformer, flops_per_token, param_counts
 from model.rope import apply_rope, rope_tables
+from model.transformer import Block
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -73,10 +74,12 @@ def test_rope_relative_position_property():
     head_dim = 64
     cos, sin = rope_tables(head_dim, 32, 10000.0)
     q, k = torch.randn(head_dim), torch.randn(head_dim)
+
     def dot(pq, pk):
         rq = apply_rope(q.view(1, 1, 1, -1), cos[pq : pq + 1], sin[pq : pq + 1])
         rk = apply_rope(k.view(1, 1, 1, -1), cos[pk : pk + 1], sin[pk : pk + 1])
         return (rq * rk).sum().item()
+
     assert dot(3, 1) == pytest.approx(dot(12, 10), rel=1e-4)
 
 
@@ -85,8 +88,10 @@ def test_initialisation_scales():
     cfg = ModelConfig(d_model=256, n_layers=8, vocab_size=4096)
     model = Transformer(cfg)
     assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
-    assert model.blocks[0].mlp.down.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
-    assert torch.all(model.blocks[0].attn_norm.weight == 1)
+    block = model.blocks[0]
+    assert isinstance(block, Block)
+    assert block.mlp.down.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert torch.all(block.attn_norm.weight == 1)
 
 
 def test_flops_per_token_formula():

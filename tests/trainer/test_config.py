@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 import yaml
 
-from trainer.config import ConfigError, load_config, parse_overrides, save_config
+from trainer.config import ConfigError, help_text, load_config, parse_overrides, save_config, section_classes
+from trainer.config_parsing import field_docs
 
 
 def write(tmp_path, name, content):
@@ -12,7 +15,16 @@ def write(tmp_path, name, content):
 
 def test_yaml_then_overrides(tmp_path):
     p = write(tmp_path, "a.yaml", "model: {flavor: 210m}\noptim: {lr: 1e-3}\n")
-    cfg = load_config(p, ["--optim.lr=3e-3", "--optim.beta1=null", "--run.dir=runs/x", "--train.max_steps=200"])
+    cfg = load_config(
+        p,
+        [
+            "--optim.name=adafactor",
+            "--optim.lr=3e-3",
+            "--optim.beta1=null",
+            "--run.dir=runs/x",
+            "--train.max_steps=200",
+        ],
+    )
     assert cfg.model.d_model == 1024 and cfg.model.n_layers == 12
     assert cfg.optim.lr == 3e-3 and cfg.optim.beta1 is None
     assert cfg.run.dir == "runs/x" and cfg.train.max_steps == 200
@@ -48,7 +60,16 @@ def test_base_inheritance(tmp_path):
         (["--model.flavor=huge"], r"unknown model\.flavor 'huge'"),
         (["--train.micro_batch=7"], r"not a multiple of train\.micro_batch"),
         (["--data.seq_len=4096"], r"exceeds model\.max_seq_len"),
-        (["--train.precision=fp16"], r"train\.precision='fp16' is not one of"),
+        (["--train.precision=fp16"], r"train\.precision='fp16' is not one of 'auto', 'fp32', 'bf16'"),
+        (["--train.device=gpu"], r"train\.device='gpu' is not one of 'auto', 'cpu', 'cuda'"),
+        (["--optim.proj_type=stdd"], r"optim\.proj_type='stdd' is not one of .*Did you mean 'std'"),
+        (["--optim.momentum_style=adm"], r"optim\.momentum_style='adm' is not one of 'adam', 'hf'.*\(or null\)"),
+        (["--optim.update_norm=layer"], r"optim\.update_norm='layer' is not one of"),
+        (["--optim.name=adamm"], r"unknown optimizer optim\.name='adamm'.*Did you mean 'adamw'"),
+        (["--optim.name=galore_adamw", "--optim.delta=0.5"], r"optim\.delta=0\.5 is not read by galore_adamw.*adamem"),
+        (["--optim.name=adamw", "--optim.beta1=null"], r"optim\.beta1"),
+        (["--train.fused_update=true"], r"max_grad_norm=0"),
+        (["--train.max_grad_norm=-1"], r"train\.max_grad_norm=-1\.0 must be >= 0"),
         (["optim.lr=1"], r"use --section\.key=value"),
     ],
 )
@@ -70,7 +91,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config(None, ["--optim.name=adamw", "--optim.beta1=null", "--model.flavor=210m"])
+    cfg = load_config(None, ["--optim.name=adafactor", "--optim.beta1=null", "--model.flavor=210m"])
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
@@ -89,3 +110,23 @@ def test_shipped_configs_load():
 
 def test_parse_overrides_types():
     assert parse_overrides(["--a.b=1", "--a.c=true", "--d.e=x"]) == {"a": {"b": 1, "c": True}, "d": {"e": "x"}}
+
+
+def test_every_key_has_a_doc_and_help_lists_it():
+    text = help_text()
+    for section, cls in section_classes().items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{section}.{f.name} has no doc (a string under the field)"
+            assert f"--{section}.{f.name}  (" in text
+            assert docs[f.name] in text
+    assert "--train.precision  ('auto' | 'fp32' | 'bf16', default auto)" in text
+    assert "--optim.beta1  (float or null, default 0.9)" in text
+
+
+def test_the_global_batch_must_split_over_the_ranks(monkeypatch):
+    overrides = ["--train.global_batch=8", "--train.micro_batch=8"]
+    load_config(None, overrides)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"must split into 2 rank\(s\) x whole micro-batches"):
+        load_config(None, overrides)

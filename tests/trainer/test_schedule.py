@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -24,7 +25,7 @@ def test_mid_cosine_and_end():
 
 def test_monotone_decay_and_closed_form():
     values = [f(s) for s in range(100, 1000)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     s = 700
     progress = (s - 100 + 1) / 900
     assert f(s) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))

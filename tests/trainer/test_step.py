@@ -37,9 +37,12 @@ def test_micro_batched_global_batch_equals_unsplit():
 def test_before_backward_is_armed_only_for_the_last_micro_batch():
     model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=100, max_seq_len=16))
     tokens = torch.randint(0, 100, (6, 9))
-    calls = []
+    calls: list[bool] = []
     forward_backward(
-        model, split_micro_batches(tokens[:, :-1], tokens[:, 1:], 2), loss_denominator=48.0, autocast=FP32,
+        model,
+        split_micro_batches(tokens[:, :-1], tokens[:, 1:], 2),
+        loss_denominator=48.0,
+        autocast=FP32,
         before_backward=calls.append,
     )
     assert calls == [False, False, True]
@@ -51,6 +54,11 @@ def test_evaluate_is_mean_token_loss():
     batches = [(torch.randint(0, 100, (3, 8)), torch.randint(0, 100, (3, 8))) for _ in range(3)]
     loss, ppl = evaluate(model, batches, DistInfo(0, 1, 0, torch.device("cpu")), FP32)
     with torch.no_grad():
-        ref = torch.stack([F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") for x, y in batches]).sum() / 72
+        ref = (
+            torch.stack(
+                [F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") for x, y in batches]
+            ).sum()
+            / 72
+        )
     assert abs(loss - ref.item()) < 1e-5 and abs(ppl - torch.exp(ref).item()) < 1e-3
     assert model.training  # restored

@@ -1,0 +1,142 @@
+"""End-to-end runs as a user makes them: train.py and tools/prepare_data.py in subprocesses."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers.runs import REPO, losses, run, tiny_overrides
+from trainer import checkpoint as ckpt
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path, sample_tokens):
+    """Preemption signals the whole process group, DataLoader workers included."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "configs/tiny.yaml",
+        *tiny_overrides(
+            run_dir,
+            sample_tokens,
+            **{"train.max_steps": 100000, "checkpoint.interval": 100000, "eval.interval": 0, "data.num_workers": 2},
+        ),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(losses(run_dir)) < 3:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert saved is not None and "stop requested" in out
+    assert ckpt.load_checkpoint(saved)["progress"]["step"] == max(losses(run_dir))
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    cmd = [
+        sys.executable,
+        "train.py",
+        "configs/tiny.yaml",
+        f"--run.dir={tmp_path / 'r'}",
+        f"--data.prepared_dir={tmp_path / 'nothing_here'}",
+    ]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "nothing_here" in out.stderr and "prepare_data" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tmp_path_factory):
+    """A corpus of ~100 windows of 32 tokens, so a run crosses epoch boundaries within a few steps."""
+    from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    train_texts, val_texts = make_texts(60, seed=1), make_texts(10, seed=2)
+    write_corpus(root / "corpus", train_texts, val_texts)
+    tok = tiny_tokenizer(root / "tok.model", train_texts + val_texts)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "tools/prepare_data.py",
+            "--source",
+            str(root / "corpus"),
+            "--tokenizer",
+            str(tok),
+            "--out",
+            str(root / "tokens"),
+            "--workers",
+            "0",
+            "--no_progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return root / "tokens", tok
+
+
+def test_resume_is_bit_exact_across_epoch_boundaries(tmp_path, tiny_prepared):
+    tokens, tok = tiny_prepared
+    extra = {
+        "data.tokenizer": tok,
+        "model.vocab_size": 512,
+        "train.global_batch": 32,
+        "train.micro_batch": 16,
+        "train.max_steps": 12,
+        "checkpoint.interval": 5,
+        "eval.interval": 6,
+        "data.val_tokens": 512,
+    }
+    _, straight = run(tmp_path, tokens, "straight", **extra)
+    from data import DataConfig, TrainBatches
+
+    n_windows = TrainBatches(
+        DataConfig(prepared_dir=str(tokens), tokenizer=str(tok), seq_len=32), global_batch=32
+    ).n_windows
+    assert 12 * 32 > 2 * n_windows  # the run spans at least three epochs
+    run(tmp_path, tokens, "resumed", **extra)
+    resumed = tmp_path / "resumed"
+    for late in ("step_00000010.pt", "step_00000012.pt"):
+        (resumed / "checkpoints" / late).unlink()
+    _, result = run(tmp_path, tokens, "resumed", **extra)  # resumes at step 5, mid-epoch
+    a, b = losses(tmp_path / "straight"), losses(resumed)
+    assert sorted(b) == list(range(1, 13)) and all(a[s] == b[s] for s in a), (a, b)
+    assert result.val_losses == [v for v in straight.val_losses if v[0] > 5]
+
+
+def test_help_lists_every_section_and_key():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for key in (
+        "--run.dir",
+        "--model.flavor",
+        "--data.seq_len",
+        "--optim.update_norm",
+        "--train.fused_update",
+        "--scheduler.warmup_steps",
+        "--eval.interval",
+        "--log.tensorboard",
+        "--checkpoint.keep_last",
+    ):
+        assert key in out.stdout
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("--optim.name=adamm", "Did you mean 'adamw'"), ("--optim.svd_method=fast", "optim.svd_method='fast'")],
+)
+def test_bad_choices_are_one_error_line_before_any_work(tmp_path, override, message):
+    cmd = [sys.executable, "train.py", "configs/tiny.yaml", f"--run.dir={tmp_path / 'r'}", override]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: ") and message in out.stderr
+    assert not (tmp_path / "r").exists()  # nothing was written

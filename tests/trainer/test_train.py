@@ -1,0 +1,165 @@
+"""Training runs in-process through trainer.train() on the prepared sample corpus (CPU, seconds each):
+logging, checkpoints, exact resume, divergence, fused updates, every optimizer."""
+
+import pytest
+import torch
+
+from tests.helpers.runs import losses, run, tiny_overrides
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, load_config
+from trainer.metrics import read_metrics
+from trainer.trainer import TrainingDiverged
+
+
+def test_short_run_learns_and_writes_everything(tmp_path, sample_tokens):
+    cfg, result = run(tmp_path, sample_tokens, **{"train.max_steps": 12, "eval.interval": 6})
+    run_dir = tmp_path / "run"
+    train_losses = losses(run_dir)
+    assert sorted(train_losses) == list(range(1, 13))
+    assert sum(list(train_losses.values())[-3:]) / 3 < sum(list(train_losses.values())[:3]) / 3
+    assert [s for s, _ in result.val_losses] == [0, 6, 12]
+    assert result.val_losses[-1][1] < result.val_losses[0][1] - 0.5
+    records = read_metrics(run_dir / "metrics.jsonl")
+    keys = set().union(*records)
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "val/loss",
+        "val/ppl",
+        "throughput/tokens_per_s",
+        "memory/peak_bytes",
+        "throughput/data_wait_frac",
+    ):
+        assert key in keys
+    assert "throughput/mfu" not in keys  # no MFU on CPU
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(run_dir / "config.yaml") == cfg
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert latest is not None
+    assert latest is not None
+    assert latest.name == "step_00000012.pt"
+    state = ckpt.load_checkpoint(latest)  # weights_only=True
+    assert state["progress"] == {"step": 12, "tokens_seen": 12 * 4 * 32}  # the step is stored once
+    assert "step" not in state["data"] and "scheduler" not in state
+
+
+def test_resume_is_bit_exact(tmp_path, sample_tokens):
+    """2k steps uninterrupted vs k steps, then resumed from the step-k checkpoint."""
+    run(tmp_path, sample_tokens, "straight")
+    run(tmp_path, sample_tokens, "resumed")
+    resumed = tmp_path / "resumed"
+    # Undo everything after step 3, as if the process had died right after that checkpoint.
+    (resumed / "checkpoints" / "step_00000006.pt").unlink()
+    _, result = run(tmp_path, sample_tokens, "resumed")
+    assert result.final_step == 6
+    a, b = losses(tmp_path / "straight"), losses(resumed)
+    assert sorted(b) == list(range(1, 7))
+    assert all(a[s] == b[s] for s in a), (a, b)  # bit for bit
+    final_a = ckpt.load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_00000006.pt")
+    final_b = ckpt.load_checkpoint(resumed / "checkpoints" / "step_00000006.pt")
+    for name, tensor in final_a["model"].items():
+        assert torch.equal(tensor, final_b["model"][name]), name
+
+
+def test_rerun_of_a_finished_run_does_nothing(tmp_path, sample_tokens):
+    run(tmp_path, sample_tokens, **{"train.max_steps": 2})
+    _, result = run(tmp_path, sample_tokens, **{"train.max_steps": 2})
+    assert result.final_step == 2 and result.val_losses == []
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, sample_tokens, monkeypatch):
+    import trainer.trainer as trainer_module
+
+    real = trainer_module.forward_backward
+    calls = []
+
+    def poisoned(model, micro_batches, **kw):
+        loss = real(model, micro_batches, **kw)
+        calls.append(1)
+        if len(calls) == 5:  # step 5 produces a NaN loss (and NaN gradients)
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer_module, "forward_backward", poisoned)
+    with pytest.raises(
+        TrainingDiverged, match=r"non-finite loss at step 5 .*Last good checkpoint: .*step_00000003\.pt"
+    ):
+        run(tmp_path, sample_tokens)
+    latest = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert latest is not None
+    assert latest is not None
+    assert latest.name == "step_00000003.pt"
+    state = ckpt.load_checkpoint(latest)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_fused_update_refuses_gradient_clipping_when_the_config_loads(tmp_path, sample_tokens):
+    with pytest.raises(ConfigError, match="max_grad_norm=0"):
+        load_config(
+            "configs/tiny.yaml", tiny_overrides(tmp_path / "run", sample_tokens, **{"train.fused_update": True})
+        )
+
+
+def test_fused_update_trains_and_matches_the_ordinary_path(tmp_path, sample_tokens):
+    extra = {"train.max_grad_norm": 0, "train.max_steps": 4, "optim.fused": False}
+    run(tmp_path, sample_tokens, "plain", **extra)
+    run(tmp_path, sample_tokens, "fused", **extra, **{"train.fused_update": True})
+    assert losses(tmp_path / "plain") == losses(tmp_path / "fused")
+
+
+def test_resume_with_the_other_fused_setting_is_a_clear_error(tmp_path, sample_tokens):
+    run(tmp_path, sample_tokens, **{"train.max_steps": 3, "train.max_grad_norm": 0})
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"cannot restore the optimizer from .*step_00000003\.pt: it was saved "
+        r"with train.fused_update=false .*resume with --train.fused_update=false",
+    ):
+        run(tmp_path, sample_tokens, **{"train.max_steps": 3, "train.max_grad_norm": 0, "train.fused_update": True})
+
+
+@pytest.mark.parametrize("name", ["adafactor", "galore_adamw", "galore_adafactor", "adamem", "adalomo"])
+def test_every_optimizer_trains_and_resumes_bit_exact_from_the_cli(tmp_path, sample_tokens, name):
+    """Through train(): the projector refreshes every 2 steps, so the resumed run (from step 3)
+    recomputes projections from restored state."""
+    extra = {"optim.name": name, "optim.lr": 3e-3}
+    if name in ("galore_adamw", "galore_adafactor", "adamem"):
+        extra |= {"optim.rank": 8, "optim.update_proj_gap": 2}
+    run(tmp_path, sample_tokens, "straight", **extra)
+    run(tmp_path, sample_tokens, "resumed", **extra)
+    (tmp_path / "resumed" / "checkpoints" / "step_00000006.pt").unlink()
+    run(tmp_path, sample_tokens, "resumed", **extra)
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(a) == list(range(1, 7)) and all(a[s] == b[s] for s in a), (a, b)
+    assert a[6] < a[1]
+    records = [r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "train/loss" in r]
+    if name in ("galore_adamw", "galore_adafactor", "adamem"):
+        # 3 refreshes (steps 1, 3, 5) for each low-rank matrix: 4 per block x 2 blocks.
+        assert records[-1]["optim/proj_updates"] == 3 * 8 and records[-1]["optim/svd_failures"] == 0
+
+
+def test_a_run_saved_in_the_version_1_layout_resumes_bit_exact(tmp_path, sample_tokens):
+    """Checkpoints written before components (format 1: the step in three places) still resume."""
+    run(tmp_path, sample_tokens, "straight")
+    run(tmp_path, sample_tokens, "old")
+    checkpoints = tmp_path / "old" / "checkpoints"
+    (checkpoints / "step_00000006.pt").unlink()
+    v2 = ckpt.load_checkpoint(checkpoints / "step_00000003.pt")
+    step, tokens = v2["progress"]["step"], v2["progress"]["tokens_seen"]
+    v1 = {  # exactly the dict the version-1 trainer saved
+        "format_version": 1,
+        "model": v2["model"],
+        "optimizer": v2["optimizer"],
+        "scheduler": {"step": step},
+        "step": step,
+        "tokens_seen": tokens,
+        "data": {"step": step, "epoch": 0, "position": step * 4, "tokens_seen": tokens, **v2["data"]},
+        "rng": v2["rng"],
+        "config": v2["config"],
+    }
+    torch.save(v1, checkpoints / "step_00000003.pt")
+    _, result = run(tmp_path, sample_tokens, "old")
+    assert result.final_step == 6
+    assert losses(tmp_path / "straight") == losses(tmp_path / "old")

@@ -1,0 +1,83 @@
+"""The two update strategies behind the one training loop (trainer/update.py)."""
+
+import math
+
+import pytest
+import torch
+
+from optim import OptimConfig, optimizer_spec
+from tests.helpers.tiny_lm import batch, loss_of, tiny_model
+from trainer.update import StepAfterBackward, UpdateInBackward, build_update_strategy
+
+torch.set_num_threads(1)
+
+
+def make(name: str, fused: bool, max_grad_norm: float = 0.0, **options):
+    torch.manual_seed(0)
+    model = tiny_model()
+    spec = optimizer_spec(model, OptimConfig(name=name, lr=1e-2, **options))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, build_update_strategy(spec, params, fused=fused, max_grad_norm=max_grad_norm)
+
+
+def run_steps(model, updater, steps: int, micro_batches: int = 2) -> list[float]:
+    """The trainer's protocol: lr -> before_backward/backward per micro-batch -> finish -> commit."""
+    norms = []
+    for step in range(steps):
+        updater.set_lr_factor((step + 1) / steps)
+        for i in range(micro_batches):
+            updater.before_backward(i == micro_batches - 1)
+            (loss_of(model, batch(seed=10 * step + i)) / micro_batches).backward()
+        norms.append(float(updater.finish_backward()))
+        updater.commit()
+    return norms
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "galore_adamw", "adamem", "adalomo"])
+def test_both_strategies_give_the_same_parameters_and_norms(name):
+    options = {"rank": 4, "update_proj_gap": 2} if name in ("galore_adamw", "adamem") else {}
+    plain_model, plain = make(name, fused=False, **options)
+    fused_model, fused = make(name, fused=True, **options)
+    assert isinstance(plain, StepAfterBackward) and isinstance(fused, UpdateInBackward)
+    norms_plain, norms_fused = run_steps(plain_model, plain, 3), run_steps(fused_model, fused, 3)
+    assert norms_plain == pytest.approx(norms_fused, rel=1e-5)
+    for (n, a), b in zip(plain_model.named_parameters(), fused_model.parameters(), strict=True):
+        assert torch.equal(a, b), n
+        assert a.grad is None and b.grad is None  # gradients freed after the step either way
+    assert plain.counters() == fused.counters()
+
+
+def test_clipping_scales_gradients_to_the_limit_and_reports_the_norm_before():
+    model, updater = make("adamw", fused=False, max_grad_norm=1e-3)
+    updater.before_backward(True)
+    loss_of(model, batch(seed=1)).backward()
+    norm = float(updater.finish_backward())
+    clipped = math.sqrt(sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None))
+    assert norm > 1e-3 and clipped == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_peak_lr_comes_from_the_config_not_from_a_restored_state():
+    model, updater = make("adamw", fused=False)
+    saved = updater.state_dict()
+    for group in saved["param_groups"]:
+        group["lr"] = 123.0
+    updater.load_state_dict(saved)
+    updater.set_lr_factor(0.5)
+    assert all(group["lr"] == pytest.approx(0.5e-2) for group in updater.param_groups)
+
+
+def test_a_state_of_the_other_strategy_is_refused_with_the_fix():
+    _, plain = make("adamw", fused=False)
+    _, fused = make("adamw", fused=True)
+    with pytest.raises(ValueError, match="fused_update=true .*resume with --train.fused_update=true"):
+        plain.load_state_dict(fused.state_dict())
+    with pytest.raises(ValueError, match="fused_update=false .*resume with --train.fused_update=false"):
+        fused.load_state_dict(plain.state_dict())
+
+
+def test_non_finite_gradients_report_an_infinite_norm_in_both_strategies():
+    for fused in (False, True):
+        model, updater = make("adamw", fused=fused)
+        updater.before_backward(True)
+        (loss_of(model, batch(seed=1)) * float("nan")).backward()
+        assert not math.isfinite(float(updater.finish_backward()))

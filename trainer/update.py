@@ -1,0 +1,156 @@
+"""How a training step turns gradients into a parameter update: one interface, two strategies.
+
+The loop is the same for both (in the spirit of torchtitan's optimizers-in-backward container,
+whose `step()` is a no-op):
+
+    updater.set_lr_factor(f)                      the schedule's multiplier of each peak lr
+    for each micro-batch: updater.before_backward(is_last); loss.backward()
+    norm = updater.finish_backward()              global gradient norm (0-d tensor, inf if non-finite)
+    ... the loop checks the loss and the norm; on divergence it stops here ...
+    updater.commit()
+
+- `StepAfterBackward` (the ordinary path): gradients accumulate in `.grad`; `finish_backward`
+  measures their global norm and clips them to `max_grad_norm`; `commit` runs the optimizer's
+  `step()` and frees the gradients. A non-finite step is never applied.
+- `UpdateInBackward` (`train.fused_update`): optim.in_backward.InBackwardOptimizer updates every
+  parameter from its post-accumulate-grad hook during the last micro-batch's backward (armed by
+  `before_backward(True)`); `finish_backward` completes the updates it had to defer and returns
+  the norm of the gradients it saw; `commit` has nothing left to do. Clipping is refused when the
+  config loads (the global norm is known only after the updates): see check_fused_supported.
+
+Both own `state_dict` / `load_state_dict` (the optimizer's state as the checkpoint stores it) and
+`counters()` (cumulative optimizer counters for the logs). The peak learning rates come from the
+config, never from a checkpoint, so `--optim.lr` may change on resume.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from optim import OptimizerSpec
+from optim.in_backward import InBackwardOptimizer
+
+# Cumulative counters some optimizers keep (GaLore / AdaMeM projector refreshes and SVD failures).
+COUNTERS = ("proj_updates", "svd_failures")
+
+
+class UpdateStrategy(ABC):
+    def __init__(self, optimizers: list[Any]):
+        self._optimizers = optimizers  # the objects that may carry COUNTERS
+        self._peak_lrs = [group["lr"] for group in self.param_groups]
+
+    @property
+    @abstractmethod
+    def param_groups(self) -> list[dict]: ...
+
+    def set_lr_factor(self, factor: float) -> None:
+        for group, peak in zip(self.param_groups, self._peak_lrs, strict=True):
+            group["lr"] = peak * factor
+
+    def before_backward(self, last_micro_batch: bool) -> None:  # noqa: B027  (an optional hook, not abstract)
+        """Called before each micro-batch's backward; the ordinary strategy needs nothing here."""
+
+    @abstractmethod
+    def finish_backward(self) -> torch.Tensor:
+        """After the last backward: the global gradient norm before clipping (0-d tensor)."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Apply whatever part of the update has not happened yet; gradients are freed."""
+
+    @abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the optimizer state; ValueError if `state` has another layout."""
+
+    def counters(self) -> dict[str, float]:
+        return {
+            f"optim/{name}": float(sum(getattr(opt, name, 0) for opt in self._optimizers))
+            for name in COUNTERS
+            if any(hasattr(opt, name) for opt in self._optimizers)
+        }
+
+
+class StepAfterBackward(UpdateStrategy):
+    """clip -> step -> zero_grad, after the whole backward (see the module docstring)."""
+
+    def __init__(self, spec: OptimizerSpec, params: Sequence[torch.Tensor], max_grad_norm: float):
+        self.optimizer = spec.build()
+        self.max_grad_norm = max_grad_norm
+        self._params = params  # in the model's order: the norm's summation order is part of the numerics
+        super().__init__([self.optimizer])
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def finish_backward(self) -> torch.Tensor:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.max_grad_norm, norm)
+        return norm
+
+    def commit(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if "in_backward" in state:
+            raise ValueError(
+                "it was saved with train.fused_update=true (one optimizer state per parameter); resume with "
+                "--train.fused_update=true"
+            )
+        self.optimizer.load_state_dict(state)
+
+
+class UpdateInBackward(UpdateStrategy):
+    """arm -> backward (updates happen in the hooks) -> finish (see the module docstring)."""
+
+    def __init__(self, spec: OptimizerSpec):
+        self.optimizer = InBackwardOptimizer(spec)
+        super().__init__(list(self.optimizer.optimizers.values()))
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def before_backward(self, last_micro_batch: bool) -> None:
+        self.optimizer.arm(last_micro_batch)
+
+    def finish_backward(self) -> torch.Tensor:
+        self.optimizer.step()  # the updates deferred to the end of backward (AdaLomo layerwise / global)
+        if self.optimizer.nonfinite:
+            return torch.tensor(math.inf)
+        return torch.tensor(math.sqrt(self.optimizer.grad_sq_sum))
+
+    def commit(self) -> None:
+        pass  # every parameter was updated, and its gradient freed, inside backward
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if "in_backward" not in state:
+            raise ValueError(
+                "it was saved with train.fused_update=false (one optimizer over all parameters); resume with "
+                "--train.fused_update=false"
+            )
+        self.optimizer.load_state_dict(state)
+
+
+def build_update_strategy(
+    spec: OptimizerSpec, params: Sequence[torch.Tensor], *, fused: bool, max_grad_norm: float
+) -> UpdateStrategy:
+    """`params`: the trainable parameters in the model's order (those of `spec`)."""
+    return UpdateInBackward(spec) if fused else StepAfterBackward(spec, params, max_grad_norm)
