@@ -112,6 +112,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if len(errors) == 1:  # Optional[X]: X's own message, plus "or null"
             raise ConfigError(errors[0] + " (or null)")
         raise ConfigError(f"{where}: expected {describe_type(tp)}, got {value!r}")
+    return coerce_scalar(value, tp, where)
+
+
+def coerce_scalar(value: Any, tp: Any, where: str) -> Any:
+    """`value` as the scalar type `tp` (float, int, bool or str), or a ConfigError naming `where`."""
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

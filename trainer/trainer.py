@@ -91,28 +91,13 @@ def train(cfg: Config) -> TrainResult:
 
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo):
+        """Build everything, restore the latest checkpoint, wrap the model, open the logs."""
         self.cfg, self.info = cfg, info
         self.run_dir = Path(cfg.run.dir)
+        self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         validate(cfg, info.world_size)  # again, with the world size the process group really has
-        # Data first: its checks (missing data, tokenizer mismatch) fail before any heavy work.
-        self.data = TrainBatches(
-            cfg.data,
-            global_batch=cfg.train.global_batch,
-            rank=info.rank,
-            world_size=info.world_size,
-            pin_memory=info.device.type == "cuda",
-        )
-        self.val_batches = validation_batches(cfg.data, cfg.eval.batch_size)
-        self._check_vocab()
-        torch.manual_seed(cfg.run.seed)
-        self.model = Transformer(cfg.model).to(info.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.updater = build_update_strategy(
-            optimizer_spec(self.model, cfg.optim),
-            params,
-            fused=cfg.train.fused_update,
-            max_grad_norm=cfg.train.max_grad_norm,
-        )
+        self._build_data()  # first: its checks (missing data, tokenizer mismatch) fail fastest
+        self._build_model_and_updater()
         self.progress = TrainProgress()
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints",
@@ -134,11 +119,32 @@ class Trainer:
             self.run_dir, enabled=info.is_main, tensorboard=cfg.log.tensorboard, resume_step=self.progress.step
         )
         self._write_run_header(saved_config, resumed_from)
-        self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.step_times: list[float] = []
         self.result = TrainResult(final_step=self.progress.step)
 
     # ----- build -------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.data = TrainBatches(
+            cfg.data,
+            global_batch=cfg.train.global_batch,
+            rank=info.rank,
+            world_size=info.world_size,
+            pin_memory=info.device.type == "cuda",
+        )
+        self.val_batches = validation_batches(cfg.data, cfg.eval.batch_size)
+        self._check_vocab()
+
+    def _build_model_and_updater(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)
+        self.model = Transformer(cfg.model).to(self.info.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        spec = optimizer_spec(self.model, cfg.optim)
+        self.updater = build_update_strategy(
+            spec, params, fused=cfg.train.fused_update, max_grad_norm=cfg.train.max_grad_norm
+        )
+
     def _check_vocab(self) -> None:
         data_vocab = self.data.manifest["tokenizer"]["vocab_size"]
         if data_vocab > self.cfg.model.vocab_size:
