@@ -12,7 +12,8 @@ processes) do not pay for importing torch.
 from __future__ import annotations
 
 from data.config import DataConfig
-from data.tokenizer import DataError, resolve_tokenizer_path
+from data.errors import DataError
+from data.tokenizer import resolve_tokenizer_path
 
 __all__ = ["DataConfig", "DataError", "TrainBatches", "resolve_tokenizer_path", "validation_batches"]
 

@@ -27,7 +27,8 @@ from typing import Callable
 
 from data import c4_format
 from data.paths import sample_corpus_dir, t5_tokenizer_path
-from data.tokenizer import DataError, sha256_file
+from data.errors import DataError
+from data.tokenizer import sha256_file
 from data.wikitext import iter_wiki_articles
 
 T5_WHEEL = "diffsynth==1.1.9"

@@ -23,7 +23,7 @@ import re
 import zlib
 from typing import Iterable, Iterator
 
-from data.tokenizer import DataError
+from data.errors import DataError
 
 SPLITS = ("train", "validation")
 _NAME = re.compile(r"c4-(train|validation)\.(\d+)-of-(\d+)\.json\.gz$")

@@ -24,7 +24,7 @@ import json
 import os
 import pathlib
 
-from data.tokenizer import DataError
+from data.errors import DataError
 
 FORMAT = "memopt-lm-tokens"
 FORMAT_VERSION = 1

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from data import manifest as mf
-from data.tokenizer import (EOS_ID, PAD_ID, DataError, check_tokenizer_matches, load_tokenizer, sha256_file,
-                            token_dtype)
+from data.errors import DataError
+from data.tokenizer import EOS_ID, PAD_ID, check_tokenizer_matches, load_tokenizer, sha256_file, token_dtype
 
 EMPTY = "empty"  # a record whose text is empty/whitespace: nothing to train on
 

@@ -20,7 +20,7 @@ import pathlib
 from typing import Iterator
 
 from data import c4_format
-from data.tokenizer import DataError
+from data.errors import DataError
 
 HUB_PATH = "allenai/c4"
 HUB_NAME = "en"

@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from data.tokenizer import DataError
+from data.errors import DataError
 
 
 class TokenStore:

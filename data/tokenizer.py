@@ -15,14 +15,11 @@ import pathlib
 
 import numpy as np
 
+from data.errors import DataError
 from data.paths import resolve_path, t5_tokenizer_path
 
 PAD_ID = 0
 EOS_ID = 1
-
-
-class DataError(RuntimeError):
-    """A data/tokenizer problem the user must fix; the message says how."""
 
 
 def resolve_tokenizer_path(spec: str) -> pathlib.Path:

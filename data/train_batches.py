@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data.config import DataConfig
 from data.prepared import open_split
 from data.token_store import TokenStore
-from data.tokenizer import DataError
+from data.errors import DataError
 from data.windows import WindowOrder, count_windows, permutation_fingerprint, rank_slice
 
 

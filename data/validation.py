@@ -16,7 +16,7 @@ import torch
 
 from data.config import DataConfig
 from data.prepared import open_split
-from data.tokenizer import DataError
+from data.errors import DataError
 from data.windows import count_windows
 
 

@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from data.assets import fetch_sample_corpus, fetch_t5_tokenizer  # noqa: E402
-from data.tokenizer import DataError  # noqa: E402
+from data.errors import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,8 @@ from data.config import DataConfig  # noqa: E402
 from data.paths import cache_root, resolve_path, sample_corpus_dir, sample_tokens_dir  # noqa: E402
 from data.prepare import PrepareOptions, SplitPlan, prepare  # noqa: E402
 from data.sources import make_source  # noqa: E402
-from data.tokenizer import DataError, resolve_tokenizer_path  # noqa: E402
+from data.errors import DataError  # noqa: E402
+from data.tokenizer import resolve_tokenizer_path  # noqa: E402
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 

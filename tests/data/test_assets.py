@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 from data import assets, c4_format
-from data.tokenizer import DataError
+from data.errors import DataError
 
 WIKI = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/"><page><title>Topic A</title><ns>0</ns>'
         '<revision><timestamp>2016-04-22T10:19:33Z</timestamp><text>' + "'''Topic''' is [[a|an]] idea. " * 30

@@ -12,7 +12,8 @@ import pytest
 from data.prepare import PrepareOptions, SplitPlan, prepare
 from data.sources import LocalSource
 from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
-from data.tokenizer import EOS_ID, DataError, load_tokenizer, sha256_file
+from data.errors import DataError
+from data.tokenizer import EOS_ID, load_tokenizer, sha256_file
 
 TRAIN = make_texts(120, seed=1)
 VAL = make_texts(20, seed=2)

@@ -11,7 +11,7 @@ from data import c4_format
 from data.prepare import PrepareOptions, SplitPlan, prepare
 from data.sources import HubSource, LocalSource, make_source, resolve_local_files
 from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
-from data.tokenizer import DataError
+from data.errors import DataError
 
 TRAIN = make_texts(90, seed=11)
 VAL = make_texts(12, seed=12)

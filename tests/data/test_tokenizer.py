@@ -9,8 +9,8 @@ from data.paths import REPO_ROOT, resolve_path, t5_tokenizer_path
 from data.prepare import encode_texts
 from data.spm_train import train_sentencepiece
 from tests.helpers.corpus import make_texts, tiny_tokenizer
-from data.tokenizer import (EOS_ID, DataError, check_tokenizer_matches, load_tokenizer, resolve_tokenizer_path,
-                            sha256_file, token_dtype)
+from data.errors import DataError
+from data.tokenizer import EOS_ID, check_tokenizer_matches, load_tokenizer, resolve_tokenizer_path, sha256_file, token_dtype
 
 TEXTS = make_texts(60, seed=31) + ["Ünïcödé café 中文 — and emoji 🙂.", "", "  two  spaces\nand a newline "]
 
