@@ -26,8 +26,9 @@ import numpy as np  # noqa: E402
 
 from data.config import DataConfig  # noqa: E402
 from data.paths import sample_corpus_dir  # noqa: E402
-from data.prepare import PrepareOptions, SplitPlan, encode_texts, prepare  # noqa: E402
-from data.sources import LocalSource  # noqa: E402
+from data.preparation.encoding import encode_texts  # noqa: E402
+from data.preparation.prepare import PrepareOptions, SplitPlan, prepare  # noqa: E402
+from data.preparation.sources import LocalSource  # noqa: E402
 from data.tokenizer import load_tokenizer, resolve_tokenizer_path  # noqa: E402
 
 

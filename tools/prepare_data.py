@@ -22,8 +22,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from data.config import DataConfig  # noqa: E402
 from data.paths import cache_root, resolve_path, sample_corpus_dir, sample_tokens_dir  # noqa: E402
-from data.prepare import PrepareOptions, SplitPlan, prepare  # noqa: E402
-from data.sources import make_source  # noqa: E402
+from data.preparation.prepare import PrepareOptions, SplitPlan, prepare  # noqa: E402
+from data.preparation.sources import make_source  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from data.tokenizer import resolve_tokenizer_path  # noqa: E402
 

@@ -19,10 +19,11 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from data.paths import resolve_path, sample_corpus_dir  # noqa: E402
-from data.sources import LocalSource  # noqa: E402
-from data.spm_train import train_sentencepiece  # noqa: E402
+from data.preparation.sources import LocalSource  # noqa: E402
+from data.preparation.tokenizer_training import train_sentencepiece  # noqa: E402
 from data.errors import DataError  # noqa: E402
-from data.tokenizer import load_tokenizer, sha256_file  # noqa: E402
+from data.files import sha256_file  # noqa: E402
+from data.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from data import DataConfig, DataError, TrainBatches, validation_batches
-from data.prepare import PrepareOptions, SplitPlan, prepare
-from data.sources import LocalSource
+from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
+from data.preparation.sources import LocalSource
 from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
-from data.windows import epoch_permutation
+from data.loading.window_order import epoch_permutation
 
 SEQ = 16
 
@@ -183,7 +183,7 @@ def test_config_errors(prepared, tmp_path):
 
 
 def test_vocab_must_fit_dtype(prepared, tmp_path, monkeypatch):
-    import data.prepared as prepared_mod
+    import data.loading.prepared_split as prepared_mod
 
     monkeypatch.setattr(prepared_mod, "token_dtype", lambda v: np.dtype(np.uint32))  # as if vocab >= 65536
     with pytest.raises(DataError, match="does not fit the uint16.*Fix"):

@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data import DataConfig, TrainBatches
-from data.prepare import PrepareOptions, SplitPlan, prepare
-from data.sources import LocalSource
+from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
+from data.preparation.sources import LocalSource
 from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
 
 STEPS, START, GLOBAL_BATCH = 3, 5, 6

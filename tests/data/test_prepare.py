@@ -9,11 +9,12 @@ import pathlib
 import numpy as np
 import pytest
 
-from data.prepare import PrepareOptions, SplitPlan, prepare
-from data.sources import LocalSource
+from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
+from data.preparation.sources import LocalSource
 from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
 from data.errors import DataError
-from data.tokenizer import EOS_ID, load_tokenizer, sha256_file
+from data.files import sha256_file
+from data.tokenizer import EOS_ID, load_tokenizer
 
 TRAIN = make_texts(120, seed=1)
 VAL = make_texts(20, seed=2)
@@ -204,7 +205,7 @@ def test_corrupt_gzip_stops_without_finalizing_a_shard(assets, tmp_path, damage)
 
 def test_uint32_when_vocab_exceeds_uint16(assets, tmp_path, monkeypatch):
     # Training a >65536-piece model is slow; fake the vocab size and check the dtype choice end to end.
-    from data import prepare as prep_mod
+    from data.preparation import prepare as prep_mod
     from data import tokenizer as tok_mod
 
     assert tok_mod.token_dtype(65536) == np.uint16 and tok_mod.token_dtype(65537) == np.uint32

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from data import c4_format
-from data.prepare import PrepareOptions, SplitPlan, prepare
-from data.sources import HubSource, LocalSource, make_source, resolve_local_files
+from data.preparation import c4_format
+from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
+from data.preparation.sources import HubSource, LocalSource, make_source, resolve_local_files
 from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
 from data.errors import DataError
 

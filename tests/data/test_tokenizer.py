@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from data.paths import REPO_ROOT, resolve_path, t5_tokenizer_path
-from data.prepare import encode_texts
-from data.spm_train import train_sentencepiece
+from data.preparation.encoding import encode_texts
+from data.preparation.tokenizer_training import train_sentencepiece
 from tests.helpers.corpus import make_texts, tiny_tokenizer
 from data.errors import DataError
-from data.tokenizer import EOS_ID, check_tokenizer_matches, load_tokenizer, resolve_tokenizer_path, sha256_file, token_dtype
+from data.files import sha256_file
+from data.tokenizer import EOS_ID, check_tokenizer_matches, load_tokenizer, resolve_tokenizer_path, token_dtype
 
 TEXTS = make_texts(60, seed=31) + ["Ünïcödé café 中文 — and emoji 🙂.", "", "  two  spaces\nand a newline "]
 

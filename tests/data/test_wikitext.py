@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from data.wikitext import iter_wiki_articles, strip_wiki_markup
+from data.assets.wikitext import iter_wiki_articles, strip_wiki_markup
 
 
 def test_strips_markup_and_keeps_prose():

@@ -10,8 +10,8 @@ import pathlib
 
 import numpy as np
 
-from data import c4_format
-from data.spm_train import train_sentencepiece
+from data.preparation import c4_format
+from data.preparation.tokenizer_training import train_sentencepiece
 
 _WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
           "an they you were her she there been one all we their has would when if so no will more about can its "

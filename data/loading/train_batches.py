@@ -1,6 +1,6 @@
 """Training batches: a map-style dataset indexed by step, read through a torch DataLoader.
 
-See data/windows.py for the windows and their order. Item `s` of the dataset is this
+See window_order.py for the windows and their order. Item `s` of the dataset is this
 rank's slice of global batch s, as (inputs, targets) int64 tensors of shape
 (global_batch // world_size, seq_len), targets = inputs shifted by one token. A sampler
 counting up from start_step drives a DataLoader (cfg.num_workers workers, pinned memory
@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.config import DataConfig
-from data.prepared import open_split
-from data.token_store import TokenStore
+from data.loading.prepared_split import open_split
+from data.loading.token_store import TokenStore
 from data.errors import DataError
-from data.windows import WindowOrder, count_windows, permutation_fingerprint, rank_slice
+from data.loading.window_order import WindowOrder, count_windows, permutation_fingerprint, rank_slice
 
 
 class StepDataset(Dataset):
