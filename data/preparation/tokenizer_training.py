@@ -13,6 +13,8 @@ from typing import Any
 
 import sentencepiece as spm
 
+from data.files import write_bytes_atomic
+
 
 def train_sentencepiece(texts: Iterable[str], model_path: str | pathlib.Path, *, vocab_size: int = 32000,
                         model_type: str = "unigram", character_coverage: float = 0.9995,
@@ -36,7 +38,5 @@ def train_sentencepiece(texts: Iterable[str], model_path: str | pathlib.Path, *,
         minloglevel=2,
         **extra,
     )
-    tmp = model_path.with_name(model_path.name + ".tmp")
-    tmp.write_bytes(proto.getvalue())
-    tmp.replace(model_path)
+    write_bytes_atomic(model_path, proto.getvalue())
     return model_path

@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from data import DataConfig, DataError, TrainBatches, validation_batches
-from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
-from data.preparation.sources import LocalSource
-from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
+from tests.helpers.corpus import make_texts, prepare_quietly, split_tokens, tiny_tokenizer, write_corpus
 from data.loading.window_order import epoch_permutation
 
 SEQ = 16
@@ -26,22 +24,13 @@ def prepared(tmp_path_factory):
     tok = tiny_tokenizer(root / "tiny.model", train + val)
     corpus = write_corpus(root / "corpus", train, val)
     out = root / "tokens"
-    prepare([SplitPlan("train", LocalSource(corpus, "train")),
-             SplitPlan("validation", LocalSource(corpus, "validation"))],
-            PrepareOptions(out=out, tokenizer_path=tok, workers=0, shard_tokens=997, progress=False,
-                           log=lambda *_: None))
+    prepare_quietly(corpus, tok, out, shard_tokens=997)
     return tok, out
 
 
 def cfg_for(prepared, **kw) -> DataConfig:
     tok, out = prepared
     return DataConfig(prepared_dir=str(out), tokenizer=str(tok), seq_len=kw.pop("seq_len", SEQ), **kw)
-
-
-def token_stream(out) -> np.ndarray:
-    m = json.loads((out / "manifest.json").read_text())
-    return np.concatenate([np.fromfile(out / s["file"], dtype=m["dtype"]) for s in m["splits"]["train"]["shards"]]
-                          ).astype(np.int64)
 
 
 def take(tb: TrainBatches, start: int, n: int):
@@ -52,7 +41,7 @@ def test_batches_are_the_documented_windows(prepared):
     _, out = prepared
     cfg = cfg_for(prepared, seed=7)
     tb = TrainBatches(cfg, global_batch=8)
-    tokens = token_stream(out)
+    tokens = split_tokens(out, "train")
     assert len(json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]) > 3
     assert tb.n_windows == (len(tokens) - 1) // SEQ
     assert tb.tokens_per_step == 8 * SEQ
@@ -114,14 +103,12 @@ def test_epoch_rollover_on_tiny_dataset(prepared, tmp_path):
     texts = make_texts(6, seed=5, min_words=8, max_words=12)
     corpus = write_corpus(tmp_path / "c", texts, texts[:1], train_shards=2)
     out = tmp_path / "tokens"
-    prepare([SplitPlan("train", LocalSource(corpus, "train"))],
-            PrepareOptions(out=out, tokenizer_path=tok, workers=0, shard_tokens=30, progress=False,
-                           log=lambda *_: None))
+    prepare_quietly(corpus, tok, out, shard_tokens=30, splits=("train",))
     seq = 8
     cfg = DataConfig(prepared_dir=str(out), tokenizer=str(tok), seq_len=seq, seed=11)
     tb = TrainBatches(cfg, global_batch=3)
     n = tb.n_windows
-    tokens = token_stream(out)
+    tokens = split_tokens(out, "train")
     assert 6 <= n < 40
     windows = {tuple(tokens[w * seq : w * seq + seq + 1]) for w in range(n)}
     rows = [row for x, y in take(tb, 0, n) for row in torch.cat([x, y[:, -1:]], 1).tolist()]  # 3n rows = 3 epochs
@@ -137,8 +124,7 @@ def test_epoch_rollover_on_tiny_dataset(prepared, tmp_path):
 
 def test_validation_batches_fixed_and_in_order(prepared):
     tok, out = prepared
-    m = json.loads((out / "manifest.json").read_text())
-    val = np.concatenate([np.fromfile(out / s["file"], dtype=m["dtype"]) for s in m["splits"]["validation"]["shards"]])
+    val = split_tokens(out, "validation")
     cfg = cfg_for(prepared, val_tokens=200)
     a, b = validation_batches(cfg, 5), validation_batches(cfg, 5)
     assert [len(x) for x, _ in a] == [5, 5, 2]  # (200-1)//16 = 12 windows, in batches of 5

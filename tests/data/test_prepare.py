@@ -11,7 +11,7 @@ import pytest
 
 from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
 from data.preparation.sources import LocalSource
-from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
+from tests.helpers.corpus import make_texts, split_tokens, tiny_tokenizer, write_corpus
 from data.errors import DataError
 from data.files import sha256_file
 from data.tokenizer import EOS_ID, load_tokenizer
@@ -39,11 +39,6 @@ def run(tok, corpus, out, *, workers=0, shard_tokens=1000, max_tokens=None, max_
                                          batch_docs=16, progress=False, log=lambda *_: None))
 
 
-def stream(out: pathlib.Path, manifest: dict, split: str) -> np.ndarray:
-    dtype = np.dtype(manifest["dtype"])
-    return np.concatenate([np.fromfile(out / s["file"], dtype=dtype) for s in manifest["splits"][split]["shards"]])
-
-
 def expected_stream(tok, texts) -> np.ndarray:
     sp = load_tokenizer(tok)
     return np.array([i for t in texts for i in sp.encode(t) + [EOS_ID]], dtype=np.int64)
@@ -51,9 +46,9 @@ def expected_stream(tok, texts) -> np.ndarray:
 
 def test_ids_equal_direct_sentencepiece_plus_eos(assets, tmp_path):
     tok, corpus = assets
-    m = run(tok, corpus, tmp_path / "out")
-    np.testing.assert_array_equal(stream(tmp_path / "out", m, "train"), expected_stream(tok, TRAIN))
-    np.testing.assert_array_equal(stream(tmp_path / "out", m, "validation"), expected_stream(tok, VAL))
+    run(tok, corpus, tmp_path / "out")
+    np.testing.assert_array_equal(split_tokens(tmp_path / "out", "train"), expected_stream(tok, TRAIN))
+    np.testing.assert_array_equal(split_tokens(tmp_path / "out", "validation"), expected_stream(tok, VAL))
 
 
 def test_manifest_content(assets, tmp_path):
@@ -95,12 +90,12 @@ def test_limits(assets, tmp_path):
     train = m["splits"]["train"]
     # Stops at the first document boundary at or past the limit.
     assert 2500 <= train["tokens"] < 2500 + 200
-    np.testing.assert_array_equal(stream(tmp_path / "a", m, "train"), full[: train["tokens"]])
-    assert stream(tmp_path / "a", m, "train")[-1] == EOS_ID
+    np.testing.assert_array_equal(split_tokens(tmp_path / "a", "train"), full[: train["tokens"]])
+    assert split_tokens(tmp_path / "a", "train")[-1] == EOS_ID
     assert 300 <= m["splits"]["validation"]["tokens"] < 500
     m = run(tok, corpus, tmp_path / "b", max_docs=7)
     assert m["splits"]["train"]["docs"] == 7
-    np.testing.assert_array_equal(stream(tmp_path / "b", m, "train"), expected_stream(tok, TRAIN[:7]))
+    np.testing.assert_array_equal(split_tokens(tmp_path / "b", "train"), expected_stream(tok, TRAIN[:7]))
 
 
 class _Interrupting:
@@ -182,7 +177,7 @@ def test_bad_records_are_skipped_and_counted(assets, tmp_path):
     train = m["splits"]["train"]
     assert train["skipped"] == {"invalid_json": 1, "missing_text": 3, "not_utf8": 1, "empty": 1}
     assert train["docs"] == 4
-    np.testing.assert_array_equal(stream(tmp_path / "out", m, "train"), expected_stream(tok, TRAIN[:4]))
+    np.testing.assert_array_equal(split_tokens(tmp_path / "out", "train"), expected_stream(tok, TRAIN[:4]))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
@@ -213,4 +208,4 @@ def test_uint32_when_vocab_exceeds_uint16(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(prep_mod, "token_dtype", lambda v: np.dtype(np.uint32))
     m = run(tok, corpus, tmp_path / "out", splits=("train",))
     assert m["dtype"] == "uint32"
-    np.testing.assert_array_equal(stream(tmp_path / "out", m, "train"), expected_stream(tok, TRAIN))
+    np.testing.assert_array_equal(split_tokens(tmp_path / "out", "train"), expected_stream(tok, TRAIN))

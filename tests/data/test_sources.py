@@ -8,9 +8,8 @@ import json
 import pytest
 
 from data.preparation import c4_format
-from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
 from data.preparation.sources import HubSource, LocalSource, make_source, resolve_local_files
-from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
+from tests.helpers.corpus import make_texts, prepare_quietly, tiny_tokenizer, write_corpus
 from data.errors import DataError
 
 TRAIN = make_texts(90, seed=11)
@@ -61,9 +60,7 @@ def test_prepare_via_hf_reader_equals_gzip_reader(corpus, tmp_path, monkeypatch)
     tok = tiny_tokenizer(tmp_path / "tiny.model", TRAIN)
     sums = []
     for reader in ("gzip", "hf"):
-        m = prepare([SplitPlan("train", LocalSource(corpus, "train", reader))],
-                    PrepareOptions(out=tmp_path / reader, tokenizer_path=tok, workers=0, shard_tokens=800,
-                                   progress=False, log=lambda *_: None))
+        m = prepare_quietly(corpus, tok, tmp_path / reader, shard_tokens=800, splits=("train",), reader=reader)
         sums.append(m["splits"]["train"]["checksum"])
     assert sums[0] == sums[1]
 

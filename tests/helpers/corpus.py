@@ -1,4 +1,5 @@
-"""Tiny, deterministic fixtures for tests and benchmarks: C4-format corpora and SentencePiece models.
+"""Tiny, deterministic fixtures for tests and benchmarks: C4-format corpora, SentencePiece models,
+prepared token directories.
 
 Made in a temp dir in about a second, so most tests need neither the network nor the
 real T5 model.
@@ -6,11 +7,15 @@ real T5 model.
 
 from __future__ import annotations
 
+import json
 import pathlib
+from collections.abc import Sequence
 
 import numpy as np
 
 from data.preparation import c4_format
+from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
+from data.preparation.sources import LocalSource
 from data.preparation.tokenizer_training import train_sentencepiece
 
 _WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
@@ -51,3 +56,18 @@ def tiny_tokenizer(path: pathlib.Path, texts: list[str], vocab_size: int = 400, 
     kw.setdefault("hard_vocab_limit", False)
     return train_sentencepiece(texts, path, vocab_size=vocab_size, model_type="unigram",
                                character_coverage=1.0, byte_fallback=True, **kw)
+
+
+def prepare_quietly(corpus: pathlib.Path, tokenizer: pathlib.Path, out: pathlib.Path, *, shard_tokens: int,
+                    splits: Sequence[str] = ("train", "validation"), reader: str = "gzip") -> dict:
+    """Prepare a local corpus into `out` in this process (no workers), printing nothing; returns the manifest."""
+    return prepare([SplitPlan(split, LocalSource(corpus, split, reader)) for split in splits],
+                   PrepareOptions(out=out, tokenizer_path=tokenizer, workers=0, shard_tokens=shard_tokens,
+                                  progress=False, log=lambda *_: None))
+
+
+def split_tokens(out: pathlib.Path, split: str) -> np.ndarray:
+    """A prepared split's token stream (int64), read straight from its shard files (not through TokenStore)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = manifest["splits"][split]["shards"]
+    return np.concatenate([np.fromfile(out / s["file"], dtype=manifest["dtype"]) for s in shards]).astype(np.int64)
