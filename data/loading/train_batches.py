@@ -6,6 +6,11 @@ rank's slice of global batch s, as (inputs, targets) int64 tensors of shape
 counting up from start_step drives a DataLoader (cfg.num_workers workers, pinned memory
 on CUDA): batches arrive in step order whatever the worker count, and resuming is just
 starting the count at the checkpoint's step.
+
+As a checkpoint component TrainBatches has nothing to restore: the order is a function of
+the config and the data. state_dict() is the identity of that order (no step; the trainer
+stores the step once and passes it to batches()), and load_state_dict() refuses a
+checkpoint whose order differs.
 """
 
 from __future__ import annotations
@@ -96,19 +101,25 @@ class TrainBatches:
                             worker_init_fn=_ignore_stop_signals if self.cfg.num_workers else None)
         return iter(loader)
 
-    def state(self, step: int) -> dict:
-        """Plain data for the checkpoint: where training is and which data it was on."""
-        position = step * self.global_batch
-        return {"step": step, "epoch": position // self.n_windows, "position": position,
-                "tokens_seen": step * self.tokens_per_step, "seed": self.cfg.seed, "seq_len": self.cfg.seq_len,
-                "global_batch": self.global_batch, "n_windows": self.n_windows,
-                "manifest_checksum": self.checksum, "permutation": self._fingerprint}
+    def state_dict(self) -> dict[str, str | int]:
+        """The identity of the sample order, for the checkpoint (plain str/int values).
 
-    def check_resume(self, state: dict) -> None:
-        """Raise if resuming from `state` would not continue the same sample sequence."""
-        now = self.state(int(state.get("step", 0)))
-        keys = ("manifest_checksum", "n_windows", "seed", "seq_len", "global_batch", "permutation")
-        diffs = [f"{k}: checkpoint {state[k]!r} != now {now[k]!r}" for k in keys if k in state and state[k] != now[k]]
+        Only what fixes which windows every step reads: the data (manifest checksum, window
+        count), the order's recipe (seed, seq_len, global batch) and a fingerprint of numpy's
+        permutation. No step: the checkpoint stores it once, and batches(step) resumes there.
+        """
+        return {"manifest_checksum": self.checksum, "n_windows": self.n_windows, "seed": self.cfg.seed,
+                "seq_len": self.cfg.seq_len, "global_batch": self.global_batch, "permutation": self._fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Raise DataError if resuming from `state` would not continue the same sample order.
+
+        Nothing is restored (the order is a function of the config and the data); only the keys
+        of state_dict() are compared, so older checkpoints' extra keys (step, epoch, position,
+        tokens_seen) are accepted and ignored.
+        """
+        now = self.state_dict()
+        diffs = [f"{k}: checkpoint {state[k]!r} != now {v!r}" for k, v in now.items() if k in state and state[k] != v]
         if diffs:
             raise DataError(
                 "the data changed since this checkpoint, so resuming would not continue its sample order ("

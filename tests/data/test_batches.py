@@ -75,26 +75,40 @@ def test_dataloader_workers_do_not_change_batches(prepared):
 def test_resume_equals_tail_of_uninterrupted_stream(prepared):
     tb = TrainBatches(cfg_for(prepared), global_batch=8)
     full = take(tb, 0, 12)
-    state = tb.state(7)
+    state, step = tb.state_dict(), 7  # the trainer's checkpoint holds the step once, beside the data state
     resumed_tb = TrainBatches(cfg_for(prepared), global_batch=8)
-    resumed_tb.check_resume(state)
-    resumed = take(resumed_tb, state["step"], 5)
+    resumed_tb.load_state_dict(state)
+    resumed = take(resumed_tb, step, 5)
     for (a, b), (c, d) in zip(full[7:], resumed):
         assert torch.equal(a, c) and torch.equal(b, d)
 
 
-def test_state_is_plain_and_resume_check_catches_changes(prepared, tmp_path):
+def test_state_dict_is_the_order_identity_and_load_catches_changes(prepared, tmp_path):
     tb = TrainBatches(cfg_for(prepared), global_batch=8)
-    state = tb.state(123)
+    state = tb.state_dict()
     assert all(isinstance(v, (str, int, float)) for v in state.values())
-    assert state["step"] == 123 and state["epoch"] == 123 * 8 // tb.n_windows
+    assert set(state) == {"manifest_checksum", "n_windows", "seed", "seq_len", "global_batch", "permutation"}
+    assert state["n_windows"] == tb.n_windows and state["seed"] == 1234 and state["global_batch"] == 8
+    assert state == TrainBatches(cfg_for(prepared), global_batch=8, rank=1, world_size=2).state_dict()  # any rank
     torch.save({"data": state}, tmp_path / "ckpt.pt")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["data"] == state
+    tb.load_state_dict(state)
     for kw, gb in [({"seed": 99}, 8), ({"seq_len": 32}, 8), ({}, 16)]:
         with pytest.raises(DataError, match="data changed since this checkpoint.*Fix"):
-            TrainBatches(cfg_for(prepared, **kw), global_batch=gb).check_resume(state)
+            TrainBatches(cfg_for(prepared, **kw), global_batch=gb).load_state_dict(state)
     with pytest.raises(DataError, match="manifest_checksum"):
-        tb.check_resume({**state, "manifest_checksum": "0" * 64})
+        tb.load_state_dict({**state, "manifest_checksum": "0" * 64})
+
+
+def test_load_state_dict_accepts_older_checkpoints_data_state(prepared):
+    """Checkpoints written before the component API carry the step and its position in the data state."""
+    tb = TrainBatches(cfg_for(prepared), global_batch=8)
+    step = 123
+    legacy = {**tb.state_dict(), "step": step, "epoch": step * 8 // tb.n_windows, "position": step * 8,
+              "tokens_seen": step * tb.tokens_per_step}
+    tb.load_state_dict(legacy)
+    with pytest.raises(DataError, match="data changed since this checkpoint.*seed: checkpoint 1234 != now 99"):
+        TrainBatches(cfg_for(prepared, seed=99), global_batch=8).load_state_dict(legacy)
 
 
 def test_epoch_rollover_on_tiny_dataset(prepared, tmp_path):
@@ -119,7 +133,7 @@ def test_epoch_rollover_on_tiny_dataset(prepared, tmp_path):
     # Resuming in the middle of epoch 2 matches.
     step = (2 * n) // 3 + 1
     assert take(tb, step, 1)[0][0].tolist() == [r[:-1] for r in rows[step * 3 : step * 3 + 3]]
-    assert tb.state(step)["epoch"] == (step * 3) // n
+    assert (step * 3) // n == 2 and (step * 3) % n  # the resumed step starts inside epoch 2, not at its start
 
 
 def test_validation_batches_fixed_and_in_order(prepared):
