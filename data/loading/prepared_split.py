@@ -14,9 +14,9 @@ import numpy as np
 
 from data import manifest as mf
 from data.config import DataConfig
-from data.paths import resolve_path
-from data.loading.token_store import TokenStore
 from data.errors import DataError
+from data.loading.token_store import TokenStore
+from data.paths import resolve_path
 from data.tokenizer import check_tokenizer_matches, load_tokenizer, resolve_tokenizer_path, token_dtype
 
 

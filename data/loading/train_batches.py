@@ -17,24 +17,25 @@ from __future__ import annotations
 
 import itertools
 import signal
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.config import DataConfig
+from data.errors import DataError
 from data.loading.prepared_split import open_split
 from data.loading.token_store import TokenStore
-from data.errors import DataError
 from data.loading.window_order import WindowOrder, count_windows, permutation_fingerprint, rank_slice
 
 
 class StepDataset(Dataset):
     """step -> this rank's (inputs, targets) of the global batch at that step."""
 
-    def __init__(self, store: TokenStore, n_windows: int, seed: int, seq_len: int, global_batch: int,
-                 rank: int, world_size: int):
+    def __init__(
+        self, store: TokenStore, n_windows: int, seed: int, seq_len: int, global_batch: int, rank: int, world_size: int
+    ):
         self.store, self.seq_len, self.global_batch = store, seq_len, global_batch
         self.order = WindowOrder(n_windows, seed)
         self.lo, self.hi = rank_slice(global_batch, rank, world_size)
@@ -43,10 +44,10 @@ class StepDataset(Dataset):
         base = step * self.global_batch
         windows = self.order.windows(base + self.lo, base + self.hi)
         rows = np.empty((len(windows), self.seq_len + 1), dtype=np.int64)
-        for row, w in zip(rows, windows):
+        for row, w in zip(rows, windows, strict=True):
             self.store.read_into(row, int(w) * self.seq_len)
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        tokens = torch.from_numpy(rows)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -70,8 +71,9 @@ class _StepsFrom(Sampler):
 class TrainBatches:
     """This rank's training batches for `global_batch` windows per step (see module doc)."""
 
-    def __init__(self, cfg: DataConfig, *, global_batch: int, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False):
+    def __init__(
+        self, cfg: DataConfig, *, global_batch: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+    ):
         if global_batch < 1 or world_size < 1 or global_batch % world_size:
             raise DataError(
                 f"global_batch={global_batch} is not divisible by world_size={world_size}. Fix: choose a global "
@@ -95,10 +97,15 @@ class TrainBatches:
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's (inputs, targets) for steps start_step, start_step+1, ... (forever)."""
-        loader = DataLoader(self.dataset, batch_size=None, sampler=_StepsFrom(start_step),
-                            num_workers=self.cfg.num_workers, pin_memory=self.pin_memory,
-                            persistent_workers=False,
-                            worker_init_fn=_ignore_stop_signals if self.cfg.num_workers else None)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            sampler=_StepsFrom(start_step),
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals if self.cfg.num_workers else None,
+        )
         return iter(loader)
 
     def state_dict(self) -> dict[str, str | int]:
@@ -108,8 +115,14 @@ class TrainBatches:
         count), the order's recipe (seed, seq_len, global batch) and a fingerprint of numpy's
         permutation. No step: the checkpoint stores it once, and batches(step) resumes there.
         """
-        return {"manifest_checksum": self.checksum, "n_windows": self.n_windows, "seed": self.cfg.seed,
-                "seq_len": self.cfg.seq_len, "global_batch": self.global_batch, "permutation": self._fingerprint}
+        return {
+            "manifest_checksum": self.checksum,
+            "n_windows": self.n_windows,
+            "seed": self.cfg.seed,
+            "seq_len": self.cfg.seq_len,
+            "global_batch": self.global_batch,
+            "permutation": self._fingerprint,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Raise DataError if resuming from `state` would not continue the same sample order.
@@ -123,6 +136,7 @@ class TrainBatches:
         if diffs:
             raise DataError(
                 "the data changed since this checkpoint, so resuming would not continue its sample order ("
-                + "; ".join(diffs) + "). Fix: resume with the checkpoint's data config (prepared_dir, seq_len, "
+                + "; ".join(diffs)
+                + "). Fix: resume with the checkpoint's data config (prepared_dir, seq_len, "
                 "seed, global batch) and data, or start a new run."
             )

@@ -39,7 +39,7 @@ def shard_name(split: str, index: int, total: int) -> str:
 
 
 def split_of(path: str | os.PathLike) -> str | None:
-    """"train"/"validation" from a C4 file name, None if it is not named like one."""
+    """ "train"/"validation" from a C4 file name, None if it is not named like one."""
     m = _NAME.search(pathlib.Path(path).name)
     return m.group(1) if m else None
 
@@ -92,4 +92,3 @@ def iter_records(path: str | os.PathLike, start_line: int = 0) -> Iterator[tuple
             "file cannot be read, so preparation stopped instead of writing a silently truncated shard "
             "(finished shards are kept). Fix: re-download this file (or remove it from --source) and re-run."
         ) from exc
-

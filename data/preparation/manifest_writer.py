@@ -19,8 +19,14 @@ from data.tokenizer import EOS_ID, PAD_ID
 
 
 def split_checksum(dtype: str, tokenizer_sha256: str, shards: list[dict]) -> str:
-    payload = json.dumps({"dtype": dtype, "tokenizer": tokenizer_sha256,
-                          "shards": [[s["tokens"], s["docs"], s["sha256"]] for s in shards]}, sort_keys=True)
+    payload = json.dumps(
+        {
+            "dtype": dtype,
+            "tokenizer": tokenizer_sha256,
+            "shards": [[s["tokens"], s["docs"], s["sha256"]] for s in shards],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -29,13 +35,29 @@ def overall_checksum(splits: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def write_manifest(out: pathlib.Path, splits: dict[str, dict], tokenizer_path: pathlib.Path, tok_sha: str,
-                   vocab_size: int, dtype: np.dtype) -> dict:
+def write_manifest(
+    out: pathlib.Path,
+    splits: dict[str, dict],
+    tokenizer_path: pathlib.Path,
+    tok_sha: str,
+    vocab_size: int,
+    dtype: np.dtype,
+) -> dict:
     """Write out/manifest.json for the given split entries; returns the manifest."""
-    manifest = {"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "tool_version": mf.TOOL_VERSION,
-                "dtype": dtype.name,
-                "tokenizer": {"path": str(tokenizer_path), "sha256": tok_sha, "vocab_size": vocab_size,
-                              "eos_id": EOS_ID, "pad_id": PAD_ID},
-                "splits": splits, "checksum": overall_checksum(splits)}
+    manifest = {
+        "format": mf.FORMAT,
+        "format_version": mf.FORMAT_VERSION,
+        "tool_version": mf.TOOL_VERSION,
+        "dtype": dtype.name,
+        "tokenizer": {
+            "path": str(tokenizer_path),
+            "sha256": tok_sha,
+            "vocab_size": vocab_size,
+            "eos_id": EOS_ID,
+            "pad_id": PAD_ID,
+        },
+        "splits": splits,
+        "checksum": overall_checksum(splits),
+    }
     write_json_atomic(out / mf.MANIFEST, manifest)
     return manifest

@@ -90,6 +90,7 @@ def _doc_batches(events: Iterable[Event], batch_docs: int) -> Iterator[DocBatch]
         if text is not None and not text.strip():
             text, skip = None, EMPTY
         if text is None:
+            assert skip is not None, "a source says why it skipped a record"
             pending[skip] += 1
             continue
         texts.append(text)
@@ -105,9 +106,15 @@ def _doc_batches(events: Iterable[Event], batch_docs: int) -> Iterator[DocBatch]
 def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sha: str) -> dict:
     """Tokenize one split into shards (resuming finished ones); returns its manifest entry."""
     out, split = opts.out, plan.split
-    key = {"tool": mf.TOOL_VERSION, "tokenizer_sha256": tok_sha, "dtype": dtype.name,
-           "source": plan.source.describe(), "shard_tokens": opts.shard_tokens,
-           "max_tokens": plan.max_tokens, "max_docs": plan.max_docs}
+    key = {
+        "tool": mf.TOOL_VERSION,
+        "tokenizer_sha256": tok_sha,
+        "dtype": dtype.name,
+        "source": plan.source.describe(),
+        "shard_tokens": opts.shard_tokens,
+        "max_tokens": plan.max_tokens,
+        "max_docs": plan.max_docs,
+    }
     state_path = _state_path(out, split)
     if state_path.is_file():
         old = json.loads(state_path.read_text())
@@ -133,27 +140,48 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
         t0 = time.perf_counter()
         new_tokens, new_docs = _run(plan, opts, dtype, shards, totals, skipped)
         dt = time.perf_counter() - t0
-        opts.log(f"[{split}] {new_docs:,} docs, {new_tokens:,} tokens in {dt:.1f}s "
-                 f"({new_docs / max(dt, 1e-9):,.0f} docs/s, {new_tokens / max(dt, 1e-9):,.0f} tokens/s, "
-                 f"{max(opts.workers, 1)} worker(s))")
+        opts.log(
+            f"[{split}] {new_docs:,} docs, {new_tokens:,} tokens in {dt:.1f}s "
+            f"({new_docs / max(dt, 1e-9):,.0f} docs/s, {new_tokens / max(dt, 1e-9):,.0f} tokens/s, "
+            f"{max(opts.workers, 1)} worker(s))"
+        )
 
     entry_shards = [{k: s[k] for k in ("file", "tokens", "docs", "sha256")} for s in shards]
-    entry = {"tokens": totals["tokens"], "docs": totals["docs"], "skipped": dict(skipped),
-             "source": plan.source.describe(),
-             "limits": {"max_tokens": plan.max_tokens, "max_docs": plan.max_docs, "shard_tokens": opts.shard_tokens},
-             "checksum": split_checksum(dtype.name, tok_sha, entry_shards), "shards": entry_shards}
+    entry = {
+        "tokens": totals["tokens"],
+        "docs": totals["docs"],
+        "skipped": dict(skipped),
+        "source": plan.source.describe(),
+        "limits": {"max_tokens": plan.max_tokens, "max_docs": plan.max_docs, "shard_tokens": opts.shard_tokens},
+        "checksum": split_checksum(dtype.name, tok_sha, entry_shards),
+        "shards": entry_shards,
+    }
     write_json_atomic(state_path, {"key": key, "complete": True, "entry": entry})
     return entry
 
 
-def _run(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, shards: list[dict], totals: dict[str, int],
-         skipped: collections.Counter[str]) -> tuple[int, int]:
+def _run(
+    plan: SplitPlan,
+    opts: PrepareOptions,
+    dtype: np.dtype,
+    shards: list[dict],
+    totals: dict[str, int],
+    skipped: collections.Counter[str],
+) -> tuple[int, int]:
     """Read, tokenize and write from the last finished shard on; updates shards/totals/skipped in place."""
     split, out = plan.split, opts.out
     cursor = shards[-1]["end_cursor"] if shards else None
     new_tokens = new_docs = 0
-    bar = tqdm(total=plan.max_tokens, initial=totals["tokens"], unit="tok", unit_scale=True,
-               desc=f"{split}", disable=not opts.progress, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=plan.max_tokens,
+        initial=totals["tokens"],
+        unit="tok",
+        unit_scale=True,
+        desc=f"{split}",
+        disable=not opts.progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
     shard = ShardWriter(shard_path(out, split, len(shards)), start_cursor=cursor)
 
@@ -164,8 +192,9 @@ def _run(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, shards: list[di
             shard = ShardWriter(shard_path(out, split, len(shards)), start_cursor=shard.end_cursor)
 
     def limit_reached() -> bool:
-        return (plan.max_tokens is not None and totals["tokens"] >= plan.max_tokens) or \
-               (plan.max_docs is not None and totals["docs"] >= plan.max_docs)
+        return (plan.max_tokens is not None and totals["tokens"] >= plan.max_tokens) or (
+            plan.max_docs is not None and totals["docs"] >= plan.max_docs
+        )
 
     done = False
     batches = _doc_batches(plan.source.events(cursor), opts.batch_docs)
@@ -176,7 +205,7 @@ def _run(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, shards: list[di
             for i in range(len(texts)):
                 shard.skipped.update(skips[i])
                 skipped.update(skips[i])
-                shard.append(flat[offsets[i]:offsets[i + 1]])
+                shard.append(flat[offsets[i] : offsets[i + 1]])
                 shard.docs += 1
                 shard.end_cursor = cursors[i]
                 n = int(lengths[i])
@@ -230,7 +259,9 @@ def prepare(plans: list[SplitPlan], opts: PrepareOptions) -> dict:
     manifest = write_manifest(opts.out, completed_splits(opts.out), opts.tokenizer_path, tok_sha, vocab, dtype)
     for split, info in manifest["splits"].items():
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(info["skipped"].items())) or "none"
-        opts.log(f"summary [{split}]: {info['docs']:,} docs, {info['tokens']:,} tokens in {len(info['shards'])} "
-                 f"shard(s) ({dtype.name}); skipped records: {skipped}")
+        opts.log(
+            f"summary [{split}]: {info['docs']:,} docs, {info['tokens']:,} tokens in {len(info['shards'])} "
+            f"shard(s) ({dtype.name}); skipped records: {skipped}"
+        )
     opts.log(f"manifest: {existing} (checksum {manifest['checksum'][:16]})")
     return manifest

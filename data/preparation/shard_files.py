@@ -54,10 +54,17 @@ class ShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
-        meta = {"file": self.path.name, "tokens": self.tokens, "docs": self.docs,
-                "skipped": dict(self.skipped), "sha256": self.hash.hexdigest(),
-                "start_cursor": self.start_cursor, "end_cursor": self.end_cursor,
-                "closed_by": closed_by, "dtype": dtype.name}
+        meta = {
+            "file": self.path.name,
+            "tokens": self.tokens,
+            "docs": self.docs,
+            "skipped": dict(self.skipped),
+            "sha256": self.hash.hexdigest(),
+            "start_cursor": self.start_cursor,
+            "end_cursor": self.end_cursor,
+            "closed_by": closed_by,
+            "dtype": dtype.name,
+        }
         write_json_atomic(sidecar_path(self.path), meta)
         return meta
 

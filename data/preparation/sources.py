@@ -108,9 +108,13 @@ class LocalSource:
         self._files_done = 0
 
     def describe(self) -> dict:
-        return {"kind": "local", "reader": self.reader, "split": self.split,
-                "files": [str(p) for p in self.files],
-                "sizes": [p.stat().st_size for p in self.files]}
+        return {
+            "kind": "local",
+            "reader": self.reader,
+            "split": self.split,
+            "files": [str(p) for p in self.files],
+            "sizes": [p.stat().st_size for p in self.files],
+        }
 
     def progress(self) -> float:
         """Fraction of input files fully read (for the ETA when no limit is given)."""

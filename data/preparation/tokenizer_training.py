@@ -16,10 +16,18 @@ import sentencepiece as spm
 from data.files import write_bytes_atomic
 
 
-def train_sentencepiece(texts: Iterable[str], model_path: str | pathlib.Path, *, vocab_size: int = 32000,
-                        model_type: str = "unigram", character_coverage: float = 0.9995,
-                        byte_fallback: bool = True, input_sentence_size: int = 2_000_000,
-                        num_threads: int = 1, **extra: Any) -> pathlib.Path:
+def train_sentencepiece(
+    texts: Iterable[str],
+    model_path: str | pathlib.Path,
+    *,
+    vocab_size: int = 32000,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    byte_fallback: bool = True,
+    input_sentence_size: int = 2_000_000,
+    num_threads: int = 1,
+    **extra: Any,
+) -> pathlib.Path:
     """Train on `texts` (one document per item) and write `model_path` (a .model file)."""
     model_path = pathlib.Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,7 +39,10 @@ def train_sentencepiece(texts: Iterable[str], model_path: str | pathlib.Path, *,
         model_type=model_type,
         character_coverage=character_coverage,
         byte_fallback=byte_fallback,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
         input_sentence_size=input_sentence_size,
         shuffle_input_sentence=True,
         num_threads=num_threads,

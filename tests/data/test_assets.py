@@ -10,12 +10,15 @@ import zipfile
 import pytest
 
 from data.assets import pypi_wheels, sample_corpus, t5_tokenizer
-from data.preparation import c4_format
 from data.errors import DataError
+from data.preparation import c4_format
 
-WIKI = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/"><page><title>Topic A</title><ns>0</ns>'
-        '<revision><timestamp>2016-04-22T10:19:33Z</timestamp><text>' + "'''Topic''' is [[a|an]] idea. " * 30
-        + '</text></revision></page></mediawiki>')
+WIKI = (
+    '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/"><page><title>Topic A</title><ns>0</ns>'
+    "<revision><timestamp>2016-04-22T10:19:33Z</timestamp><text>"
+    + "'''Topic''' is [[a|an]] idea. " * 30
+    + "</text></revision></page></mediawiki>"
+)
 
 
 def fake_wheels(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from data import DataConfig, DataError, TrainBatches, validation_batches
-from tests.helpers.corpus import make_texts, prepare_quietly, split_tokens, tiny_tokenizer, write_corpus
 from data.loading.window_order import epoch_permutation
+from tests.helpers.corpus import make_texts, prepare_quietly, split_tokens, tiny_tokenizer, write_corpus
 
 SEQ = 16
 
@@ -68,7 +68,7 @@ def test_global_batch_independent_of_world_size(prepared):
 def test_dataloader_workers_do_not_change_batches(prepared):
     b0 = take(TrainBatches(cfg_for(prepared, num_workers=0), global_batch=4), 0, 6)
     b2 = take(TrainBatches(cfg_for(prepared, num_workers=2), global_batch=4), 0, 6)
-    for (x0, y0), (x2, y2) in zip(b0, b2):
+    for (x0, y0), (x2, y2) in zip(b0, b2, strict=True):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 
@@ -79,7 +79,7 @@ def test_resume_equals_tail_of_uninterrupted_stream(prepared):
     resumed_tb = TrainBatches(cfg_for(prepared), global_batch=8)
     resumed_tb.load_state_dict(state)
     resumed = take(resumed_tb, step, 5)
-    for (a, b), (c, d) in zip(full[7:], resumed):
+    for (a, b), (c, d) in zip(full[7:], resumed, strict=True):
         assert torch.equal(a, c) and torch.equal(b, d)
 
 
@@ -104,8 +104,13 @@ def test_load_state_dict_accepts_older_checkpoints_data_state(prepared):
     """Checkpoints written before the component API carry the step and its position in the data state."""
     tb = TrainBatches(cfg_for(prepared), global_batch=8)
     step = 123
-    legacy = {**tb.state_dict(), "step": step, "epoch": step * 8 // tb.n_windows, "position": step * 8,
-              "tokens_seen": step * tb.tokens_per_step}
+    legacy = {
+        **tb.state_dict(),
+        "step": step,
+        "epoch": step * 8 // tb.n_windows,
+        "position": step * 8,
+        "tokens_seen": step * tb.tokens_per_step,
+    }
     tb.load_state_dict(legacy)
     with pytest.raises(DataError, match="data changed since this checkpoint.*seed: checkpoint 1234 != now 99"):
         TrainBatches(cfg_for(prepared, seed=99), global_batch=8).load_state_dict(legacy)
@@ -142,7 +147,7 @@ def test_validation_batches_fixed_and_in_order(prepared):
     cfg = cfg_for(prepared, val_tokens=200)
     a, b = validation_batches(cfg, 5), validation_batches(cfg, 5)
     assert [len(x) for x, _ in a] == [5, 5, 2]  # (200-1)//16 = 12 windows, in batches of 5
-    for (x, y), (x2, y2) in zip(a, b):
+    for (x, y), (x2, y2) in zip(a, b, strict=True):
         assert torch.equal(x, x2) and torch.equal(y, y2)
     x = torch.cat([x for x, _ in a])
     assert x.shape == (12, SEQ)

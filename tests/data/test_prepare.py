@@ -9,12 +9,12 @@ import pathlib
 import numpy as np
 import pytest
 
-from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
-from data.preparation.sources import LocalSource
-from tests.helpers.corpus import make_texts, split_tokens, tiny_tokenizer, write_corpus
 from data.errors import DataError
 from data.files import sha256_file
+from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
+from data.preparation.sources import LocalSource
 from data.tokenizer import EOS_ID, load_tokenizer
+from tests.helpers.corpus import make_texts, split_tokens, tiny_tokenizer, write_corpus
 
 TRAIN = make_texts(120, seed=1)
 VAL = make_texts(20, seed=2)
@@ -28,15 +28,36 @@ def assets(tmp_path_factory):
     return tok, corpus
 
 
-def run(tok, corpus, out, *, workers=0, shard_tokens=1000, max_tokens=None, max_docs=None, val_tokens=None,
-        splits=("train", "validation"), source=None):
+def run(
+    tok,
+    corpus,
+    out,
+    *,
+    workers=0,
+    shard_tokens=1000,
+    max_tokens=None,
+    max_docs=None,
+    val_tokens=None,
+    splits=("train", "validation"),
+    source=None,
+):
     plans = []
     for split in splits:
         src = source if source is not None else LocalSource(corpus, split)
         limit = max_tokens if split == "train" else val_tokens
         plans.append(SplitPlan(split, src, max_tokens=limit, max_docs=max_docs if split == "train" else None))
-    return prepare(plans, PrepareOptions(out=out, tokenizer_path=tok, workers=workers, shard_tokens=shard_tokens,
-                                         batch_docs=16, progress=False, log=lambda *_: None))
+    return prepare(
+        plans,
+        PrepareOptions(
+            out=out,
+            tokenizer_path=tok,
+            workers=workers,
+            shard_tokens=shard_tokens,
+            batch_docs=16,
+            progress=False,
+            log=lambda *_: None,
+        ),
+    )
 
 
 def expected_stream(tok, texts) -> np.ndarray:
@@ -169,9 +190,19 @@ def _write_raw_shard(path: pathlib.Path, lines: list[bytes]) -> None:
 def test_bad_records_are_skipped_and_counted(assets, tmp_path):
     tok, _ = assets
     good = [json.dumps({"text": t, "url": "u", "timestamp": "t"}).encode() for t in TRAIN[:4]]
-    lines = [good[0], b'{"text": "unterminated', good[1], json.dumps({"url": "no text"}).encode(),
-             json.dumps({"text": 5}).encode(), b"[1, 2]", "{\"text\": \"caf\xe9\"}".encode("latin-1"),
-             json.dumps({"text": "   "}).encode(), good[2], b"", good[3]]
+    lines = [
+        good[0],
+        b'{"text": "unterminated',
+        good[1],
+        json.dumps({"url": "no text"}).encode(),
+        json.dumps({"text": 5}).encode(),
+        b"[1, 2]",
+        '{"text": "caf\xe9"}'.encode("latin-1"),
+        json.dumps({"text": "   "}).encode(),
+        good[2],
+        b"",
+        good[3],
+    ]
     _write_raw_shard(tmp_path / "c" / "en" / "c4-train.00000-of-00001.json.gz", lines)
     m = run(tok, tmp_path / "c", tmp_path / "out", splits=("train",))
     train = m["splits"]["train"]
@@ -200,8 +231,8 @@ def test_corrupt_gzip_stops_without_finalizing_a_shard(assets, tmp_path, damage)
 
 def test_uint32_when_vocab_exceeds_uint16(assets, tmp_path, monkeypatch):
     # Training a >65536-piece model is slow; fake the vocab size and check the dtype choice end to end.
-    from data.preparation import prepare as prep_mod
     from data import tokenizer as tok_mod
+    from data.preparation import prepare as prep_mod
 
     assert tok_mod.token_dtype(65536) == np.uint16 and tok_mod.token_dtype(65537) == np.uint32
     tok, corpus = assets

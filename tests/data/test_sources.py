@@ -7,10 +7,10 @@ import json
 
 import pytest
 
+from data.errors import DataError
 from data.preparation import c4_format
 from data.preparation.sources import HubSource, LocalSource, make_source, resolve_local_files
 from tests.helpers.corpus import make_texts, prepare_quietly, tiny_tokenizer, write_corpus
-from data.errors import DataError
 
 TRAIN = make_texts(90, seed=11)
 VAL = make_texts(12, seed=12)
@@ -28,8 +28,9 @@ def texts(source, cursor=None):
 def test_resolve_local_files(corpus):
     files = resolve_local_files(corpus, "train")
     assert [p.name for p in files] == [c4_format.shard_name("train", i, 4) for i in range(4)]
-    assert [p.name for p in resolve_local_files(str(corpus / "en" / "c4-validation.*.json.gz"), "validation")] == \
-        [c4_format.shard_name("validation", i, 2) for i in range(2)]
+    assert [p.name for p in resolve_local_files(str(corpus / "en" / "c4-validation.*.json.gz"), "validation")] == [
+        c4_format.shard_name("validation", i, 2) for i in range(2)
+    ]
     assert resolve_local_files(str(corpus / "en" / "c4-validation.*.json.gz"), "train") == []
     with pytest.raises(DataError, match="no train shards found.*fetch_assets"):
         LocalSource(corpus / "missing", "train")
