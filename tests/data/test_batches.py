@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import data.loading.prepared_split as prepared_mod
 from data import DataConfig, DataError, TrainBatches, validation_batches
 from data.loading.window_order import epoch_permutation
 from tests.helpers.corpus import make_texts, prepare_quietly, split_tokens, tiny_tokenizer, write_corpus
@@ -188,16 +190,12 @@ def test_config_errors(prepared, tmp_path):
 
 
 def test_vocab_must_fit_dtype(prepared, tmp_path, monkeypatch):
-    import data.loading.prepared_split as prepared_mod
-
     monkeypatch.setattr(prepared_mod, "token_dtype", lambda v: np.dtype(np.uint32))  # as if vocab >= 65536
     with pytest.raises(DataError, match="does not fit the uint16.*Fix"):
         TrainBatches(cfg_for(prepared), global_batch=2)
 
 
 def test_damaged_shard_is_detected(prepared, tmp_path):
-    import shutil
-
     _, out = prepared
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)

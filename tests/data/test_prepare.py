@@ -9,11 +9,12 @@ import pathlib
 import numpy as np
 import pytest
 
+import data.preparation.prepare as prepare_module
 from data.errors import DataError
 from data.files import sha256_file
 from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
 from data.preparation.sources import LocalSource
-from data.tokenizer import EOS_ID, load_tokenizer
+from data.tokenizer import EOS_ID, load_tokenizer, token_dtype
 from tests.helpers.corpus import make_texts, split_tokens, tiny_tokenizer, write_corpus
 
 TRAIN = make_texts(120, seed=1)
@@ -231,12 +232,9 @@ def test_corrupt_gzip_stops_without_finalizing_a_shard(assets, tmp_path, damage)
 
 def test_uint32_when_vocab_exceeds_uint16(assets, tmp_path, monkeypatch):
     # Training a >65536-piece model is slow; fake the vocab size and check the dtype choice end to end.
-    from data import tokenizer as tok_mod
-    from data.preparation import prepare as prep_mod
-
-    assert tok_mod.token_dtype(65536) == np.uint16 and tok_mod.token_dtype(65537) == np.uint32
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
     tok, corpus = assets
-    monkeypatch.setattr(prep_mod, "token_dtype", lambda v: np.dtype(np.uint32))
+    monkeypatch.setattr(prepare_module, "token_dtype", lambda v: np.dtype(np.uint32))
     m = run(tok, corpus, tmp_path / "out", splits=("train",))
     assert m["dtype"] == "uint32"
     np.testing.assert_array_equal(split_tokens(tmp_path / "out", "train"), expected_stream(tok, TRAIN))

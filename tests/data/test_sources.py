@@ -68,7 +68,7 @@ def test_prepare_via_hf_reader_equals_gzip_reader(corpus, tmp_path, monkeypatch)
 
 def test_hub_source_uses_the_same_loader(monkeypatch):
     """`--source hf` calls load_dataset('allenai/c4', 'en', streaming=True) through the same function."""
-    import datasets
+    import datasets  # the optional `hf` extra: only the tests that need it import it
 
     calls = []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from data.errors import DataError
 from data.files import sha256_file
@@ -59,8 +60,6 @@ def test_trained_model_has_t5_ids_and_pipeline_matches_sentencepiece(tmp_path):
 
 
 def test_tokenizer_without_t5_ids_is_rejected(tmp_path):
-    import sentencepiece as spm
-
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(TEXTS), model_prefix=str(tmp_path / "plain"), vocab_size=120, minloglevel=2
     )  # default ids: unk 0, bos 1, eos 2
@@ -79,8 +78,6 @@ def test_real_t5_ids_through_the_pipeline():
     path = t5_tokenizer_path()
     if not path.is_file():
         pytest.skip("T5 tokenizer not cached (run tools/fetch_assets.py; the test command does)")
-    import sentencepiece as spm
-
     direct = spm.SentencePieceProcessor(model_file=str(path))
     sp = load_tokenizer(path)
     assert sp.vocab_size() == 32000 and token_dtype(sp.vocab_size()) == np.uint16
