@@ -1,4 +1,8 @@
-"""The `data` config section."""
+"""The `data` config section (`--data.<field>` on train.py's command line).
+
+Each field's docstring is its one-line help. No field takes a fixed set of choices
+(`tokenizer` is "t5" or any path), so none is a Literal.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,15 @@ from dataclasses import dataclass
 
 @dataclass
 class DataConfig:
-    # A prepared token directory (manifest.json + token shards), made by tools/prepare_data.py.
     prepared_dir: str = ".cache/tokens/sample"
-    # SentencePiece model: "t5" = the cached T5 spiece.model (tools/fetch_assets.py), or a path.
+    """Prepared token directory (manifest.json + shards) from tools/prepare_data.py; relative to the repo root."""
     tokenizer: str = "t5"
+    """SentencePiece model: "t5" = the cached T5 spiece.model (tools/fetch_assets.py), or a .model path."""
     seq_len: int = 512
-    # Windows are shuffled by a permutation drawn from (seed, epoch); identical on any rank count.
+    """Tokens per training window (each window also needs the next token as the target)."""
     seed: int = 1234
-    num_workers: int = 0  # DataLoader worker processes for training batches
-    # Validation: the first val_tokens tokens of the validation split, identical for every run.
+    """Seed of the window shuffle: epoch e's order is a permutation drawn from (seed, e), the same on any rank count."""
+    num_workers: int = 0
+    """DataLoader worker processes reading training batches (0 = in the training process)."""
     val_tokens: int = 1_048_576
+    """Validation uses the first val_tokens tokens of the validation split: identical for every run."""

@@ -1,4 +1,7 @@
-"""manifest.json of a prepared token directory: what is in it and how it was made.
+"""manifest.json of a prepared token directory: its format, and reading it.
+
+Written once by preparation (data/preparation/manifest_writer.py), read by every run
+(data/loading/prepared_split.py) and by preparation itself when resuming.
 
     {
       "format": "memopt-lm-tokens", "format_version": 1, "tool_version": "...",
@@ -19,34 +22,15 @@ dtype/tokenizer, so it changes whenever the token stream could differ.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pathlib
 
-from data.tokenizer import DataError
+from data.errors import DataError
 
 FORMAT = "memopt-lm-tokens"
 FORMAT_VERSION = 1
 TOOL_VERSION = "memopt-lm-data 1.0"
 MANIFEST = "manifest.json"
-
-
-def split_checksum(dtype: str, tokenizer_sha256: str, shards: list[dict]) -> str:
-    payload = json.dumps({"dtype": dtype, "tokenizer": tokenizer_sha256,
-                          "shards": [[s["tokens"], s["docs"], s["sha256"]] for s in shards]}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def overall_checksum(splits: dict) -> str:
-    payload = json.dumps({name: s["checksum"] for name, s in sorted(splits.items())}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def write_json_atomic(path: pathlib.Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def read_manifest(prepared_dir: pathlib.Path) -> dict:

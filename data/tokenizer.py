@@ -9,24 +9,22 @@ in the manifest and training refuses data made with a different tokenizer
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import pathlib
 
 import numpy as np
+import sentencepiece as spm
 
+from data.errors import DataError
+from data.files import sha256_file
 from data.paths import resolve_path, t5_tokenizer_path
 
 PAD_ID = 0
 EOS_ID = 1
 
 
-class DataError(RuntimeError):
-    """A data/tokenizer problem the user must fix; the message says how."""
-
-
 def resolve_tokenizer_path(spec: str) -> pathlib.Path:
-    """"t5" -> the cached T5 spiece.model; anything else is a path (relative = repo root)."""
+    """ "t5" -> the cached T5 spiece.model; anything else is a path (relative = repo root)."""
     if spec == "t5":
         path = t5_tokenizer_path()
         if not path.is_file():
@@ -45,18 +43,9 @@ def resolve_tokenizer_path(spec: str) -> pathlib.Path:
     return path
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 @functools.lru_cache(maxsize=8)
-def _load(path: str, mtime_ns: int):
-    import sentencepiece as spm
-
+def _load(path: str, mtime_ns: int) -> spm.SentencePieceProcessor:
+    # mtime_ns is part of the cache key only: a rewritten .model file is loaded again.
     sp = spm.SentencePieceProcessor(model_file=path)
     if sp.eos_id() != EOS_ID or sp.pad_id() != PAD_ID:
         raise DataError(
@@ -67,7 +56,7 @@ def _load(path: str, mtime_ns: int):
     return sp
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
     """A cached SentencePieceProcessor for a .model file (validated ids)."""
     path = str(pathlib.Path(path).resolve())
     return _load(path, os.stat(path).st_mtime_ns)

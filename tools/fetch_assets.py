@@ -15,8 +15,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from data.assets import fetch_sample_corpus, fetch_t5_tokenizer  # noqa: E402
-from data.tokenizer import DataError  # noqa: E402
+from data.assets.sample_corpus import fetch_sample_corpus
+from data.assets.t5_tokenizer import fetch_t5_tokenizer
+from data.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

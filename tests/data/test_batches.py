@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import data.loading.prepared_split as prepared_mod
 from data import DataConfig, DataError, TrainBatches, validation_batches
-from data.prepare import PrepareOptions, SplitPlan, prepare
-from data.sources import LocalSource
-from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
-from data.windows import epoch_permutation
+from data.loading.window_order import epoch_permutation
+from tests.helpers.corpus import make_texts, prepare_quietly, split_tokens, tiny_tokenizer, write_corpus
 
 SEQ = 16
 
@@ -26,22 +26,13 @@ def prepared(tmp_path_factory):
     tok = tiny_tokenizer(root / "tiny.model", train + val)
     corpus = write_corpus(root / "corpus", train, val)
     out = root / "tokens"
-    prepare([SplitPlan("train", LocalSource(corpus, "train")),
-             SplitPlan("validation", LocalSource(corpus, "validation"))],
-            PrepareOptions(out=out, tokenizer_path=tok, workers=0, shard_tokens=997, progress=False,
-                           log=lambda *_: None))
+    prepare_quietly(corpus, tok, out, shard_tokens=997)
     return tok, out
 
 
 def cfg_for(prepared, **kw) -> DataConfig:
     tok, out = prepared
     return DataConfig(prepared_dir=str(out), tokenizer=str(tok), seq_len=kw.pop("seq_len", SEQ), **kw)
-
-
-def token_stream(out) -> np.ndarray:
-    m = json.loads((out / "manifest.json").read_text())
-    return np.concatenate([np.fromfile(out / s["file"], dtype=m["dtype"]) for s in m["splits"]["train"]["shards"]]
-                          ).astype(np.int64)
 
 
 def take(tb: TrainBatches, start: int, n: int):
@@ -52,7 +43,7 @@ def test_batches_are_the_documented_windows(prepared):
     _, out = prepared
     cfg = cfg_for(prepared, seed=7)
     tb = TrainBatches(cfg, global_batch=8)
-    tokens = token_stream(out)
+    tokens = split_tokens(out, "train")
     assert len(json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]) > 3
     assert tb.n_windows == (len(tokens) - 1) // SEQ
     assert tb.tokens_per_step == 8 * SEQ
@@ -79,33 +70,52 @@ def test_global_batch_independent_of_world_size(prepared):
 def test_dataloader_workers_do_not_change_batches(prepared):
     b0 = take(TrainBatches(cfg_for(prepared, num_workers=0), global_batch=4), 0, 6)
     b2 = take(TrainBatches(cfg_for(prepared, num_workers=2), global_batch=4), 0, 6)
-    for (x0, y0), (x2, y2) in zip(b0, b2):
+    for (x0, y0), (x2, y2) in zip(b0, b2, strict=True):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 
 def test_resume_equals_tail_of_uninterrupted_stream(prepared):
     tb = TrainBatches(cfg_for(prepared), global_batch=8)
     full = take(tb, 0, 12)
-    state = tb.state(7)
+    state, step = tb.state_dict(), 7  # the trainer's checkpoint holds the step once, beside the data state
     resumed_tb = TrainBatches(cfg_for(prepared), global_batch=8)
-    resumed_tb.check_resume(state)
-    resumed = take(resumed_tb, state["step"], 5)
-    for (a, b), (c, d) in zip(full[7:], resumed):
+    resumed_tb.load_state_dict(state)
+    resumed = take(resumed_tb, step, 5)
+    for (a, b), (c, d) in zip(full[7:], resumed, strict=True):
         assert torch.equal(a, c) and torch.equal(b, d)
 
 
-def test_state_is_plain_and_resume_check_catches_changes(prepared, tmp_path):
+def test_state_dict_is_the_order_identity_and_load_catches_changes(prepared, tmp_path):
     tb = TrainBatches(cfg_for(prepared), global_batch=8)
-    state = tb.state(123)
+    state = tb.state_dict()
     assert all(isinstance(v, (str, int, float)) for v in state.values())
-    assert state["step"] == 123 and state["epoch"] == 123 * 8 // tb.n_windows
+    assert set(state) == {"manifest_checksum", "n_windows", "seed", "seq_len", "global_batch", "permutation"}
+    assert state["n_windows"] == tb.n_windows and state["seed"] == 1234 and state["global_batch"] == 8
+    assert state == TrainBatches(cfg_for(prepared), global_batch=8, rank=1, world_size=2).state_dict()  # any rank
     torch.save({"data": state}, tmp_path / "ckpt.pt")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["data"] == state
+    tb.load_state_dict(state)
     for kw, gb in [({"seed": 99}, 8), ({"seq_len": 32}, 8), ({}, 16)]:
         with pytest.raises(DataError, match="data changed since this checkpoint.*Fix"):
-            TrainBatches(cfg_for(prepared, **kw), global_batch=gb).check_resume(state)
+            TrainBatches(cfg_for(prepared, **kw), global_batch=gb).load_state_dict(state)
     with pytest.raises(DataError, match="manifest_checksum"):
-        tb.check_resume({**state, "manifest_checksum": "0" * 64})
+        tb.load_state_dict({**state, "manifest_checksum": "0" * 64})
+
+
+def test_load_state_dict_accepts_older_checkpoints_data_state(prepared):
+    """Checkpoints written before the component API carry the step and its position in the data state."""
+    tb = TrainBatches(cfg_for(prepared), global_batch=8)
+    step = 123
+    legacy = {
+        **tb.state_dict(),
+        "step": step,
+        "epoch": step * 8 // tb.n_windows,
+        "position": step * 8,
+        "tokens_seen": step * tb.tokens_per_step,
+    }
+    tb.load_state_dict(legacy)
+    with pytest.raises(DataError, match="data changed since this checkpoint.*seed: checkpoint 1234 != now 99"):
+        TrainBatches(cfg_for(prepared, seed=99), global_batch=8).load_state_dict(legacy)
 
 
 def test_epoch_rollover_on_tiny_dataset(prepared, tmp_path):
@@ -114,14 +124,12 @@ def test_epoch_rollover_on_tiny_dataset(prepared, tmp_path):
     texts = make_texts(6, seed=5, min_words=8, max_words=12)
     corpus = write_corpus(tmp_path / "c", texts, texts[:1], train_shards=2)
     out = tmp_path / "tokens"
-    prepare([SplitPlan("train", LocalSource(corpus, "train"))],
-            PrepareOptions(out=out, tokenizer_path=tok, workers=0, shard_tokens=30, progress=False,
-                           log=lambda *_: None))
+    prepare_quietly(corpus, tok, out, shard_tokens=30, splits=("train",))
     seq = 8
     cfg = DataConfig(prepared_dir=str(out), tokenizer=str(tok), seq_len=seq, seed=11)
     tb = TrainBatches(cfg, global_batch=3)
     n = tb.n_windows
-    tokens = token_stream(out)
+    tokens = split_tokens(out, "train")
     assert 6 <= n < 40
     windows = {tuple(tokens[w * seq : w * seq + seq + 1]) for w in range(n)}
     rows = [row for x, y in take(tb, 0, n) for row in torch.cat([x, y[:, -1:]], 1).tolist()]  # 3n rows = 3 epochs
@@ -132,17 +140,16 @@ def test_epoch_rollover_on_tiny_dataset(prepared, tmp_path):
     # Resuming in the middle of epoch 2 matches.
     step = (2 * n) // 3 + 1
     assert take(tb, step, 1)[0][0].tolist() == [r[:-1] for r in rows[step * 3 : step * 3 + 3]]
-    assert tb.state(step)["epoch"] == (step * 3) // n
+    assert (step * 3) // n == 2 and (step * 3) % n  # the resumed step starts inside epoch 2, not at its start
 
 
 def test_validation_batches_fixed_and_in_order(prepared):
     tok, out = prepared
-    m = json.loads((out / "manifest.json").read_text())
-    val = np.concatenate([np.fromfile(out / s["file"], dtype=m["dtype"]) for s in m["splits"]["validation"]["shards"]])
+    val = split_tokens(out, "validation")
     cfg = cfg_for(prepared, val_tokens=200)
     a, b = validation_batches(cfg, 5), validation_batches(cfg, 5)
     assert [len(x) for x, _ in a] == [5, 5, 2]  # (200-1)//16 = 12 windows, in batches of 5
-    for (x, y), (x2, y2) in zip(a, b):
+    for (x, y), (x2, y2) in zip(a, b, strict=True):
         assert torch.equal(x, x2) and torch.equal(y, y2)
     x = torch.cat([x for x, _ in a])
     assert x.shape == (12, SEQ)
@@ -183,16 +190,12 @@ def test_config_errors(prepared, tmp_path):
 
 
 def test_vocab_must_fit_dtype(prepared, tmp_path, monkeypatch):
-    import data.prepared as prepared_mod
-
     monkeypatch.setattr(prepared_mod, "token_dtype", lambda v: np.dtype(np.uint32))  # as if vocab >= 65536
     with pytest.raises(DataError, match="does not fit the uint16.*Fix"):
         TrainBatches(cfg_for(prepared), global_batch=2)
 
 
 def test_damaged_shard_is_detected(prepared, tmp_path):
-    import shutil
-
     _, out = prepared
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)

@@ -15,6 +15,7 @@ from tests.helpers.corpus import make_texts, write_corpus
 
 def load_tool(name):
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -29,12 +30,42 @@ def test_count_parser():
 def test_tools_end_to_end(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c4", make_texts(200, seed=41), make_texts(30, seed=42))
     model = tmp_path / "tok.model"
-    assert load_tool("train_tokenizer").main(["--source", str(corpus), "--out", str(model), "--vocab_size", "400",
-                                              "--character_coverage", "1.0", "--threads", "1"]) == 0
+    assert (
+        load_tool("train_tokenizer").main(
+            [
+                "--source",
+                str(corpus),
+                "--out",
+                str(model),
+                "--vocab_size",
+                "400",
+                "--character_coverage",
+                "1.0",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "tokens"
     prep = load_tool("prepare_data")
-    args = ["--source", str(corpus), "--out", str(out), "--tokenizer", str(model), "--workers", "2",
-            "--max_tokens", "3k", "--val_tokens", "500", "--shard_tokens", "1000", "--no_progress"]
+    args = [
+        "--source",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokenizer",
+        str(model),
+        "--workers",
+        "2",
+        "--max_tokens",
+        "3k",
+        "--val_tokens",
+        "500",
+        "--shard_tokens",
+        "1000",
+        "--no_progress",
+    ]
     assert prep.main(args) == 0
     printed = capsys.readouterr().out
     assert "summary [train]" in printed and "skipped records: none" in printed
@@ -47,13 +78,27 @@ def test_tools_end_to_end(tmp_path, capsys):
     assert x.shape == (4, 32) and (x[:, 1:] == y[:, :-1]).all()
     assert sum(len(v) for v, _ in validation_batches(cfg, 8)) == (500 - 1) // 32
     # Bad settings come back as an error message, not a traceback.
-    assert prep.main(["--source", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2"), "--tokenizer",
-                      str(model), "--no_progress"]) == 1
+    assert (
+        prep.main(
+            [
+                "--source",
+                str(tmp_path / "nothing"),
+                "--out",
+                str(tmp_path / "o2"),
+                "--tokenizer",
+                str(model),
+                "--no_progress",
+            ]
+        )
+        == 1
+    )
     assert "no train shards found" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (sample_tokens_dir() / "manifest.json").is_file(),
-                    reason="sample corpus not prepared (tools/fetch_assets.py + tools/prepare_data.py)")
+@pytest.mark.skipif(
+    not (sample_tokens_dir() / "manifest.json").is_file(),
+    reason="sample corpus not prepared (tools/fetch_assets.py + tools/prepare_data.py)",
+)
 def test_default_config_on_prepared_sample_corpus():
     x, y = next(TrainBatches(DataConfig(seq_len=256), global_batch=16).batches(0))
     assert x.shape == y.shape == (16, 256)

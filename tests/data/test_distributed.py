@@ -10,9 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data import DataConfig, TrainBatches
-from data.prepare import PrepareOptions, SplitPlan, prepare
-from data.sources import LocalSource
-from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
+from tests.helpers.corpus import make_texts, prepare_quietly, tiny_tokenizer, write_corpus
 
 STEPS, START, GLOBAL_BATCH = 3, 5, 6
 
@@ -47,8 +45,6 @@ def test_two_gloo_ranks_gather_to_the_single_rank_batch(tmp_path):
     tok = tiny_tokenizer(tmp_path / "tiny.model", train)
     corpus = write_corpus(tmp_path / "c", train, train[:5])
     out = tmp_path / "tokens"
-    prepare([SplitPlan("train", LocalSource(corpus, "train"))],
-            PrepareOptions(out=out, tokenizer_path=tok, workers=0, shard_tokens=500, progress=False,
-                           log=lambda *_: None))
+    prepare_quietly(corpus, tok, out, shard_tokens=500, splits=("train",))
     cfg = DataConfig(prepared_dir=str(out), tokenizer=str(tok), seq_len=12, seed=5)
     mp.spawn(_rank_main, args=(2, _free_port(), cfg), nprocs=2, join=True)

@@ -9,10 +9,13 @@ import pathlib
 import numpy as np
 import pytest
 
-from data.prepare import PrepareOptions, SplitPlan, prepare
-from data.sources import LocalSource
-from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
-from data.tokenizer import EOS_ID, DataError, load_tokenizer, sha256_file
+import data.preparation.prepare as prepare_module
+from data.errors import DataError
+from data.files import sha256_file
+from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
+from data.preparation.sources import LocalSource
+from data.tokenizer import EOS_ID, load_tokenizer, token_dtype
+from tests.helpers.corpus import make_texts, split_tokens, tiny_tokenizer, write_corpus
 
 TRAIN = make_texts(120, seed=1)
 VAL = make_texts(20, seed=2)
@@ -26,20 +29,36 @@ def assets(tmp_path_factory):
     return tok, corpus
 
 
-def run(tok, corpus, out, *, workers=0, shard_tokens=1000, max_tokens=None, max_docs=None, val_tokens=None,
-        splits=("train", "validation"), source=None):
+def run(
+    tok,
+    corpus,
+    out,
+    *,
+    workers=0,
+    shard_tokens=1000,
+    max_tokens=None,
+    max_docs=None,
+    val_tokens=None,
+    splits=("train", "validation"),
+    source=None,
+):
     plans = []
     for split in splits:
         src = source if source is not None else LocalSource(corpus, split)
         limit = max_tokens if split == "train" else val_tokens
         plans.append(SplitPlan(split, src, max_tokens=limit, max_docs=max_docs if split == "train" else None))
-    return prepare(plans, PrepareOptions(out=out, tokenizer_path=tok, workers=workers, shard_tokens=shard_tokens,
-                                         batch_docs=16, progress=False, log=lambda *_: None))
-
-
-def stream(out: pathlib.Path, manifest: dict, split: str) -> np.ndarray:
-    dtype = np.dtype(manifest["dtype"])
-    return np.concatenate([np.fromfile(out / s["file"], dtype=dtype) for s in manifest["splits"][split]["shards"]])
+    return prepare(
+        plans,
+        PrepareOptions(
+            out=out,
+            tokenizer_path=tok,
+            workers=workers,
+            shard_tokens=shard_tokens,
+            batch_docs=16,
+            progress=False,
+            log=lambda *_: None,
+        ),
+    )
 
 
 def expected_stream(tok, texts) -> np.ndarray:
@@ -49,9 +68,9 @@ def expected_stream(tok, texts) -> np.ndarray:
 
 def test_ids_equal_direct_sentencepiece_plus_eos(assets, tmp_path):
     tok, corpus = assets
-    m = run(tok, corpus, tmp_path / "out")
-    np.testing.assert_array_equal(stream(tmp_path / "out", m, "train"), expected_stream(tok, TRAIN))
-    np.testing.assert_array_equal(stream(tmp_path / "out", m, "validation"), expected_stream(tok, VAL))
+    run(tok, corpus, tmp_path / "out")
+    np.testing.assert_array_equal(split_tokens(tmp_path / "out", "train"), expected_stream(tok, TRAIN))
+    np.testing.assert_array_equal(split_tokens(tmp_path / "out", "validation"), expected_stream(tok, VAL))
 
 
 def test_manifest_content(assets, tmp_path):
@@ -93,12 +112,12 @@ def test_limits(assets, tmp_path):
     train = m["splits"]["train"]
     # Stops at the first document boundary at or past the limit.
     assert 2500 <= train["tokens"] < 2500 + 200
-    np.testing.assert_array_equal(stream(tmp_path / "a", m, "train"), full[: train["tokens"]])
-    assert stream(tmp_path / "a", m, "train")[-1] == EOS_ID
+    np.testing.assert_array_equal(split_tokens(tmp_path / "a", "train"), full[: train["tokens"]])
+    assert split_tokens(tmp_path / "a", "train")[-1] == EOS_ID
     assert 300 <= m["splits"]["validation"]["tokens"] < 500
     m = run(tok, corpus, tmp_path / "b", max_docs=7)
     assert m["splits"]["train"]["docs"] == 7
-    np.testing.assert_array_equal(stream(tmp_path / "b", m, "train"), expected_stream(tok, TRAIN[:7]))
+    np.testing.assert_array_equal(split_tokens(tmp_path / "b", "train"), expected_stream(tok, TRAIN[:7]))
 
 
 class _Interrupting:
@@ -172,15 +191,25 @@ def _write_raw_shard(path: pathlib.Path, lines: list[bytes]) -> None:
 def test_bad_records_are_skipped_and_counted(assets, tmp_path):
     tok, _ = assets
     good = [json.dumps({"text": t, "url": "u", "timestamp": "t"}).encode() for t in TRAIN[:4]]
-    lines = [good[0], b'{"text": "unterminated', good[1], json.dumps({"url": "no text"}).encode(),
-             json.dumps({"text": 5}).encode(), b"[1, 2]", "{\"text\": \"caf\xe9\"}".encode("latin-1"),
-             json.dumps({"text": "   "}).encode(), good[2], b"", good[3]]
+    lines = [
+        good[0],
+        b'{"text": "unterminated',
+        good[1],
+        json.dumps({"url": "no text"}).encode(),
+        json.dumps({"text": 5}).encode(),
+        b"[1, 2]",
+        '{"text": "caf\xe9"}'.encode("latin-1"),
+        json.dumps({"text": "   "}).encode(),
+        good[2],
+        b"",
+        good[3],
+    ]
     _write_raw_shard(tmp_path / "c" / "en" / "c4-train.00000-of-00001.json.gz", lines)
     m = run(tok, tmp_path / "c", tmp_path / "out", splits=("train",))
     train = m["splits"]["train"]
     assert train["skipped"] == {"invalid_json": 1, "missing_text": 3, "not_utf8": 1, "empty": 1}
     assert train["docs"] == 4
-    np.testing.assert_array_equal(stream(tmp_path / "out", m, "train"), expected_stream(tok, TRAIN[:4]))
+    np.testing.assert_array_equal(split_tokens(tmp_path / "out", "train"), expected_stream(tok, TRAIN[:4]))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
@@ -203,12 +232,9 @@ def test_corrupt_gzip_stops_without_finalizing_a_shard(assets, tmp_path, damage)
 
 def test_uint32_when_vocab_exceeds_uint16(assets, tmp_path, monkeypatch):
     # Training a >65536-piece model is slow; fake the vocab size and check the dtype choice end to end.
-    from data import prepare as prep_mod
-    from data import tokenizer as tok_mod
-
-    assert tok_mod.token_dtype(65536) == np.uint16 and tok_mod.token_dtype(65537) == np.uint32
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
     tok, corpus = assets
-    monkeypatch.setattr(prep_mod, "token_dtype", lambda v: np.dtype(np.uint32))
+    monkeypatch.setattr(prepare_module, "token_dtype", lambda v: np.dtype(np.uint32))
     m = run(tok, corpus, tmp_path / "out", splits=("train",))
     assert m["dtype"] == "uint32"
-    np.testing.assert_array_equal(stream(tmp_path / "out", m, "train"), expected_stream(tok, TRAIN))
+    np.testing.assert_array_equal(split_tokens(tmp_path / "out", "train"), expected_stream(tok, TRAIN))

@@ -7,11 +7,10 @@ import json
 
 import pytest
 
-from data import c4_format
-from data.prepare import PrepareOptions, SplitPlan, prepare
-from data.sources import HubSource, LocalSource, make_source, resolve_local_files
-from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
-from data.tokenizer import DataError
+from data.errors import DataError
+from data.preparation import c4_format
+from data.preparation.sources import HubSource, LocalSource, make_source, resolve_local_files
+from tests.helpers.corpus import make_texts, prepare_quietly, tiny_tokenizer, write_corpus
 
 TRAIN = make_texts(90, seed=11)
 VAL = make_texts(12, seed=12)
@@ -29,8 +28,9 @@ def texts(source, cursor=None):
 def test_resolve_local_files(corpus):
     files = resolve_local_files(corpus, "train")
     assert [p.name for p in files] == [c4_format.shard_name("train", i, 4) for i in range(4)]
-    assert [p.name for p in resolve_local_files(str(corpus / "en" / "c4-validation.*.json.gz"), "validation")] == \
-        [c4_format.shard_name("validation", i, 2) for i in range(2)]
+    assert [p.name for p in resolve_local_files(str(corpus / "en" / "c4-validation.*.json.gz"), "validation")] == [
+        c4_format.shard_name("validation", i, 2) for i in range(2)
+    ]
     assert resolve_local_files(str(corpus / "en" / "c4-validation.*.json.gz"), "train") == []
     with pytest.raises(DataError, match="no train shards found.*fetch_assets"):
         LocalSource(corpus / "missing", "train")
@@ -61,16 +61,14 @@ def test_prepare_via_hf_reader_equals_gzip_reader(corpus, tmp_path, monkeypatch)
     tok = tiny_tokenizer(tmp_path / "tiny.model", TRAIN)
     sums = []
     for reader in ("gzip", "hf"):
-        m = prepare([SplitPlan("train", LocalSource(corpus, "train", reader))],
-                    PrepareOptions(out=tmp_path / reader, tokenizer_path=tok, workers=0, shard_tokens=800,
-                                   progress=False, log=lambda *_: None))
+        m = prepare_quietly(corpus, tok, tmp_path / reader, shard_tokens=800, splits=("train",), reader=reader)
         sums.append(m["splits"]["train"]["checksum"])
     assert sums[0] == sums[1]
 
 
 def test_hub_source_uses_the_same_loader(monkeypatch):
     """`--source hf` calls load_dataset('allenai/c4', 'en', streaming=True) through the same function."""
-    import datasets
+    import datasets  # the optional `hf` extra: only the tests that need it import it
 
     calls = []
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
+from data.errors import DataError
+from data.files import sha256_file
 from data.paths import REPO_ROOT, resolve_path, t5_tokenizer_path
-from data.prepare import encode_texts
-from data.spm_train import train_sentencepiece
+from data.preparation.encoding import encode_texts
+from data.preparation.tokenizer_training import train_sentencepiece
+from data.tokenizer import EOS_ID, check_tokenizer_matches, load_tokenizer, resolve_tokenizer_path, token_dtype
 from tests.helpers.corpus import make_texts, tiny_tokenizer
-from data.tokenizer import (EOS_ID, DataError, check_tokenizer_matches, load_tokenizer, resolve_tokenizer_path,
-                            sha256_file, token_dtype)
 
 TEXTS = make_texts(60, seed=31) + ["Ünïcödé café 中文 — and emoji 🙂.", "", "  two  spaces\nand a newline "]
 
@@ -45,8 +47,9 @@ def test_token_dtype():
 
 
 def test_trained_model_has_t5_ids_and_pipeline_matches_sentencepiece(tmp_path):
-    path = train_sentencepiece(TEXTS, tmp_path / "bpe.model", vocab_size=400, model_type="bpe",
-                               character_coverage=1.0, byte_fallback=True)
+    path = train_sentencepiece(
+        TEXTS, tmp_path / "bpe.model", vocab_size=400, model_type="bpe", character_coverage=1.0, byte_fallback=True
+    )
     sp = load_tokenizer(path)
     assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
     assert sp.vocab_size() == 400
@@ -57,10 +60,9 @@ def test_trained_model_has_t5_ids_and_pipeline_matches_sentencepiece(tmp_path):
 
 
 def test_tokenizer_without_t5_ids_is_rejected(tmp_path):
-    import sentencepiece as spm
-
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS), model_prefix=str(tmp_path / "plain"),
-                                   vocab_size=120, minloglevel=2)  # default ids: unk 0, bos 1, eos 2
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS), model_prefix=str(tmp_path / "plain"), vocab_size=120, minloglevel=2
+    )  # default ids: unk 0, bos 1, eos 2
     with pytest.raises(DataError, match="eos_id=2.*train_tokenizer.py"):
         load_tokenizer(tmp_path / "plain.model")
 
@@ -76,8 +78,6 @@ def test_real_t5_ids_through_the_pipeline():
     path = t5_tokenizer_path()
     if not path.is_file():
         pytest.skip("T5 tokenizer not cached (run tools/fetch_assets.py; the test command does)")
-    import sentencepiece as spm
-
     direct = spm.SentencePieceProcessor(model_file=str(path))
     sp = load_tokenizer(path)
     assert sp.vocab_size() == 32000 and token_dtype(sp.vocab_size()) == np.uint16

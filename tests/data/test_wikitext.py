@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from data.wikitext import iter_wiki_articles, strip_wiki_markup
+from data.assets.wikitext import iter_wiki_articles, strip_wiki_markup
 
 
 def test_strips_markup_and_keeps_prose():
@@ -15,8 +15,8 @@ def test_strips_markup_and_keeps_prose():
         "== Early life ==\n"
         "<!-- hidden note -->Born in ''1815'' &ndash; see [http://example.com the site] and [http://bare.org].\n"
         "[[File:Ada.jpg|thumb|A [[portrait]] of Ada]]\n"
-        "{| class=\"wikitable\"\n|-\n| cell || {| nested |} \n|}\n"
-        "* First item\n# Second <span style=\"x\">item</span>\n"
+        '{| class="wikitable"\n|-\n| cell || {| nested |} \n|}\n'
+        '* First item\n# Second <span style="x">item</span>\n'
         "<math>x^2</math>E = mc<sup>2</sup>&nbsp;ok\n"
         "[[Category:Mathematicians]]\n[[de:Ada Lovelace]]\n__NOTOC__"
     )
@@ -34,15 +34,19 @@ def test_iter_articles_skips_redirects_other_namespaces_and_stubs():
 
     def page(title, ns, text, redirect=False):
         red = '<redirect title="T" />' if redirect else ""
-        return (f"<page><title>{title}</title><ns>{ns}</ns><id>1</id>{red}<revision><timestamp>2016-01-01T00:00:00Z"
-                f"</timestamp><text xml:space=\"preserve\">{text}</text></revision></page>")
+        return (
+            f"<page><title>{title}</title><ns>{ns}</ns><id>1</id>{red}<revision><timestamp>2016-01-01T00:00:00Z"
+            f'</timestamp><text xml:space="preserve">{text}</text></revision></page>'
+        )
 
-    xml = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">'
-           + page("Good", 0, "'''Good''' " + body + " [[Link|label]] &lt;ref&gt;gone&lt;/ref&gt;")
-           + page("Talk:Good", 1, body)
-           + page("Redir", 0, "#REDIRECT [[Good]]", redirect=True)
-           + page("Stub", 0, "short")
-           + "</mediawiki>")
+    xml = (
+        '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">'
+        + page("Good", 0, "'''Good''' " + body + " [[Link|label]] &lt;ref&gt;gone&lt;/ref&gt;")
+        + page("Talk:Good", 1, body)
+        + page("Redir", 0, "#REDIRECT [[Good]]", redirect=True)
+        + page("Stub", 0, "short")
+        + "</mediawiki>"
+    )
     arts = list(iter_wiki_articles(io.BytesIO(xml.encode())))
     assert [(t, ts) for t, ts, _ in arts] == [("Good", "2016-01-01T00:00:00Z")]
     assert arts[0][2].startswith("Good Some prose") and arts[0][2].endswith("label")

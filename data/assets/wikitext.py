@@ -11,7 +11,8 @@ from __future__ import annotations
 import html
 import re
 import xml.etree.ElementTree as ET
-from typing import IO, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO
 
 _FLAGS = re.DOTALL | re.IGNORECASE
 _COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
@@ -40,29 +41,26 @@ _SPACES = re.compile(r"[ \t\u00a0]+")
 _BLANKS = re.compile(r"\n\s*\n+")
 
 
-def _until_stable(pattern: re.Pattern, repl, text: str) -> str:
-    """Apply a substitution until nothing changes (peels nested constructs inside-out)."""
+def _until_stable(step: Callable[[str], str], text: str) -> str:
+    """Apply `step` until nothing changes (peels nested constructs inside-out)."""
     while True:
-        new = pattern.sub(repl, text)
+        new = step(text)
         if new == text:
             return text
         text = new
 
 
-def _links(text: str) -> str:
+def _label_unless_namespaced(link: re.Match[str]) -> str:
+    """A plain link's label (group 1); a namespaced one ([[File:...]]) stays for _NAMESPACED_LINK to drop."""
+    return link.group(0) if _NAMESPACED_LINK.fullmatch(link.group(0)) else link.group(1)
+
+
+def _links_once(text: str) -> str:
     # Nested links ([[File:x|a [[b]] c]]): resolve inner plain links first, then drop
-    # namespaced ones whose content has no brackets left; repeat.
-    while True:
-        new = _LINK_WITH_LABEL.sub(lambda m: m.group(0) if _is_namespaced(m.group(0)) else m.group(1), text)
-        new = _LINK.sub(lambda m: m.group(0) if _is_namespaced(m.group(0)) else m.group(1), new)
-        new = _NAMESPACED_LINK.sub("", new)
-        if new == text:
-            return text
-        text = new
-
-
-def _is_namespaced(link: str) -> bool:
-    return _NAMESPACED_LINK.fullmatch(link) is not None
+    # namespaced ones whose content has no brackets left (repeated by _until_stable).
+    text = _LINK_WITH_LABEL.sub(_label_unless_namespaced, text)
+    text = _LINK.sub(_label_unless_namespaced, text)
+    return _NAMESPACED_LINK.sub("", text)
 
 
 def strip_wiki_markup(text: str) -> str:
@@ -71,9 +69,9 @@ def strip_wiki_markup(text: str) -> str:
     text = _REF.sub("", text)
     text = _DROP_BLOCKS.sub("", text)
     text = _PARAM.sub("", text)
-    text = _until_stable(_TEMPLATE, "", text)
-    text = _until_stable(_TABLE, "", text)
-    text = _links(text)
+    text = _until_stable(lambda t: _TEMPLATE.sub("", t), text)
+    text = _until_stable(lambda t: _TABLE.sub("", t), text)
+    text = _until_stable(_links_once, text)
     text = _EXT_LINK_LABEL.sub(r"\1", text)
     text = _EXT_LINK_BARE.sub("", text)
     text = html.unescape(text)  # &nbsp; &ndash; ... (after the XML layer's own unescaping)
@@ -94,7 +92,10 @@ def strip_wiki_markup(text: str) -> str:
 
 def iter_wiki_articles(xml_file: IO[bytes], min_chars: int = 200) -> Iterator[tuple[str, str, str]]:
     """(title, timestamp, plain text) for each main-namespace, non-redirect article."""
-    title = ns = timestamp = text = None
+    title: str | None = None
+    ns: str | None = None
+    timestamp: str | None = None
+    text: str | None = None
     redirect = False
     for _event, elem in ET.iterparse(xml_file, events=("end",)):
         tag = elem.tag.rsplit("}", 1)[-1]  # drop the XML namespace
@@ -109,10 +110,11 @@ def iter_wiki_articles(xml_file: IO[bytes], min_chars: int = 200) -> Iterator[tu
         elif tag == "text":
             text = elem.text or ""
         elif tag == "page":
-            if ns == "0" and not redirect and not text.lstrip().lower().startswith("#redirect"):
-                plain = strip_wiki_markup(text)
+            body = text or ""  # a page without <text> has no prose: stripped to "", below min_chars
+            if ns == "0" and not redirect and not body.lstrip().lower().startswith("#redirect"):
+                plain = strip_wiki_markup(body)
                 if len(plain) >= min_chars:
-                    yield title, timestamp or "", plain
+                    yield title or "", timestamp or "", plain
             title = ns = timestamp = text = None
             redirect = False
             elem.clear()

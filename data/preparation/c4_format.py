@@ -21,11 +21,11 @@ import os
 import pathlib
 import re
 import zlib
-from typing import Iterable, Iterator
+from collections.abc import Iterator
 
-from data.tokenizer import DataError
+from data.errors import DataError
+from data.files import partial_path
 
-SPLITS = ("train", "validation")
 _NAME = re.compile(r"c4-(train|validation)\.(\d+)-of-(\d+)\.json\.gz$")
 
 # Kinds of skipped input records (keys of the "skipped" counters).
@@ -39,7 +39,7 @@ def shard_name(split: str, index: int, total: int) -> str:
 
 
 def split_of(path: str | os.PathLike) -> str | None:
-    """"train"/"validation" from a C4 file name, None if it is not named like one."""
+    """ "train"/"validation" from a C4 file name, None if it is not named like one."""
     m = _NAME.search(pathlib.Path(path).name)
     return m.group(1) if m else None
 
@@ -51,7 +51,7 @@ def write_shards(records: list[dict], out_dir: pathlib.Path, split: str, n_shard
     per = -(-len(records) // n_shards)
     for i in range(n_shards):
         path = out_dir / shard_name(split, i, n_shards)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = partial_path(path)
         with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
             for rec in records[i * per : (i + 1) * per]:
                 gz.write(json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n")
@@ -92,11 +92,3 @@ def iter_records(path: str | os.PathLike, start_line: int = 0) -> Iterator[tuple
             "file cannot be read, so preparation stopped instead of writing a silently truncated shard "
             "(finished shards are kept). Fix: re-download this file (or remove it from --source) and re-run."
         ) from exc
-
-
-def iter_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
-    """The valid documents' text of several files, in order (bad records skipped)."""
-    for path in paths:
-        for _, text, _ in iter_records(path):
-            if text is not None:
-                yield text

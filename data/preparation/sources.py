@@ -17,15 +17,33 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any, Protocol
 
-from data import c4_format
-from data.tokenizer import DataError
+from data.errors import DataError
+from data.preparation import c4_format
 
 HUB_PATH = "allenai/c4"
 HUB_NAME = "en"
 
-Event = tuple[object, "str | None", "str | None"]
+Event = tuple[Any, str | None, str | None]
+"""(cursor after the record, its text or None, the skip kind or None)."""
+
+
+class Source(Protocol):
+    """What preparation reads (LocalSource, HubSource, or a test's wrapper)."""
+
+    def describe(self) -> dict:
+        """JSON-able identity, kept in the manifest: resuming with a different one is refused."""
+        ...
+
+    def progress(self) -> float:
+        """Fraction of the input read so far (0 when unknown), for the progress bar's estimate."""
+        ...
+
+    def events(self, cursor: Any = None) -> Iterator[Event]:
+        """One event per input record, from `cursor` (None: the start) on."""
+        ...
 
 
 def resolve_local_files(spec: str | os.PathLike, split: str) -> list[pathlib.Path]:
@@ -90,9 +108,13 @@ class LocalSource:
         self._files_done = 0
 
     def describe(self) -> dict:
-        return {"kind": "local", "reader": self.reader, "split": self.split,
-                "files": [str(p) for p in self.files],
-                "sizes": [p.stat().st_size for p in self.files]}
+        return {
+            "kind": "local",
+            "reader": self.reader,
+            "split": self.split,
+            "files": [str(p) for p in self.files],
+            "sizes": [p.stat().st_size for p in self.files],
+        }
 
     def progress(self) -> float:
         """Fraction of input files fully read (for the ETA when no limit is given)."""
@@ -127,7 +149,7 @@ class HubSource:
         yield from hf_texts(load_hf_stream(self.path, name=self.name, split=self.split), skip=cursor or 0)
 
 
-def make_source(spec: str, split: str, reader: str = "gzip"):
+def make_source(spec: str, split: str, reader: str = "gzip") -> LocalSource | HubSource:
     """`hf` -> the hub; anything else -> local shards (directory or glob)."""
     if spec == "hf":
         return HubSource(split)

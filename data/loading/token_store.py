@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from data.tokenizer import DataError
+from data.errors import DataError
 
 
 class TokenStore:
@@ -22,7 +22,7 @@ class TokenStore:
         shards = [s for s in split_info["shards"] if s["tokens"] > 0]  # np.memmap cannot map empty files
         self.paths = [prepared_dir / s["file"] for s in shards]
         self.counts = np.array([s["tokens"] for s in shards], dtype=np.int64)
-        for path, n in zip(self.paths, self.counts):
+        for path, n in zip(self.paths, self.counts, strict=True):
             expected = int(n) * self.dtype.itemsize
             if not path.is_file() or path.stat().st_size != expected:
                 found = path.stat().st_size if path.is_file() else "missing"

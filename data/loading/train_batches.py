@@ -1,35 +1,41 @@
 """Training batches: a map-style dataset indexed by step, read through a torch DataLoader.
 
-See data/windows.py for the windows and their order. Item `s` of the dataset is this
+See window_order.py for the windows and their order. Item `s` of the dataset is this
 rank's slice of global batch s, as (inputs, targets) int64 tensors of shape
 (global_batch // world_size, seq_len), targets = inputs shifted by one token. A sampler
 counting up from start_step drives a DataLoader (cfg.num_workers workers, pinned memory
 on CUDA): batches arrive in step order whatever the worker count, and resuming is just
 starting the count at the checkpoint's step.
+
+As a checkpoint component TrainBatches has nothing to restore: the order is a function of
+the config and the data. state_dict() is the identity of that order (no step; the trainer
+stores the step once and passes it to batches()), and load_state_dict() refuses a
+checkpoint whose order differs.
 """
 
 from __future__ import annotations
 
 import itertools
 import signal
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.config import DataConfig
-from data.prepared import open_split
-from data.token_store import TokenStore
-from data.tokenizer import DataError
-from data.windows import WindowOrder, count_windows, permutation_fingerprint, rank_slice
+from data.errors import DataError
+from data.loading.prepared_split import open_split
+from data.loading.token_store import TokenStore
+from data.loading.window_order import WindowOrder, count_windows, permutation_fingerprint, rank_slice
 
 
 class StepDataset(Dataset):
     """step -> this rank's (inputs, targets) of the global batch at that step."""
 
-    def __init__(self, store: TokenStore, n_windows: int, seed: int, seq_len: int, global_batch: int,
-                 rank: int, world_size: int):
+    def __init__(
+        self, store: TokenStore, n_windows: int, seed: int, seq_len: int, global_batch: int, rank: int, world_size: int
+    ):
         self.store, self.seq_len, self.global_batch = store, seq_len, global_batch
         self.order = WindowOrder(n_windows, seed)
         self.lo, self.hi = rank_slice(global_batch, rank, world_size)
@@ -38,10 +44,10 @@ class StepDataset(Dataset):
         base = step * self.global_batch
         windows = self.order.windows(base + self.lo, base + self.hi)
         rows = np.empty((len(windows), self.seq_len + 1), dtype=np.int64)
-        for row, w in zip(rows, windows):
+        for row, w in zip(rows, windows, strict=True):
             self.store.read_into(row, int(w) * self.seq_len)
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        tokens = torch.from_numpy(rows)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -65,8 +71,9 @@ class _StepsFrom(Sampler):
 class TrainBatches:
     """This rank's training batches for `global_batch` windows per step (see module doc)."""
 
-    def __init__(self, cfg: DataConfig, *, global_batch: int, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False):
+    def __init__(
+        self, cfg: DataConfig, *, global_batch: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+    ):
         if global_batch < 1 or world_size < 1 or global_batch % world_size:
             raise DataError(
                 f"global_batch={global_batch} is not divisible by world_size={world_size}. Fix: choose a global "
@@ -90,28 +97,46 @@ class TrainBatches:
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's (inputs, targets) for steps start_step, start_step+1, ... (forever)."""
-        loader = DataLoader(self.dataset, batch_size=None, sampler=_StepsFrom(start_step),
-                            num_workers=self.cfg.num_workers, pin_memory=self.pin_memory,
-                            persistent_workers=False,
-                            worker_init_fn=_ignore_stop_signals if self.cfg.num_workers else None)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            sampler=_StepsFrom(start_step),
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals if self.cfg.num_workers else None,
+        )
         return iter(loader)
 
-    def state(self, step: int) -> dict:
-        """Plain data for the checkpoint: where training is and which data it was on."""
-        position = step * self.global_batch
-        return {"step": step, "epoch": position // self.n_windows, "position": position,
-                "tokens_seen": step * self.tokens_per_step, "seed": self.cfg.seed, "seq_len": self.cfg.seq_len,
-                "global_batch": self.global_batch, "n_windows": self.n_windows,
-                "manifest_checksum": self.checksum, "permutation": self._fingerprint}
+    def state_dict(self) -> dict[str, str | int]:
+        """The identity of the sample order, for the checkpoint (plain str/int values).
 
-    def check_resume(self, state: dict) -> None:
-        """Raise if resuming from `state` would not continue the same sample sequence."""
-        now = self.state(int(state.get("step", 0)))
-        keys = ("manifest_checksum", "n_windows", "seed", "seq_len", "global_batch", "permutation")
-        diffs = [f"{k}: checkpoint {state[k]!r} != now {now[k]!r}" for k in keys if k in state and state[k] != now[k]]
+        Only what fixes which windows every step reads: the data (manifest checksum, window
+        count), the order's recipe (seed, seq_len, global batch) and a fingerprint of numpy's
+        permutation. No step: the checkpoint stores it once, and batches(step) resumes there.
+        """
+        return {
+            "manifest_checksum": self.checksum,
+            "n_windows": self.n_windows,
+            "seed": self.cfg.seed,
+            "seq_len": self.cfg.seq_len,
+            "global_batch": self.global_batch,
+            "permutation": self._fingerprint,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Raise DataError if resuming from `state` would not continue the same sample order.
+
+        Nothing is restored (the order is a function of the config and the data); only the keys
+        of state_dict() are compared, so older checkpoints' extra keys (step, epoch, position,
+        tokens_seen) are accepted and ignored.
+        """
+        now = self.state_dict()
+        diffs = [f"{k}: checkpoint {state[k]!r} != now {v!r}" for k, v in now.items() if k in state and state[k] != v]
         if diffs:
             raise DataError(
                 "the data changed since this checkpoint, so resuming would not continue its sample order ("
-                + "; ".join(diffs) + "). Fix: resume with the checkpoint's data config (prepared_dir, seq_len, "
+                + "; ".join(diffs)
+                + "). Fix: resume with the checkpoint's data config (prepared_dir, seq_len, "
                 "seed, global batch) and data, or start a new run."
             )

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from data.config import DataConfig
-from data.prepared import open_split
-from data.tokenizer import DataError
-from data.windows import count_windows
+from data.errors import DataError
+from data.loading.prepared_split import open_split
+from data.loading.window_order import count_windows
 
 
 def validation_batches(cfg: DataConfig, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -26,8 +26,11 @@ def validation_batches(cfg: DataConfig, batch_size: int) -> list[tuple[torch.Ten
     _, _, store = open_split(cfg, "validation")
     n_tokens = min(cfg.val_tokens, store.n_tokens)
     if n_tokens < cfg.val_tokens:
-        warnings.warn(f"validation split has {store.n_tokens:,} tokens < data.val_tokens={cfg.val_tokens:,}; "
-                      "evaluating on all of them (prepare with a larger --val_tokens for more)", stacklevel=2)
+        warnings.warn(
+            f"validation split has {store.n_tokens:,} tokens < data.val_tokens={cfg.val_tokens:,}; "
+            "evaluating on all of them (prepare with a larger --val_tokens for more)",
+            stacklevel=2,
+        )
     n = count_windows(n_tokens, cfg.seq_len)
     if n < 1:
         raise DataError(
@@ -37,5 +40,7 @@ def validation_batches(cfg: DataConfig, batch_size: int) -> list[tuple[torch.Ten
     tokens = store.read(0, n * cfg.seq_len + 1)
     starts = np.arange(n) * cfg.seq_len
     rows = torch.from_numpy(tokens[starts[:, None] + np.arange(cfg.seq_len + 1)])
-    return [(rows[i : i + batch_size, :-1].contiguous(), rows[i : i + batch_size, 1:].contiguous())
-            for i in range(0, n, batch_size)]
+    return [
+        (rows[i : i + batch_size, :-1].contiguous(), rows[i : i + batch_size, 1:].contiguous())
+        for i in range(0, n, batch_size)
+    ]

