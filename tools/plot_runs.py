@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.metrics import read_metrics  # noqa: E402
+from trainer.metrics import read_metrics
 
 
 def series(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
