@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
+from tests.helpers.runs import REPO
 from trainer.config import ConfigError, help_text, load_config, parse_overrides, save_config, section_classes
 from trainer.config_parsing import field_docs
 
@@ -130,3 +131,13 @@ def test_the_global_batch_must_split_over_the_ranks(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"must split into 2 rank\(s\) x whole micro-batches"):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (REPO / "configs").rglob("*.yaml") if "sweeps" not in p.parts),
+    ids=lambda p: str(p.relative_to(REPO / "configs")),
+)
+def test_every_shipped_config_passes_validation(path):
+    """Including the optimizer's own rules (keys it does not read, ranges, cross-key constraints)."""
+    load_config(path)
