@@ -47,7 +47,8 @@ from typing import Optional
 
 import torch
 
-from optim.projector import FP32StateOptimizer
+from optim.fp32_state import FP32StateOptimizer
+from optim.projector import ProjectorCounters
 
 MOMENTUM_STYLES = ("adam", "hf")
 
@@ -127,8 +128,11 @@ def step_size(group: dict, t: int, param: torch.Tensor):
     return rho
 
 
-class Adafactor(FP32StateOptimizer):
-    """Adafactor with the switches of the module docstring (all per parameter group)."""
+class Adafactor(ProjectorCounters, FP32StateOptimizer):
+    """Adafactor with the switches of the module docstring (all per parameter group).
+
+    The projector counters (`proj_updates`, `svd_failures`) stay 0 here; they count for the
+    subclasses that project (GaLoreAdafactor, AdaMeM)."""
 
     def __init__(
         self,

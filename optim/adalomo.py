@@ -24,7 +24,8 @@ With nmf-1 and grouped normalisation one step equals HF transformers' Adafactor(
 eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=wd,
 scale_parameter=True, relative_step=False) and lomo_optim.AdaLomo (tests/test_adalomo.py).
 
-State (all in `optimizer.state`, so checkpoints resume exactly): `step` and the factors,
+State (all in `optimizer.state`, fp32 whatever the parameter dtype and kept fp32 on
+`load_state_dict` (optim.fp32_state), so checkpoints resume exactly): `step` and the factors,
 m + n floats per m x n matrix (nmf-1), (m + n) r for rank r, n per vector.
 Cost per m x n matrix: O(mn) elementwise (nmf-1), plus O(mnr) per factorisation iteration.
 
@@ -50,6 +51,7 @@ from torch import nn
 
 from optim import factorization as fac
 from optim.config import OptimConfig
+from optim.fp32_state import FP32StateOptimizer
 from optim.param_groups import decay_split_groups
 from optim.registry import OptimizerSpec, register
 
@@ -57,7 +59,7 @@ UPDATE_NORMS = ("grouped", "none", "layerwise", "global")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-class AdaLomo(torch.optim.Optimizer):
+class AdaLomo(FP32StateOptimizer):
     def __init__(
         self,
         params,

@@ -39,7 +39,8 @@ from typing import Optional
 import torch
 
 from optim.adafactor import Adafactor, step_size
-from optim.projector import FP32StateOptimizer, project, project_back, projection_side, refresh_projector
+from optim.fp32_state import FP32StateOptimizer
+from optim.projector import ProjectorCounters, project, project_back, projection_side, refresh_projector
 
 LOWRANK_DEFAULTS = dict(rank=None, update_proj_gap=200, scale=1.0, proj_type="std", svd_method="exact",
                         moments_on_proj_change="keep")
@@ -67,7 +68,7 @@ def _name_of(group: dict, p: torch.Tensor) -> str:
     return "?"
 
 
-class GaLoreAdamW(FP32StateOptimizer):
+class GaLoreAdamW(ProjectorCounters, FP32StateOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  correct_bias: bool = True, **lowrank):
         unknown = set(lowrank) - set(LOWRANK_DEFAULTS)

@@ -195,27 +195,10 @@ def refresh_projector(
     return True
 
 
-class FP32StateOptimizer(torch.optim.Optimizer):
-    """Base of this package's optimizers: fp32 state kept fp32 across `load_state_dict`.
-
-    torch.optim.Optimizer.load_state_dict casts floating state tensors to the parameter's dtype;
-    our state (moments, statistics, projectors) is fp32 by design whatever the parameter dtype,
-    so floating tensors are restored as saved (moved to the parameter's device only). Also sums
-    the SVD-failure counters kept in each parameter's state (`svd_failures`, for the logs).
-    """
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        held: dict = {}
-        stripped = {}
-        for pid, s in state_dict["state"].items():
-            stripped[pid] = {k: v for k, v in s.items() if not (torch.is_tensor(v) and v.is_floating_point())}
-            held[pid] = {k: v for k, v in s.items() if torch.is_tensor(v) and v.is_floating_point()}
-        super().load_state_dict({**state_dict, "state": stripped})
-        for pid, p in zip(saved_ids, params):
-            for k, v in held.get(pid, {}).items():
-                self.state[p][k] = v.to(device=p.device, copy=True)
+class ProjectorCounters(torch.optim.Optimizer):
+    """Totals, over the parameters, of the counters `refresh_projector` keeps in each state:
+    `proj_updates` (basis refreshes) and `svd_failures` (SVDs that fell back, see above), for the
+    trainer's logs. A mixin for the optimizers whose state may hold a projector."""
 
     @property
     def svd_failures(self) -> int:
