@@ -49,12 +49,9 @@ import torch
 
 from optim.fp32_state import FP32StateOptimizer
 from optim.projector import ProjectorCounters
+from optim.rms import rms
 
 MOMENTUM_STYLES = ("adam", "hf")
-
-
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return x.norm(2) / (x.numel() ** 0.5)
 
 
 def second_moment_mode(shape: torch.Size, one_sided: bool) -> str:
@@ -107,7 +104,7 @@ def precondition(state: dict, prefix: str, x: torch.Tensor, mode: str, bias2: fl
 def clip_by_rms(u: torch.Tensor, clip_threshold: Optional[float]) -> torch.Tensor:
     if clip_threshold is None:
         return u
-    return u.div_((_rms(u) / clip_threshold).clamp_(min=1.0))
+    return u.div_((rms(u) / clip_threshold).clamp_(min=1.0))
 
 
 def beta2_at(group: dict, t: int) -> tuple[float, float]:
@@ -124,7 +121,7 @@ def step_size(group: dict, t: int, param: torch.Tensor):
         min_step = 1e-6 * t if group.get("warmup_init") else 1e-2
         rho = min(min_step, 1.0 / math.sqrt(t))
     if group.get("scale_parameter"):
-        return _rms(param.float()).clamp(min=group["eps2"]) * rho
+        return rms(param.float()).clamp(min=group["eps2"]) * rho
     return rho
 
 

@@ -54,6 +54,7 @@ from optim.config import OptimConfig
 from optim.fp32_state import FP32StateOptimizer
 from optim.param_groups import decay_split_groups
 from optim.registry import OptimizerSpec, register
+from optim.rms import rms
 
 UPDATE_NORMS = ("grouped", "none", "layerwise", "global")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -178,7 +179,7 @@ class AdaLomo(FP32StateOptimizer):
             u.div_(divisor)
         theta = p if p.dtype == torch.float32 else p.float()
         # Tensors throughout (no .item()): no host sync per parameter on GPU.
-        eta = (theta.norm(2) / (theta.numel() ** 0.5)).clamp_(min=group["eps2"]).mul_(group["lr"])
+        eta = rms(theta).clamp_(min=group["eps2"]).mul_(group["lr"])
         if group["weight_decay"] != 0:
             theta.mul_(1.0 - eta * group["weight_decay"])
         theta.addcmul_(u, eta, value=-1.0)
@@ -190,7 +191,7 @@ class AdaLomo(FP32StateOptimizer):
         if group["update_norm"] == "none":
             return None
         # HF's form: (||U|| / sqrt(numel)) / clip_threshold, clamped at 1.
-        return (u.norm(2) / (u.numel() ** 0.5)).div_(group["clip_threshold"]).clamp_(min=1.0)
+        return rms(u).div_(group["clip_threshold"]).clamp_(min=1.0)
 
     def _step_alone(self, p: torch.Tensor, group: dict) -> None:
         u = self._direction(p, self._fold(p, group), group)
