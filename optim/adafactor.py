@@ -33,7 +33,7 @@ Per parameter with gradient G (m x n), t = number of this parameter's steps (1 o
 
 With beta1=None, beta2_decay=-0.8, eps=0, eps1=1e-30, eps2=1e-3, clip_threshold=1,
 scale_parameter=relative_step=True this is HF `Adafactor()` with its defaults and
-`torch.optim.Adafactor(lr=1e-2)` (tests/test_optim_parity.py).
+`torch.optim.Adafactor(lr=1e-2)` (tests/optim/test_parity.py).
 
 State (fp32 whatever the parameter dtype): `step` (int), `exp_avg` (beta1), `exp_avg_sq_row`,
 `exp_avg_sq_col` (factored), `exp_avg_sq_col` or `exp_avg_sq_row` alone (one_sided),
@@ -43,12 +43,16 @@ State (fp32 whatever the parameter dtype): `step` (int), `exp_avg` (beta1), `exp
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+from torch import nn
 
+from optim.config import OptimConfig
 from optim.fp32_state import FP32StateOptimizer
+from optim.param_groups import decay_split_groups
 from optim.projector import ProjectorCounters
+from optim.registry import OptimizerSpec, register
 from optim.rms import rms
 
 MOMENTUM_STYLES = ("adam", "hf")
@@ -78,7 +82,7 @@ def update_second_moment(state: dict, prefix: str, sq: torch.Tensor, mode: str, 
         ema(prefix + "exp_avg_sq", sq)
 
 
-def precondition(state: dict, prefix: str, x: torch.Tensor, mode: str, bias2: float, eps: float) -> torch.Tensor:
+def divide_by_second_moment(state: dict, prefix: str, x: torch.Tensor, mode: str, bias2: float, eps: float) -> torch.Tensor:
     """x / (sqrt(V_hat) + eps) with V_hat from the statistics in state (see module docstring)."""
     if mode == "factored":
         row = state[prefix + "exp_avg_sq_row"]
@@ -167,7 +171,7 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         mode = second_moment_mode(g.shape, group["one_sided"])
         update_second_moment(state, prefix, (g * g).add_(group["eps1"]), mode, beta2_t)
         if group["momentum_style"] == "hf":
-            u = clip_by_rms(precondition(state, prefix, g, mode, bias2, group["eps"]), group["clip_threshold"])
+            u = clip_by_rms(divide_by_second_moment(state, prefix, g, mode, bias2, group["eps"]), group["clip_threshold"])
             u = u.mul_(lr_t)
             if beta1 is None:
                 return u
@@ -181,11 +185,11 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
                 state[prefix + "exp_avg"] = torch.zeros_like(g)
             m = state[prefix + "exp_avg"].mul_(beta1).add_(g, alpha=1.0 - beta1)
             x = m / (1.0 - beta1**t)
-        u = clip_by_rms(precondition(state, prefix, x, mode, bias2, group["eps"]), group["clip_threshold"])
+        u = clip_by_rms(divide_by_second_moment(state, prefix, x, mode, bias2, group["eps"]), group["clip_threshold"])
         return u.mul_(lr_t)
 
     @staticmethod
-    def apply(p: torch.Tensor, delta: torch.Tensor, lr_t, weight_decay: float) -> None:
+    def apply_delta(p: torch.Tensor, delta: torch.Tensor, lr_t, weight_decay: float) -> None:
         """W <- W - lr_t wd W - Delta (weight decay on the pre-update weights, as HF)."""
         if weight_decay != 0.0:
             if torch.is_tensor(lr_t):
@@ -202,7 +206,7 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         t = state["step"]
         lr_t = step_size(group, t, p)
         delta = self.adafactor_delta(p.grad.float(), state, group, t, lr_t)
-        self.apply(p, delta, lr_t, group["weight_decay"])
+        self.apply_delta(p, delta, lr_t, group["weight_decay"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -220,18 +224,16 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         return loss
 
 
-# --- registry ---------------------------------------------------------------------------------
-
-from torch import nn  # noqa: E402
-
-from optim.param_groups import decay_split_groups  # noqa: E402
-from optim.config import OptimConfig  # noqa: E402
-from optim.registry import OptimizerSpec, register  # noqa: E402
+def adafactor_kwargs(cfg: OptimConfig, momentum_style: str) -> dict[str, Any]:
+    """Adafactor's constructor keywords from `cfg`; `momentum_style` is the optimizer's reference
+    style, used when optim.momentum_style is null."""
+    return dict(lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, beta2_decay=cfg.beta2_decay, eps=cfg.eps,
+                eps1=cfg.eps1, eps2=cfg.eps2, clip_threshold=cfg.clip_threshold,
+                scale_parameter=cfg.scale_parameter, relative_step=cfg.relative_step, warmup_init=cfg.warmup_init,
+                one_sided=cfg.one_sided, momentum_style=cfg.momentum_style or momentum_style)
 
 
 @register("adafactor")
 def build_adafactor(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
     """optim.beta1 null = Adafactor without momentum, a float = the paper's Adam-like momentum."""
-    from optim.galore import adafactor_kwargs
-
     return OptimizerSpec(Adafactor, decay_split_groups(model, cfg), adafactor_kwargs(cfg, momentum_style="adam"))

@@ -22,7 +22,7 @@ Per parameter theta with gradient g (fp32), global step t = 1, 2, ...:
 
 With nmf-1 and grouped normalisation one step equals HF transformers' Adafactor(lr,
 eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=wd,
-scale_parameter=True, relative_step=False) and lomo_optim.AdaLomo (tests/test_adalomo.py).
+scale_parameter=True, relative_step=False) and lomo_optim.AdaLomo (tests/optim/test_adalomo.py).
 
 State (all in `optimizer.state`, fp32 whatever the parameter dtype and kept fp32 on
 `load_state_dict` (optim.fp32_state), so checkpoints resume exactly): `step` and the factors,
@@ -149,7 +149,7 @@ class AdaLomo(FP32StateOptimizer):
         """U = g / sqrt(V) from the (already updated) state."""
         state = self.state[p]
         if grad.dim() >= 2:
-            return fac.precondition(state, grad, group["eps1"])
+            return fac.divide_by_sqrt_approx(state, grad, group["eps1"])
         return state["exp_avg_sq"].rsqrt().mul_(grad)
 
     @torch.no_grad()

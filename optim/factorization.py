@@ -112,7 +112,7 @@ def update(state: dict, u: torch.Tensor, beta: float, first: bool, method: str, 
         raise ValueError(f"unknown factorization {method!r}; expected one of {METHODS}")
 
 
-def precondition(state: dict, grad: torch.Tensor, eps1: float) -> torch.Tensor:
+def divide_by_sqrt_approx(state: dict, grad: torch.Tensor, eps1: float) -> torch.Tensor:
     """U = g / sqrt(V) for the current factored V (a new fp32 tensor)."""
     if "exp_avg_sq_row" in state:
         # HF's _approx_sq_grad: rsqrt(r / mean(r)) (rows) * rsqrt(c) (columns), then * g.
@@ -156,7 +156,7 @@ def nmf_kl(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, iters: int) -> tup
     return w.div_(scale), h.mul_(scale.unsqueeze(-1))
 
 
-def state_bytes(shape: tuple[int, ...], method: str, rank: int, bytes_per=4) -> int:
+def factored_state_bytes(shape: tuple[int, ...], method: str, rank: int, bytes_per: int = 4) -> int:
     """Optimizer-state bytes of one parameter (the step counter excluded)."""
     if len(shape) < 2:
         return shape[0] * bytes_per

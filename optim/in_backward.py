@@ -3,7 +3,7 @@ gradient freed at once, so the full set of gradients never sits in memory (LOMO 
 
 Built from the same OptimizerSpec as the ordinary path, as one optimizer per parameter, so the
 per-parameter math is identical and the parameters match the ordinary `step()` path bit for bit
-on CPU (tests/test_in_backward.py checks every registered optimizer). Works for any optimizer
+on CPU (tests/optim/test_in_backward.py checks every registered optimizer). Works for any optimizer
 whose update of a tensor depends only on that tensor (AdamW, Adafactor, GaLore, AdaMeM,
 AdaLomo grouped/none); its state lives in each per-parameter optimizer's `state`.
 
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import torch
 
+from optim.param_groups import group_options
 from optim.registry import OptimizerSpec
 
 
@@ -81,7 +82,7 @@ class InBackwardOptimizer:
         self.deferred_bytes = 0
         self.peak_deferred_bytes = 0
         for group in spec.param_groups:
-            options = {k: v for k, v in group.items() if k not in ("params", "names")}
+            options = group_options(group)
             for name, p in zip(group["names"], group["params"]):
                 opt = spec.cls([{**options, "params": [p], "names": [name]}], **spec.kwargs)
                 self.optimizers[name] = opt

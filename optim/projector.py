@@ -34,14 +34,24 @@ optimizers expose the total as `optimizer.svd_failures` for the trainer's logs).
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("exact", "randomized")
 MOMENT_POLICIES = ("keep", "reset", "rotate")
+# Per-group options of every optimizer that keeps a projector (GaLore's and AdaMeM's groups), with
+# the defaults of a group that does not set them; `rank` None = the group is not low-rank.
+PROJECTOR_DEFAULTS: dict[str, Any] = dict(rank=None, update_proj_gap=200, svd_method="exact",
+                                          moments_on_proj_change="keep")
 OVERSAMPLE = 10
 POWER_ITERS = 2
+
+
+def is_lowrank(group: dict, p: torch.Tensor) -> bool:
+    """A parameter is updated through a projector when its group has a `rank` and it is a matrix."""
+    return group.get("rank") is not None and p.dim() == 2
 
 
 def projection_side(shape: torch.Size | tuple[int, ...], proj_type: str) -> str:
@@ -177,10 +187,12 @@ def refresh_projector(
         return False
     old = {k: state[k] for k in ("proj_left", "proj_right") if k in state}
     seed = state["step"] + 1_000_003 * state.get("proj_updates", 0)
-    new = compute_bases(grad, group["rank"], side, group.get("svd_method", "exact"), seed, state, name)
+    method = group.get("svd_method", PROJECTOR_DEFAULTS["svd_method"])
+    new = compute_bases(grad, group["rank"], side, method, seed, state, name)
     state.update(new)
     state["proj_updates"] = state.get("proj_updates", 0) + 1
-    policy = group.get("moments_on_proj_change", "keep")
+    # .get: a group may lack the option (e.g. one restored from a checkpoint saved without it).
+    policy = group.get("moments_on_proj_change", PROJECTOR_DEFAULTS["moments_on_proj_change"])
     if policy not in MOMENT_POLICIES:
         raise ValueError(f"moments_on_proj_change must be one of {MOMENT_POLICIES}, got {policy!r}")
     if has_basis and policy == "reset":

@@ -50,6 +50,3 @@ def optimizer_spec(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
         raise ValueError(f"unknown optimizer optim.name={cfg.name!r}.{hint} Registered: {sorted(REGISTRY)}")
     return REGISTRY[cfg.name](model, cfg)
 
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return optimizer_spec(model, cfg).build()

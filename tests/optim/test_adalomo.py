@@ -131,7 +131,7 @@ def test_factorization_state_is_small_and_resume_exact(method, rank):
     for p in model.parameters():
         st = opt.state[p]
         n_state = sum(v.numel() for v in st.values() if torch.is_tensor(v))
-        assert n_state * 4 == fac.state_bytes(tuple(p.shape), method, rank)
+        assert n_state * 4 == fac.factored_state_bytes(tuple(p.shape), method, rank)
         if p.dim() == 2:
             assert n_state <= (sum(p.shape)) * rank  # O((m + n) r), never m x n
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
