@@ -6,7 +6,8 @@ from optim.adalomo import AdaLomo
 from optim.adamem import AdaMeM
 from optim.config import OptimConfig
 from optim.galore import GaLoreAdafactor, GaLoreAdamW
-from optim.registry import REGISTRY, OptimizerSpec, optimizer_spec, register
+from optim.registry import REGISTRY, OptimizerSpec, optimizer_keys, optimizer_spec, register
+from optim.validation import validate_optim_config
 
 __all__ = [
     # memory-efficient optimizers (importing their modules registered them)
@@ -19,6 +20,8 @@ __all__ = [
     "REGISTRY",
     "OptimConfig",
     "OptimizerSpec",
+    "optimizer_keys",
     "optimizer_spec",
     "register",
+    "validate_optim_config",
 ]

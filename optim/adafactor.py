@@ -43,19 +43,23 @@ State (fp32 whatever the parameter dtype): `step` (int), `exp_avg` (beta1), `exp
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from optim.config import OptimConfig
+from optim.config import MomentumStyle, OptimConfig
 from optim.fp32_state import FP32StateOptimizer
-from optim.param_groups import decay_split_groups
+from optim.param_groups import DECAY_GROUP_KEYS, decay_split_groups
 from optim.projector import ProjectorCounters
 from optim.registry import OptimizerSpec, register
 from optim.rms import rms
 
-MOMENTUM_STYLES = ("adam", "hf")
+MOMENTUM_STYLES: tuple[MomentumStyle, ...] = typing.get_args(MomentumStyle)
+# The OptimConfig keys `adafactor_kwargs` reads.
+ADAFACTOR_KEYS = ("lr", "beta1", "beta2", "beta2_decay", "eps", "eps1", "eps2", "clip_threshold", "scale_parameter",
+                  "relative_step", "warmup_init", "one_sided", "momentum_style")
 
 
 def second_moment_mode(shape: torch.Size, one_sided: bool) -> str:
@@ -224,16 +228,16 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         return loss
 
 
-def adafactor_kwargs(cfg: OptimConfig, momentum_style: str) -> dict[str, Any]:
-    """Adafactor's constructor keywords from `cfg`; `momentum_style` is the optimizer's reference
-    style, used when optim.momentum_style is null."""
+def adafactor_kwargs(cfg: OptimConfig, momentum_style: MomentumStyle) -> dict[str, Any]:
+    """Adafactor's constructor keywords from ADAFACTOR_KEYS of `cfg`; `momentum_style` is the
+    optimizer's reference style, used when optim.momentum_style is null."""
     return dict(lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, beta2_decay=cfg.beta2_decay, eps=cfg.eps,
                 eps1=cfg.eps1, eps2=cfg.eps2, clip_threshold=cfg.clip_threshold,
                 scale_parameter=cfg.scale_parameter, relative_step=cfg.relative_step, warmup_init=cfg.warmup_init,
                 one_sided=cfg.one_sided, momentum_style=cfg.momentum_style or momentum_style)
 
 
-@register("adafactor")
+@register("adafactor", reads=(*ADAFACTOR_KEYS, *DECAY_GROUP_KEYS))
 def build_adafactor(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
     """optim.beta1 null = Adafactor without momentum, a float = the paper's Adam-like momentum."""
     return OptimizerSpec(Adafactor, decay_split_groups(model, cfg), adafactor_kwargs(cfg, momentum_style="adam"))

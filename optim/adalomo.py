@@ -44,19 +44,22 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from typing import Optional
 
 import torch
 from torch import nn
 
 from optim import factorization as fac
-from optim.config import OptimConfig
+from optim.config import OptimConfig, UpdateNorm
 from optim.fp32_state import FP32StateOptimizer
-from optim.param_groups import decay_split_groups
+from optim.param_groups import DECAY_GROUP_KEYS, decay_split_groups
 from optim.registry import OptimizerSpec, register
 from optim.rms import rms
 
-UPDATE_NORMS = ("grouped", "none", "layerwise", "global")
+UPDATE_NORMS: tuple[UpdateNorm, ...] = typing.get_args(UpdateNorm)
+DEFAULT_CLIP_THRESHOLD = 1.0  # optim.clip_threshold null
+DEFAULT_DECAY_RATE = -0.8  # optim.beta2_decay null
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -67,8 +70,8 @@ class AdaLomo(FP32StateOptimizer):
         lr: float = 1e-3,
         eps1: float = 1e-30,
         eps2: float = 1e-3,
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
+        clip_threshold: float = DEFAULT_CLIP_THRESHOLD,
+        decay_rate: float = DEFAULT_DECAY_RATE,
         weight_decay: float = 0.0,
         update_norm: str = "grouped",
         factorization: str = "nmf",
@@ -77,8 +80,8 @@ class AdaLomo(FP32StateOptimizer):
     ):
         if update_norm not in UPDATE_NORMS:
             raise ValueError(f"optim.update_norm={update_norm!r}: expected one of {UPDATE_NORMS}")
-        if factorization not in fac.METHODS:
-            raise ValueError(f"optim.factorization={factorization!r}: expected one of {fac.METHODS}")
+        if factorization not in fac.FACTORIZATIONS:
+            raise ValueError(f"optim.factorization={factorization!r}: expected one of {fac.FACTORIZATIONS}")
         if factor_rank < 1 or factor_iters < 1:
             raise ValueError(f"optim.factor_rank and optim.factor_iters must be >= 1, got {factor_rank}, {factor_iters}")
         if clip_threshold is None or clip_threshold <= 0:
@@ -225,18 +228,43 @@ class AdaLomo(FP32StateOptimizer):
         return loss
 
 
-@register("adalomo")
+ADALOMO_KEYS = (
+    "lr",
+    "eps1",
+    "eps2",
+    "clip_threshold",
+    "beta2_decay",
+    "update_norm",
+    "factorization",
+    "factor_rank",
+    "factor_iters",
+)
+
+
+def check_adalomo(cfg: OptimConfig) -> None:
+    if cfg.clip_threshold is not None and not cfg.clip_threshold > 0:
+        raise ValueError(
+            f"optim.clip_threshold={cfg.clip_threshold}: AdaLomo needs clip_threshold > 0 or null "
+            f"(= {DEFAULT_CLIP_THRESHOLD}); to turn the update normalisation off use --optim.update_norm=none"
+        )
+    if cfg.beta2_decay is not None and not cfg.beta2_decay < 0:
+        raise ValueError(
+            f"optim.beta2_decay={cfg.beta2_decay}: AdaLomo needs beta2_decay < 0 (beta2_t = 1 - t^beta2_decay) "
+            f"or null (= {DEFAULT_DECAY_RATE})"
+        )
+
+
+@register("adalomo", reads=(*ADALOMO_KEYS, *DECAY_GROUP_KEYS), check=check_adalomo)
 def build_adalomo(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
-    """Reads optim.lr, weight_decay, decay_norm_weights, eps1, eps2, clip_threshold (null -> 1.0),
-    beta2_decay (null -> -0.8), update_norm, factorization, factor_rank, factor_iters.
-    Ignores beta1/beta2/eps (no momentum, no AdamW eps), scale_parameter/relative_step (AdaLomo
+    """Reads ADALOMO_KEYS (clip_threshold null -> 1.0, beta2_decay null -> -0.8) and the weight-decay
+    split. Ignores beta1/beta2/eps (no momentum, no AdamW eps), scale_parameter/relative_step (AdaLomo
     always scales the step by max(eps2, RMS(theta)))."""
     kwargs = dict(
         lr=cfg.lr,
         eps1=cfg.eps1,
         eps2=cfg.eps2,
-        clip_threshold=1.0 if cfg.clip_threshold is None else cfg.clip_threshold,
-        decay_rate=-0.8 if cfg.beta2_decay is None else cfg.beta2_decay,
+        clip_threshold=DEFAULT_CLIP_THRESHOLD if cfg.clip_threshold is None else cfg.clip_threshold,
+        decay_rate=DEFAULT_DECAY_RATE if cfg.beta2_decay is None else cfg.beta2_decay,
         update_norm=cfg.update_norm,
         factorization=cfg.factorization,
         factor_rank=cfg.factor_rank,

@@ -44,12 +44,14 @@ variant2 + m; variant1: (m + n) r + m + n. Keys: `proj_left`, `exp_avg`, `lr_exp
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import torch
 from torch import nn
 
 from optim.adafactor import (
+    ADAFACTOR_KEYS,
     Adafactor,
     adafactor_kwargs,
     beta2_at,
@@ -58,19 +60,30 @@ from optim.adafactor import (
     step_size,
     update_second_moment,
 )
-from optim.config import OptimConfig
-from optim.param_groups import lowrank_split_groups, name_in_group
+from optim.config import AdamemVariant, OptimConfig, SecondMomentSource
+from optim.param_groups import LOWRANK_GROUP_KEYS, lowrank_split_groups, name_in_group
 from optim.projector import PROJECTOR_DEFAULTS, is_lowrank, refresh_projector
 from optim.registry import OptimizerSpec, register
 
-VARIANTS = ("adamem", "variant1", "variant2")
-SECOND_MOMENT_FROM = ("momentum", "gradient")
+VARIANTS: tuple[AdamemVariant, ...] = typing.get_args(AdamemVariant)
+SECOND_MOMENT_FROM: tuple[SecondMomentSource, ...] = typing.get_args(SecondMomentSource)
 ADAMEM_DEFAULTS: dict[str, Any] = {
     **PROJECTOR_DEFAULTS,
     "delta": 1.0,
     "variant": "adamem",
     "second_moment_from": "momentum",
 }
+# The OptimConfig keys `adamem_options` reads (besides ADAFACTOR_KEYS for every group).
+ADAMEM_KEYS = (
+    "rank",
+    "update_proj_gap",
+    "delta",
+    "variant",
+    "second_moment_from",
+    "svd_method",
+    "moments_on_proj_change",
+    "lowrank_base_momentum",
+)
 
 
 class AdaMeM(Adafactor):
@@ -149,7 +162,7 @@ class AdaMeM(Adafactor):
 
 
 def adamem_options(cfg: OptimConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(options of the low-rank groups, options of the other groups)."""
+    """(options of the low-rank groups, options of the other groups) from ADAMEM_KEYS of `cfg`."""
     lowrank = dict(
         rank=cfg.rank,
         update_proj_gap=cfg.update_proj_gap,
@@ -163,12 +176,15 @@ def adamem_options(cfg: OptimConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return lowrank, base
 
 
-@register("adamem")
+def check_adamem(cfg: OptimConfig) -> None:
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"optim.variant must be one of {VARIANTS}, got {cfg.variant!r}")
+
+
+@register("adamem", reads=(*ADAFACTOR_KEYS, *ADAMEM_KEYS, *LOWRANK_GROUP_KEYS), check=check_adamem)
 def build_adamem(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
     """Low-rank targets: AdaMeM; the rest: Adafactor, with momentum beta1 when
     optim.lowrank_base_momentum (default) else without (beta1 None)."""
-    if cfg.variant not in VARIANTS:
-        raise ValueError(f"optim.variant must be one of {VARIANTS}, got {cfg.variant!r}")
     lowrank, base = adamem_options(cfg)
     kwargs = adafactor_kwargs(cfg, momentum_style="adam")
     return OptimizerSpec(AdaMeM, lowrank_split_groups(model, cfg, lowrank, base), kwargs)

@@ -37,9 +37,13 @@ so the fused and ordinary paths and a resumed run reproduce the same bits.
 
 from __future__ import annotations
 
+import typing
+
 import torch
 
-METHODS = ("nmf", "svd", "qr")
+from optim.config import Factorization
+
+FACTORIZATIONS: tuple[Factorization, ...] = typing.get_args(Factorization)
 _FIRST_STEP_NMF_ITERS = 10  # no warm start on the first step: iterate longer once
 _TINY = 1e-30  # floor of denominators inside the NMF iterations (same as eps1's default)
 
@@ -109,7 +113,7 @@ def update(state: dict, u: torch.Tensor, beta: float, first: bool, method: str, 
         state["factor_left"].copy_(q)
         state["factor_right"].copy_(q.T @ target)
     else:
-        raise ValueError(f"unknown factorization {method!r}; expected one of {METHODS}")
+        raise ValueError(f"unknown factorization {method!r}; expected one of {FACTORIZATIONS}")
 
 
 def divide_by_sqrt_approx(state: dict, grad: torch.Tensor, eps1: float) -> torch.Tensor:

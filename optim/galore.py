@@ -39,10 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from optim.adafactor import Adafactor, adafactor_kwargs, step_size
+from optim.adafactor import ADAFACTOR_KEYS, Adafactor, adafactor_kwargs, step_size
 from optim.config import OptimConfig
 from optim.fp32_state import FP32StateOptimizer
-from optim.param_groups import lowrank_split_groups, name_in_group
+from optim.param_groups import LOWRANK_GROUP_KEYS, lowrank_split_groups, name_in_group
 from optim.projector import (
     PROJECTOR_DEFAULTS,
     ProjectorCounters,
@@ -53,8 +53,11 @@ from optim.projector import (
     refresh_projector,
 )
 from optim.registry import OptimizerSpec, register
+from optim.validation import momentum_beta1
 
 LOWRANK_DEFAULTS: dict[str, Any] = {**PROJECTOR_DEFAULTS, "scale": 1.0, "proj_type": "std"}
+# The OptimConfig keys `galore_options` reads.
+GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd_method", "moments_on_proj_change")
 
 
 def _lowrank_pre_step(
@@ -167,7 +170,7 @@ class GaLoreAdafactor(Adafactor):
 
 
 def galore_options(cfg: OptimConfig) -> dict[str, Any]:
-    """Per-group options of the low-rank groups."""
+    """Per-group options of the low-rank groups, from GALORE_KEYS of `cfg`."""
     return dict(
         rank=cfg.rank,
         update_proj_gap=cfg.update_proj_gap,
@@ -178,18 +181,18 @@ def galore_options(cfg: OptimConfig) -> dict[str, Any]:
     )
 
 
-@register("galore_adamw")
+@register(
+    "galore_adamw", reads=("lr", "beta1", "beta2", "eps", *GALORE_KEYS, *LOWRANK_GROUP_KEYS), check=momentum_beta1
+)
 def build_galore_adamw(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
-    if cfg.beta1 is None:
-        raise ValueError("galore_adamw needs optim.beta1 (a float)")
     return OptimizerSpec(
         GaLoreAdamW,
         lowrank_split_groups(model, cfg, galore_options(cfg)),
-        dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps),
+        dict(lr=cfg.lr, betas=(momentum_beta1(cfg), cfg.beta2), eps=cfg.eps),
     )
 
 
-@register("galore_adafactor")
+@register("galore_adafactor", reads=(*ADAFACTOR_KEYS, *GALORE_KEYS, *LOWRANK_GROUP_KEYS))
 def build_galore_adafactor(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
     return OptimizerSpec(
         GaLoreAdafactor,

@@ -11,15 +11,19 @@ are the optimizer's per-group settings (`group_options`).
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from optim.config import OptimConfig
+from optim.config import LowrankTargets, OptimConfig
 
-LOWRANK_TARGETS = ("blocks", "all")
+LOWRANK_TARGETS: tuple[LowrankTargets, ...] = typing.get_args(LowrankTargets)
+# The OptimConfig keys the group helpers below read (builders list them in their `reads`).
+DECAY_GROUP_KEYS = ("weight_decay", "decay_norm_weights")
+LOWRANK_GROUP_KEYS = (*DECAY_GROUP_KEYS, "lowrank_targets")
 _GROUP_MEMBERS = ("params", "names")
 
 
@@ -59,7 +63,7 @@ def weight_decay_of(info: ParamInfo, weight_decay: float, decay_norm_weights: bo
 
 def decay_split_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Two groups: with and without weight decay (LayerNorm weights undecayed by default).
-    Reads cfg.weight_decay and cfg.decay_norm_weights."""
+    Reads DECAY_GROUP_KEYS of `cfg`."""
     groups: dict[float, dict[str, Any]] = {}
     for info in describe_parameters(model):
         wd = weight_decay_of(info, cfg.weight_decay, cfg.decay_norm_weights)
@@ -82,7 +86,7 @@ def lowrank_split_groups(
     model: nn.Module, cfg: OptimConfig, lowrank_options: dict[str, Any], base_options: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """Groups keyed by (low-rank?, weight decay): low-rank groups get `lowrank_options`, the others
-    `base_options` (both may be empty). Reads cfg.weight_decay, decay_norm_weights and lowrank_targets."""
+    `base_options` (both may be empty). Reads LOWRANK_GROUP_KEYS of `cfg`."""
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
     for info in describe_parameters(model):
         wd = weight_decay_of(info, cfg.weight_decay, cfg.decay_norm_weights)

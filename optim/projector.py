@@ -33,14 +33,17 @@ optimizers expose the total as `optimizer.svd_failures` for the trainer's logs).
 
 from __future__ import annotations
 
+import typing
 import warnings
 from typing import Any
 
 import torch
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-SVD_METHODS = ("exact", "randomized")
-MOMENT_POLICIES = ("keep", "reset", "rotate")
+from optim.config import MomentPolicy, ProjType, SvdMethod
+
+PROJ_TYPES: tuple[ProjType, ...] = typing.get_args(ProjType)
+SVD_METHODS: tuple[SvdMethod, ...] = typing.get_args(SvdMethod)
+MOMENT_POLICIES: tuple[MomentPolicy, ...] = typing.get_args(MomentPolicy)
 # Per-group options of every optimizer that keeps a projector (GaLore's and AdaMeM's groups), with
 # the defaults of a group that does not set them; `rank` None = the group is not low-rank.
 PROJECTOR_DEFAULTS: dict[str, Any] = dict(rank=None, update_proj_gap=200, svd_method="exact",
