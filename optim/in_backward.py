@@ -98,7 +98,7 @@ class InBackwardOptimizer:
             if not self.armed:
                 return
             grad = p.grad
-            if grad.is_meta:  # shape-only runs (tools/bench_memory.py): no values to check
+            if grad.is_meta:  # shape-only runs (trainer/memory_accounting.py): no values to check
                 finite = True
             else:
                 sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
