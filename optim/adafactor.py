@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import typing
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,8 +58,21 @@ from optim.rms import rms
 
 MOMENTUM_STYLES: tuple[MomentumStyle, ...] = typing.get_args(MomentumStyle)
 # The OptimConfig keys `adafactor_kwargs` reads.
-ADAFACTOR_KEYS = ("lr", "beta1", "beta2", "beta2_decay", "eps", "eps1", "eps2", "clip_threshold", "scale_parameter",
-                  "relative_step", "warmup_init", "one_sided", "momentum_style")
+ADAFACTOR_KEYS = (
+    "lr",
+    "beta1",
+    "beta2",
+    "beta2_decay",
+    "eps",
+    "eps1",
+    "eps2",
+    "clip_threshold",
+    "scale_parameter",
+    "relative_step",
+    "warmup_init",
+    "one_sided",
+    "momentum_style",
+)
 
 
 def second_moment_mode(shape: torch.Size, one_sided: bool) -> str:
@@ -73,6 +86,7 @@ def second_moment_mode(shape: torch.Size, one_sided: bool) -> str:
 
 def update_second_moment(state: dict, prefix: str, sq: torch.Tensor, mode: str, beta2_t: float) -> None:
     """EMA of the statistics of sq (= x^2 + eps1) into state[prefix + ...], created at zero."""
+
     def ema(key: str, value: torch.Tensor) -> None:
         if key not in state:
             state[key] = torch.zeros_like(value)
@@ -86,7 +100,9 @@ def update_second_moment(state: dict, prefix: str, sq: torch.Tensor, mode: str, 
         ema(prefix + "exp_avg_sq", sq)
 
 
-def divide_by_second_moment(state: dict, prefix: str, x: torch.Tensor, mode: str, bias2: float, eps: float) -> torch.Tensor:
+def divide_by_second_moment(
+    state: dict, prefix: str, x: torch.Tensor, mode: str, bias2: float, eps: float
+) -> torch.Tensor:
     """x / (sqrt(V_hat) + eps) with V_hat from the statistics in state (see module docstring)."""
     if mode == "factored":
         row = state[prefix + "exp_avg_sq_row"]
@@ -109,7 +125,8 @@ def divide_by_second_moment(state: dict, prefix: str, x: torch.Tensor, mode: str
     return x / denom
 
 
-def clip_by_rms(u: torch.Tensor, clip_threshold: Optional[float]) -> torch.Tensor:
+def clip_by_rms(u: torch.Tensor, clip_threshold: float | None) -> torch.Tensor:
+    """u / max(1, RMS(u) / clip_threshold), in place; u unchanged when clip_threshold is None."""
     if clip_threshold is None:
         return u
     return u.div_((rms(u) / clip_threshold).clamp_(min=1.0))
@@ -122,7 +139,7 @@ def beta2_at(group: dict, t: int) -> tuple[float, float]:
     return group["beta2"], 1.0 - group["beta2"] ** t
 
 
-def step_size(group: dict, t: int, param: torch.Tensor):
+def step_size(group: dict, t: int, param: torch.Tensor) -> float | torch.Tensor:
     """lr_t = rho_t * s_t (HF `_get_lr`). A 0-d tensor when scale_parameter (no host sync)."""
     rho = group["lr"]
     if group.get("relative_step"):
@@ -143,13 +160,13 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         self,
         params,
         lr: float = 1e-3,
-        beta1: Optional[float] = None,
+        beta1: float | None = None,
         beta2: float = 0.95,
-        beta2_decay: Optional[float] = None,
+        beta2_decay: float | None = None,
         eps: float = 1e-8,
         eps1: float = 1e-30,
         eps2: float = 1e-3,
-        clip_threshold: Optional[float] = None,
+        clip_threshold: float | None = None,
         scale_parameter: bool = False,
         relative_step: bool = False,
         warmup_init: bool = False,
@@ -162,20 +179,35 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         if beta1 is not None and not 0.0 <= beta1 < 1.0:
             raise ValueError(f"beta1 must be in [0, 1) or None, got {beta1}")
         defaults = dict(
-            lr=lr, beta1=beta1, beta2=beta2, beta2_decay=beta2_decay, eps=eps, eps1=eps1, eps2=eps2,
-            clip_threshold=clip_threshold, scale_parameter=scale_parameter, relative_step=relative_step,
-            warmup_init=warmup_init, one_sided=one_sided, weight_decay=weight_decay, momentum_style=momentum_style,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            beta2_decay=beta2_decay,
+            eps=eps,
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=clip_threshold,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+            one_sided=one_sided,
+            weight_decay=weight_decay,
+            momentum_style=momentum_style,
         )
         super().__init__(params, defaults)
 
-    def adafactor_delta(self, g: torch.Tensor, state: dict, group: dict, t: int, lr_t, prefix: str = "") -> torch.Tensor:
+    def adafactor_delta(
+        self, g: torch.Tensor, state: dict, group: dict, t: int, lr_t: float | torch.Tensor, prefix: str = ""
+    ) -> torch.Tensor:
         """Delta (already scaled by lr_t) for fp32 gradient g at moment step t; updates state."""
         beta1 = group["beta1"]
         beta2_t, bias2 = beta2_at(group, t)
         mode = second_moment_mode(g.shape, group["one_sided"])
         update_second_moment(state, prefix, (g * g).add_(group["eps1"]), mode, beta2_t)
         if group["momentum_style"] == "hf":
-            u = clip_by_rms(divide_by_second_moment(state, prefix, g, mode, bias2, group["eps"]), group["clip_threshold"])
+            u = clip_by_rms(
+                divide_by_second_moment(state, prefix, g, mode, bias2, group["eps"]), group["clip_threshold"]
+            )
             u = u.mul_(lr_t)
             if beta1 is None:
                 return u
@@ -193,7 +225,7 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         return u.mul_(lr_t)
 
     @staticmethod
-    def apply_delta(p: torch.Tensor, delta: torch.Tensor, lr_t, weight_decay: float) -> None:
+    def apply_delta(p: torch.Tensor, delta: torch.Tensor, lr_t: float | torch.Tensor, weight_decay: float) -> None:
         """W <- W - lr_t wd W - Delta (weight decay on the pre-update weights, as HF)."""
         if weight_decay != 0.0:
             if torch.is_tensor(lr_t):
@@ -209,6 +241,7 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         state["step"] += 1
         t = state["step"]
         lr_t = step_size(group, t, p)
+        assert p.grad is not None  # step() skips parameters without a gradient
         delta = self.adafactor_delta(p.grad.float(), state, group, t, lr_t)
         self.apply_delta(p, delta, lr_t, group["weight_decay"])
 
@@ -231,10 +264,21 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
 def adafactor_kwargs(cfg: OptimConfig, momentum_style: MomentumStyle) -> dict[str, Any]:
     """Adafactor's constructor keywords from ADAFACTOR_KEYS of `cfg`; `momentum_style` is the
     optimizer's reference style, used when optim.momentum_style is null."""
-    return dict(lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, beta2_decay=cfg.beta2_decay, eps=cfg.eps,
-                eps1=cfg.eps1, eps2=cfg.eps2, clip_threshold=cfg.clip_threshold,
-                scale_parameter=cfg.scale_parameter, relative_step=cfg.relative_step, warmup_init=cfg.warmup_init,
-                one_sided=cfg.one_sided, momentum_style=cfg.momentum_style or momentum_style)
+    return dict(
+        lr=cfg.lr,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        beta2_decay=cfg.beta2_decay,
+        eps=cfg.eps,
+        eps1=cfg.eps1,
+        eps2=cfg.eps2,
+        clip_threshold=cfg.clip_threshold,
+        scale_parameter=cfg.scale_parameter,
+        relative_step=cfg.relative_step,
+        warmup_init=cfg.warmup_init,
+        one_sided=cfg.one_sided,
+        momentum_style=cfg.momentum_style or momentum_style,
+    )
 
 
 @register("adafactor", reads=(*ADAFACTOR_KEYS, *DECAY_GROUP_KEYS))

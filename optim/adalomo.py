@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 import re
 import typing
-from typing import Optional
 
 import torch
 from torch import nn
@@ -83,20 +82,31 @@ class AdaLomo(FP32StateOptimizer):
         if factorization not in fac.FACTORIZATIONS:
             raise ValueError(f"optim.factorization={factorization!r}: expected one of {fac.FACTORIZATIONS}")
         if factor_rank < 1 or factor_iters < 1:
-            raise ValueError(f"optim.factor_rank and optim.factor_iters must be >= 1, got {factor_rank}, {factor_iters}")
+            raise ValueError(
+                f"optim.factor_rank and optim.factor_iters must be >= 1, got {factor_rank}, {factor_iters}"
+            )
         if clip_threshold is None or clip_threshold <= 0:
-            raise ValueError(f"AdaLomo needs clip_threshold > 0 (use update_norm=none to disable), got {clip_threshold}")
+            raise ValueError(
+                f"AdaLomo needs clip_threshold > 0 (use update_norm=none to disable), got {clip_threshold}"
+            )
         if decay_rate >= 0:
             raise ValueError(f"AdaLomo needs decay_rate < 0 (beta2_t = 1 - t^decay_rate), got {decay_rate}")
         defaults = dict(
-            lr=lr, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold, decay_rate=decay_rate,
-            weight_decay=weight_decay, update_norm=update_norm, factorization=factorization,
-            factor_rank=factor_rank, factor_iters=factor_iters,
+            lr=lr,
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            weight_decay=weight_decay,
+            update_norm=update_norm,
+            factorization=factorization,
+            factor_rank=factor_rank,
+            factor_iters=factor_iters,
         )
         super().__init__(params, defaults)
 
     # ----- which tensors share one normalisation statistic ---------------------------------
-    def norm_group_key(self, p: torch.Tensor) -> Optional[str]:
+    def norm_group_key(self, p: torch.Tensor) -> str | None:
         """None when p's update needs no other tensor (grouped / none), else its group's key."""
         for group in self.param_groups:
             for i, q in enumerate(group["params"]):
@@ -105,7 +115,7 @@ class AdaLomo(FP32StateOptimizer):
         raise KeyError("parameter not in this optimizer")
 
     @staticmethod
-    def _key(group: dict, i: int) -> Optional[str]:
+    def _key(group: dict, i: int) -> str | None:
         mode = group["update_norm"]
         if mode in ("grouped", "none"):
             return None
@@ -126,6 +136,7 @@ class AdaLomo(FP32StateOptimizer):
     @torch.no_grad()
     def _fold(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """Update p's second-moment state with p.grad; return the fp32 gradient."""
+        assert p.grad is not None  # callers skip parameters without a gradient
         grad = p.grad.float()
         state = self.state[p]
         first = len(state) == 0
@@ -141,8 +152,16 @@ class AdaLomo(FP32StateOptimizer):
         if grad.dim() >= 2:
             if grad.dim() > 2:
                 raise ValueError("AdaLomo handles 1-D and 2-D parameters only")
-            fac.update(state, u, beta, state["step"] == 1, group["factorization"], group["factor_rank"],
-                       group["factor_iters"], group["eps1"])
+            fac.update(
+                state,
+                u,
+                beta,
+                state["step"] == 1,
+                group["factorization"],
+                group["factor_rank"],
+                group["factor_iters"],
+                group["eps1"],
+            )
         else:
             state["exp_avg_sq"].mul_(beta).add_(u, alpha=1.0 - beta)
         return grad
@@ -171,13 +190,13 @@ class AdaLomo(FP32StateOptimizer):
         return (total / sum(numels)).sqrt_().div_(clip_threshold).clamp_(min=1.0)
 
     @torch.no_grad()
-    def apply(self, p: torch.Tensor, u: torch.Tensor, divisor: Optional[torch.Tensor]) -> None:
+    def apply(self, p: torch.Tensor, u: torch.Tensor, divisor: torch.Tensor | None) -> None:
         """Phase 2: theta <- theta (1 - eta wd) - eta U / divisor, eta = lr max(eps2, RMS(theta))."""
         group = self._group_of(p)
         self._apply(p, u, divisor, group)
 
     @staticmethod
-    def _apply(p: torch.Tensor, u: torch.Tensor, divisor: Optional[torch.Tensor], group: dict) -> None:
+    def _apply(p: torch.Tensor, u: torch.Tensor, divisor: torch.Tensor | None, group: dict) -> None:
         if divisor is not None:
             u.div_(divisor)
         theta = p if p.dtype == torch.float32 else p.float()
@@ -190,7 +209,7 @@ class AdaLomo(FP32StateOptimizer):
             p.copy_(theta)
 
     @staticmethod
-    def _own_divisor(u: torch.Tensor, group: dict) -> Optional[torch.Tensor]:
+    def _own_divisor(u: torch.Tensor, group: dict) -> torch.Tensor | None:
         if group["update_norm"] == "none":
             return None
         # HF's form: (||U|| / sqrt(numel)) / clip_threshold, clamped at 1.

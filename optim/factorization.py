@@ -52,7 +52,14 @@ def is_closed_form(method: str, rank: int) -> bool:
     return method == "nmf" and rank == 1
 
 
-def init_state(state: dict, shape: torch.Size, method: str, rank: int, device, dtype=torch.float32) -> None:
+def init_state(
+    state: dict,
+    shape: torch.Size,
+    method: str,
+    rank: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """Allocate the factors (zeros; the first update overwrites them since beta2_1 = 0)."""
     m, n = shape
     if is_closed_form(method, rank):
@@ -72,7 +79,9 @@ def approx(state: dict, eps1: float) -> torch.Tensor:
     return (state["factor_left"] @ state["factor_right"]).clamp_min_(eps1)
 
 
-def update(state: dict, u: torch.Tensor, beta: float, first: bool, method: str, rank: int, iters: int, eps1: float) -> None:
+def update(
+    state: dict, u: torch.Tensor, beta: float, first: bool, method: str, rank: int, iters: int, eps1: float
+) -> None:
     """Fold u = g^2 + eps1 into the factored EMA (in place on `state`)."""
     if is_closed_form(method, rank):
         # Same ops and order as HF / fairseq Adafactor.
@@ -136,7 +145,8 @@ def pivoted_qr(a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     m, n = a.shape
     norms = a.square().sum(0)
-    qs, pivs = [], []
+    qs: list[torch.Tensor] = []
+    pivs: list[torch.Tensor] = []
     for _ in range(r):
         j = norms.argmax().view(1)
         col = a.index_select(1, j).squeeze(1)

@@ -46,8 +46,9 @@ SVD_METHODS: tuple[SvdMethod, ...] = typing.get_args(SvdMethod)
 MOMENT_POLICIES: tuple[MomentPolicy, ...] = typing.get_args(MomentPolicy)
 # Per-group options of every optimizer that keeps a projector (GaLore's and AdaMeM's groups), with
 # the defaults of a group that does not set them; `rank` None = the group is not low-rank.
-PROJECTOR_DEFAULTS: dict[str, Any] = dict(rank=None, update_proj_gap=200, svd_method="exact",
-                                          moments_on_proj_change="keep")
+PROJECTOR_DEFAULTS: dict[str, Any] = dict(
+    rank=None, update_proj_gap=200, svd_method="exact", moments_on_proj_change="keep"
+)
 OVERSAMPLE = 10
 POWER_ITERS = 2
 
@@ -132,7 +133,9 @@ def compute_bases(
     state["svd_failures"] = state.get("svd_failures", 0) + 1
     previous = {k: state[k] for k in ("proj_left", "proj_right") if k in state}
     if previous:
-        warnings.warn(f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; keeping the previous basis")
+        warnings.warn(
+            f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; keeping the previous basis", stacklevel=2
+        )
         return previous
     # First refresh: retry on a slightly jittered copy (helps LAPACK non-convergence), then random.
     gen = torch.Generator(device=g.device)
@@ -140,10 +143,14 @@ def compute_bases(
     scale = 1e-3 * float(g.nan_to_num().pow(2).mean().sqrt()) + 1e-30
     bases = _bases(g + scale * torch.randn(g.shape, generator=gen, device=g.device), rank, side, method, seed)
     if bases is None:
-        warnings.warn(f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; using a random basis")
+        warnings.warn(
+            f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; using a random basis", stacklevel=2
+        )
         bases = _random_bases(g.shape, rank, side, seed, g.device)
     else:
-        warnings.warn(f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; used a jittered copy")
+        warnings.warn(
+            f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; used a jittered copy", stacklevel=2
+        )
     return bases
 
 

@@ -20,13 +20,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402  (after the sys.path line: the script runs without installing the repo)
+import torch  # noqa: E402  (after sys.path setup)
 
-from model import ModelConfig, Transformer  # noqa: E402
-from optim import REGISTRY, OptimConfig, optimizer_spec  # noqa: E402
-from optim.in_backward import InBackwardOptimizer  # noqa: E402
-from trainer.memory_accounting import measure  # noqa: E402
-from trainer.step import token_loss_sum  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402  (after sys.path setup)
+from optim import REGISTRY, OptimConfig, optimizer_spec  # noqa: E402  (after sys.path setup)
+from optim.in_backward import InBackwardOptimizer  # noqa: E402  (after sys.path setup)
+from trainer.memory_accounting import measure  # noqa: E402  (after sys.path setup)
+from trainer.step import token_loss_sum  # noqa: E402  (after sys.path setup)
 
 GiB = 2**30
 

@@ -26,14 +26,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402  (after the sys.path line: the script runs without installing the repo)
-from torch import nn  # noqa: E402
+import torch  # noqa: E402  (after sys.path setup)
+from torch import nn  # noqa: E402  (after sys.path setup)
 
-from model import ModelConfig, Transformer  # noqa: E402
-from optim import OptimConfig, optimizer_spec  # noqa: E402
-from optim.param_groups import group_options  # noqa: E402
-from optim.projector import compute_bases  # noqa: E402
-from optim.registry import OptimizerSpec  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402  (after sys.path setup)
+from optim import OptimConfig, optimizer_spec  # noqa: E402  (after sys.path setup)
+from optim.param_groups import group_options  # noqa: E402  (after sys.path setup)
+from optim.projector import compute_bases  # noqa: E402  (after sys.path setup)
+from optim.registry import OptimizerSpec  # noqa: E402  (after sys.path setup)
 
 T_PAPER = 200
 Kind = tuple[tuple[int, ...], str]  # (shape, the group options' repr)

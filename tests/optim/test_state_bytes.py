@@ -88,7 +88,7 @@ def test_exact_resume(name):
     opt2.load_state_dict(ckpt["optim"])
     _train(model, opt, 3, 128, seed0=10)  # includes a projector refresh (steps 5)
     _train(model2, opt2, 3, 128, seed0=10)
-    for (n, a), b in zip(model.named_parameters(), model2.parameters()):
+    for (n, a), b in zip(model.named_parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b), n
 
 
@@ -102,7 +102,7 @@ def test_per_parameter_optimizers_match_single(name):
     per = []
     for group in spec.param_groups:
         options = {k: v for k, v in group.items() if k not in ("params", "names")}
-        for n, p in zip(group["names"], group["params"]):
+        for n, p in zip(group["names"], group["params"], strict=True):
             per.append(spec.cls([{**options, "params": [p], "names": [n]}], **spec.kwargs))
 
     class Multi:
@@ -116,13 +116,23 @@ def test_per_parameter_optimizers_match_single(name):
 
     _train(m1, single, 3, 128)
     _train(m2, Multi(), 3, 128)
-    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters(), strict=True):
         assert torch.equal(a, b), n
 
 
-@pytest.mark.parametrize("name", NAMES + ["adamem_variant1", "adamem_variant2", "galore_reverse_std",
-                                          "galore_adafactor_full", "adafactor_one_sided", "adalomo",
-                                          "adalomo_svd4"])
+@pytest.mark.parametrize(
+    "name",
+    NAMES
+    + [
+        "adamem_variant1",
+        "adamem_variant2",
+        "galore_reverse_std",
+        "galore_adafactor_full",
+        "adafactor_one_sided",
+        "adalomo",
+        "adalomo_svd4",
+    ],
+)
 @pytest.mark.parametrize("targets", ["blocks", "all"])
 def test_measured_state_bytes_match_formula(name, targets):
     extra = {}
@@ -146,9 +156,17 @@ def test_measured_state_bytes_match_formula(name, targets):
 def test_state_bytes_table_small():
     from optim.state_bytes import state_bytes_table
 
-    rows = state_bytes_table(ModelConfig(d_model=64, n_layers=2, vocab_size=128, max_seq_len=32),
-                             optim_cfg=OptimConfig(rank=8))
+    rows = state_bytes_table(
+        ModelConfig(d_model=64, n_layers=2, vocab_size=128, max_seq_len=32), optim_cfg=OptimConfig(rank=8)
+    )
     for r in rows:
         assert r["measured_bytes"] == r["formula_bytes"], r
-    assert [r["optimizer"] for r in rows] == ["adamw", "adafactor", "adafactor_momentum", "galore_adamw",
-                                              "galore_adafactor", "adamem", "adalomo"]
+    assert [r["optimizer"] for r in rows] == [
+        "adamw",
+        "adafactor",
+        "adafactor_momentum",
+        "galore_adamw",
+        "galore_adafactor",
+        "adamem",
+        "adalomo",
+    ]
