@@ -11,7 +11,9 @@ import torch
 
 from model import ModelConfig, Transformer
 from optim import REGISTRY, OptimConfig
+from optim.param_groups import group_options
 from optim.state_bytes import formula_state_bytes, measured_state_bytes
+from tests.helpers.tiny_lm import loss_of
 
 NAMES = ["adamw", "adafactor", "adafactor_momentum", "galore_adamw", "galore_adafactor", "adamem"]
 
@@ -33,16 +35,11 @@ def _tokens(vocab, seed=0, batch=4, seq=16):
     return torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(seed))
 
 
-def _loss(model, tokens):
-    logits = model(tokens[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
-
 def _train(model, opt, steps, vocab, seed0=0):
     losses = []
     for i in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = _loss(model, _tokens(vocab, seed0 + i))
+        loss = loss_of(model, _tokens(vocab, seed0 + i))
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -51,16 +48,16 @@ def _train(model, opt, steps, vocab, seed0=0):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_trains_tiny_model(name):
-    """The tiny flavour (d 256, 4 layers) with a 1024-token vocabulary, overfitting one batch."""
+    """The tiny flavour (d 128, 4 layers) with a 1024-token vocabulary, overfitting one batch."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(flavor="tiny", vocab_size=1024, max_seq_len=64))
+    model = Transformer(ModelConfig.from_flavor("tiny", vocab_size=1024, max_seq_len=64))
     cfg = _cfg(name, lr=3e-3, rank=32, update_proj_gap=4)
     opt = REGISTRY[cfg.name](model, cfg).build()
     tokens = _tokens(1024, seed=0, batch=4, seq=32)
     losses = []
     for _ in range(8):
         opt.zero_grad(set_to_none=True)
-        loss = _loss(model, tokens)
+        loss = loss_of(model, tokens)
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -101,7 +98,7 @@ def test_per_parameter_optimizers_match_single(name):
     spec = REGISTRY[cfg.name](m2, cfg)
     per = []
     for group in spec.param_groups:
-        options = {k: v for k, v in group.items() if k not in ("params", "names")}
+        options = group_options(group)
         for n, p in zip(group["names"], group["params"], strict=True):
             per.append(spec.cls([{**options, "params": [p], "names": [n]}], **spec.kwargs))
 
