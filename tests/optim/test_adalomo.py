@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -78,8 +79,9 @@ def test_builder_reads_config():
     assert spec.kwargs["clip_threshold"] == 1.0 and spec.kwargs["decay_rate"] == -0.8
     wds = {g["weight_decay"]: g["names"] for g in spec.param_groups}
     assert set(wds) == {0.1, 0.0} and all(n.endswith("norm.weight") for n in wds[0.0])
+    bogus: dict[str, Any] = dict(update_norm="bogus")  # past the annotation, as from a file
     with pytest.raises(ValueError, match="update_norm"):
-        optimizer_spec(model, OptimConfig(name="adalomo", update_norm="bogus")).build()
+        optimizer_spec(model, OptimConfig(name="adalomo", **bogus)).build()
 
 
 def _reference_first_step(model: Transformer, update_norm: str, lr: float, wd_of) -> dict[str, torch.Tensor]:
