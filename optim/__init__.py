@@ -1,15 +1,27 @@
 """Optimizers and their registry. Importing this package registers every optimizer."""
 
-from optim import adamw  # noqa: F401  (registers "adamw")
-from optim import adafactor, adamem, galore  # noqa: F401  (register adafactor, adamem, galore_*)
+from optim import adamw  # noqa: F401  (registers "adamw"; the class is torch's, nothing to export)
 from optim.adafactor import Adafactor
-from optim.adamem import AdaMeM
-from optim.galore import GaLoreAdafactor, GaLoreAdamW
-from optim import adalomo  # noqa: F401  (registers "adalomo")
 from optim.adalomo import AdaLomo
+from optim.adamem import AdaMeM
 from optim.config import OptimConfig
-from optim.registry import REGISTRY, OptimizerSpec, build_optimizer, optimizer_spec, register
+from optim.galore import GaLoreAdafactor, GaLoreAdamW
+from optim.registry import REGISTRY, OptimizerSpec, optimizer_keys, optimizer_spec, register
+from optim.validation import validate_optim_config
 
 __all__ = [
-    "AdaLomo", "Adafactor", "AdaMeM", "GaLoreAdafactor", "GaLoreAdamW",  # memory-efficient optimizers
-    "REGISTRY", "OptimConfig", "OptimizerSpec", "build_optimizer", "optimizer_spec", "register"]
+    # memory-efficient optimizers (importing their modules registered them)
+    "AdaLomo",
+    "AdaMeM",
+    "Adafactor",
+    "GaLoreAdafactor",
+    "GaLoreAdamW",
+    # registry and config
+    "REGISTRY",
+    "OptimConfig",
+    "OptimizerSpec",
+    "optimizer_keys",
+    "optimizer_spec",
+    "register",
+    "validate_optim_config",
+]

@@ -33,7 +33,7 @@ Per parameter with gradient G (m x n), t = number of this parameter's steps (1 o
 
 With beta1=None, beta2_decay=-0.8, eps=0, eps1=1e-30, eps2=1e-3, clip_threshold=1,
 scale_parameter=relative_step=True this is HF `Adafactor()` with its defaults and
-`torch.optim.Adafactor(lr=1e-2)` (tests/test_optim_parity.py).
+`torch.optim.Adafactor(lr=1e-2)` (tests/optim/test_parity.py).
 
 State (fp32 whatever the parameter dtype): `step` (int), `exp_avg` (beta1), `exp_avg_sq_row`,
 `exp_avg_sq_col` (factored), `exp_avg_sq_col` or `exp_avg_sq_row` alone (one_sided),
@@ -43,17 +43,36 @@ State (fp32 whatever the parameter dtype): `step` (int), `exp_avg` (beta1), `exp
 from __future__ import annotations
 
 import math
-from typing import Optional
+import typing
+from typing import Any
 
 import torch
+from torch import nn
 
-from optim.projector import FP32StateOptimizer
+from optim.config import MomentumStyle, OptimConfig
+from optim.fp32_state import FP32StateOptimizer
+from optim.param_groups import DECAY_GROUP_KEYS, decay_split_groups
+from optim.projector import ProjectorCounters
+from optim.registry import OptimizerSpec, register
+from optim.rms import rms
 
-MOMENTUM_STYLES = ("adam", "hf")
-
-
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return x.norm(2) / (x.numel() ** 0.5)
+MOMENTUM_STYLES: tuple[MomentumStyle, ...] = typing.get_args(MomentumStyle)
+# The OptimConfig keys `adafactor_kwargs` reads.
+ADAFACTOR_KEYS = (
+    "lr",
+    "beta1",
+    "beta2",
+    "beta2_decay",
+    "eps",
+    "eps1",
+    "eps2",
+    "clip_threshold",
+    "scale_parameter",
+    "relative_step",
+    "warmup_init",
+    "one_sided",
+    "momentum_style",
+)
 
 
 def second_moment_mode(shape: torch.Size, one_sided: bool) -> str:
@@ -67,6 +86,7 @@ def second_moment_mode(shape: torch.Size, one_sided: bool) -> str:
 
 def update_second_moment(state: dict, prefix: str, sq: torch.Tensor, mode: str, beta2_t: float) -> None:
     """EMA of the statistics of sq (= x^2 + eps1) into state[prefix + ...], created at zero."""
+
     def ema(key: str, value: torch.Tensor) -> None:
         if key not in state:
             state[key] = torch.zeros_like(value)
@@ -80,7 +100,9 @@ def update_second_moment(state: dict, prefix: str, sq: torch.Tensor, mode: str, 
         ema(prefix + "exp_avg_sq", sq)
 
 
-def precondition(state: dict, prefix: str, x: torch.Tensor, mode: str, bias2: float, eps: float) -> torch.Tensor:
+def divide_by_second_moment(
+    state: dict, prefix: str, x: torch.Tensor, mode: str, bias2: float, eps: float
+) -> torch.Tensor:
     """x / (sqrt(V_hat) + eps) with V_hat from the statistics in state (see module docstring)."""
     if mode == "factored":
         row = state[prefix + "exp_avg_sq_row"]
@@ -103,10 +125,11 @@ def precondition(state: dict, prefix: str, x: torch.Tensor, mode: str, bias2: fl
     return x / denom
 
 
-def clip_by_rms(u: torch.Tensor, clip_threshold: Optional[float]) -> torch.Tensor:
+def clip_by_rms(u: torch.Tensor, clip_threshold: float | None) -> torch.Tensor:
+    """u / max(1, RMS(u) / clip_threshold), in place; u unchanged when clip_threshold is None."""
     if clip_threshold is None:
         return u
-    return u.div_((_rms(u) / clip_threshold).clamp_(min=1.0))
+    return u.div_((rms(u) / clip_threshold).clamp_(min=1.0))
 
 
 def beta2_at(group: dict, t: int) -> tuple[float, float]:
@@ -116,31 +139,34 @@ def beta2_at(group: dict, t: int) -> tuple[float, float]:
     return group["beta2"], 1.0 - group["beta2"] ** t
 
 
-def step_size(group: dict, t: int, param: torch.Tensor):
+def step_size(group: dict, t: int, param: torch.Tensor) -> float | torch.Tensor:
     """lr_t = rho_t * s_t (HF `_get_lr`). A 0-d tensor when scale_parameter (no host sync)."""
     rho = group["lr"]
     if group.get("relative_step"):
         min_step = 1e-6 * t if group.get("warmup_init") else 1e-2
         rho = min(min_step, 1.0 / math.sqrt(t))
     if group.get("scale_parameter"):
-        return _rms(param.float()).clamp(min=group["eps2"]) * rho
+        return rms(param.float()).clamp(min=group["eps2"]) * rho
     return rho
 
 
-class Adafactor(FP32StateOptimizer):
-    """Adafactor with the switches of the module docstring (all per parameter group)."""
+class Adafactor(ProjectorCounters, FP32StateOptimizer):
+    """Adafactor with the switches of the module docstring (all per parameter group).
+
+    The projector counters (`proj_updates`, `svd_failures`) stay 0 here; they count for the
+    subclasses that project (GaLoreAdafactor, AdaMeM)."""
 
     def __init__(
         self,
         params,
         lr: float = 1e-3,
-        beta1: Optional[float] = None,
+        beta1: float | None = None,
         beta2: float = 0.95,
-        beta2_decay: Optional[float] = None,
+        beta2_decay: float | None = None,
         eps: float = 1e-8,
         eps1: float = 1e-30,
         eps2: float = 1e-3,
-        clip_threshold: Optional[float] = None,
+        clip_threshold: float | None = None,
         scale_parameter: bool = False,
         relative_step: bool = False,
         warmup_init: bool = False,
@@ -153,20 +179,35 @@ class Adafactor(FP32StateOptimizer):
         if beta1 is not None and not 0.0 <= beta1 < 1.0:
             raise ValueError(f"beta1 must be in [0, 1) or None, got {beta1}")
         defaults = dict(
-            lr=lr, beta1=beta1, beta2=beta2, beta2_decay=beta2_decay, eps=eps, eps1=eps1, eps2=eps2,
-            clip_threshold=clip_threshold, scale_parameter=scale_parameter, relative_step=relative_step,
-            warmup_init=warmup_init, one_sided=one_sided, weight_decay=weight_decay, momentum_style=momentum_style,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            beta2_decay=beta2_decay,
+            eps=eps,
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=clip_threshold,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+            one_sided=one_sided,
+            weight_decay=weight_decay,
+            momentum_style=momentum_style,
         )
         super().__init__(params, defaults)
 
-    def adafactor_delta(self, g: torch.Tensor, state: dict, group: dict, t: int, lr_t, prefix: str = "") -> torch.Tensor:
+    def adafactor_delta(
+        self, g: torch.Tensor, state: dict, group: dict, t: int, lr_t: float | torch.Tensor, prefix: str = ""
+    ) -> torch.Tensor:
         """Delta (already scaled by lr_t) for fp32 gradient g at moment step t; updates state."""
         beta1 = group["beta1"]
         beta2_t, bias2 = beta2_at(group, t)
         mode = second_moment_mode(g.shape, group["one_sided"])
         update_second_moment(state, prefix, (g * g).add_(group["eps1"]), mode, beta2_t)
         if group["momentum_style"] == "hf":
-            u = clip_by_rms(precondition(state, prefix, g, mode, bias2, group["eps"]), group["clip_threshold"])
+            u = clip_by_rms(
+                divide_by_second_moment(state, prefix, g, mode, bias2, group["eps"]), group["clip_threshold"]
+            )
             u = u.mul_(lr_t)
             if beta1 is None:
                 return u
@@ -180,11 +221,11 @@ class Adafactor(FP32StateOptimizer):
                 state[prefix + "exp_avg"] = torch.zeros_like(g)
             m = state[prefix + "exp_avg"].mul_(beta1).add_(g, alpha=1.0 - beta1)
             x = m / (1.0 - beta1**t)
-        u = clip_by_rms(precondition(state, prefix, x, mode, bias2, group["eps"]), group["clip_threshold"])
+        u = clip_by_rms(divide_by_second_moment(state, prefix, x, mode, bias2, group["eps"]), group["clip_threshold"])
         return u.mul_(lr_t)
 
     @staticmethod
-    def apply(p: torch.Tensor, delta: torch.Tensor, lr_t, weight_decay: float) -> None:
+    def apply_delta(p: torch.Tensor, delta: torch.Tensor, lr_t: float | torch.Tensor, weight_decay: float) -> None:
         """W <- W - lr_t wd W - Delta (weight decay on the pre-update weights, as HF)."""
         if weight_decay != 0.0:
             if torch.is_tensor(lr_t):
@@ -200,8 +241,9 @@ class Adafactor(FP32StateOptimizer):
         state["step"] += 1
         t = state["step"]
         lr_t = step_size(group, t, p)
+        assert p.grad is not None  # step() skips parameters without a gradient
         delta = self.adafactor_delta(p.grad.float(), state, group, t, lr_t)
-        self.apply(p, delta, lr_t, group["weight_decay"])
+        self.apply_delta(p, delta, lr_t, group["weight_decay"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -219,18 +261,27 @@ class Adafactor(FP32StateOptimizer):
         return loss
 
 
-# --- registry ---------------------------------------------------------------------------------
+def adafactor_kwargs(cfg: OptimConfig, momentum_style: MomentumStyle) -> dict[str, Any]:
+    """Adafactor's constructor keywords from ADAFACTOR_KEYS of `cfg`; `momentum_style` is the
+    optimizer's reference style, used when optim.momentum_style is null."""
+    return dict(
+        lr=cfg.lr,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        beta2_decay=cfg.beta2_decay,
+        eps=cfg.eps,
+        eps1=cfg.eps1,
+        eps2=cfg.eps2,
+        clip_threshold=cfg.clip_threshold,
+        scale_parameter=cfg.scale_parameter,
+        relative_step=cfg.relative_step,
+        warmup_init=cfg.warmup_init,
+        one_sided=cfg.one_sided,
+        momentum_style=cfg.momentum_style or momentum_style,
+    )
 
-from torch import nn  # noqa: E402
 
-from optim.param_groups import decay_split_groups  # noqa: E402
-from optim.config import OptimConfig  # noqa: E402
-from optim.registry import OptimizerSpec, register  # noqa: E402
-
-
-@register("adafactor")
+@register("adafactor", reads=(*ADAFACTOR_KEYS, *DECAY_GROUP_KEYS))
 def build_adafactor(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
     """optim.beta1 null = Adafactor without momentum, a float = the paper's Adam-like momentum."""
-    from optim.galore import adafactor_kwargs
-
     return OptimizerSpec(Adafactor, decay_split_groups(model, cfg), adafactor_kwargs(cfg, momentum_style="adam"))

@@ -22,9 +22,10 @@ Per parameter theta with gradient g (fp32), global step t = 1, 2, ...:
 
 With nmf-1 and grouped normalisation one step equals HF transformers' Adafactor(lr,
 eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=wd,
-scale_parameter=True, relative_step=False) and lomo_optim.AdaLomo (tests/test_adalomo.py).
+scale_parameter=True, relative_step=False) and lomo_optim.AdaLomo (tests/optim/test_adalomo.py).
 
-State (all in `optimizer.state`, so checkpoints resume exactly): `step` and the factors,
+State (all in `optimizer.state`, fp32 whatever the parameter dtype and kept fp32 on
+`load_state_dict` (optim.fp32_state), so checkpoints resume exactly): `step` and the factors,
 m + n floats per m x n matrix (nmf-1), (m + n) r for rank r, n per vector.
 Cost per m x n matrix: O(mn) elementwise (nmf-1), plus O(mnr) per factorisation iteration.
 
@@ -43,29 +44,33 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
+import typing
 
 import torch
 from torch import nn
 
 from optim import factorization as fac
-from optim.config import OptimConfig
-from optim.param_groups import decay_split_groups
+from optim.config import OptimConfig, UpdateNorm
+from optim.fp32_state import FP32StateOptimizer
+from optim.param_groups import DECAY_GROUP_KEYS, decay_split_groups
 from optim.registry import OptimizerSpec, register
+from optim.rms import rms
 
-UPDATE_NORMS = ("grouped", "none", "layerwise", "global")
+UPDATE_NORMS: tuple[UpdateNorm, ...] = typing.get_args(UpdateNorm)
+DEFAULT_CLIP_THRESHOLD = 1.0  # optim.clip_threshold null
+DEFAULT_DECAY_RATE = -0.8  # optim.beta2_decay null
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-class AdaLomo(torch.optim.Optimizer):
+class AdaLomo(FP32StateOptimizer):
     def __init__(
         self,
         params,
         lr: float = 1e-3,
         eps1: float = 1e-30,
         eps2: float = 1e-3,
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
+        clip_threshold: float = DEFAULT_CLIP_THRESHOLD,
+        decay_rate: float = DEFAULT_DECAY_RATE,
         weight_decay: float = 0.0,
         update_norm: str = "grouped",
         factorization: str = "nmf",
@@ -74,23 +79,34 @@ class AdaLomo(torch.optim.Optimizer):
     ):
         if update_norm not in UPDATE_NORMS:
             raise ValueError(f"optim.update_norm={update_norm!r}: expected one of {UPDATE_NORMS}")
-        if factorization not in fac.METHODS:
-            raise ValueError(f"optim.factorization={factorization!r}: expected one of {fac.METHODS}")
+        if factorization not in fac.FACTORIZATIONS:
+            raise ValueError(f"optim.factorization={factorization!r}: expected one of {fac.FACTORIZATIONS}")
         if factor_rank < 1 or factor_iters < 1:
-            raise ValueError(f"optim.factor_rank and optim.factor_iters must be >= 1, got {factor_rank}, {factor_iters}")
+            raise ValueError(
+                f"optim.factor_rank and optim.factor_iters must be >= 1, got {factor_rank}, {factor_iters}"
+            )
         if clip_threshold is None or clip_threshold <= 0:
-            raise ValueError(f"AdaLomo needs clip_threshold > 0 (use update_norm=none to disable), got {clip_threshold}")
+            raise ValueError(
+                f"AdaLomo needs clip_threshold > 0 (use update_norm=none to disable), got {clip_threshold}"
+            )
         if decay_rate >= 0:
             raise ValueError(f"AdaLomo needs decay_rate < 0 (beta2_t = 1 - t^decay_rate), got {decay_rate}")
         defaults = dict(
-            lr=lr, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold, decay_rate=decay_rate,
-            weight_decay=weight_decay, update_norm=update_norm, factorization=factorization,
-            factor_rank=factor_rank, factor_iters=factor_iters,
+            lr=lr,
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            weight_decay=weight_decay,
+            update_norm=update_norm,
+            factorization=factorization,
+            factor_rank=factor_rank,
+            factor_iters=factor_iters,
         )
         super().__init__(params, defaults)
 
     # ----- which tensors share one normalisation statistic ---------------------------------
-    def norm_group_key(self, p: torch.Tensor) -> Optional[str]:
+    def norm_group_key(self, p: torch.Tensor) -> str | None:
         """None when p's update needs no other tensor (grouped / none), else its group's key."""
         for group in self.param_groups:
             for i, q in enumerate(group["params"]):
@@ -99,7 +115,7 @@ class AdaLomo(torch.optim.Optimizer):
         raise KeyError("parameter not in this optimizer")
 
     @staticmethod
-    def _key(group: dict, i: int) -> Optional[str]:
+    def _key(group: dict, i: int) -> str | None:
         mode = group["update_norm"]
         if mode in ("grouped", "none"):
             return None
@@ -120,6 +136,7 @@ class AdaLomo(torch.optim.Optimizer):
     @torch.no_grad()
     def _fold(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """Update p's second-moment state with p.grad; return the fp32 gradient."""
+        assert p.grad is not None  # callers skip parameters without a gradient
         grad = p.grad.float()
         state = self.state[p]
         first = len(state) == 0
@@ -135,8 +152,16 @@ class AdaLomo(torch.optim.Optimizer):
         if grad.dim() >= 2:
             if grad.dim() > 2:
                 raise ValueError("AdaLomo handles 1-D and 2-D parameters only")
-            fac.update(state, u, beta, state["step"] == 1, group["factorization"], group["factor_rank"],
-                       group["factor_iters"], group["eps1"])
+            fac.update(
+                state,
+                u,
+                beta,
+                state["step"] == 1,
+                group["factorization"],
+                group["factor_rank"],
+                group["factor_iters"],
+                group["eps1"],
+            )
         else:
             state["exp_avg_sq"].mul_(beta).add_(u, alpha=1.0 - beta)
         return grad
@@ -146,7 +171,7 @@ class AdaLomo(torch.optim.Optimizer):
         """U = g / sqrt(V) from the (already updated) state."""
         state = self.state[p]
         if grad.dim() >= 2:
-            return fac.precondition(state, grad, group["eps1"])
+            return fac.divide_by_sqrt_approx(state, grad, group["eps1"])
         return state["exp_avg_sq"].rsqrt().mul_(grad)
 
     @torch.no_grad()
@@ -165,18 +190,18 @@ class AdaLomo(torch.optim.Optimizer):
         return (total / sum(numels)).sqrt_().div_(clip_threshold).clamp_(min=1.0)
 
     @torch.no_grad()
-    def apply(self, p: torch.Tensor, u: torch.Tensor, divisor: Optional[torch.Tensor]) -> None:
+    def apply(self, p: torch.Tensor, u: torch.Tensor, divisor: torch.Tensor | None) -> None:
         """Phase 2: theta <- theta (1 - eta wd) - eta U / divisor, eta = lr max(eps2, RMS(theta))."""
         group = self._group_of(p)
         self._apply(p, u, divisor, group)
 
     @staticmethod
-    def _apply(p: torch.Tensor, u: torch.Tensor, divisor: Optional[torch.Tensor], group: dict) -> None:
+    def _apply(p: torch.Tensor, u: torch.Tensor, divisor: torch.Tensor | None, group: dict) -> None:
         if divisor is not None:
             u.div_(divisor)
         theta = p if p.dtype == torch.float32 else p.float()
         # Tensors throughout (no .item()): no host sync per parameter on GPU.
-        eta = (theta.norm(2) / (theta.numel() ** 0.5)).clamp_(min=group["eps2"]).mul_(group["lr"])
+        eta = rms(theta).clamp_(min=group["eps2"]).mul_(group["lr"])
         if group["weight_decay"] != 0:
             theta.mul_(1.0 - eta * group["weight_decay"])
         theta.addcmul_(u, eta, value=-1.0)
@@ -184,11 +209,11 @@ class AdaLomo(torch.optim.Optimizer):
             p.copy_(theta)
 
     @staticmethod
-    def _own_divisor(u: torch.Tensor, group: dict) -> Optional[torch.Tensor]:
+    def _own_divisor(u: torch.Tensor, group: dict) -> torch.Tensor | None:
         if group["update_norm"] == "none":
             return None
         # HF's form: (||U|| / sqrt(numel)) / clip_threshold, clamped at 1.
-        return (u.norm(2) / (u.numel() ** 0.5)).div_(group["clip_threshold"]).clamp_(min=1.0)
+        return rms(u).div_(group["clip_threshold"]).clamp_(min=1.0)
 
     def _step_alone(self, p: torch.Tensor, group: dict) -> None:
         u = self._direction(p, self._fold(p, group), group)
@@ -222,18 +247,43 @@ class AdaLomo(torch.optim.Optimizer):
         return loss
 
 
-@register("adalomo")
+ADALOMO_KEYS = (
+    "lr",
+    "eps1",
+    "eps2",
+    "clip_threshold",
+    "beta2_decay",
+    "update_norm",
+    "factorization",
+    "factor_rank",
+    "factor_iters",
+)
+
+
+def check_adalomo(cfg: OptimConfig) -> None:
+    if cfg.clip_threshold is not None and not cfg.clip_threshold > 0:
+        raise ValueError(
+            f"optim.clip_threshold={cfg.clip_threshold}: AdaLomo needs clip_threshold > 0 or null "
+            f"(= {DEFAULT_CLIP_THRESHOLD}); to turn the update normalisation off use --optim.update_norm=none"
+        )
+    if cfg.beta2_decay is not None and not cfg.beta2_decay < 0:
+        raise ValueError(
+            f"optim.beta2_decay={cfg.beta2_decay}: AdaLomo needs beta2_decay < 0 (beta2_t = 1 - t^beta2_decay) "
+            f"or null (= {DEFAULT_DECAY_RATE})"
+        )
+
+
+@register("adalomo", reads=(*ADALOMO_KEYS, *DECAY_GROUP_KEYS), check=check_adalomo)
 def build_adalomo(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
-    """Reads optim.lr, weight_decay, decay_norm_weights, eps1, eps2, clip_threshold (null -> 1.0),
-    beta2_decay (null -> -0.8), update_norm, factorization, factor_rank, factor_iters.
-    Ignores beta1/beta2/eps (no momentum, no AdamW eps), scale_parameter/relative_step (AdaLomo
+    """Reads ADALOMO_KEYS (clip_threshold null -> 1.0, beta2_decay null -> -0.8) and the weight-decay
+    split. Ignores beta1/beta2/eps (no momentum, no AdamW eps), scale_parameter/relative_step (AdaLomo
     always scales the step by max(eps2, RMS(theta)))."""
     kwargs = dict(
         lr=cfg.lr,
         eps1=cfg.eps1,
         eps2=cfg.eps2,
-        clip_threshold=1.0 if cfg.clip_threshold is None else cfg.clip_threshold,
-        decay_rate=-0.8 if cfg.beta2_decay is None else cfg.beta2_decay,
+        clip_threshold=DEFAULT_CLIP_THRESHOLD if cfg.clip_threshold is None else cfg.clip_threshold,
+        decay_rate=DEFAULT_DECAY_RATE if cfg.beta2_decay is None else cfg.beta2_decay,
         update_norm=cfg.update_norm,
         factorization=cfg.factorization,
         factor_rank=cfg.factor_rank,

@@ -24,7 +24,7 @@ t_m = moment step (= t unless moments were reset on a projector change).
   5. N2 (Algorithm 4, one-sided Adafactor on the residual): one statistic per *column* (length n,
      the side not touched by P): c = EMA of mean_rows(S^2 + eps1); N2 = S / (sqrt(c / c2(t)) + eps)
      broadcast over rows, i.e. N2 = S D3 with D3 diagonal (n x n). Then <P N1, N2> =
-     Tr(N1^T P^T (I - P P^T) G D3) = 0 for any N1: Claim 3.1 (tests/test_optim_adamem.py).
+     Tr(N1^T P^T (I - P P^T) G D3) = 0 for any N1: Claim 3.1 (tests/optim/test_adamem.py).
      (Algorithm 4 as printed keeps a per-row statistic R_t = (S^2) 1_n of length m, which
      would multiply S from the left and break the orthogonality; we follow the claim.)
   6. U = P N1 + delta N2 (the printed line 11 omits P; the proof includes it), optional RMS
@@ -44,24 +44,52 @@ variant2 + m; variant1: (m + n) r + m + n. Keys: `proj_left`, `exp_avg`, `lr_exp
 
 from __future__ import annotations
 
-from typing import Optional
+import typing
+from typing import Any
 
 import torch
+from torch import nn
 
-from optim.adafactor import Adafactor, beta2_at, clip_by_rms, precondition, step_size, update_second_moment
-from optim.galore import _name_of
-from optim.projector import refresh_projector
+from optim.adafactor import (
+    ADAFACTOR_KEYS,
+    Adafactor,
+    adafactor_kwargs,
+    beta2_at,
+    clip_by_rms,
+    divide_by_second_moment,
+    step_size,
+    update_second_moment,
+)
+from optim.config import AdamemVariant, OptimConfig, SecondMomentSource
+from optim.param_groups import LOWRANK_GROUP_KEYS, lowrank_split_groups, name_in_group
+from optim.projector import PROJECTOR_DEFAULTS, is_lowrank, refresh_projector
+from optim.registry import OptimizerSpec, register
 
-VARIANTS = ("adamem", "variant1", "variant2")
-SECOND_MOMENT_FROM = ("momentum", "gradient")
-ADAMEM_DEFAULTS = dict(rank=None, update_proj_gap=200, delta=1.0, variant="adamem", second_moment_from="momentum",
-                       svd_method="exact", moments_on_proj_change="keep")
+VARIANTS: tuple[AdamemVariant, ...] = typing.get_args(AdamemVariant)
+SECOND_MOMENT_FROM: tuple[SecondMomentSource, ...] = typing.get_args(SecondMomentSource)
+ADAMEM_DEFAULTS: dict[str, Any] = {
+    **PROJECTOR_DEFAULTS,
+    "delta": 1.0,
+    "variant": "adamem",
+    "second_moment_from": "momentum",
+}
+# The OptimConfig keys `adamem_options` reads (besides ADAFACTOR_KEYS for every group).
+ADAMEM_KEYS = (
+    "rank",
+    "update_proj_gap",
+    "delta",
+    "variant",
+    "second_moment_from",
+    "svd_method",
+    "moments_on_proj_change",
+    "lowrank_base_momentum",
+)
 
 
 class AdaMeM(Adafactor):
     """AdaMeM (see module docstring). Defaults are the paper's: beta1 .9, beta2 .95, eps 1e-8, T 200, delta 1."""
 
-    def __init__(self, params, lr: float = 1e-3, beta1: Optional[float] = 0.9, **kwargs):
+    def __init__(self, params, lr: float = 1e-3, beta1: float | None = 0.9, **kwargs: Any):
         extra = {k: kwargs.pop(k) for k in list(kwargs) if k in ADAMEM_DEFAULTS}
         super().__init__(params, lr=lr, beta1=beta1, **kwargs)
         for group in self.param_groups:
@@ -74,9 +102,10 @@ class AdaMeM(Adafactor):
         self.defaults.update({**ADAMEM_DEFAULTS, **extra})
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
-        if group.get("rank") is None or p.dim() != 2:
+        if not is_lowrank(group, p):
             return super()._step_param(p, group)
         state = self.state[p]
+        assert p.grad is not None  # step() skips parameters without a gradient
         g = p.grad.float()
         transposed = g.shape[0] > g.shape[1]
         if transposed:
@@ -84,8 +113,15 @@ class AdaMeM(Adafactor):
         if "step" not in state:
             state["step"] = 0
             state["moment_step"] = 0
-        refresh_projector(state, g, group, "left", ("exp_avg",), ("exp_avg", "lr_exp_avg_sq_row", "lr_exp_avg_sq_col"),
-                          name=_name_of(group, p))
+        refresh_projector(
+            state,
+            g,
+            group,
+            "left",
+            ("exp_avg",),
+            ("exp_avg", "lr_exp_avg_sq_row", "lr_exp_avg_sq_col"),
+            name=name_in_group(group, p),
+        )
         state["step"] += 1
         state["moment_step"] += 1
         t, t_m = state["step"], state["moment_step"]
@@ -106,43 +142,49 @@ class AdaMeM(Adafactor):
             X.add_(S, alpha=delta)
             beta2_t, bias2 = beta2_at(group, t)
             update_second_moment(state, "", X * X + eps1, "factored", beta2_t)
-            U = precondition(state, "", X, "factored", bias2, eps)
+            U = divide_by_second_moment(state, "", X, "factored", bias2, eps)
         else:
             src = M_hat if group["second_moment_from"] == "momentum" else R
             beta2_t, bias2 = beta2_at(group, t_m)
             update_second_moment(state, "lr_", src * src + eps1, "factored", beta2_t)
-            N1 = precondition(state, "lr_", M_hat, "factored", bias2, eps)
+            N1 = divide_by_second_moment(state, "lr_", M_hat, "factored", bias2, eps)
             mode = "cols" if group["variant"] == "adamem" else "factored"
             beta2_t, bias2 = beta2_at(group, t)
             update_second_moment(state, "res_", S * S + eps1, mode, beta2_t)
-            N2 = precondition(state, "res_", S, mode, bias2, eps)
+            N2 = divide_by_second_moment(state, "res_", S, mode, bias2, eps)
             U = P @ N1
             U.add_(N2, alpha=delta)
         U = clip_by_rms(U, group["clip_threshold"])
         if transposed:
             U = U.T
         lr_t = step_size(group, t, p)
-        self.apply(p, U * lr_t, lr_t, group["weight_decay"])
+        self.apply_delta(p, U * lr_t, lr_t, group["weight_decay"])
 
 
-# --- registry ---------------------------------------------------------------------------------
+def adamem_options(cfg: OptimConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options of the low-rank groups, options of the other groups) from ADAMEM_KEYS of `cfg`."""
+    lowrank = dict(
+        rank=cfg.rank,
+        update_proj_gap=cfg.update_proj_gap,
+        delta=cfg.delta,
+        variant=cfg.variant,
+        second_moment_from=cfg.second_moment_from,
+        svd_method=cfg.svd_method,
+        moments_on_proj_change=cfg.moments_on_proj_change,
+    )
+    base: dict[str, Any] = {} if cfg.lowrank_base_momentum else {"beta1": None}
+    return lowrank, base
 
-from torch import nn  # noqa: E402
 
-from optim.config import OptimConfig  # noqa: E402
-from optim.galore import adafactor_kwargs, lowrank_split_groups  # noqa: E402
-from optim.registry import OptimizerSpec, register  # noqa: E402
+def check_adamem(cfg: OptimConfig) -> None:
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"optim.variant must be one of {VARIANTS}, got {cfg.variant!r}")
 
 
-@register("adamem")
+@register("adamem", reads=(*ADAFACTOR_KEYS, *ADAMEM_KEYS, *LOWRANK_GROUP_KEYS), check=check_adamem)
 def build_adamem(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
     """Low-rank targets: AdaMeM; the rest: Adafactor, with momentum beta1 when
     optim.lowrank_base_momentum (default) else without (beta1 None)."""
-    if cfg.variant not in VARIANTS:
-        raise ValueError(f"optim.variant must be one of {VARIANTS}, got {cfg.variant!r}")
-    lowrank = dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, delta=cfg.delta, variant=cfg.variant,
-                   second_moment_from=cfg.second_moment_from, svd_method=cfg.svd_method,
-                   moments_on_proj_change=cfg.moments_on_proj_change)
-    base = {} if cfg.lowrank_base_momentum else {"beta1": None}
+    lowrank, base = adamem_options(cfg)
     kwargs = adafactor_kwargs(cfg, momentum_style="adam")
     return OptimizerSpec(AdaMeM, lowrank_split_groups(model, cfg, lowrank, base), kwargs)

@@ -37,9 +37,13 @@ so the fused and ordinary paths and a resumed run reproduce the same bits.
 
 from __future__ import annotations
 
+import typing
+
 import torch
 
-METHODS = ("nmf", "svd", "qr")
+from optim.config import Factorization
+
+FACTORIZATIONS: tuple[Factorization, ...] = typing.get_args(Factorization)
 _FIRST_STEP_NMF_ITERS = 10  # no warm start on the first step: iterate longer once
 _TINY = 1e-30  # floor of denominators inside the NMF iterations (same as eps1's default)
 
@@ -48,7 +52,14 @@ def is_closed_form(method: str, rank: int) -> bool:
     return method == "nmf" and rank == 1
 
 
-def init_state(state: dict, shape: torch.Size, method: str, rank: int, device, dtype=torch.float32) -> None:
+def init_state(
+    state: dict,
+    shape: torch.Size,
+    method: str,
+    rank: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """Allocate the factors (zeros; the first update overwrites them since beta2_1 = 0)."""
     m, n = shape
     if is_closed_form(method, rank):
@@ -68,7 +79,9 @@ def approx(state: dict, eps1: float) -> torch.Tensor:
     return (state["factor_left"] @ state["factor_right"]).clamp_min_(eps1)
 
 
-def update(state: dict, u: torch.Tensor, beta: float, first: bool, method: str, rank: int, iters: int, eps1: float) -> None:
+def update(
+    state: dict, u: torch.Tensor, beta: float, first: bool, method: str, rank: int, iters: int, eps1: float
+) -> None:
     """Fold u = g^2 + eps1 into the factored EMA (in place on `state`)."""
     if is_closed_form(method, rank):
         # Same ops and order as HF / fairseq Adafactor.
@@ -109,10 +122,10 @@ def update(state: dict, u: torch.Tensor, beta: float, first: bool, method: str, 
         state["factor_left"].copy_(q)
         state["factor_right"].copy_(q.T @ target)
     else:
-        raise ValueError(f"unknown factorization {method!r}; expected one of {METHODS}")
+        raise ValueError(f"unknown factorization {method!r}; expected one of {FACTORIZATIONS}")
 
 
-def precondition(state: dict, grad: torch.Tensor, eps1: float) -> torch.Tensor:
+def divide_by_sqrt_approx(state: dict, grad: torch.Tensor, eps1: float) -> torch.Tensor:
     """U = g / sqrt(V) for the current factored V (a new fp32 tensor)."""
     if "exp_avg_sq_row" in state:
         # HF's _approx_sq_grad: rsqrt(r / mean(r)) (rows) * rsqrt(c) (columns), then * g.
@@ -132,7 +145,8 @@ def pivoted_qr(a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     m, n = a.shape
     norms = a.square().sum(0)
-    qs, pivs = [], []
+    qs: list[torch.Tensor] = []
+    pivs: list[torch.Tensor] = []
     for _ in range(r):
         j = norms.argmax().view(1)
         col = a.index_select(1, j).squeeze(1)
@@ -156,7 +170,7 @@ def nmf_kl(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, iters: int) -> tup
     return w.div_(scale), h.mul_(scale.unsqueeze(-1))
 
 
-def state_bytes(shape: tuple[int, ...], method: str, rank: int, bytes_per=4) -> int:
+def factored_state_bytes(shape: tuple[int, ...], method: str, rank: int, bytes_per: int = 4) -> int:
     """Optimizer-state bytes of one parameter (the step counter excluded)."""
     if len(shape) < 2:
         return shape[0] * bytes_per

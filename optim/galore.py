@@ -34,47 +34,72 @@ step, restarts with `reset`), `svd_failures` (when any; `optimizer.svd_failures`
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any
 
 import torch
+from torch import nn
 
-from optim.adafactor import Adafactor, step_size
-from optim.projector import FP32StateOptimizer, project, project_back, projection_side, refresh_projector
+from optim.adafactor import ADAFACTOR_KEYS, Adafactor, adafactor_kwargs, step_size
+from optim.config import OptimConfig
+from optim.fp32_state import FP32StateOptimizer
+from optim.param_groups import LOWRANK_GROUP_KEYS, lowrank_split_groups, name_in_group
+from optim.projector import (
+    PROJECTOR_DEFAULTS,
+    ProjectorCounters,
+    is_lowrank,
+    project,
+    project_back,
+    projection_side,
+    refresh_projector,
+)
+from optim.registry import OptimizerSpec, register
+from optim.validation import momentum_beta1
 
-LOWRANK_DEFAULTS = dict(rank=None, update_proj_gap=200, scale=1.0, proj_type="std", svd_method="exact",
-                        moments_on_proj_change="keep")
+LOWRANK_DEFAULTS: dict[str, Any] = {**PROJECTOR_DEFAULTS, "scale": 1.0, "proj_type": "std"}
+# The OptimConfig keys `galore_options` reads.
+GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd_method", "moments_on_proj_change")
 
 
-def is_lowrank(group: dict, p: torch.Tensor) -> bool:
-    return group.get("rank") is not None and p.dim() == 2
-
-
-def _lowrank_pre_step(opt, p: torch.Tensor, group: dict, g: torch.Tensor, first_keys, moment_keys) -> torch.Tensor:
+def _lowrank_pre_step(
+    opt: torch.optim.Optimizer,
+    p: torch.Tensor,
+    group: dict,
+    g: torch.Tensor,
+    first_keys: tuple[str, ...],
+    moment_keys: tuple[str, ...],
+) -> torch.Tensor:
     """Refresh the projector if due, return the projected gradient. Handles state init."""
     state = opt.state[p]
     if "step" not in state:
         state["step"] = 0
         state["moment_step"] = 0
     side = projection_side(g.shape, group["proj_type"])
-    refresh_projector(state, g, group, side, first_keys, moment_keys, name=_name_of(group, p))
+    refresh_projector(state, g, group, side, first_keys, moment_keys, name=name_in_group(group, p))
     return project(g, state)
 
 
-def _name_of(group: dict, p: torch.Tensor) -> str:
-    for name, q in zip(group.get("names", ()), group["params"]):
-        if q is p:
-            return name
-    return "?"
-
-
-class GaLoreAdamW(FP32StateOptimizer):
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
-                 correct_bias: bool = True, **lowrank):
+class GaLoreAdamW(ProjectorCounters, FP32StateOptimizer):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        **lowrank: Any,
+    ):
         unknown = set(lowrank) - set(LOWRANK_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown GaLoreAdamW options {sorted(unknown)}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                        **{**LOWRANK_DEFAULTS, **lowrank})
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            **{**LOWRANK_DEFAULTS, **lowrank},
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -120,7 +145,7 @@ class GaLoreAdamW(FP32StateOptimizer):
 
 
 class GaLoreAdafactor(Adafactor):
-    def __init__(self, params, lr: float = 1e-3, momentum_style: str = "hf", **kwargs):
+    def __init__(self, params, lr: float = 1e-3, momentum_style: str = "hf", **kwargs: Any):
         lowrank = {k: kwargs.pop(k) for k in list(kwargs) if k in LOWRANK_DEFAULTS}
         super().__init__(params, lr=lr, momentum_style=momentum_style, **kwargs)
         for group in self.param_groups:  # low-rank defaults for groups that did not set them
@@ -132,75 +157,42 @@ class GaLoreAdafactor(Adafactor):
         if not is_lowrank(group, p):
             return super()._step_param(p, group)
         state = self.state[p]
-        g = _lowrank_pre_step(self, p, group, p.grad.float(), ("exp_avg",),
-                              ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"))
+        assert p.grad is not None  # step() skips parameters without a gradient
+        g = _lowrank_pre_step(
+            self, p, group, p.grad.float(), ("exp_avg",), ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
+        )
         state["step"] += 1
         state["moment_step"] += 1
         lr_t = step_size(group, state["step"], p)
         delta = self.adafactor_delta(g, state, group, state["moment_step"], lr_t)
         delta = project_back(delta, state) * group["scale"]
-        self.apply(p, delta, lr_t, group["weight_decay"])
+        self.apply_delta(p, delta, lr_t, group["weight_decay"])
 
 
-# --- registry ---------------------------------------------------------------------------------
-
-from torch import nn  # noqa: E402
-
-from optim.config import OptimConfig  # noqa: E402
-from optim.param_groups import describe_parameters, weight_decay_of  # noqa: E402
-from optim.registry import OptimizerSpec, register  # noqa: E402
-
-LOWRANK_TARGETS = ("blocks", "all")
-
-
-def is_lowrank_target(role: str, ndim: int, targets: str) -> bool:
-    """`blocks`: 2-D weights inside transformer blocks; `all`: every 2-D weight (incl. embedding, output)."""
-    if targets not in LOWRANK_TARGETS:
-        raise ValueError(f"optim.lowrank_targets must be one of {LOWRANK_TARGETS}, got {targets!r}")
-    if ndim != 2:
-        return False
-    return role == "block_matrix" if targets == "blocks" else True
-
-
-def lowrank_split_groups(model: nn.Module, cfg: OptimConfig, lowrank_options: dict,
-                         base_options: Optional[dict] = None) -> list[dict]:
-    """Groups keyed by (low-rank?, weight decay): low-rank groups get `lowrank_options`, the others
-    `base_options` (both may be empty); names travel with params for logs and per-param optimizers."""
-    groups: dict[tuple, dict] = {}
-    for info in describe_parameters(model):
-        wd = weight_decay_of(info, cfg.weight_decay, cfg.decay_norm_weights)
-        low = is_lowrank_target(info.role, info.param.dim(), cfg.lowrank_targets)
-        opts = lowrank_options if low else (base_options or {})
-        group = groups.setdefault((low, wd), {"params": [], "names": [], "weight_decay": wd, **opts})
-        group["params"].append(info.param)
-        group["names"].append(info.name)
-    return list(groups.values())
-
-
-def galore_options(cfg: OptimConfig) -> dict:
-    return dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, proj_type=cfg.proj_type,
-                svd_method=cfg.svd_method, moments_on_proj_change=cfg.moments_on_proj_change)
-
-
-def adafactor_kwargs(cfg: OptimConfig, momentum_style: str) -> dict:
-    return dict(lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, beta2_decay=cfg.beta2_decay, eps=cfg.eps,
-                eps1=cfg.eps1, eps2=cfg.eps2, clip_threshold=cfg.clip_threshold,
-                scale_parameter=cfg.scale_parameter, relative_step=cfg.relative_step, warmup_init=cfg.warmup_init,
-                one_sided=cfg.one_sided, momentum_style=cfg.momentum_style or momentum_style)
-
-
-@register("galore_adamw")
-def build_galore_adamw(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
-    if cfg.beta1 is None:
-        raise ValueError("galore_adamw needs optim.beta1 (a float)")
-    return OptimizerSpec(
-        GaLoreAdamW,
-        lowrank_split_groups(model, cfg, galore_options(cfg)),
-        dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps),
+def galore_options(cfg: OptimConfig) -> dict[str, Any]:
+    """Per-group options of the low-rank groups, from GALORE_KEYS of `cfg`."""
+    return dict(
+        rank=cfg.rank,
+        update_proj_gap=cfg.update_proj_gap,
+        scale=cfg.scale,
+        proj_type=cfg.proj_type,
+        svd_method=cfg.svd_method,
+        moments_on_proj_change=cfg.moments_on_proj_change,
     )
 
 
-@register("galore_adafactor")
+@register(
+    "galore_adamw", reads=("lr", "beta1", "beta2", "eps", *GALORE_KEYS, *LOWRANK_GROUP_KEYS), check=momentum_beta1
+)
+def build_galore_adamw(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
+    return OptimizerSpec(
+        GaLoreAdamW,
+        lowrank_split_groups(model, cfg, galore_options(cfg)),
+        dict(lr=cfg.lr, betas=(momentum_beta1(cfg), cfg.beta2), eps=cfg.eps),
+    )
+
+
+@register("galore_adafactor", reads=(*ADAFACTOR_KEYS, *GALORE_KEYS, *LOWRANK_GROUP_KEYS))
 def build_galore_adafactor(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
     return OptimizerSpec(
         GaLoreAdafactor,

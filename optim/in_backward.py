@@ -3,7 +3,7 @@ gradient freed at once, so the full set of gradients never sits in memory (LOMO 
 
 Built from the same OptimizerSpec as the ordinary path, as one optimizer per parameter, so the
 per-parameter math is identical and the parameters match the ordinary `step()` path bit for bit
-on CPU (tests/test_in_backward.py checks every registered optimizer). Works for any optimizer
+on CPU (tests/optim/test_in_backward.py checks every registered optimizer). Works for any optimizer
 whose update of a tensor depends only on that tensor (AdamW, Adafactor, GaLore, AdaMeM,
 AdaLomo grouped/none); its state lives in each per-parameter optimizer's `state`.
 
@@ -45,8 +45,13 @@ the partial update, which it never contains since checkpoints are taken between 
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from optim.param_groups import group_options
 from optim.registry import OptimizerSpec
 
 
@@ -66,38 +71,56 @@ def check_fused_supported(*, grad_clip: float | None, world_size: int) -> None:
         )
 
 
+@runtime_checkable
+class TwoPhaseUpdates(Protocol):
+    """The API of an optimizer whose update of a tensor may need other tensors' statistics
+    (optim.adalomo.AdaLomo): see "Cross-tensor update statistics" above."""
+
+    def norm_group_key(self, p: torch.Tensor) -> str | None: ...
+
+    def prepare(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def shared_divisor(self, sq_sums: list[torch.Tensor], numels: list[int], clip_threshold: float) -> torch.Tensor: ...
+
+    def apply(self, p: torch.Tensor, u: torch.Tensor, divisor: torch.Tensor | None) -> None: ...
+
+
 class InBackwardOptimizer:
     def __init__(self, spec: OptimizerSpec):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self._params: dict[str, torch.Tensor] = {}
-        self._handles = []
+        self._handles: list[RemovableHandle] = []
         self.armed = False
         self.nonfinite: list[str] = []
-        self._grad_sq = []  # 0-d tensors of the armed backward, summed lazily (grad_sq_sum)
+        self._grad_sq: list[torch.Tensor] = []  # 0-d tensors of the armed backward, summed lazily (grad_sq_sum)
         # Coupled update statistics: key -> member names in spec order; name -> key.
         self._members: dict[str, list[str]] = {}
         self._key_of: dict[str, str] = {}
-        self._pending: dict[str, dict[str, tuple | None]] = {}
+        self._two_phase: dict[str, TwoPhaseUpdates] = {}  # name -> its optimizer, for coupled members
+        # key -> member name -> (U, sum U^2) from `prepare`, or None for a non-finite gradient.
+        self._pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.deferred_bytes = 0
         self.peak_deferred_bytes = 0
         for group in spec.param_groups:
-            options = {k: v for k, v in group.items() if k not in ("params", "names")}
-            for name, p in zip(group["names"], group["params"]):
+            options = group_options(group)
+            for name, p in zip(group["names"], group["params"], strict=True):
                 opt = spec.cls([{**options, "params": [p], "names": [name]}], **spec.kwargs)
                 self.optimizers[name] = opt
                 self._params[name] = p
-                key = opt.norm_group_key(p) if hasattr(opt, "norm_group_key") else None
-                if key is not None:
+                key = opt.norm_group_key(p) if isinstance(opt, TwoPhaseUpdates) else None
+                if isinstance(opt, TwoPhaseUpdates) and key is not None:
                     self._key_of[name] = key
                     self._members.setdefault(key, []).append(name)
+                    self._two_phase[name] = opt
                 self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(name)))
 
-    def _make_hook(self, name: str):
+    def _make_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
             if not self.armed:
                 return
             grad = p.grad
-            if grad.is_meta:  # shape-only runs (tools/bench_memory.py): no values to check
+            assert grad is not None  # post-accumulate-grad hooks run once the gradient exists
+            if grad.is_meta:  # shape-only runs (trainer/memory_accounting.py): no values to check
                 finite = True
             else:
                 sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
@@ -112,7 +135,7 @@ class InBackwardOptimizer:
             if key is not None:
                 pending = self._pending.setdefault(key, {})
                 if finite:
-                    u, usq = self.optimizers[name].prepare(p)
+                    u, usq = self._two_phase[name].prepare(p)
                     pending[name] = (u, usq)
                     self.deferred_bytes += u.nbytes
                     self.peak_deferred_bytes = max(self.peak_deferred_bytes, self.deferred_bytes)
@@ -126,20 +149,21 @@ class InBackwardOptimizer:
 
     def _flush(self, key: str) -> None:
         pending = self._pending.pop(key, {})
-        names = [n for n in self._members[key] if pending.get(n) is not None]  # spec order
-        if not names:
-            return
-        first = self.optimizers[names[0]]
-        div = first.shared_divisor(
-            [pending[n][1] for n in names],
-            [pending[n][0].numel() for n in names],
-            first.param_groups[0]["clip_threshold"],
-        )
-        for n in names:
-            u = pending[n][0]
-            self.optimizers[n].apply(self._params[n], u, div)
-            self.deferred_bytes -= u.nbytes
+        # The members with a finite gradient, in spec order (the ordinary path's summation order).
+        ready = {n: entry for n in self._members[key] if (entry := pending.get(n)) is not None}
         del pending
+        if not ready:
+            return
+        first = next(iter(ready))
+        div = self._two_phase[first].shared_divisor(
+            [usq for _, usq in ready.values()],
+            [u.numel() for u, _ in ready.values()],
+            self.optimizers[first].param_groups[0]["clip_threshold"],
+        )
+        for n, (u, _) in ready.items():
+            self._two_phase[n].apply(self._params[n], u, div)
+            self.deferred_bytes -= u.nbytes
+        del ready
 
     @property
     def grad_sq_sum(self) -> float:
@@ -159,7 +183,7 @@ class InBackwardOptimizer:
             self._grad_sq = []
 
     @property
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[dict[str, Any]]:
         return [g for opt in self.optimizers.values() for g in opt.param_groups]
 
     def step(self) -> None:
@@ -173,10 +197,10 @@ class InBackwardOptimizer:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"in_backward": {name: opt.state_dict() for name, opt in self.optimizers.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if "in_backward" not in state:
             raise ValueError(
                 "this checkpoint holds an ordinary optimizer state, but train.fused_update=true; "

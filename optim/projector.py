@@ -33,15 +33,29 @@ optimizers expose the total as `optimizer.svd_failures` for the trainer's logs).
 
 from __future__ import annotations
 
+import typing
 import warnings
+from typing import Any
 
 import torch
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-SVD_METHODS = ("exact", "randomized")
-MOMENT_POLICIES = ("keep", "reset", "rotate")
+from optim.config import MomentPolicy, ProjType, SvdMethod
+
+PROJ_TYPES: tuple[ProjType, ...] = typing.get_args(ProjType)
+SVD_METHODS: tuple[SvdMethod, ...] = typing.get_args(SvdMethod)
+MOMENT_POLICIES: tuple[MomentPolicy, ...] = typing.get_args(MomentPolicy)
+# Per-group options of every optimizer that keeps a projector (GaLore's and AdaMeM's groups), with
+# the defaults of a group that does not set them; `rank` None = the group is not low-rank.
+PROJECTOR_DEFAULTS: dict[str, Any] = dict(
+    rank=None, update_proj_gap=200, svd_method="exact", moments_on_proj_change="keep"
+)
 OVERSAMPLE = 10
 POWER_ITERS = 2
+
+
+def is_lowrank(group: dict, p: torch.Tensor) -> bool:
+    """A parameter is updated through a projector when its group has a `rank` and it is a matrix."""
+    return group.get("rank") is not None and p.dim() == 2
 
 
 def projection_side(shape: torch.Size | tuple[int, ...], proj_type: str) -> str:
@@ -119,7 +133,9 @@ def compute_bases(
     state["svd_failures"] = state.get("svd_failures", 0) + 1
     previous = {k: state[k] for k in ("proj_left", "proj_right") if k in state}
     if previous:
-        warnings.warn(f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; keeping the previous basis")
+        warnings.warn(
+            f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; keeping the previous basis", stacklevel=2
+        )
         return previous
     # First refresh: retry on a slightly jittered copy (helps LAPACK non-convergence), then random.
     gen = torch.Generator(device=g.device)
@@ -127,10 +143,14 @@ def compute_bases(
     scale = 1e-3 * float(g.nan_to_num().pow(2).mean().sqrt()) + 1e-30
     bases = _bases(g + scale * torch.randn(g.shape, generator=gen, device=g.device), rank, side, method, seed)
     if bases is None:
-        warnings.warn(f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; using a random basis")
+        warnings.warn(
+            f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; using a random basis", stacklevel=2
+        )
         bases = _random_bases(g.shape, rank, side, seed, g.device)
     else:
-        warnings.warn(f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; used a jittered copy")
+        warnings.warn(
+            f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(g.shape)}; used a jittered copy", stacklevel=2
+        )
     return bases
 
 
@@ -177,10 +197,12 @@ def refresh_projector(
         return False
     old = {k: state[k] for k in ("proj_left", "proj_right") if k in state}
     seed = state["step"] + 1_000_003 * state.get("proj_updates", 0)
-    new = compute_bases(grad, group["rank"], side, group.get("svd_method", "exact"), seed, state, name)
+    method = group.get("svd_method", PROJECTOR_DEFAULTS["svd_method"])
+    new = compute_bases(grad, group["rank"], side, method, seed, state, name)
     state.update(new)
     state["proj_updates"] = state.get("proj_updates", 0) + 1
-    policy = group.get("moments_on_proj_change", "keep")
+    # .get: a group may lack the option (e.g. one restored from a checkpoint saved without it).
+    policy = group.get("moments_on_proj_change", PROJECTOR_DEFAULTS["moments_on_proj_change"])
     if policy not in MOMENT_POLICIES:
         raise ValueError(f"moments_on_proj_change must be one of {MOMENT_POLICIES}, got {policy!r}")
     if has_basis and policy == "reset":
@@ -195,27 +217,10 @@ def refresh_projector(
     return True
 
 
-class FP32StateOptimizer(torch.optim.Optimizer):
-    """Base of this package's optimizers: fp32 state kept fp32 across `load_state_dict`.
-
-    torch.optim.Optimizer.load_state_dict casts floating state tensors to the parameter's dtype;
-    our state (moments, statistics, projectors) is fp32 by design whatever the parameter dtype,
-    so floating tensors are restored as saved (moved to the parameter's device only). Also sums
-    the SVD-failure counters kept in each parameter's state (`svd_failures`, for the logs).
-    """
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        held: dict = {}
-        stripped = {}
-        for pid, s in state_dict["state"].items():
-            stripped[pid] = {k: v for k, v in s.items() if not (torch.is_tensor(v) and v.is_floating_point())}
-            held[pid] = {k: v for k, v in s.items() if torch.is_tensor(v) and v.is_floating_point()}
-        super().load_state_dict({**state_dict, "state": stripped})
-        for pid, p in zip(saved_ids, params):
-            for k, v in held.get(pid, {}).items():
-                self.state[p][k] = v.to(device=p.device, copy=True)
+class ProjectorCounters(torch.optim.Optimizer):
+    """Totals, over the parameters, of the counters `refresh_projector` keeps in each state:
+    `proj_updates` (basis refreshes) and `svd_failures` (SVDs that fell back, see above), for the
+    trainer's logs. A mixin for the optimizers whose state may hold a projector."""
 
     @property
     def svd_failures(self) -> int:

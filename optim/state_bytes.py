@@ -25,14 +25,17 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
-from typing import Iterable, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
+from model import ModelConfig, Transformer
 from optim.config import OptimConfig
-from optim.param_groups import describe_parameters
+from optim.factorization import factored_state_bytes
+from optim.param_groups import describe_parameters, group_options, is_lowrank_target
 from optim.projector import projection_side
 from optim.registry import optimizer_spec
 
@@ -52,7 +55,7 @@ def _named_cfg(base: OptimConfig, name: str) -> OptimConfig:
     return replace(base, name=name)
 
 
-def _state_tensors(optimizer) -> Iterable[torch.Tensor]:
+def _state_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
     if hasattr(optimizer, "optimizers"):  # InBackwardOptimizer: one optimizer per parameter
         for opt in optimizer.optimizers.values():
             yield from _state_tensors(opt)
@@ -63,12 +66,13 @@ def _state_tensors(optimizer) -> Iterable[torch.Tensor]:
                 yield value
 
 
-def measured_state_bytes(optimizer) -> int:
-    """Sum of the bytes of every tensor in the optimizer state (initialise it first: one step)."""
+def measured_state_bytes(optimizer: Any) -> int:
+    """Sum of the bytes of every tensor in the optimizer state (initialise it first: one step).
+    `optimizer`: a torch.optim.Optimizer or an optim.in_backward.InBackwardOptimizer."""
     return sum(t.numel() * t.element_size() for t in _state_tensors(optimizer))
 
 
-def _adafactor_floats(shape, beta1: Optional[float], one_sided: bool) -> int:
+def _adafactor_floats(shape: tuple[int, ...], beta1: float | None, one_sided: bool) -> int:
     numel = 1
     for d in shape:
         numel *= d
@@ -79,7 +83,7 @@ def _adafactor_floats(shape, beta1: Optional[float], one_sided: bool) -> int:
     return (max(m, n) if one_sided else m + n) + mom
 
 
-def _param_formula(name: str, shape, low: bool, cfg: OptimConfig) -> int:
+def _param_formula(name: str, shape: tuple[int, ...], low: bool, cfg: OptimConfig) -> int:
     """State floats (or bytes for adamw's step tensors) of one parameter; returns bytes."""
     numel = 1
     for d in shape:
@@ -89,22 +93,20 @@ def _param_formula(name: str, shape, low: bool, cfg: OptimConfig) -> int:
     if name == "adafactor":
         return FP32 * _adafactor_floats(shape, cfg.beta1, cfg.one_sided)
     if name == "adalomo":  # (m + n) x factor_rank floats per matrix, n per vector
-        from optim.factorization import state_bytes
-
-        return state_bytes(tuple(shape), cfg.factorization, cfg.factor_rank, FP32)
+        return factored_state_bytes(tuple(shape), cfg.factorization, cfg.factor_rank, FP32)
     if not low:
         if name == "galore_adamw":
             return FP32 * 2 * numel
         beta1 = cfg.beta1 if (name != "adamem" or cfg.lowrank_base_momentum) else None
         return FP32 * _adafactor_floats(shape, beta1, cfg.one_sided)
     m, n = shape
-    s, l = min(m, n), max(m, n)
-    r = min(cfg.rank, s)
+    small, large = min(m, n), max(m, n)  # s and l of the module docstring
+    r = min(cfg.rank, small)
     if name == "adamem":
         if cfg.variant == "variant1":
-            return FP32 * (s * r + r * l + m + n)
-        extra = s if cfg.variant == "variant2" else 0
-        return FP32 * (s * r + r * l + r + 2 * l + extra)
+            return FP32 * (small * r + r * large + m + n)
+        extra = small if cfg.variant == "variant2" else 0
+        return FP32 * (small * r + r * large + r + 2 * large + extra)
     side = projection_side((m, n), cfg.proj_type)
     r_left, r_right = min(cfg.rank, m), min(cfg.rank, n)
     proj = {"left": m * r_left, "right": n * r_right, "full": m * r_left + n * r_right}[side]
@@ -118,8 +120,6 @@ def _param_formula(name: str, shape, low: bool, cfg: OptimConfig) -> int:
 
 def formula_state_bytes(model: nn.Module, cfg: OptimConfig) -> int:
     """Closed-form state bytes of optimizer `cfg.name` on `model` (see module docstring)."""
-    from optim.galore import is_lowrank_target
-
     total = 0
     for info in describe_parameters(model):
         low = cfg.name in ("galore_adamw", "galore_adafactor", "adamem") and is_lowrank_target(
@@ -129,16 +129,16 @@ def formula_state_bytes(model: nn.Module, cfg: OptimConfig) -> int:
     return total
 
 
-def _group_key(group: dict) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in group.items() if k not in ("params", "names")))
+def _group_key(group: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, repr(v)) for k, v in group_options(group).items()))
 
 
 def measured_state_bytes_for(model: nn.Module, cfg: OptimConfig, seed: int = 0) -> int:
     """Measured bytes of `cfg.name` on `model`: one single-parameter optimizer per distinct
     (shape, group options), stepped once on a random gradient, times its multiplicity."""
     spec = optimizer_spec(model, cfg)
-    kinds: Counter = Counter()
-    examples: dict = {}
+    kinds: Counter[tuple[Any, ...]] = Counter()
+    examples: dict[tuple[Any, ...], dict[str, Any]] = {}
     for group in spec.param_groups:
         for p in group["params"]:
             key = (tuple(p.shape), p.dtype, _group_key(group))
@@ -149,22 +149,20 @@ def measured_state_bytes_for(model: nn.Module, cfg: OptimConfig, seed: int = 0) 
     for key, count in kinds.items():
         shape, dtype, _ = key
         group = examples[key]
-        options = {k: v for k, v in group.items() if k not in ("params", "names")}
         p = nn.Parameter(torch.zeros(shape, dtype=dtype))
         p.grad = torch.randn(shape, generator=gen).to(dtype)
-        opt = spec.cls([{**options, "params": [p]}], **spec.kwargs)
+        opt = spec.cls([{**group_options(group), "params": [p]}], **spec.kwargs)
         opt.step()
         total += count * measured_state_bytes(opt)
     return total
 
 
-def state_bytes_table(model_cfg, optim_names: Optional[Iterable[str]] = None,
-                      optim_cfg: Optional[OptimConfig] = None) -> list[dict]:
+def state_bytes_table(
+    model_cfg: ModelConfig, optim_names: Iterable[str] | None = None, optim_cfg: OptimConfig | None = None
+) -> list[dict[str, Any]]:
     """Rows {optimizer, measured_bytes, formula_bytes, n_params, bytes_per_param} for `model_cfg`
     (a model.ModelConfig) and each optimizer name (default: every registered one that has a
     formula), with the other keys from `optim_cfg` (default OptimConfig())."""
-    from model import Transformer
-
     base = optim_cfg or OptimConfig()
     with torch.device("meta"):  # shapes only: the measurement instantiates one param per kind
         model = Transformer(model_cfg)
@@ -177,24 +175,35 @@ def state_bytes_table(model_cfg, optim_names: Optional[Iterable[str]] = None,
         formula = formula_state_bytes(model, cfg) if cfg.name in MEMORY_EFFICIENT else None
         # measuring needs real tensors: measured_state_bytes_for builds its own small ones
         measured = measured_state_bytes_for(model, cfg)
-        rows.append(dict(optimizer=name, measured_bytes=measured, formula_bytes=formula, n_params=n_params,
-                         bytes_per_param=measured / n_params))
+        rows.append(
+            dict(
+                optimizer=name,
+                measured_bytes=measured,
+                formula_bytes=formula,
+                n_params=n_params,
+                bytes_per_param=measured / n_params,
+            )
+        )
     return rows
 
 
-def format_state_bytes_table(rows: list[dict]) -> str:
+def format_state_bytes_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'optimizer':<18} {'measured MiB':>13} {'formula MiB':>12} {'bytes/param':>12}"]
     for r in rows:  # MiB = 2^20 bytes
         formula = "-" if r["formula_bytes"] is None else f"{r['formula_bytes'] / 2**20:12.1f}"
-        lines.append(f"{r['optimizer']:<18} {r['measured_bytes'] / 2**20:13.1f} {formula:>12} {r['bytes_per_param']:12.3f}")
+        lines.append(
+            f"{r['optimizer']:<18} {r['measured_bytes'] / 2**20:13.1f} {formula:>12} {r['bytes_per_param']:12.3f}"
+        )
     return "\n".join(lines)
 
 
-def print_state_bytes_table(cfg) -> None:
+def print_state_bytes_table(cfg: Any) -> None:
     """For tools/model_info.py: `cfg` is the full run Config (uses cfg.model and cfg.optim's keys:
     rank, lowrank_targets, proj_type, variant, one_sided, ...)."""
     rows = state_bytes_table(cfg.model, optim_cfg=cfg.optim)
     o = cfg.optim
-    print(f"optimizer state, fp32, measured (instantiated) vs closed form; rank {o.rank}, "
-          f"lowrank_targets {o.lowrank_targets}, proj_type {o.proj_type}, adamem variant {o.variant}:")
+    print(
+        f"optimizer state, fp32, measured (instantiated) vs closed form; rank {o.rank}, "
+        f"lowrank_targets {o.lowrank_targets}, proj_type {o.proj_type}, adamem variant {o.variant}:"
+    )
     print(format_state_bytes_table(rows))

@@ -22,23 +22,29 @@ import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch  # noqa: E402  (after sys.path setup)
+from torch import nn  # noqa: E402  (after sys.path setup)
 
-from model import ModelConfig, Transformer  # noqa: E402
-from optim import OptimConfig, optimizer_spec  # noqa: E402
-from optim.registry import OptimizerSpec  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402  (after sys.path setup)
+from optim import OptimConfig, optimizer_spec  # noqa: E402  (after sys.path setup)
+from optim.param_groups import group_options  # noqa: E402  (after sys.path setup)
+from optim.projector import compute_bases  # noqa: E402  (after sys.path setup)
+from optim.registry import OptimizerSpec  # noqa: E402  (after sys.path setup)
 
 T_PAPER = 200
+Kind = tuple[tuple[int, ...], str]  # (shape, the group options' repr)
 
 
-def _kinds(spec: OptimizerSpec):
-    kinds, examples = Counter(), {}
+def _kinds(spec: OptimizerSpec) -> tuple[Counter[Kind], dict[Kind, dict[str, Any]]]:
+    """How many parameters of each (shape, group options), and those options."""
+    kinds: Counter[Kind] = Counter()
+    examples: dict[Kind, dict[str, Any]] = {}
     for group in spec.param_groups:
-        options = {k: v for k, v in group.items() if k not in ("params", "names")}
+        options = group_options(group)
         for p in group["params"]:
             key = (tuple(p.shape), repr(sorted(options.items())))
             kinds[key] += 1
@@ -46,8 +52,15 @@ def _kinds(spec: OptimizerSpec):
     return kinds, examples
 
 
-def _time_steps(cls, options, kwargs, shape, repeats, gen):
-    """(first step time, median later step time, final state) for one parameter of `shape`."""
+def _time_single_parameter(
+    cls: type[torch.optim.Optimizer],
+    options: dict[str, Any],
+    kwargs: dict[str, Any],
+    shape: tuple[int, ...],
+    repeats: int,
+    gen: torch.Generator,
+) -> tuple[float, float, dict[str, Any]]:
+    """(first step time, median later step time, final state) of a one-parameter optimizer on `shape`."""
     p = nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
     grads = [torch.randn(shape, generator=gen) for _ in range(repeats + 1)]
     opt = cls([{**options, "params": [p]}], **kwargs)
@@ -60,24 +73,25 @@ def _time_steps(cls, options, kwargs, shape, repeats, gen):
     return times[0], statistics.median(times[1:]), opt.state[p]
 
 
-def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen) -> dict:
+def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen: torch.Generator) -> dict[str, Any]:
     """Model step time (s): plain step, and refresh (SVD) step when low-rank."""
     spec = optimizer_spec(model, cfg)
     if cfg.name == "adamw":
         spec.kwargs.update(fused=True, foreach=None)
     kinds, examples = _kinds(spec)
     plain = svd = 0.0
-    bases = []
+    bases: list[tuple[tuple[int, ...], dict[str, torch.Tensor]]] = []
     for key, count in kinds.items():
         shape, _ = key
         options = examples[key]
         lowrank = options.get("rank") is not None and len(shape) == 2
-        first, later, _ = _time_steps(spec.cls, options, spec.kwargs, shape, repeats, gen)
+        first, later, _ = _time_single_parameter(spec.cls, options, spec.kwargs, shape, repeats, gen)
         plain += count * later
         if lowrank:
             # a refresh on every step: median of `repeats` SVD steps (not the first: allocation)
-            _, refresh, state = _time_steps(spec.cls, {**options, "update_proj_gap": 1}, spec.kwargs, shape,
-                                            max(1, repeats // 2), gen)
+            _, refresh, state = _time_single_parameter(
+                spec.cls, {**options, "update_proj_gap": 1}, spec.kwargs, shape, max(1, repeats // 2), gen
+            )
             svd += count * refresh
             bases.append((shape, {k: state[k] for k in ("proj_left", "proj_right") if k in state}))
         else:
@@ -85,11 +99,9 @@ def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen) -> dict:
     return {"plain": plain, "svd": svd, "bases": bases}
 
 
-def _subspace_gap(shapes: list, rank: int, gen) -> tuple[float, float]:
+def _subspace_gap(shapes: list[tuple[int, ...]], rank: int, gen: torch.Generator) -> tuple[float, float]:
     """Mean subspace distance randomized vs exact, on random gradients with a flat spectrum (worst
     case) and with a power-law spectrum s_i = 1/i (closer to real gradients)."""
-    from optim.projector import compute_bases
-
     out = []
     for decay in (False, True):
         gaps = []
@@ -107,7 +119,7 @@ def _subspace_gap(shapes: list, rank: int, gen) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flavor", default="210m")
     ap.add_argument("--rank", type=int, default=128)
@@ -117,43 +129,49 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     with torch.device("meta"):
-        model = Transformer(ModelConfig(flavor=args.flavor, **_flavor_dims(args.flavor)))
+        model = Transformer(ModelConfig.from_flavor(args.flavor))
     base = OptimConfig(rank=args.rank, lowrank_targets=args.targets)
-    rows = [("adamw (fused)", replace(base, name="adamw")),
-            ("adafactor", replace(base, name="adafactor", beta1=None)),
-            ("adafactor+momentum", replace(base, name="adafactor", beta1=0.9)),
-            ("galore_adamw", replace(base, name="galore_adamw")),
-            ("galore_adafactor", replace(base, name="galore_adafactor")),
-            ("adamem", replace(base, name="adamem"))]
+    rows = [
+        ("adamw (fused)", replace(base, name="adamw")),
+        ("adafactor", replace(base, name="adafactor", beta1=None)),
+        ("adafactor+momentum", replace(base, name="adafactor", beta1=0.9)),
+        ("galore_adamw", replace(base, name="galore_adamw")),
+        ("galore_adafactor", replace(base, name="galore_adafactor")),
+        ("adamem", replace(base, name="adamem")),
+    ]
     gen = torch.Generator().manual_seed(0)
-    print(f"{args.flavor} shapes, rank {args.rank}, lowrank_targets {args.targets}, {args.threads} thread(s), "
-          f"CPU fp32, torch {torch.__version__}")
+    print(
+        f"{args.flavor} shapes, rank {args.rank}, lowrank_targets {args.targets}, {args.threads} thread(s), "
+        f"CPU fp32, torch {torch.__version__}"
+    )
     results = {}
     for label, cfg in rows:
         results[label] = bench(model, cfg, args.repeats, gen)
         if cfg.rank and cfg.name in ("galore_adamw", "galore_adafactor", "adamem"):
-            results[label + " [randomized SVD]"] = bench(model, replace(cfg, svd_method="randomized"), args.repeats, gen)
+            results[label + " [randomized SVD]"] = bench(
+                model, replace(cfg, svd_method="randomized"), args.repeats, gen
+            )
     ref = results["adamw (fused)"]["plain"]
     print(f"fused AdamW step: {ref * 1e3:.0f} ms")
-    print(f"{'optimizer':<36} {'step ms':>8} {'x AdamW':>8} {'SVD-step ms':>12} {'x AdamW':>8} "
-          f"{'avg@T=200 x':>12} {'SVD share':>10}")
+    print(
+        f"{'optimizer':<36} {'step ms':>8} {'x AdamW':>8} {'SVD-step ms':>12} {'x AdamW':>8} "
+        f"{'avg@T=200 x':>12} {'SVD share':>10}"
+    )
     for label, r in results.items():
         svd_extra = r["svd"] - r["plain"]
         avg = r["plain"] + svd_extra / T_PAPER
         share = (svd_extra / T_PAPER) / avg if r["bases"] else 0.0
-        print(f"{label:<36} {r['plain'] * 1e3:8.0f} {r['plain'] / ref:8.2f} {r['svd'] * 1e3:12.0f} "
-              f"{r['svd'] / ref:8.2f} {avg / ref:12.2f} {share:10.1%}")
+        print(
+            f"{label:<36} {r['plain'] * 1e3:8.0f} {r['plain'] / ref:8.2f} {r['svd'] * 1e3:12.0f} "
+            f"{r['svd'] / ref:8.2f} {avg / ref:12.2f} {share:10.1%}"
+        )
     shapes = sorted({tuple(sorted(sh)) for sh, _ in results["adamem"]["bases"]})
     flat, decayed = _subspace_gap(shapes, args.rank, gen)
-    print(f"randomized vs exact SVD subspace distance (||PP^T - QQ^T||_F / sqrt(2r); 0 same, 1 orthogonal), "
-          f"mean over {shapes}: flat-spectrum random gradients {flat:.3f}, power-law (1/i) spectrum {decayed:.3f}")
+    print(
+        f"randomized vs exact SVD subspace distance (||PP^T - QQ^T||_F / sqrt(2r); 0 same, 1 orthogonal), "
+        f"mean over {shapes}: flat-spectrum random gradients {flat:.3f}, power-law (1/i) spectrum {decayed:.3f}"
+    )
     return 0
-
-
-def _flavor_dims(flavor: str) -> dict:
-    from model.config import FLAVORS
-
-    return dict(FLAVORS[flavor])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Parameter counts, FLOPs per token and optimizer state bytes for a config.
 
-    python tools/model_info.py configs/210m.yaml [--section.key=value ...]
+python tools/model_info.py configs/210m.yaml [--section.key=value ...]
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import flops_per_token, param_counts  # noqa: E402
-from trainer.config import ConfigError, load_config  # noqa: E402
+from model import flops_per_token, param_counts  # noqa: E402  (after sys.path setup)
+from optim.state_bytes import print_state_bytes_table  # noqa: E402  (after sys.path setup)
+from trainer.config import ConfigError, load_config  # noqa: E402  (after sys.path setup)
 
 
 def main(argv: list[str]) -> int:
@@ -33,12 +34,10 @@ def main(argv: list[str]) -> int:
     print(f"  non-embedding   {counts['non_embedding']:>15,}  ({counts['non_embedding'] / 1e6:.1f}M)")
     print(f"  embedding+head  {counts['embedding']:>15,}")
     print(f"  FLOPs/token     {fpt:>15,}  (seq_len {seq}: 6N + 12*L*d*T + 6*d*V)")
-    print(f"  run budget      {tokens:>15,} tokens = {tokens * fpt:.3e} FLOPs "
-          f"({cfg.train.max_steps} steps x {cfg.train.global_batch} x {seq})")
-    try:
-        from optim.state_bytes import print_state_bytes_table
-    except ImportError:
-        return 0
+    print(
+        f"  run budget      {tokens:>15,} tokens = {tokens * fpt:.3e} FLOPs "
+        f"({cfg.train.max_steps} steps x {cfg.train.global_batch} x {seq})"
+    )
     print_state_bytes_table(cfg)
     return 0
 

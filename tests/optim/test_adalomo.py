@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -25,15 +26,25 @@ def test_one_step_matches_hf_adafactor():
     ours = [torch.nn.Parameter(p.clone()) for p in params]
     ref = [torch.nn.Parameter(p.clone()) for p in params]
     opt = AdaLomo(ours, lr=1e-3, weight_decay=0.1)
-    hf = Adafactor(ref, lr=1e-3, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
-                   weight_decay=0.1, scale_parameter=True, relative_step=False, warmup_init=False)
+    hf = Adafactor(
+        ref,
+        lr=1e-3,
+        eps=(1e-30, 1e-3),
+        clip_threshold=1.0,
+        decay_rate=-0.8,
+        beta1=None,
+        weight_decay=0.1,
+        scale_parameter=True,
+        relative_step=False,
+        warmup_init=False,
+    )
     for step in range(4):
-        for a, b in zip(ours, ref):
+        for a, b in zip(ours, ref, strict=True):
             g = torch.randn(a.shape) * (10.0 if step == 2 else 0.01)  # step 2 exercises the clipping
             a.grad, b.grad = g.clone(), g.clone()
         opt.step()
         hf.step()
-        for a, b, p0 in zip(ours, ref, params):
+        for a, b, p0 in zip(ours, ref, params, strict=True):
             torch.testing.assert_close(a.data, b.data, rtol=1e-6, atol=1e-9)
             assert not torch.equal(a.data, p0)  # it did move
     # State lives in optimizer.state under HF's names.
@@ -46,6 +57,7 @@ def test_matches_lomo_optim_reference(monkeypatch):
     """lomo_optim.AdaLomo is CUDA-only (it calls .cuda() on its state); on CPU we make .cuda() a
     no-op and run its fused backward against our ordinary step on the same model."""
     import lomo_optim as lomo  # reference package (test extra)
+
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
     m_ref, m_ours = tiny_model(), tiny_model()
     ref = lomo.AdaLomo(m_ref, lr=1e-3, loss_scale=None, weight_decay=0.01)
@@ -56,7 +68,7 @@ def test_matches_lomo_optim_reference(monkeypatch):
         loss_of(m_ours, batch(step)).backward()
         ours.step()
         ours.zero_grad()
-    for (n, a), b in zip(m_ref.named_parameters(), m_ours.parameters()):
+    for (n, a), b in zip(m_ref.named_parameters(), m_ours.parameters(), strict=True):
         torch.testing.assert_close(a.data, b.data, rtol=1e-5, atol=1e-8, msg=n)
 
 
@@ -67,14 +79,16 @@ def test_builder_reads_config():
     assert spec.kwargs["clip_threshold"] == 1.0 and spec.kwargs["decay_rate"] == -0.8
     wds = {g["weight_decay"]: g["names"] for g in spec.param_groups}
     assert set(wds) == {0.1, 0.0} and all(n.endswith("norm.weight") for n in wds[0.0])
+    bogus: dict[str, Any] = dict(update_norm="bogus")  # past the annotation, as from a file
     with pytest.raises(ValueError, match="update_norm"):
-        optimizer_spec(model, OptimConfig(name="adalomo", update_norm="bogus")).build()
+        optimizer_spec(model, OptimConfig(name="adalomo", **bogus)).build()
 
 
 def _reference_first_step(model: Transformer, update_norm: str, lr: float, wd_of) -> dict[str, torch.Tensor]:
     """From-scratch step 1 (beta2_1 = 0: the second moment is g^2 + eps1 itself), in fp64."""
     us = {}
     for name, p in model.named_parameters():
+        assert p.grad is not None
         g = p.grad.double()
         u = g * g + 1e-30
         if g.dim() == 2:
@@ -84,8 +98,12 @@ def _reference_first_step(model: Transformer, update_norm: str, lr: float, wd_of
             us[name] = g / torch.sqrt(u)
     groups: dict[str, list[str]] = {}
     for name in us:
-        key = {"grouped": name, "none": name, "global": "all",
-               "layerwise": ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name}[update_norm]
+        key = {
+            "grouped": name,
+            "none": name,
+            "global": "all",
+            "layerwise": ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name,
+        }[update_norm]
         groups.setdefault(key, []).append(name)
     new = {}
     params = dict(model.named_parameters())
@@ -131,7 +149,7 @@ def test_factorization_state_is_small_and_resume_exact(method, rank):
     for p in model.parameters():
         st = opt.state[p]
         n_state = sum(v.numel() for v in st.values() if torch.is_tensor(v))
-        assert n_state * 4 == fac.state_bytes(tuple(p.shape), method, rank)
+        assert n_state * 4 == fac.factored_state_bytes(tuple(p.shape), method, rank)
         if p.dim() == 2:
             assert n_state <= (sum(p.shape)) * rank  # O((m + n) r), never m x n
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
@@ -142,7 +160,7 @@ def test_factorization_state_is_small_and_resume_exact(method, rank):
     opt2 = optimizer_spec(model2, cfg).build()
     opt2.load_state_dict(saved_opt)
     train(model2, opt2, range(2, 4))
-    for a, b in zip(model.parameters(), model2.parameters()):
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
         assert torch.isfinite(a).all()
 
@@ -172,8 +190,11 @@ def test_rank_r_recovers_exact_rank_r_matrix(method):
         st: dict = {}
         fac.init_state(st, b.shape, method, r, "cpu")
         fac.update(st, b, 0.0, True, method, r, 50, 1e-30)
-        errs.append(float((fac.approx(st, 1e-30) - b).norm()) if r > 1 or method != "nmf"
-                    else float((torch.outer(b.mean(1) / b.mean(1).mean(), b.mean(0)) - b).norm()))
+        errs.append(
+            float((fac.approx(st, 1e-30) - b).norm())
+            if r > 1 or method != "nmf"
+            else float((torch.outer(b.mean(1) / b.mean(1).mean(), b.mean(0)) - b).norm())
+        )
     assert errs[1] < errs[0]
 
 
@@ -191,6 +212,7 @@ def test_ablation_configs_load():
     from pathlib import Path
 
     import trainer.config as config_mod
+
     files = sorted((Path(__file__).parents[2] / "configs" / "ablations").glob("adalomo_*.yaml"))
     seen = set()
     for f in files:
@@ -198,7 +220,11 @@ def test_ablation_configs_load():
         o = cfg.optim
         assert o.name == "adalomo" and cfg.train.fused_update and cfg.train.max_grad_norm == 0
         seen.add((o.update_norm, o.factorization, o.factor_rank))
-        AdaLomo([torch.nn.Parameter(torch.zeros(2, 2))], update_norm=o.update_norm,
-                factorization=o.factorization, factor_rank=o.factor_rank)
+        AdaLomo(
+            [torch.nn.Parameter(torch.zeros(2, 2))],
+            update_norm=o.update_norm,
+            factorization=o.factorization,
+            factor_rank=o.factor_rank,
+        )
     assert {("grouped", "nmf", 1), ("none", "nmf", 1), ("layerwise", "nmf", 1), ("global", "nmf", 1)} <= seen
     assert {(f, r) for _, f, r in seen} >= {(f, r) for f in ("nmf", "svd", "qr") for r in (1, 2, 4)}

@@ -71,7 +71,7 @@ def test_full_rank_residual_is_zero(shape):
     gg = g if shape[0] <= shape[1] else g.T
     assert (gg - P @ (P.T @ gg)).norm() / gg.norm() < 1e-5
     # and the residual contributes nothing: delta has no effect
-    (low, res), = _split_updates_rank(shape, rank)
+    ((low, res),) = _split_updates_rank(shape, rank)
     assert res.abs().max() == 0
 
 
@@ -98,7 +98,7 @@ def test_projector_refreshes_exactly_every_T():
     p, opt = _make(shape, update_proj_gap=T)
     changed, prev = [], None
     grads = _grads(shape, 10)
-    for step, g in enumerate(grads, start=1):
+    for g in grads:
         _update(p, opt, g)
         P = opt.state[p]["proj_left"].clone()
         changed.append(prev is None or not torch.equal(P, prev))
@@ -114,11 +114,14 @@ def test_projector_refreshes_exactly_every_T():
 @pytest.mark.parametrize("variant", ["adamem", "variant1", "variant2"])
 def test_state_memory_matches_formula(shape, variant):
     m, n = shape
-    s, l, r = min(m, n), max(m, n), 4
+    small, large, r = min(m, n), max(m, n), 4
     p, opt = _make(shape, variant=variant)
     _update(p, opt, _grads(shape, 1)[0])
-    expected = {"adamem": (m + n) * r + r + 2 * l, "variant2": (m + n) * r + r + 2 * l + s,
-                "variant1": (m + n) * r + m + n}[variant]
+    expected = {
+        "adamem": (m + n) * r + r + 2 * large,
+        "variant2": (m + n) * r + r + 2 * large + small,
+        "variant1": (m + n) * r + m + n,
+    }[variant]
     assert measured_state_bytes(opt) == 4 * expected
 
 

@@ -4,6 +4,7 @@ torch.optim.Adafactor and galore_torch 1.0 (GaLoreAdamW, GaLoreAdafactor), CPU f
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -34,17 +35,30 @@ def _run(make_opt, groups_of, steps=STEPS, seed=0):
 
 
 def _assert_close(a, b, atol=1e-6, rtol=1e-5):
-    for step, (xs, ys) in enumerate(zip(a, b)):
-        for x, y in zip(xs, ys):
-            torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m: f"step {step + 1}: {m}")
+    for step, (xs, ys) in enumerate(zip(a, b, strict=True), start=1):
+        for x, y in zip(xs, ys, strict=True):
+
+            def message(m: str, step: int = step) -> str:
+                return f"step {step}: {m}"
+
+            torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=message)
 
 
 def _plain(params):
     return [{"params": params}]
 
 
-HF_LIKE = dict(beta1=None, beta2_decay=-0.8, eps=0.0, eps1=1e-30, eps2=1e-3, clip_threshold=1.0,
-               scale_parameter=True, relative_step=True, momentum_style="hf")
+HF_LIKE: dict[str, Any] = dict(
+    beta1=None,
+    beta2_decay=-0.8,
+    eps=0.0,
+    eps1=1e-30,
+    eps2=1e-3,
+    clip_threshold=1.0,
+    scale_parameter=True,
+    relative_step=True,
+    momentum_style="hf",
+)
 
 
 def test_adafactor_matches_hf_and_torch():
@@ -61,10 +75,12 @@ def test_adafactor_matches_hf_and_torch():
 def test_adafactor_hf_momentum_and_weight_decay(beta1):
     from transformers.optimization import Adafactor as HFAdafactor
 
-    kw = dict(HF_LIKE, beta1=beta1, scale_parameter=False, relative_step=False, clip_threshold=1.0)
+    kw: dict[str, Any] = dict(HF_LIKE, beta1=beta1, scale_parameter=False, relative_step=False, clip_threshold=1.0)
     ours = _run(lambda g: Adafactor(g, lr=3e-2, weight_decay=0.1, **kw), _plain)
-    hf = _run(lambda g: HFAdafactor(g, lr=3e-2, beta1=beta1, weight_decay=0.1, scale_parameter=False,
-                                    relative_step=False), _plain)
+    hf = _run(
+        lambda g: HFAdafactor(g, lr=3e-2, beta1=beta1, weight_decay=0.1, scale_parameter=False, relative_step=False),
+        _plain,
+    )
     _assert_close(ours, hf)
 
 
@@ -81,7 +97,7 @@ def test_galore_adamw_matches_galore_torch(proj_type):
     # `full`: at a refresh P^T G Q^T = diag(s) up to fp32 rounding (~1e-6 off the diagonal) and Adam
     # with eps=1e-8 normalises that rounding noise to O(1) updates, in the reference too: which
     # noise each implementation gets depends on BLAS memory layouts. eps=1e-3 mutes it here.
-    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-3 if proj_type == "full" else 1e-8, weight_decay=0.01)
+    kw: dict[str, Any] = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-3 if proj_type == "full" else 1e-8, weight_decay=0.01)
     ours = _run(lambda g: GaLoreAdamW(g, **kw), lambda ps: _galore_groups(ps, **low))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -95,14 +111,32 @@ def test_galore_adafactor_matches_galore_torch(beta1, scale_parameter):
 
     low = dict(rank=4, update_proj_gap=3, scale=0.25, proj_type="std")
     ours = _run(
-        lambda g: GaLoreAdafactor(g, lr=1e-2, beta1=beta1, beta2_decay=-0.8, eps=0.0, eps1=1e-30, eps2=1e-3,
-                                  clip_threshold=1.0, scale_parameter=scale_parameter, relative_step=False,
-                                  weight_decay=0.01),
+        lambda g: GaLoreAdafactor(
+            g,
+            lr=1e-2,
+            beta1=beta1,
+            beta2_decay=-0.8,
+            eps=0.0,
+            eps1=1e-30,
+            eps2=1e-3,
+            clip_threshold=1.0,
+            scale_parameter=scale_parameter,
+            relative_step=False,
+            weight_decay=0.01,
+        ),
         lambda ps: _galore_groups(ps, **low),
     )
     ref = _run(
-        lambda g: RefAdafactor(g, lr=1e-2, beta1=beta1, decay_rate=-0.8, clip_threshold=1.0,
-                               scale_parameter=scale_parameter, relative_step=False, weight_decay=0.01),
+        lambda g: RefAdafactor(
+            g,
+            lr=1e-2,
+            beta1=beta1,
+            decay_rate=-0.8,
+            clip_threshold=1.0,
+            scale_parameter=scale_parameter,
+            relative_step=False,
+            weight_decay=0.01,
+        ),
         lambda ps: _galore_groups(ps, **low),
     )
     _assert_close(ours, ref)

@@ -11,7 +11,9 @@ import torch
 
 from model import ModelConfig, Transformer
 from optim import REGISTRY, OptimConfig
+from optim.param_groups import group_options
 from optim.state_bytes import formula_state_bytes, measured_state_bytes
+from tests.helpers.tiny_lm import loss_of
 
 NAMES = ["adamw", "adafactor", "adafactor_momentum", "galore_adamw", "galore_adafactor", "adamem"]
 
@@ -33,16 +35,11 @@ def _tokens(vocab, seed=0, batch=4, seq=16):
     return torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(seed))
 
 
-def _loss(model, tokens):
-    logits = model(tokens[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
-
 def _train(model, opt, steps, vocab, seed0=0):
     losses = []
     for i in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = _loss(model, _tokens(vocab, seed0 + i))
+        loss = loss_of(model, _tokens(vocab, seed0 + i))
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -51,16 +48,16 @@ def _train(model, opt, steps, vocab, seed0=0):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_trains_tiny_model(name):
-    """The tiny flavour (d 256, 4 layers) with a 1024-token vocabulary, overfitting one batch."""
+    """The tiny flavour (d 128, 4 layers) with a 1024-token vocabulary, overfitting one batch."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(flavor="tiny", vocab_size=1024, max_seq_len=64))
+    model = Transformer(ModelConfig.from_flavor("tiny", vocab_size=1024, max_seq_len=64))
     cfg = _cfg(name, lr=3e-3, rank=32, update_proj_gap=4)
     opt = REGISTRY[cfg.name](model, cfg).build()
     tokens = _tokens(1024, seed=0, batch=4, seq=32)
     losses = []
     for _ in range(8):
         opt.zero_grad(set_to_none=True)
-        loss = _loss(model, tokens)
+        loss = loss_of(model, tokens)
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -88,7 +85,7 @@ def test_exact_resume(name):
     opt2.load_state_dict(ckpt["optim"])
     _train(model, opt, 3, 128, seed0=10)  # includes a projector refresh (steps 5)
     _train(model2, opt2, 3, 128, seed0=10)
-    for (n, a), b in zip(model.named_parameters(), model2.parameters()):
+    for (n, a), b in zip(model.named_parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b), n
 
 
@@ -101,8 +98,8 @@ def test_per_parameter_optimizers_match_single(name):
     spec = REGISTRY[cfg.name](m2, cfg)
     per = []
     for group in spec.param_groups:
-        options = {k: v for k, v in group.items() if k not in ("params", "names")}
-        for n, p in zip(group["names"], group["params"]):
+        options = group_options(group)
+        for n, p in zip(group["names"], group["params"], strict=True):
             per.append(spec.cls([{**options, "params": [p], "names": [n]}], **spec.kwargs))
 
     class Multi:
@@ -116,13 +113,23 @@ def test_per_parameter_optimizers_match_single(name):
 
     _train(m1, single, 3, 128)
     _train(m2, Multi(), 3, 128)
-    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters(), strict=True):
         assert torch.equal(a, b), n
 
 
-@pytest.mark.parametrize("name", NAMES + ["adamem_variant1", "adamem_variant2", "galore_reverse_std",
-                                          "galore_adafactor_full", "adafactor_one_sided", "adalomo",
-                                          "adalomo_svd4"])
+@pytest.mark.parametrize(
+    "name",
+    NAMES
+    + [
+        "adamem_variant1",
+        "adamem_variant2",
+        "galore_reverse_std",
+        "galore_adafactor_full",
+        "adafactor_one_sided",
+        "adalomo",
+        "adalomo_svd4",
+    ],
+)
 @pytest.mark.parametrize("targets", ["blocks", "all"])
 def test_measured_state_bytes_match_formula(name, targets):
     extra = {}
@@ -146,9 +153,17 @@ def test_measured_state_bytes_match_formula(name, targets):
 def test_state_bytes_table_small():
     from optim.state_bytes import state_bytes_table
 
-    rows = state_bytes_table(ModelConfig(d_model=64, n_layers=2, vocab_size=128, max_seq_len=32),
-                             optim_cfg=OptimConfig(rank=8))
+    rows = state_bytes_table(
+        ModelConfig(d_model=64, n_layers=2, vocab_size=128, max_seq_len=32), optim_cfg=OptimConfig(rank=8)
+    )
     for r in rows:
         assert r["measured_bytes"] == r["formula_bytes"], r
-    assert [r["optimizer"] for r in rows] == ["adamw", "adafactor", "adafactor_momentum", "galore_adamw",
-                                              "galore_adafactor", "adamem", "adalomo"]
+    assert [r["optimizer"] for r in rows] == [
+        "adamw",
+        "adafactor",
+        "adafactor_momentum",
+        "galore_adamw",
+        "galore_adafactor",
+        "adamem",
+        "adalomo",
+    ]

@@ -1,0 +1,229 @@
+"""The registry's declarations and `validate_optim_config`: every optimizer declares exactly the
+OptimConfig keys its builder reads; unknown names, ignored keys, out-of-range values, invalid
+choices and cross-key conflicts are errors naming the key and the fix; every shipped config and
+sweep command validates."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from optim import REGISTRY, OptimConfig, optimizer_keys, optimizer_spec, register, validate_optim_config
+from optim.config import CHOICES
+from optim.registry import OPTIM_KEYS, REGISTRATIONS
+from optim.validation import RANGES, readers_of
+from tests.helpers.tiny_lm import tiny_model
+from tools.sweep import expand
+from trainer.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class RecordingConfig(OptimConfig):
+    """An OptimConfig that records which of its fields are read."""
+
+    read: set[str]
+
+    def __getattribute__(self, key: str) -> Any:
+        if key in OPTIM_KEYS:
+            object.__getattribute__(self, "read").add(key)
+        return object.__getattribute__(self, key)
+
+
+def recorded(cfg: OptimConfig) -> RecordingConfig:
+    rec = RecordingConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(OptimConfig)})
+    rec.read = set()
+    return rec
+
+
+def unchecked_config(name: str, **values: Any) -> OptimConfig:
+    """An OptimConfig with values its annotations may not allow: what validation receives from a file."""
+    return OptimConfig(name=name, **values)
+
+
+# Values that switch the builders' branches (None vs set, momentum on / off), so every read is seen.
+BRANCHES: list[dict[str, Any]] = [
+    dict(),
+    dict(beta1=None),
+    dict(clip_threshold=0.5, beta2_decay=-0.8, momentum_style="hf"),
+    dict(lowrank_base_momentum=False, fused=True),
+]
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_declared_keys_are_the_keys_the_builder_reads(name):
+    model = tiny_model()
+    declared = REGISTRATIONS[name].reads
+    seen: set[str] = set()
+    for branch in BRANCHES:
+        cfg = recorded(OptimConfig(name=name, **branch))
+        try:
+            REGISTRY[name](model, cfg)
+        except ValueError:  # a branch this optimizer refuses (beta1 null for AdamW): its reads still count
+            pass
+        seen |= cfg.read
+    seen.discard("name")  # implied (error messages name the optimizer)
+    assert seen == declared, f"undeclared: {sorted(seen - declared)}, declared but unread: {sorted(declared - seen)}"
+    assert optimizer_keys(name) == declared | {"name"}
+    check = REGISTRATIONS[name].check
+    if check is not None:  # a check reads only declared keys
+        for branch in BRANCHES:
+            cfg = recorded(OptimConfig(name=name, **branch))
+            try:
+                check(cfg)
+            except ValueError:
+                pass
+            assert cfg.read - {"name"} <= declared
+
+
+def test_every_shipped_default_validates():
+    for name in REGISTRY:
+        validate_optim_config(OptimConfig(name=name))
+
+
+def test_unknown_name_suggests_the_nearest():
+    with pytest.raises(ValueError, match=r"optim.name='galore_adamww'\. Did you mean 'galore_adamw'\? Registered: \["):
+        validate_optim_config(OptimConfig(name="galore_adamww"))
+    with pytest.raises(ValueError, match="Did you mean 'adamem'"):
+        optimizer_spec(tiny_model(), OptimConfig(name="adamen"))
+
+
+def test_unread_non_default_key_names_its_readers():
+    with pytest.raises(ValueError) as e:
+        validate_optim_config(OptimConfig(name="galore_adamw", delta=0.5))
+    assert str(e.value) == (
+        "optim.delta=0.5 is not read by galore_adamw; it is read by: adamem. "
+        "Remove it (default 1.0) or pick one of those optimizers"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"optim.rank=8 is not read by adalomo; it is read by: adamem, galore_adafactor, "
+        r"galore_adamw\.",
+    ):
+        validate_optim_config(OptimConfig(name="adalomo", rank=8))
+    # A key set to its default is fine whoever reads it.
+    validate_optim_config(OptimConfig(name="adamw", rank=128, update_norm="grouped"))
+
+
+def test_several_problems_are_reported_together():
+    with pytest.raises(
+        ValueError,
+        match=r"^3 problems in the optim config section:\n- optim.lr=0.0 .*\n- optim.eps=-1.0 .*"
+        r"\n- optim.factorization='nmf2' .*",
+    ):
+        validate_optim_config(unchecked_config("adalomo", lr=0.0, eps=-1.0, factorization="nmf2"))
+
+
+def _reader(key: str) -> str:
+    readers = readers_of(key)
+    assert readers, key
+    return "adalomo" if "adalomo" in readers else readers[0]
+
+
+BAD_VALUES: dict[str, list[Any]] = {
+    "lr": [0.0, -1e-3, float("nan")],
+    "beta1": [1.0, -0.1],
+    "beta2": [0.0, 1.0],
+    "eps": [-1e-8],
+    "weight_decay": [-0.1],
+    "beta2_decay": [0.0, 0.5],
+    "eps1": [0.0],
+    "eps2": [-1e-3],
+    "clip_threshold": [0.0, -1.0],
+    "rank": [0],
+    "update_proj_gap": [0],
+    "scale": [0.0],
+    "delta": [-0.5],
+    "factor_rank": [0],
+    "factor_iters": [0],
+}
+GOOD_EDGES: dict[str, list[Any]] = {
+    "beta1": [0.0, None],
+    "eps": [0.0],
+    "weight_decay": [0.0],
+    "eps2": [0.0],
+    "delta": [0.0],
+    "beta2_decay": [None, -0.5],
+    "clip_threshold": [None, 2.0],
+}
+
+
+def test_every_range_rule_is_tested():
+    assert set(BAD_VALUES) == set(RANGES)
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, vs in BAD_VALUES.items() for v in vs])
+def test_out_of_range_value_is_an_error(key, value):
+    name = "adafactor" if key == "beta1" else _reader(key)  # adalomo ignores beta1
+    cfg = unchecked_config(name, **{key: value})
+    with pytest.raises(
+        ValueError, match=rf"^optim.{key}={value!r} is out of range: it must be .* \(e.g. --optim.{key}="
+    ):
+        validate_optim_config(cfg)
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, vs in GOOD_EDGES.items() for v in vs])
+def test_range_edges_are_valid(key, value):
+    name = "adafactor" if key == "beta1" else _reader(key)
+    validate_optim_config(unchecked_config(name, **{key: value}))
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_invalid_choice_is_an_error_with_the_choices(key):
+    cfg = unchecked_config(_reader(key), **{key: "bogus"})
+    with pytest.raises(ValueError, match=rf"optim.{key}='bogus' is not one of {', '.join(CHOICES[key])}"):
+        validate_optim_config(cfg)
+    for value in CHOICES[key]:
+        validate_optim_config(unchecked_config(_reader(key), **{key: value}))
+
+
+def test_close_choice_is_suggested():
+    with pytest.raises(ValueError, match="Did you mean 'layerwise'"):
+        validate_optim_config(unchecked_config("adalomo", update_norm="layer_wise"))
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore_adamw"])
+def test_adam_style_optimizers_need_a_float_beta1(name):
+    with pytest.raises(ValueError, match=rf"^{name} needs optim.beta1 \(a float in \[0, 1\)\).*--optim.beta1=0.9"):
+        validate_optim_config(OptimConfig(name=name, beta1=None))
+    with pytest.raises(ValueError, match="needs optim.beta1"):  # the builder path refuses it too
+        optimizer_spec(tiny_model(), OptimConfig(name=name, beta1=None))
+    validate_optim_config(OptimConfig(name="adafactor", beta1=None))  # no momentum: fine for Adafactor
+
+
+def test_registered_checks_run_in_optimizer_spec():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="optim.variant must be one of"):
+        optimizer_spec(model, unchecked_config("adamem", variant="variant3"))
+    with pytest.raises(ValueError, match="AdaLomo needs clip_threshold > 0 .* --optim.update_norm=none"):
+        optimizer_spec(model, OptimConfig(name="adalomo", clip_threshold=0.0))
+    with pytest.raises(ValueError, match="AdaLomo needs beta2_decay < 0"):
+        optimizer_spec(model, OptimConfig(name="adalomo", beta2_decay=0.5))
+
+
+def test_register_refuses_unknown_keys_and_duplicates():
+    with pytest.raises(ValueError, match=r"declares unknown OptimConfig keys \['lrr'\]"):
+        register("test_typo", reads=("lr", "lrr"))
+    with pytest.raises(ValueError, match="registered twice"):
+        register("adamw", reads=("lr",))(REGISTRY["adamw"])
+
+
+CONFIGS = sorted(
+    [*REPO.glob("configs/*.yaml"), *REPO.glob("configs/paper/*.yaml"), *REPO.glob("configs/ablations/*.yaml")]
+)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_config_validates(path):
+    validate_optim_config(load_config(path).optim)
+
+
+@pytest.mark.parametrize("sweep", sorted(REPO.glob("configs/sweeps/*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_command_validates(sweep):
+    runs = expand(sweep)
+    assert runs
+    for config, overrides in runs:
+        validate_optim_config(load_config(config, overrides).optim)
