@@ -4,9 +4,9 @@ Each optimizer reads the keys it needs (declared with `optim.registry.register(.
 checked by `optim.validation.validate_optim_config`); `--optim.name` picks the optimizer from
 `optim.REGISTRY`. Keys that only some optimizers read are grouped below by who reads them.
 
-Choice-valued keys have a `Literal` alias below; `CHOICES` maps each key to its valid values and
-the optimizer modules derive their tuples from the same aliases (`typing.get_args`), so each set
-of choices is written once.
+Choice-valued keys are typed with the `Literal` aliases below; `CHOICES` (read from the
+annotations) maps each key to its valid values and the optimizer modules derive their tuples from
+the same aliases (`typing.get_args`), so each set of choices is written once.
 """
 
 from __future__ import annotations
@@ -24,20 +24,6 @@ AdamemVariant = Literal["adamem", "variant1", "variant2"]
 SecondMomentSource = Literal["momentum", "gradient"]
 UpdateNorm = Literal["grouped", "none", "layerwise", "global"]
 Factorization = Literal["nmf", "svd", "qr"]
-
-# The fields below are annotated `str` for now: trainer/config.py's loader does not coerce
-# `Literal` annotations yet. Once it does, each field takes its alias as annotation.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "momentum_style": typing.get_args(MomentumStyle),
-    "lowrank_targets": typing.get_args(LowrankTargets),
-    "proj_type": typing.get_args(ProjType),
-    "svd_method": typing.get_args(SvdMethod),
-    "moments_on_proj_change": typing.get_args(MomentPolicy),
-    "variant": typing.get_args(AdamemVariant),
-    "second_moment_from": typing.get_args(SecondMomentSource),
-    "update_norm": typing.get_args(UpdateNorm),
-    "factorization": typing.get_args(Factorization),
-}
 
 
 @dataclass
@@ -76,13 +62,13 @@ class OptimConfig:
     """Keep one second-moment statistic on the larger side of a matrix instead of rows and columns."""
     warmup_init: bool = False
     """HF Adafactor's relative-step warm-up min(1e-6 t, 1/sqrt(t)) (only with relative_step)."""
-    momentum_style: str | None = None
+    momentum_style: MomentumStyle | None = None
     """Adafactor momentum: adam = bias-corrected EMA of G, then preconditioned (the AdaMeM paper's "Adafactor with
     momentum"); hf = EMA of the preconditioned lr-scaled update (HF / galore_torch); null = the optimizer's reference
     (adam for adafactor / adamem, hf for galore_adafactor)."""
 
     # --- low rank (galore_adamw, galore_adafactor, adamem) ---
-    lowrank_targets: str = "blocks"
+    lowrank_targets: LowrankTargets = "blocks"
     """Low-rank matrices: blocks = 2-D weights inside the transformer blocks; all = every 2-D weight."""
     rank: int = 128
     """Rank r of the gradient projection."""
@@ -90,27 +76,42 @@ class OptimConfig:
     """Steps between projector refreshes (T; a refresh computes an SVD of the gradient)."""
     scale: float = 0.25
     """GaLore's alpha: the back-projected update is multiplied by it."""
-    proj_type: str = "std"
+    proj_type: ProjType = "std"
     """Projection side (galore_torch's proj_type): std, reverse_std, left, right or full (both sides)."""
-    svd_method: str = "exact"
+    svd_method: SvdMethod = "exact"
     """Projector SVD: exact (torch.linalg.svd, as galore_torch) or randomized (seeded range finder)."""
-    moments_on_proj_change: str = "keep"
+    moments_on_proj_change: MomentPolicy = "keep"
     """Low-rank moments on a projector refresh: keep (the reference), reset (zero, bias correction restarts), rotate."""
     delta: float = 1.0
     """AdaMeM's weight of the residual (full-rank) update."""
-    variant: str = "adamem"
+    variant: AdamemVariant = "adamem"
     """AdaMeM algorithm: adamem (the paper's), variant1 or variant2 (the paper's Figure 2 ablations)."""
-    second_moment_from: str = "momentum"
+    second_moment_from: SecondMomentSource = "momentum"
     """AdaMeM's low-rank second moment from the momentum (Algorithm 3 as printed) or from the projected gradient."""
     lowrank_base_momentum: bool = True
     """AdaMeM: parameters outside lowrank_targets run Adafactor with momentum beta1 (true) or without (false)."""
 
     # --- AdaLomo ---
-    update_norm: str = "grouped"
+    update_norm: UpdateNorm = "grouped"
     """Update normalisation by RMS / clip_threshold: grouped (per tensor), none, layerwise (per block), global."""
-    factorization: str = "nmf"
+    factorization: Factorization = "nmf"
     """Factored second-moment estimate: nmf, svd or qr (optim/factorization.py)."""
     factor_rank: int = 1
     """Rank of the factored second-moment estimate (nmf rank 1 = Adafactor's closed form)."""
     factor_iters: int = 1
     """Factorisation iterations per step (nmf, rank > 1: multiplicative updates; svd: subspace iterations)."""
+
+
+def _literal_values(annotation: object) -> tuple[str, ...]:
+    """The values of a `Literal[...]` annotation or of the Literal in `Literal[...] | None`; () otherwise."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(candidate) is Literal:
+            return typing.get_args(candidate)
+    return ()
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    key: values
+    for key, annotation in typing.get_type_hints(OptimConfig).items()
+    if (values := _literal_values(annotation))
+}
