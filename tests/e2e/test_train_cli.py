@@ -132,7 +132,7 @@ def test_help_lists_every_section_and_key():
 
 @pytest.mark.parametrize(
     "override,message",
-    [("--optim.name=adamm", "Did you mean 'adamw'"), ("--optim.svd_method=fast", "optim.svd_method='fast'")],
+    [("--optim.name=adamww", "Did you mean 'adamw'"), ("--optim.svd_method=fast", "optim.svd_method='fast'")],
 )
 def test_bad_choices_are_one_error_line_before_any_work(tmp_path, override, message):
     cmd = [sys.executable, "train.py", "configs/tiny.yaml", f"--run.dir={tmp_path / 'r'}", override]

@@ -66,7 +66,7 @@ def test_base_inheritance(tmp_path):
         (["--optim.proj_type=stdd"], r"optim\.proj_type='stdd' is not one of .*Did you mean 'std'"),
         (["--optim.momentum_style=adm"], r"optim\.momentum_style='adm' is not one of 'adam', 'hf'.*\(or null\)"),
         (["--optim.update_norm=layer"], r"optim\.update_norm='layer' is not one of"),
-        (["--optim.name=adamm"], r"unknown optimizer optim\.name='adamm'.*Did you mean 'adamw'"),
+        (["--optim.name=adamm"], r"unknown optimizer optim\.name='adamm'.*Did you mean 'adamem'"),
         (["--optim.name=galore_adamw", "--optim.delta=0.5"], r"optim\.delta=0\.5 is not read by galore_adamw.*adamem"),
         (["--optim.name=adamw", "--optim.beta1=null"], r"optim\.beta1"),
         (["--train.fused_update=true"], r"max_grad_norm=0"),
