@@ -20,13 +20,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402  (after sys.path setup)
+import torch
 
-from model import ModelConfig, Transformer  # noqa: E402  (after sys.path setup)
-from optim import REGISTRY, OptimConfig, optimizer_spec  # noqa: E402  (after sys.path setup)
-from optim.in_backward import InBackwardOptimizer  # noqa: E402  (after sys.path setup)
-from trainer.memory_accounting import measure  # noqa: E402  (after sys.path setup)
-from trainer.step import token_loss_sum  # noqa: E402  (after sys.path setup)
+from model import ModelConfig, Transformer
+from optim import REGISTRY, OptimConfig, optimizer_spec
+from optim.in_backward import InBackwardOptimizer
+from trainer.memory_accounting import measure
+from trainer.step import token_loss_sum
 
 GiB = 2**30
 

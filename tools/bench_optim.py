@@ -26,14 +26,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402  (after sys.path setup)
-from torch import nn  # noqa: E402  (after sys.path setup)
+import torch
+from torch import nn
 
-from model import ModelConfig, Transformer  # noqa: E402  (after sys.path setup)
-from optim import OptimConfig, optimizer_spec  # noqa: E402  (after sys.path setup)
-from optim.param_groups import group_options  # noqa: E402  (after sys.path setup)
-from optim.projector import compute_bases  # noqa: E402  (after sys.path setup)
-from optim.registry import OptimizerSpec  # noqa: E402  (after sys.path setup)
+from model import ModelConfig, Transformer
+from optim import OptimConfig, optimizer_spec
+from optim.param_groups import group_options
+from optim.projector import compute_bases
+from optim.registry import OptimizerSpec
 
 T_PAPER = 200
 Kind = tuple[tuple[int, ...], str]  # (shape, the group options' repr)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import flops_per_token, param_counts  # noqa: E402  (after sys.path setup)
-from optim.state_bytes import print_state_bytes_table  # noqa: E402  (after sys.path setup)
-from trainer.config import ConfigError, load_config  # noqa: E402  (after sys.path setup)
+from model import flops_per_token, param_counts
+from optim.state_bytes import print_state_bytes_table
+from trainer.config import ConfigError, load_config
 
 
 def main(argv: list[str]) -> int:
