@@ -21,7 +21,7 @@ import yaml
 
 from data import DataConfig
 from model import FLAVORS, ModelConfig
-from optim import OptimConfig, validate_optim_config
+from optim import OptimConfig, optimizer_keys, validate_optim_config
 from optim.in_backward import check_fused_supported
 from trainer.config_parsing import (
     ConfigError,
@@ -60,7 +60,7 @@ class TrainConfig:
     global_batch: int = 1024
     """Sequences per optimizer step, over all ranks."""
     micro_batch: int = 16
-    """Sequences per forward/backward on one rank (gradient accumulation fills the rest)."""
+    """Sequences per forward/backward on one rank (accumulation fills the rest); capped at the rank's share."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -162,14 +162,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if t.global_batch <= 0 or t.micro_batch <= 0 or t.max_steps < 0:
         raise ConfigError("train.global_batch and train.micro_batch must be positive, train.max_steps >= 0")
-    if t.global_batch % t.micro_batch:
-        raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
     per_rank, rem = divmod(t.global_batch, world)
-    if rem or per_rank % t.micro_batch:
+    if rem or per_rank % micro_batch_per_rank(t, world):
         raise ConfigError(
             f"train.global_batch={t.global_batch} must split into {world} rank(s) x whole micro-batches "
             f"of train.micro_batch={t.micro_batch}"
         )
+    _check_rank_fits_the_model(cfg)
     if t.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
     if cfg.scheduler.warmup_steps < 0 or not 0 <= cfg.scheduler.final_lr_ratio <= 1:
@@ -180,6 +179,23 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} must be positive")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be at least 1 (the latest checkpoint is always kept)")
+
+
+def micro_batch_per_rank(t: TrainConfig, world_size: int) -> int:
+    """train.micro_batch, capped at the rank's share of the global batch: a config written for one
+    rank (micro-batch = global batch) runs unchanged on several."""
+    return max(1, min(t.micro_batch, t.global_batch // world_size))
+
+
+def _check_rank_fits_the_model(cfg: Config) -> None:
+    """Low-rank optimizers: a rank above the smaller side of every low-rank matrix is an error (the
+    projection would silently be full rank). The smaller side of every 2-D weight here, embedding and
+    output layer included, is model.d_model."""
+    if "rank" in optimizer_keys(cfg.optim.name) and cfg.optim.rank > cfg.model.d_model:
+        raise ConfigError(
+            f"optim.rank={cfg.optim.rank} exceeds the smaller side of the low-rank matrices (model.d_model="
+            f"{cfg.model.d_model}); use --optim.rank={cfg.model.d_model} or less (equal to d_model is full rank)"
+        )
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -26,13 +26,14 @@ import torch
 
 from data import TrainBatches, validation_batches
 from model import Transformer, flops_per_token, param_counts
-from optim import optimizer_spec
-from trainer.checkpoint import Checkpointer, RNGState, TrainProgress
-from trainer.config import Config, ConfigError, save_config, validate
+from optim import optimizer_keys, optimizer_spec
+from trainer.checkpoint import Checkpointer, RNGState, TrainProgress, latest_checkpoint, load_checkpoint
+from trainer.config import Config, ConfigError, micro_batch_per_rank, save_config, validate
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
 from trainer.hardware import device_peak_flops, peak_memory_bytes
 from trainer.metrics import MetricsLogger
 from trainer.parallelize import autocast_context, compile_blocks, wrap_ddp
+from trainer.resume_policy import check_resume_compatible, record_resume
 from trainer.schedule import lr_factor
 from trainer.step import evaluate, forward_backward, split_micro_batches
 from trainer.update import build_update_strategy
@@ -95,7 +96,9 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.run_dir = Path(cfg.run.dir)
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        self.micro_batch = micro_batch_per_rank(cfg.train, info.world_size)
         validate(cfg, info.world_size)  # again, with the world size the process group really has
+        self.resume_from, self.resume_changes = self._check_resume()  # before any data or model work
         self._build_data()  # first: its checks (missing data, tokenizer mismatch) fail fastest
         self._build_model_and_updater()
         self.progress = TrainProgress()
@@ -110,7 +113,7 @@ class Trainer:
             },
             keep_last=cfg.checkpoint.keep_last,
         )
-        saved_config, resumed_from = self.restore()
+        self.restore()
         if cfg.train.compile:
             compile_blocks(self.model)
         self.wrapped_model = wrap_ddp(self.model, info)
@@ -118,7 +121,7 @@ class Trainer:
         self.log = MetricsLogger(
             self.run_dir, enabled=info.is_main, tensorboard=cfg.log.tensorboard, resume_step=self.progress.step
         )
-        self._write_run_header(saved_config, resumed_from)
+        self._print_run_header()
         self.step_times: list[float] = []
         self.result = TrainResult(final_step=self.progress.step)
 
@@ -153,20 +156,24 @@ class Trainer:
                 f"set --model.vocab_size to at least {data_vocab} (a multiple of 128 is fastest)"
             )
 
-    def restore(self) -> tuple[dict | None, Path | None]:
-        """Load the latest checkpoint into every component, if resuming; (its config, its path)."""
-        latest = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
+    def _check_resume(self) -> tuple[Path | None, dict[str, tuple[Any, Any]]]:
+        """The checkpoint to resume from (None: a fresh run) and the config changes since it; a
+        change that the run cannot take (trainer/resume_policy.py) is a ConfigError here."""
+        if not self.cfg.checkpoint.resume:
+            return None, {}
+        latest = latest_checkpoint(self.run_dir / "checkpoints")
         if latest is None:
-            return None, None
-        return self.checkpointer.restore(latest).get("config"), latest
+            return None, {}
+        saved = load_checkpoint(latest).get("config", {})
+        return latest, check_resume_compatible(saved, self.cfg.to_dict(), latest)
 
-    def _write_run_header(self, saved_config: dict | None, resumed_from: Path | None) -> None:
+    def restore(self) -> None:
+        """Load the checkpoint found by _check_resume into every component."""
+        if self.resume_from is not None:
+            self.checkpointer.restore(self.resume_from)
+
+    def _print_run_header(self) -> None:
         cfg, info = self.cfg, self.info
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if saved_config is not None:
-                self._warn_config_changes(saved_config)
-            save_config(cfg, self.run_dir / "config.yaml")
         counts = param_counts(cfg.model)
         self.log.print(
             f"model {cfg.model.flavor}: {counts['total'] / 1e6:.1f}M parameters "
@@ -174,20 +181,23 @@ class Trainer:
             f"{flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.1f} MFLOPs/token | "
             f"optimizer {cfg.optim.name}{' (fused in backward)' if cfg.train.fused_update else ''} | "
             f"{info.world_size} rank(s) on {info.device.type} | {cfg.train.global_batch} x {cfg.data.seq_len} "
-            f"tokens/step, micro-batch {cfg.train.micro_batch} | data: {self.data.n_windows} windows/epoch"
+            f"tokens/step, micro-batch {self.micro_batch} | data: {self.data.n_windows} windows/epoch"
         )
-        if resumed_from is not None:
-            self.log.print(f"resumed from {resumed_from} at step {self.progress.step}")
+        if self.resume_from is not None:
+            changed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items())
+            self.log.print(
+                f"resumed from {self.resume_from} at step {self.progress.step}"
+                + (f" with changed settings ({changed}; recorded in resumes.jsonl)" if changed else "")
+            )
 
-    def _warn_config_changes(self, saved: dict) -> None:
-        changed = [
-            f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
-            for section, values in self.cfg.to_dict().items()
-            for key, value in values.items()
-            if section in saved and saved[section].get(key) != value
-        ]
-        if changed:
-            self.log.print("warning: config differs from the checkpoint's: " + "; ".join(changed))
+    def _record_start(self) -> None:
+        """The run is starting for real: write the config in force and, on a resume, its history line."""
+        if not self.info.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        if self.resume_from is not None:
+            record_resume(self.run_dir, self.progress.step, self.resume_from, self.resume_changes)
 
     # ----- one step ------------------------------------------------------------------------------
     def train_step(self, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
@@ -205,7 +215,7 @@ class Trainer:
             split_micro_batches(
                 inputs.to(info.device, non_blocking=True),
                 targets.to(info.device, non_blocking=True),
-                cfg.train.micro_batch,
+                self.micro_batch,
             ),
             # Every packed window has seq_len targets; DDP averages gradients over ranks.
             loss_denominator=self.tokens_per_step / info.world_size,
@@ -227,8 +237,9 @@ class Trainer:
         what = "loss" if not math.isfinite(loss) else "gradient norm"
         raise TrainingDiverged(
             f"non-finite {what} at step {step} (loss {loss}, grad norm {grad_norm}); stopping without saving. "
-            f"Last good checkpoint: {self.checkpointer.latest() or 'none'}. Lower --optim.lr or enable "
-            f"--train.max_grad_norm."
+            f"Last good checkpoint: {self.checkpointer.latest() or 'none'}. Likely causes with these settings: "
+            + "; ".join(divergence_causes(self.cfg, step))
+            + ". Fix the setting and re-run the same command: it resumes from the last good checkpoint."
         )
 
     # ----- evaluate, log, save -------------------------------------------------------------------
@@ -281,6 +292,7 @@ class Trainer:
                     f"{self.run_dir}"
                 )
                 return result
+            self._record_start()
             if cfg.eval.interval and self.progress.step == 0:
                 self.evaluate(0)
             self._train_until_done(stop)
@@ -312,3 +324,23 @@ class Trainer:
                 return
             if done % cfg.checkpoint.interval == 0 or done == cfg.train.max_steps:
                 result.checkpoint = self.save()
+
+
+def divergence_causes(cfg: Config, step: int) -> list[str]:
+    """The settings of `cfg` that most often make a run diverge, worded as fixes (most likely first)."""
+    o, t, causes = cfg.optim, cfg.train, []
+    in_warmup = step <= cfg.scheduler.warmup_steps
+    causes.append(
+        f"the peak learning rate optim.lr={o.lr:g} is too high for {o.name}"
+        + (" (this step was still in warmup)" if in_warmup else "")
+        + f": try --optim.lr={o.lr / 3.16:.3g}"
+    )
+    if t.max_grad_norm == 0 and not t.fused_update:
+        causes.append("gradient clipping is off (train.max_grad_norm=0): try --train.max_grad_norm=1.0")
+    if cfg.scheduler.warmup_steps < min(100, t.max_steps // 20):
+        causes.append(f"the warmup is short (scheduler.warmup_steps={cfg.scheduler.warmup_steps})")
+    if "clip_threshold" in optimizer_keys(o.name) and o.name != "adalomo" and o.clip_threshold is None:
+        causes.append("update clipping is off (optim.clip_threshold=null): try --optim.clip_threshold=1.0")
+    if t.precision == "bf16" or (t.precision == "auto" and t.device != "cpu" and torch.cuda.is_available()):
+        causes.append("bf16 autocast: try --train.precision=fp32 to rule out an overflow")
+    return causes

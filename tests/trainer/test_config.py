@@ -59,7 +59,11 @@ def test_base_inheritance(tmp_path):
         (["--train.fused_update=1"], r"train\.fused_update: expected true or false"),
         (["--optim.lr=fast"], r"optim\.lr: expected a number"),
         (["--model.flavor=huge"], r"unknown model\.flavor 'huge'"),
-        (["--train.micro_batch=7"], r"not a multiple of train\.micro_batch"),
+        (["--train.micro_batch=7"], r"must split into 1 rank\(s\) x whole micro-batches of train\.micro_batch=7"),
+        (
+            ["--optim.name=adamem", "--optim.rank=256"],
+            r"optim\.rank=256 exceeds .*model\.d_model=128.*--optim\.rank=128",
+        ),
         (["--data.seq_len=4096"], r"exceeds model\.max_seq_len"),
         (["--train.precision=fp16"], r"train\.precision='fp16' is not one of 'auto', 'fp32', 'bf16'"),
         (["--train.device=gpu"], r"train\.device='gpu' is not one of 'auto', 'cpu', 'cuda'"),
@@ -126,10 +130,10 @@ def test_every_key_has_a_doc_and_help_lists_it():
 
 
 def test_the_global_batch_must_split_over_the_ranks(monkeypatch):
-    overrides = ["--train.global_batch=8", "--train.micro_batch=8"]
+    overrides = ["--train.global_batch=6", "--train.micro_batch=2"]
     load_config(None, overrides)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"must split into 2 rank\(s\) x whole micro-batches"):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"global_batch=6 must split into 4 rank\(s\) x whole micro-batches"):
         load_config(None, overrides)
 
 
@@ -141,3 +145,14 @@ def test_the_global_batch_must_split_over_the_ranks(monkeypatch):
 def test_every_shipped_config_passes_validation(path):
     """Including the optimizer's own rules (keys it does not read, ranges, cross-key constraints)."""
     load_config(path)
+
+
+def test_a_config_written_for_one_rank_runs_on_two(monkeypatch):
+    """configs/tiny.yaml has micro-batch = global batch = 8: on 2 ranks each holds 4."""
+    from trainer.config import micro_batch_per_rank
+
+    cfg = load_config("configs/tiny.yaml")
+    assert micro_batch_per_rank(cfg.train, 1) == 8
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config("configs/tiny.yaml")
+    assert micro_batch_per_rank(cfg.train, 2) == 4

@@ -1,6 +1,8 @@
 """Training runs in-process through trainer.train() on the prepared sample corpus (CPU, seconds each):
 logging, checkpoints, exact resume, divergence, fused updates, every optimizer."""
 
+import json
+
 import pytest
 import torch
 
@@ -85,7 +87,9 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, s
 
     monkeypatch.setattr(trainer_module, "forward_backward", poisoned)
     with pytest.raises(
-        TrainingDiverged, match=r"non-finite loss at step 5 .*Last good checkpoint: .*step_00000003\.pt"
+        TrainingDiverged,
+        match=r"non-finite loss at step 5 .*Last good checkpoint: .*step_00000003\.pt\. Likely causes with these "
+        r"settings: the peak learning rate optim\.lr=0\.01 is too high for adamw: try --optim\.lr=0\.00316",
     ):
         run(tmp_path, sample_tokens)
     latest = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
@@ -112,10 +116,10 @@ def test_fused_update_trains_and_matches_the_ordinary_path(tmp_path, sample_toke
 
 def test_resume_with_the_other_fused_setting_is_a_clear_error(tmp_path, sample_tokens):
     run(tmp_path, sample_tokens, **{"train.max_steps": 3, "train.max_grad_norm": 0})
+    # The resume policy refuses it before any work; the optimizer layout check behind it
+    # (tests/trainer/test_update.py) would refuse it too.
     with pytest.raises(
-        ckpt.CheckpointError,
-        match=r"cannot restore the optimizer from .*step_00000003\.pt: it was saved "
-        r"with train.fused_update=false .*resume with --train.fused_update=false",
+        ConfigError, match=r"step_00000003\.pt with a different setup.*\n  train.fused_update: False -> True"
     ):
         run(tmp_path, sample_tokens, **{"train.max_steps": 3, "train.max_grad_norm": 0, "train.fused_update": True})
 
@@ -163,3 +167,40 @@ def test_a_run_saved_in_the_version_1_layout_resumes_bit_exact(tmp_path, sample_
     _, result = run(tmp_path, sample_tokens, "old")
     assert result.final_step == 6
     assert losses(tmp_path / "straight") == losses(tmp_path / "old")
+
+
+def test_resume_with_settings_that_cannot_change_fails_before_any_work(tmp_path, sample_tokens):
+    run(tmp_path, sample_tokens, **{"train.max_steps": 3})
+    run_dir = tmp_path / "run"
+    config_before = (run_dir / "config.yaml").read_text()
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    bad = {"train.max_steps": 6, "optim.name": "adafactor", "optim.beta1": "null", "model.d_model": 128}
+    with pytest.raises(ConfigError) as e:
+        run(tmp_path, sample_tokens, **bad)
+    message = str(e.value)
+    assert "cannot resume from" in message and "step_00000003.pt" in message
+    assert "optim.name: 'adamw' -> 'adafactor'" in message and "optim.beta1: 0.9 -> None" in message
+    assert "model.d_model: 64 -> 128" in message and "train.max_steps" not in message  # max_steps may change
+    assert "another --run.dir" in message
+    assert (run_dir / "config.yaml").read_text() == config_before  # nothing was written
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before
+    assert not (run_dir / "resumes.jsonl").exists()
+
+
+def test_allowed_changes_on_resume_are_recorded_in_the_run_history(tmp_path, sample_tokens):
+    run(tmp_path, sample_tokens, **{"train.max_steps": 3})
+    run(tmp_path, sample_tokens, **{"train.max_steps": 5, "optim.lr": 5e-3})
+    run_dir = tmp_path / "run"
+    history = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()]
+    assert len(history) == 1
+    assert history[0]["step"] == 3 and history[0]["checkpoint"] == "step_00000003.pt"
+    assert history[0]["changed"] == {"optim.lr": [0.01, 0.005], "train.max_steps": [3, 5]}
+    assert load_config(run_dir / "config.yaml").optim.lr == 5e-3  # config.yaml: the config in force
+
+
+def test_a_finished_run_rerun_with_other_settings_writes_nothing(tmp_path, sample_tokens):
+    run(tmp_path, sample_tokens, **{"train.max_steps": 2})
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    _, result = run(tmp_path, sample_tokens, **{"train.max_steps": 1})
+    assert result.final_step == 2 and (tmp_path / "run" / "config.yaml").read_text() == before
+    assert not (tmp_path / "run" / "resumes.jsonl").exists()
