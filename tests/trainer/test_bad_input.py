@@ -1,0 +1,50 @@
+"""Every bad input of the issue-13 probes, through the CLI's entry point (train.main): one `error:`
+line naming the key (or file) and the fix, exit status 1, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+import train
+from tests.helpers.runs import tiny_overrides
+
+# (overrides, text the error must contain). Each is refused when the config loads.
+CONFIG_PROBES = [
+    (["--optim.name=adamm"], "unknown optimizer optim.name='adamm'. Did you mean"),
+    (["--optim.name=adalomo", "--optim.update_norm=layer"], "optim.update_norm='layer' is not one of"),
+    (["--optim.name=adamem", "--optim.variant=variant3"], "optim.variant='variant3' is not one of"),
+    (["--optim.name=galore_adamw", "--optim.proj_type=diag"], "optim.proj_type='diag' is not one of"),
+    (["--optim.name=galore_adamw", "--optim.svd_method=fast"], "optim.svd_method='fast' is not one of"),
+    (["--optim.name=adamem", "--optim.moments_on_proj_change=drop"], "optim.moments_on_proj_change='drop'"),
+    (["--optim.name=galore_adamw", "--optim.update_proj_gap=0"], "optim.update_proj_gap=0 is out of range"),
+    (["--optim.lr=-1e-3"], "optim.lr=-0.001 is out of range: it must be > 0"),
+    (["--optim.beta2=1.0"], "optim.beta2=1.0 is out of range: it must be in (0, 1)"),
+    (["--optim.name=adafactor", "--optim.beta2=1.5"], "optim.beta2=1.5 is out of range"),
+    (["--optim.name=galore_adamw", "--optim.rank=0"], "optim.rank=0 is out of range"),
+    (["--optim.name=adamem", "--optim.rank=65"], "optim.rank=65 exceeds the smaller side"),
+    (["--optim.name=galore_adamw", "--optim.delta=0.5"], "optim.delta=0.5 is not read by galore_adamw"),
+    (["--train.precision=fp16"], "train.precision='fp16' is not one of"),
+    (["--train.fused_update=true"], "max_grad_norm=0"),
+    (["--train.global_batch=6", "--train.micro_batch=4"], "must split into 1 rank(s) x whole micro-batches"),
+    (["--model.d_model=100"], "model.d_model=100 is not a multiple of the head dimension 64"),
+    (["--data.seq_len=64"], "data.seq_len=64 exceeds model.max_seq_len=32"),
+    (["--trian.max_steps=3"], "unknown config section 'trian'. Did you mean 'train'"),
+    (["--optim.lrr=1"], "unknown config key optim.lrr. Did you mean 'lr'"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", CONFIG_PROBES, ids=[" ".join(o) for o, _ in CONFIG_PROBES])
+def test_bad_config_is_one_error_line(tmp_path, sample_tokens, capsys, overrides, expected):
+    run_dir = tmp_path / "run"
+    code = train.main(["configs/tiny.yaml", *tiny_overrides(run_dir, sample_tokens), *overrides])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: "), err
+    assert expected in err, err
+    assert not run_dir.exists()  # refused before any work: nothing written
+
+
+def test_missing_config_file_and_no_arguments(tmp_path, capsys):
+    assert train.main([str(tmp_path / "nope.yaml")]) == 1
+    assert capsys.readouterr().err.startswith("error: config file not found")
+    assert train.main([]) == 2
+    assert "usage:" in capsys.readouterr().err
