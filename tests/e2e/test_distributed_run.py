@@ -1,7 +1,11 @@
-"""Two CPU ranks (torchrun, gloo) train exactly like one rank: same global batches, same losses."""
+"""Two CPU ranks (torchrun, gloo) train exactly like one rank: same global batches, same losses;
+a signalled 2-rank job stops cleanly through trainer.launch."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -32,7 +36,7 @@ def run(run_dir, tokens, nproc):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stdout + out.stderr
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -54,3 +58,51 @@ def test_two_ranks_match_one_rank(tmp_path, sample_tokens):
     b = ckpt.load_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000004.pt")["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def _losses(run_dir):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r] if run_dir.exists() else []
+
+
+def _start_and_stop(cmd, run_dir, sig=signal.SIGTERM):
+    """Start a 2-rank job in its own process group, wait for 2 logged steps, signal the whole
+    group (as SLURM's scancel or a terminal's Ctrl-C do) and return (exit code, output)."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and len(_losses(run_dir)) < 2 and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=180)
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signalled_two_rank_job_saves_once_and_exits_zero_through_the_launcher(tmp_path, sample_tokens, sig):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        run_dir, sample_tokens, **{"train.max_steps": 100000, "checkpoint.interval": 100000, "eval.interval": 0}
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.launch",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        "configs/tiny.yaml",
+        *overrides,
+    ]
+    code, out = _start_and_stop(cmd, run_dir, sig)
+    assert code == 0, out
+    assert out.count("stop requested: saved") == 1 and "Traceback" not in out and "SignalException" not in out, out
+    saved = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert saved is not None
+    assert ckpt.load_checkpoint(saved)["progress"]["step"] == max(r["step"] for r in _losses(run_dir))
