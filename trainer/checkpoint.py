@@ -10,10 +10,13 @@ Format (`format_version`): 2 = the components above. 1 (before components) store
 three times (`step`, `scheduler.step`, `data.step`) next to `tokens_seen`, `model`, `optimizer`,
 `data`, `rng`, `config`; it is upgraded on load, so runs saved by earlier versions resume.
 
-`step_00000100.pt`: a save writes `<name>.tmp`, fsyncs it, then renames it over the final name
-(atomic on POSIX), so a crash or kill during a save leaves every earlier checkpoint intact and
-never leaves a half-written file under a final name. Older checkpoints beyond `keep_last` are
-deleted only after the new one is in place.
+`step_00000100.pt`: a save writes `<name>.<pid>.<8 hex>.tmp` (unique per writer, so two writers
+never share it), fsyncs it, then renames it over the final name (atomic on POSIX), so a crash or
+kill during a save leaves every earlier checkpoint intact and never leaves a half-written file
+under a final name. Older checkpoints beyond `keep_last` are deleted only after the new one is in
+place. A save that fails (disk full, any OSError) removes its temporary file and raises a
+CheckpointError with the checkpoint's size; a writer killed outright leaves its temporary file,
+which `trainer.run_lock.remove_stale_temp_files` removes at the next start.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
+
+from trainer.run_lock import format_bytes, free_space, unique_temp_path
 
 FORMAT_VERSION = 2
 _LEGACY_DATA_KEYS = ("step", "epoch", "position", "tokens_seen")  # positions version 1 kept in `data`
@@ -59,19 +64,85 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def state_nbytes(state: Any) -> int:
+    """The bytes of the tensor storages in `state` (nested dicts, lists, tuples), each storage once:
+    what torch.save writes for them. The pickled rest (the structure, Python numbers) and the zip
+    headers add kilobytes, so this is the size of a checkpoint to within that."""
+    seen: set[tuple[str, int, int]] = set()
+    total = 0
+    stack = [state]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            key = (str(obj.device), storage.data_ptr(), storage.nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+    return total
+
+
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write `state` as `step`'s checkpoint in `directory` (see the module docstring); then delete
+    all but the `keep_last` newest. An OSError (disk full, not writable) is a CheckpointError, with
+    every earlier checkpoint untouched and no temporary file left."""
     final = checkpoint_path(directory, step)
-    tmp = final.with_name(final.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    tmp = unique_temp_path(final)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException as e:  # e.g. KeyboardInterrupt: no temporary file is left behind either
+        tmp.unlink(missing_ok=True)
+        os_error = _os_error_behind(e) if isinstance(e, Exception) else None
+        if os_error is None:
+            raise
+        raise CheckpointError(_save_failed_message(directory, step, state, os_error)) from e
     _fsync_dir(directory)
     for old in list_checkpoints(directory)[:-keep_last]:
         old.unlink(missing_ok=True)
     return final
+
+
+def _os_error_behind(e: BaseException) -> OSError | None:
+    """The OSError that `e` is or that caused it: when a write fails inside torch.save (e.g. disk
+    full), torch's zip writer raises a RuntimeError ("unexpected pos ...") while cleaning up."""
+    seen = 0
+    current: BaseException | None = e
+    while current is not None and seen < 8:
+        if isinstance(current, OSError):
+            return current
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return None
+
+
+def _save_failed_message(directory: Path, step: int, state: dict[str, Any], e: OSError) -> str:
+    """The size is the state's tensor bytes (`state_nbytes`), not the bytes written before the error
+    (that is only where the disk filled up), and not a trial serialisation (which would need as
+    much memory again as the state, at a moment when resources are short)."""
+    size = state_nbytes(state)
+    free = free_space(directory) if directory.is_dir() else None
+    free_text = f"; {format_bytes(free)} is free there" if free is not None else ""
+    previous = latest_checkpoint(directory)
+    if previous is not None:
+        kept = f"the previous checkpoint {previous.name} and metrics.jsonl are intact (a re-run resumes from it)"
+    else:
+        kept = "metrics.jsonl is intact; there is no earlier checkpoint, so a re-run starts again at step 0"
+    return (
+        f"cannot save the step {step} checkpoint in {directory}: {e.strerror or e} ({type(e).__name__}). "
+        f"It needs about {format_bytes(size)} (the bytes of its tensors){free_text}. Nothing was lost: the "
+        f"unfinished file was removed, and {kept}. Free space there (other runs, older checkpoints) and re-run "
+        f"the same command; older checkpoints are deleted only after a save succeeds, so the disk must hold "
+        f"checkpoint.keep_last + 1 of them (a lower --checkpoint.keep_last needs less). Or train in another "
+        f"--run.dir."
+    )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -1,8 +1,15 @@
 """Metrics sinks of the main rank: a console line, TensorBoard scalars and metrics.jsonl.
 
-metrics.jsonl holds one JSON object per logged step ({"step": s, "train/loss": ..., ...}); tools
-and plots read it. On resume, records of steps after the resumed checkpoint are dropped (they are
-about to be recomputed), and TensorBoard purges them likewise, so each step appears once.
+metrics.jsonl holds one JSON object per logged step ({"step": s, "train/loss": ..., ...}), one line
+each, written with one unbuffered write; tools and plots read it. On resume, records of steps after
+the resumed checkpoint are dropped (they are about to be recomputed), and TensorBoard purges them
+likewise, so each step appears once; a run that starts again at step 0 (no checkpoint to resume
+from) starts the file afresh.
+
+A crash during a write can leave an incomplete last line (no newline): `read_metrics` leaves it
+out and the next resume drops it with a warning. Any other line that is not a record is damage
+that no crash of this writer makes: a MetricsFileError naming the file and the line. An OSError
+while writing (disk full) is a RunDirError; the file keeps every complete record.
 """
 
 from __future__ import annotations
@@ -10,7 +17,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+from trainer.run_lock import RunDirError, os_error_fix, write_file_atomic
+
+
+class MetricsFileError(RunDirError, ValueError):
+    """A line of metrics.jsonl that is not a metrics record; the message names the file, the line
+    and the fix. A ValueError too, as json's errors were before."""
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -20,39 +35,117 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+@dataclass
+class _Contents:
+    records: list[dict]
+    partial: bytes  # an incomplete last line (no newline, not a record): b"" if none
+    missing_newline: bool  # the last line is a complete record without its newline
+
+
+def _parse_record(path: Path, number: int, line: bytes) -> dict:
+    try:
+        record = json.loads(line)
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError("not a JSON object with an integer step")
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise MetricsFileError(
+            f"{path}, line {number}: not a metrics record ({detail}): {line[:80]!r}. Only the last line can be "
+            f"cut short by a crash, and it is repaired on resume; this one is damaged inside the file. Fix or "
+            f"delete line {number} (or move {path.name} away to start the log afresh), then re-run."
+        ) from None
+    return record
+
+
+def _read(path: Path) -> _Contents:
+    lines = path.read_bytes().split(b"\n")
+    records = [_parse_record(path, i, line) for i, line in enumerate(lines[:-1], 1) if line.strip()]
+    last, partial, missing_newline = lines[-1], b"", False
+    if last.strip(b" \t\r\x00"):  # text after the last newline: a complete record, or a crash artefact
+        try:
+            records.append(_parse_record(path, len(lines), last))
+            missing_newline = True
+        except MetricsFileError:
+            partial = last
+    elif last:  # only NUL bytes or blanks, e.g. zeros left by a power loss
+        partial = last
+    return _Contents(records, partial, missing_newline)
+
+
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl ([] if it does not exist). An incomplete last line (a write in
+    progress, or a crash mid-write that the next resume repairs) is left out; any other line that is
+    not a JSON object with an integer "step" is a MetricsFileError (a ValueError) naming the file
+    and the line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _read(path).records
 
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int):
+        """The main rank's logger (`enabled`; other ranks get one that does nothing). On resume at
+        `resume_step`, later records are dropped; at 0 (a fresh start), all are. A damaged
+        metrics.jsonl is repaired (an incomplete last line, with a warning) or a MetricsFileError."""
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb_dir = run_dir / "tensorboard"
         self.writer = None
         if not enabled:
             return
-        if resume_step > 0:
-            self._truncate_after(resume_step)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self._repair_and_truncate(resume_step)
+        try:
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step if resume_step > 0 else None)
-        self._file = open(self.path, "a")
+                self.writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step if resume_step > 0 else None)
+            self._file = open(self.path, "ab", buffering=0)  # one write per record: no partial buffer to flush
+        except OSError as e:
+            raise RunDirError(
+                f"cannot open the run's logs in {run_dir}: {e.strerror or e} ({e.filename or run_dir}). "
+                f"{os_error_fix(e, run_dir)}."
+            ) from None
 
-    def _truncate_after(self, step: int) -> None:
-        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+    def _repair_and_truncate(self, step: int) -> None:
+        """Drop records after `step` (all of them at step 0) and an incomplete last line."""
+        if not self.path.exists():
+            return
+        contents = _read(self.path)
+        kept = [r for r in contents.records if r["step"] <= step] if step > 0 else []
+        dropped = len(contents.records) - len(kept)
+        if contents.partial:
+            self.print(
+                f"warning: {self.path}: dropped an incomplete last line, left by a crash during a write: "
+                f"{contents.partial[:80]!r}"
+            )
+        if step == 0 and dropped:
+            self.print(
+                f"warning: {self.path}: dropped {dropped} records of an earlier start: the run starts again at "
+                f"step 0 (no checkpoint to resume from, or checkpoint.resume=false)"
+            )
+        if dropped or contents.partial or contents.missing_newline:
+            write_file_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
-        self._file.flush()
+        line = (json.dumps({"step": step, **values}) + "\n").encode()
+        fd = self._file.fileno()
+        size = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+        except OSError as e:
+            try:  # keep the file a sequence of whole records (a crash could still leave a partial line)
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise RunDirError(
+                f"cannot append step {step}'s metrics to {self.path}: {e.strerror or e}. The records before it "
+                f"are intact, and so are the checkpoints. {os_error_fix(e, self.path.parent)}."
+            ) from None
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
@@ -84,4 +177,7 @@ class MetricsLogger:
             return
         self._file.close()
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:  # must not hide the error that ends the run (often the same full disk)
+                self.print(f"warning: TensorBoard events in {self.tb_dir} may be incomplete: {e.strerror or e}")

@@ -1,7 +1,13 @@
+import errno
+import os
+import threading
+
 import pytest
 import torch
 
+from tests.helpers.disk import small_tmpfs
 from trainer import checkpoint as ckpt
+from trainer.run_lock import remove_stale_temp_files
 
 
 def latest(directory):
@@ -34,7 +40,8 @@ def test_interrupted_save_leaves_previous_loadable(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, 2, state(2), keep_last=1)
     monkeypatch.undo()
     newest = latest(tmp_path)
-    assert newest.name == "step_00000001.pt"  # the .tmp leftover is not a checkpoint
+    assert newest.name == "step_00000001.pt"  # the half-written file is not a checkpoint
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.pt"]  # and it was removed
     assert ckpt.load_checkpoint(newest)["step"] == 1
     # The next save completes and replaces the leftover.
     ckpt.save_checkpoint(tmp_path, 2, state(2), keep_last=1)
@@ -129,3 +136,96 @@ def test_unknown_format_version_is_named(tmp_path):
     torch.save({"format_version": 9, "model": {}}, path)
     with pytest.raises(ckpt.CheckpointError, match=r"found format_version 9; this version reads 1 and 2"):
         ckpt.load_checkpoint(path)
+
+
+def test_a_save_that_fails_removes_its_temporary_file_and_names_the_size(tmp_path, monkeypatch):
+    """Any OSError (here a simulated full disk: no root needed) during a save."""
+    previous = ckpt.save_checkpoint(tmp_path, 1, state(1), keep_last=1)
+
+    def disk_full(obj, f):
+        f.write(b"PK\x03\x04 the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    big = {"model": {"w": torch.zeros(250_000), "view": torch.zeros(250_000)[:10]}, "step": 2}
+    with pytest.raises(ckpt.CheckpointError) as failed:
+        ckpt.save_checkpoint(tmp_path, 2, big, keep_last=1)
+    monkeypatch.undo()
+    message = str(failed.value)
+    assert f"cannot save the step 2 checkpoint in {tmp_path}: No space left on device (OSError)" in message
+    assert "It needs about 2.0 MB (the bytes of its tensors)" in message  # the view's storage counted once
+    assert "the previous checkpoint step_00000001.pt and metrics.jsonl are intact" in message
+    assert "Free space there" in message and "--checkpoint.keep_last" in message and "--run.dir" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.pt"]
+    assert ckpt.load_checkpoint(previous)["step"] == 1
+
+
+def test_state_nbytes_counts_each_storage_once():
+    w = torch.zeros(10, 10)
+    assert ckpt.state_nbytes({"a": w, "b": [w[0], (w.T, 3)], "c": torch.zeros(5, dtype=torch.bfloat16)}) == 410
+    assert ckpt.state_nbytes({"step": 3, "rng": {"python": (3, (1, 2), None)}}) == 0
+
+
+def test_concurrent_saves_of_one_step_both_complete(tmp_path, monkeypatch):
+    """Two writers (here threads of one process: the same pid) save the same step into one directory,
+    both holding their temporary file at once: neither renames the other's file away."""
+    both_written = threading.Barrier(2, timeout=20)
+    replace = os.replace
+
+    def replace_when_both_have_written(src, dst):
+        both_written.wait()
+        replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace_when_both_have_written)
+    savers = [ckpt.Checkpointer(tmp_path, {"box": Box(float(v))}, keep_last=1) for v in (1, 2)]
+    errors: list[BaseException] = []
+
+    def save(saver):
+        try:
+            saver.save(3, {})
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(s,)) for s in savers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    monkeypatch.undo()
+    assert errors == []
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000003.pt"]
+    box = Box()
+    ckpt.Checkpointer(tmp_path, {"box": box}, keep_last=1).restore(latest(tmp_path))
+    assert float(box.value) in (1.0, 2.0)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        yield disk
+
+
+def test_disk_full_during_a_save_then_freeing_space(small_disk):
+    """The probe: a killed writer's orphaned temporary file fills the disk; the next save fails
+    cleanly, and once the orphan is removed (as the trainer does at start, under the lock) it works."""
+    directory = small_disk / "checkpoints"
+    box = Box(1.0)
+    saver = ckpt.Checkpointer(directory, {"box": box}, keep_last=1)
+    previous = saver.save(1, {})
+    orphan = directory / "step_00000002.pt.999999.0123abcd.tmp"
+    orphan.write_bytes(b"\0" * 3_000_000)
+    box.value = torch.zeros(500_000)  # 2 MB: more than the ~1.2 MB left
+    with pytest.raises(ckpt.CheckpointError) as failed:
+        saver.save(2, {})
+    message = str(failed.value)
+    assert f"cannot save the step 2 checkpoint in {directory}: No space left on device" in message
+    assert "It needs about 2.0 MB (the bytes of its tensors); 1." in message and "MB is free there" in message
+    assert "the previous checkpoint step_00000001.pt and metrics.jsonl are intact" in message
+    assert sorted(p.name for p in directory.iterdir()) == ["step_00000001.pt", orphan.name]  # no new temporary
+    restored = Box()
+    ckpt.Checkpointer(directory, {"box": restored}, keep_last=1).restore(previous)
+    assert float(restored.value) == 1.0
+    assert remove_stale_temp_files(directory) == [orphan]
+    path = saver.save(2, {})
+    assert [p.name for p in directory.iterdir()] == ["step_00000002.pt"]
+    assert ckpt.load_checkpoint(path)["box"]["value"].shape == (500_000,)

@@ -1,0 +1,130 @@
+"""metrics.jsonl: resume truncation, repair of a line cut short by a crash, damage inside the file
+named with its line, and write errors (a full disk) as clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.disk import fill, small_tmpfs
+from trainer.metrics import MetricsFileError, MetricsLogger, read_metrics
+from trainer.run_lock import RunDirError
+
+
+def write_records(path: Path, steps, tail: bytes = b"") -> None:
+    path.write_bytes(b"".join(json.dumps({"step": s, "train/loss": 1.0 / s}).encode() + b"\n" for s in steps) + tail)
+
+
+def logger(run_dir: Path, resume_step: int, enabled: bool = True) -> MetricsLogger:
+    return MetricsLogger(run_dir, enabled=enabled, tensorboard=False, resume_step=resume_step)
+
+
+def steps(path: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(path)]
+
+
+def test_resume_drops_later_records_and_appends_whole_lines(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    write_records(path, range(1, 7))
+    log = logger(tmp_path, resume_step=3)
+    log.log(4, {"train/loss": 0.5})
+    log.close()
+    assert steps(path) == [1, 2, 3, 4] and path.read_bytes().endswith(b"\n")
+    assert capsys.readouterr().out == ""  # nothing to warn about
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_line_cut_short_by_a_crash_is_dropped_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    write_records(path, range(1, 6), tail=b'{"step": 6, "train/lo')
+    assert steps(path) == [1, 2, 3, 4, 5]  # readers leave the incomplete line out, without an error
+    log = logger(tmp_path, resume_step=5)
+    out = capsys.readouterr().out
+    assert f"warning: {path}: dropped an incomplete last line, left by a crash during a write" in out
+    assert "train/lo" in out
+    log.log(6, {"train/loss": 0.1})
+    log.close()
+    assert steps(path) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("tail", [b"\0" * 37, b'{"step": 6, "train/loss": 0.1}'], ids=["zeros", "no-newline"])
+def test_a_tail_without_newline_is_repaired_before_appending(tmp_path, tail):
+    """Zeros left by a power loss are dropped; a complete record that lacks only its newline is kept
+    (and the next record is not glued onto it)."""
+    path = tmp_path / "metrics.jsonl"
+    write_records(path, range(1, 6), tail=tail)
+    log = logger(tmp_path, resume_step=6)
+    log.log(7, {"train/loss": 0.1})
+    log.close()
+    assert steps(path) == [1, 2, 3, 4, 5, 7] if tail.startswith(b"\0") else [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_damaged_line_inside_the_file_is_named_with_its_number(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_records(path, range(1, 6))
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = b'{"step": 3, "train/loss": 0.3'  # line 3 cut short, yet followed by more lines
+    path.write_bytes(b"\n".join(lines))
+    expected = rf"{path}, line 3: not a metrics record .* Fix or delete line 3"
+    with pytest.raises(MetricsFileError, match=expected) as damaged:
+        logger(tmp_path, resume_step=4)
+    assert isinstance(damaged.value, RunDirError) and isinstance(damaged.value, ValueError)
+    with pytest.raises(MetricsFileError, match=expected):
+        read_metrics(path)
+    path.write_text('{"step": 1}\n["not", "a", "record"]\n')
+    with pytest.raises(MetricsFileError, match=r"line 2: not a metrics record \(not a JSON object with an integer"):
+        read_metrics(path)
+
+
+def test_a_fresh_start_drops_the_records_of_an_attempt_without_checkpoint(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    write_records(path, range(1, 3))
+    log = logger(tmp_path, resume_step=0)
+    assert f"warning: {path}: dropped 2 records of an earlier start" in capsys.readouterr().out
+    log.log(1, {"train/loss": 0.5})
+    log.close()
+    assert steps(path) == [1]
+
+
+def test_a_disabled_logger_reads_and_writes_nothing(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\nnot json\n{"step": 2')
+    log = logger(tmp_path, resume_step=1, enabled=False)
+    log.log(2, {"train/loss": 0.5})
+    log.close()
+    assert path.read_bytes() == b'{"step": 1}\nnot json\n{"step": 2'
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        yield disk
+
+
+def test_a_full_disk_on_resume_and_while_logging_is_a_clear_error(small_disk):
+    """The probe: the re-run failed writing metrics.jsonl.tmp. Now a RunDirError, no temporary file
+    left, the log unchanged; and while logging, the file keeps whole records only."""
+    path = small_disk / "metrics.jsonl"
+    write_records(path, range(1, 6), tail=b'{"step": 6, "tr')
+    before = path.read_bytes()
+    filler = small_disk / "filler"
+    fill(filler)
+    with pytest.raises(RunDirError, match=rf"cannot write {path} .*No space left on device\. It is unchanged\. Free"):
+        logger(small_disk, resume_step=3)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "metrics.jsonl"]
+    assert path.read_bytes() == before
+    filler.unlink()
+
+    log = logger(small_disk, resume_step=3)
+    fill(filler)
+    with pytest.raises(RunDirError, match=rf"cannot append step 4's metrics to {path}: No space left on device"):
+        log.log(4, {f"pad/{i}": 0.0 for i in range(1000)})  # 15 KB: more than the slack of its last page
+    log.close()
+    assert steps(path) == [1, 2, 3] and path.read_bytes().endswith(b"\n")
+    filler.unlink()
+    log = logger(small_disk, resume_step=3)
+    log.log(4, {"train/loss": 0.5})
+    log.close()
+    assert steps(path) == [1, 2, 3, 4]
