@@ -25,12 +25,13 @@ def main(argv: list[str]) -> int:
     from data import DataError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError, load_config
+    from trainer.run_lock import RunDirError
     from trainer.trainer import TrainingDiverged, train
 
     try:
         cfg = load_config(argv[0], argv[1:])
         result = train(cfg)
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
+    except (ConfigError, DataError, CheckpointError, RunDirError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     import os

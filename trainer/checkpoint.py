@@ -238,11 +238,13 @@ class Checkpointer:
         state = {name: component.state_dict() for name, component in self.components.items()}
         return save_checkpoint(self.directory, step, {**metadata, **state}, self.keep_last)
 
-    def restore(self, path: Path) -> dict[str, Any]:
-        """Load `path` into every component; returns the whole checkpoint dict (for its metadata).
-        A component that is missing or does not fit (another model shape, another optimizer or
-        fused setting) is a CheckpointError naming the file and the component."""
-        state = load_checkpoint(path)
+    def restore(self, path: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load `path` (or `state`, already loaded from it) into every component; returns the whole
+        checkpoint dict (for its metadata). A component that is missing or does not fit (another
+        model shape, another optimizer or fused setting) is a CheckpointError naming the file and
+        the component."""
+        if state is None:
+            state = load_checkpoint(path)
         missing = [name for name in self.components if name not in state]
         if missing:
             raise CheckpointError(

@@ -33,6 +33,7 @@ from trainer.config_parsing import (
     read_yaml,
     suggest,
 )
+from trainer.run_lock import write_file_atomic
 
 __all__ = ["Config", "ConfigError", "help_text", "load_config", "parse_overrides", "save_config"]
 
@@ -199,7 +200,8 @@ def _check_rank_fits_the_model(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config atomically (a full disk is a RunDirError, never a torn file)."""
+    write_file_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
 
 def help_text() -> str:

@@ -15,6 +15,7 @@ loop: no branch on train.fused_update here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -34,6 +35,7 @@ from trainer.hardware import device_peak_flops, peak_memory_bytes
 from trainer.metrics import MetricsLogger
 from trainer.parallelize import autocast_context, compile_blocks, wrap_ddp
 from trainer.resume_policy import check_resume_compatible, record_resume
+from trainer.run_lock import lock_run_dir, remove_stale_temp_files
 from trainer.schedule import lr_factor
 from trainer.step import evaluate, forward_backward, split_micro_batches
 from trainer.update import build_update_strategy
@@ -83,9 +85,21 @@ class StopFlag:
 
 
 def train(cfg: Config) -> TrainResult:
+    """Train `cfg` in its run directory, which this process (rank 0) locks for the whole run."""
     info = init_distributed(cfg.train.device)
+    run_dir = Path(cfg.run.dir)
     try:
-        return Trainer(cfg, info).fit()
+        # Before anything reads or writes the run directory: a second trainer stops here.
+        with lock_run_dir(run_dir) if info.is_main else contextlib.nullcontext():
+            if info.is_main:
+                removed = remove_stale_temp_files(run_dir, run_dir / "checkpoints")
+                if removed:
+                    print(
+                        f"removed {len(removed)} temporary file(s) left by an interrupted run: "
+                        + ", ".join(p.name for p in removed),
+                        flush=True,
+                    )
+            return Trainer(cfg, info).fit()
     finally:
         shutdown(info)
 
@@ -98,7 +112,7 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.micro_batch = micro_batch_per_rank(cfg.train, info.world_size)
         validate(cfg, info.world_size)  # again, with the world size the process group really has
-        self.resume_from, self.resume_changes = self._check_resume()  # before any data or model work
+        self.resume_from, self.resume_state, self.resume_changes = self._check_resume()  # before any heavy work
         self._build_data()  # first: its checks (missing data, tokenizer mismatch) fail fastest
         self._build_model_and_updater()
         self.progress = TrainProgress()
@@ -156,21 +170,20 @@ class Trainer:
                 f"set --model.vocab_size to at least {data_vocab} (a multiple of 128 is fastest)"
             )
 
-    def _check_resume(self) -> tuple[Path | None, dict[str, tuple[Any, Any]]]:
-        """The checkpoint to resume from (None: a fresh run) and the config changes since it; a
-        change that the run cannot take (trainer/resume_policy.py) is a ConfigError here."""
-        if not self.cfg.checkpoint.resume:
-            return None, {}
-        latest = latest_checkpoint(self.run_dir / "checkpoints")
+    def _check_resume(self) -> tuple[Path | None, dict[str, Any] | None, dict[str, tuple[Any, Any]]]:
+        """(the checkpoint to resume from, its contents, the config changes since it), or Nones for a
+        fresh run; a change that the run cannot take (trainer/resume_policy.py) is a ConfigError here."""
+        latest = latest_checkpoint(self.run_dir / "checkpoints") if self.cfg.checkpoint.resume else None
         if latest is None:
-            return None, {}
-        saved = load_checkpoint(latest).get("config", {})
-        return latest, check_resume_compatible(saved, self.cfg.to_dict(), latest)
+            return None, None, {}
+        state = load_checkpoint(latest)
+        return latest, state, check_resume_compatible(state.get("config", {}), self.cfg.to_dict(), latest)
 
     def restore(self) -> None:
         """Load the checkpoint found by _check_resume into every component."""
         if self.resume_from is not None:
-            self.checkpointer.restore(self.resume_from)
+            self.checkpointer.restore(self.resume_from, self.resume_state)
+            self.resume_state = None  # the components own their copies now
 
     def _print_run_header(self) -> None:
         cfg, info = self.cfg, self.info

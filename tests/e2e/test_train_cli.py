@@ -140,3 +140,35 @@ def test_bad_choices_are_one_error_line_before_any_work(tmp_path, override, mess
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith("error: ") and message in out.stderr
     assert not (tmp_path / "r").exists()  # nothing was written
+
+
+def test_a_second_trainer_on_a_busy_run_directory_stops_at_once(tmp_path, sample_tokens):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, sample_tokens, **{"train.max_steps": 100000, "eval.interval": 0})
+    first = subprocess.Popen(
+        [sys.executable, "train.py", "configs/tiny.yaml", *overrides],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(losses(run_dir)) < 2:
+            time.sleep(0.2)
+        metrics_before = (run_dir / "metrics.jsonl").read_text().count("\n")
+        second = subprocess.run(
+            [sys.executable, "train.py", "configs/tiny.yaml", *overrides],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 1 and second.stderr.startswith("error: "), second.stderr
+        assert f"in use by another trainer: pid {first.pid}" in second.stderr and "--run.dir" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert (run_dir / "metrics.jsonl").read_text().count("\n") >= metrics_before  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
