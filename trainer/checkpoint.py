@@ -210,16 +210,19 @@ class RNGState:
 
 @dataclass
 class TrainProgress:
-    """Completed optimizer steps and tokens seen: the one place the step is stored."""
+    """Completed optimizer steps and tokens seen: the one place the step is stored; and whether the
+    evaluation due at this step was abandoned by a stop request (it runs first on resume)."""
 
     step: int = 0
     tokens_seen: int = 0
+    eval_pending: bool = False
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "eval_pending": self.eval_pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.eval_pending = bool(state.get("eval_pending", False))  # absent before it existed
 
 
 class Checkpointer:

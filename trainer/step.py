@@ -55,16 +55,26 @@ def forward_backward(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list, info: DistInfo, autocast) -> tuple[float, float]:
-    """Mean token cross-entropy and perplexity over the validation batches (split over ranks)."""
+def evaluate(
+    model: nn.Module, batches: list, info: DistInfo, autocast, should_stop: Callable[[], bool] | None = None
+) -> tuple[float, float] | None:
+    """Mean token cross-entropy and perplexity over the validation batches (split over ranks).
+
+    `should_stop()` is asked before each round of batches, the same number of times on every rank
+    (so it may be a collective); when it says True the evaluation is abandoned and None returned."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
     count = torch.zeros((), dtype=torch.float64, device=info.device)
-    for x, y in batches[info.rank :: info.world_size]:
-        x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-        loss_sum += token_loss_sum(model, x, y, autocast).double()
-        count += y.numel()
+    mine = batches[info.rank :: info.world_size]
+    for i in range(math.ceil(len(batches) / info.world_size)):
+        if should_stop is not None and should_stop():
+            model.train(was_training)
+            return None
+        if i < len(mine):
+            x, y = (t.to(info.device, non_blocking=True) for t in mine[i])
+            loss_sum += token_loss_sum(model, x, y, autocast).double()
+            count += y.numel()
     all_reduce_sum(loss_sum, info)
     all_reduce_sum(count, info)
     model.train(was_training)

@@ -138,6 +138,8 @@ class Trainer:
         self._print_run_header()
         self.step_times: list[float] = []
         self.result = TrainResult(final_step=self.progress.step)
+        self.stop = StopFlag()
+        self.stop.install()  # restored when fit() ends
 
     # ----- build -------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -257,7 +259,16 @@ class Trainer:
 
     # ----- evaluate, log, save -------------------------------------------------------------------
     def evaluate(self, step: int) -> None:
-        loss, ppl = evaluate(self.model, self.val_batches, self.info, self.autocast)
+        """Evaluate at `step`; a stop request abandons it (marked pending: it runs first on resume)."""
+        out = evaluate(self.model, self.val_batches, self.info, self.autocast, should_stop=self._stop_requested)
+        self.progress.eval_pending = out is None
+        if out is None:
+            self.log.print(
+                f"step {step:>6}/{self.cfg.train.max_steps} | evaluation abandoned: stop requested "
+                "(it runs first when the run resumes)"
+            )
+            return
+        loss, ppl = out
         self.result.val_losses.append((step, loss))
         self.log.log(step, {"val/loss": loss, "val/ppl": ppl})
         self.log.print(f"step {step:>6}/{self.cfg.train.max_steps} | val loss {loss:.4f} | val ppl {ppl:.2f}")
@@ -292,12 +303,20 @@ class Trainer:
         barrier(self.info)
         return path
 
+    def _stop_requested(self) -> bool:
+        """On every rank: did any rank get SIGTERM/SIGINT? (a collective under DDP)"""
+        return any_rank(self.stop.requested, self.info)
+
     # ----- fit -----------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, result = self.cfg, self.result
-        stop = StopFlag()
-        stop.install()
+        stop = self.stop
         try:
+            if self.progress.step >= cfg.train.max_steps and self.progress.eval_pending:
+                self._record_start()
+                self.evaluate(self.progress.step)  # the final evaluation, abandoned by a stop request
+                result.checkpoint = self.save()
+                return result
             if self.progress.step >= cfg.train.max_steps:
                 self.log.print(
                     f"run already complete at step {self.progress.step} (train.max_steps={cfg.train.max_steps}); "
@@ -306,8 +325,8 @@ class Trainer:
                 )
                 return result
             self._record_start()
-            if cfg.eval.interval and self.progress.step == 0:
-                self.evaluate(0)
+            if (cfg.eval.interval and self.progress.step == 0) or self.progress.eval_pending:
+                self.evaluate(self.progress.step)
             self._train_until_done(stop)
             return result
         finally:
