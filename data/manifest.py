@@ -148,18 +148,18 @@ def check_checksums(manifest: dict, prepared_dir: pathlib.Path) -> None:
             raise DataError(
                 f"{path}: the {name!r} split's checksum does not match its shard entries (their sha256 values, "
                 "token or document counts were edited or damaged after preparation), so the manifest cannot vouch "
-                f"for the shards. {rebuild_hint(prepared_dir)}"
+                f"for the shards. {rebuild_hint(prepared_dir, manifest)}"
             )
         counted = sum(s["tokens"] for s in info["shards"])
         if info["tokens"] != counted:
             raise DataError(
                 f"{path}: the {name!r} split claims {info['tokens']} tokens but its shard entries add up to "
-                f"{counted}. {rebuild_hint(prepared_dir)}"
+                f"{counted}. {rebuild_hint(prepared_dir, manifest)}"
             )
     if manifest["checksum"] != overall_checksum(manifest["splits"]):
         raise DataError(
             f"{path}: the overall checksum does not match the splits' checksums (edited or damaged after "
-            f"preparation). {rebuild_hint(prepared_dir)}"
+            f"preparation). {rebuild_hint(prepared_dir, manifest)}"
         )
 
 
@@ -237,13 +237,14 @@ def _settings_from_records(prepared_dir: pathlib.Path) -> dict[str, dict]:
     out = {}
     for split in SPLITS:
         try:
-            key = json.loads(state_path(prepared_dir, split).read_text())["key"]
+            record = json.loads(state_path(prepared_dir, split).read_text())
+            key = record["key"]
             out[split] = {
                 "source": key["source"],
                 "max_tokens": key["max_tokens"],
                 "max_docs": key["max_docs"],
                 "shard_tokens": key["shard_tokens"],
-                "tokenizer_path": None,
+                "tokenizer_path": record.get("tokenizer_path"),  # not in records written before it was added
                 "tokenizer_sha256": key["tokenizer_sha256"],
             }
         except (OSError, ValueError, KeyError, TypeError):

@@ -124,7 +124,8 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
                 f"{out} already holds a {split} split prepared with different settings ({', '.join(diff)}). "
                 "Fix: re-run with the original settings to resume, or choose a new --out (or delete the old one)."
             )
-    write_json_atomic(state_path, {"key": key, "complete": False})
+    record = {"key": key, "tokenizer_path": str(opts.tokenizer_path)}  # the path: for the rebuild command only
+    write_json_atomic(state_path, {**record, "complete": False})
 
     shards = finished_shards(out, split, dtype)
     complete = bool(shards) and shards[-1]["closed_by"] in ("limit", "end")  # the last shard ended the split
@@ -155,7 +156,7 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
         "checksum": mf.split_checksum(dtype.name, tok_sha, entry_shards),
         "shards": entry_shards,
     }
-    write_json_atomic(state_path, {"key": key, "complete": True, "entry": entry})
+    write_json_atomic(state_path, {**record, "complete": True, "entry": entry})
     return entry
 
 
