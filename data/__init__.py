@@ -10,8 +10,8 @@ The sub-packages follow the data's lifecycle; each runs at a different time:
 
 Shared by several stages, at the top: config (DataConfig, the `data` config section), errors
 (DataError, DataWarning), paths (repo and cache locations), files (content hashes, atomic writes),
-manifest (the prepared directory's format, and reading it), tokenizer (loading, identity
-check, token dtype).
+manifest (the prepared directory's format, reading and checking it, the command that rebuilds
+it), tokenizer (loading, identity check, token dtype).
 
 The public API is this package's root:
 

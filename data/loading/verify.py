@@ -58,10 +58,14 @@ MAX_THREADS = 4
 _STAT_KEYS = ("size", "mtime_ns", "ctime_ns", "ino")
 
 
+def _writable(directory: pathlib.Path) -> bool:
+    return os.access(directory, os.W_OK)
+
+
 def cache_file(prepared_dir: pathlib.Path) -> pathlib.Path:
     """Where the verification cache of prepared_dir lives (see the module doc)."""
     prepared_dir = prepared_dir.resolve()
-    if os.access(prepared_dir, os.W_OK):
+    if _writable(prepared_dir):
         return prepared_dir / CACHE_NAME
     key = hashlib.sha256(str(prepared_dir).encode()).hexdigest()[:16]
     return cache_root() / "verified" / f"{key}.json"
