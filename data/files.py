@@ -39,10 +39,16 @@ def _read_block(f: io.FileIO, view: memoryview) -> int:
     return n
 
 
+def _buffer(f: io.FileIO, block: int, itemsize: int = 1) -> bytearray:
+    """A read buffer of `block` bytes, or less for a smaller file (allocating 8 MiB costs ~1 ms); whole items."""
+    size = min(block, max(os.fstat(f.fileno()).st_size, itemsize))
+    return bytearray(-(-size // itemsize) * itemsize)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = BLOCK) -> str:
     h = hashlib.sha256()
-    view = memoryview(bytearray(chunk))
     with open(path, "rb", buffering=0) as f:
+        view = memoryview(_buffer(f, chunk))
         while n := _read_block(f, view):
             h.update(view[:n])
     return h.hexdigest()
@@ -55,10 +61,10 @@ def shard_digest(path: str | os.PathLike, dtype: np.dtype | str) -> tuple[str, i
     """
     dtype = np.dtype(dtype)
     h = hashlib.sha256()
-    buf = bytearray(BLOCK - BLOCK % dtype.itemsize)
-    view = memoryview(buf)
     top = -1
     with open(path, "rb", buffering=0) as f:
+        buf = _buffer(f, BLOCK - BLOCK % dtype.itemsize, dtype.itemsize)
+        view = memoryview(buf)
         while n := _read_block(f, view):
             h.update(view[:n])
             count = n // dtype.itemsize

@@ -6,6 +6,7 @@ command in the messages can be run as given (test_the_fix_in_the_message_repairs
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ import warnings
 import numpy as np
 import pytest
 
+import data.files as files_mod
 import data.loading.verify as verify_mod
 from data import DataConfig, DataError, DataWarning, TrainBatches, validation_batches
 from data import manifest as mf
@@ -454,3 +456,16 @@ def test_short_validation_split_warns(prepared):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         validation_batches(cfg_for(prepared, val_tokens=n), 4)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_shard_digest_streams_blocks_and_matches_a_whole_file_read(tmp_path, monkeypatch, dtype):
+    monkeypatch.setattr(files_mod, "BLOCK", 64)  # many blocks, and files ending inside one
+    path = tmp_path / "shard.bin"
+    for size in (0, 1, 2, 3, 63, 64, 65, 1000, 4099):
+        raw = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+        path.write_bytes(raw)
+        count = size // np.dtype(dtype).itemsize
+        top = int(np.frombuffer(raw, dtype=dtype, count=count).max()) if count else -1
+        assert files_mod.shard_digest(path, dtype) == (hashlib.sha256(raw).hexdigest(), top)
+        assert files_mod.sha256_file(path) == files_mod.sha256_file(path, chunk=7) == hashlib.sha256(raw).hexdigest()
