@@ -402,7 +402,7 @@ def test_the_fix_in_the_message_repairs(pristine, prepared, damage):
 def test_rebuild_command_from_the_manifest():
     out = pathlib.Path("/data/tokens/c4")
     hub = {"kind": "hf", "path": "allenai/c4", "name": "en", "split": "train"}
-    manifest = {
+    manifest: dict = {
         "tokenizer": {"path": "/models/my.model"},
         "splits": {
             "train": {"source": hub, "limits": {"max_tokens": 4200, "max_docs": None, "shard_tokens": 100_000_000}},
