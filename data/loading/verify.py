@@ -71,6 +71,11 @@ def cache_file(prepared_dir: pathlib.Path) -> pathlib.Path:
     return cache_root() / "verified" / f"{key}.json"
 
 
+def hash_threads(n_files: int) -> int:
+    """Threads hashing n_files shards: at most MAX_THREADS, the CPU count and the file count."""
+    return max(1, min(MAX_THREADS, os.cpu_count() or 1, n_files))
+
+
 def _stat_key(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
 
@@ -174,8 +179,7 @@ def verify_split(
             todo.append(s["file"])
     fresh: dict[str, dict] = {}
     if todo:
-        threads = max(1, min(MAX_THREADS, os.cpu_count() or 1, len(todo)))
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        with concurrent.futures.ThreadPoolExecutor(hash_threads(len(todo))) as pool:
             results = pool.map(lambda name: _hash(prepared_dir / name, dtype), todo)
             for name, (key, sha, max_id) in zip(todo, results, strict=True):
                 digests[name] = (sha, max_id)

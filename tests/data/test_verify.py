@@ -469,3 +469,25 @@ def test_shard_digest_streams_blocks_and_matches_a_whole_file_read(tmp_path, mon
         top = int(np.frombuffer(raw, dtype=dtype, count=count).max()) if count else -1
         assert files_mod.shard_digest(path, dtype) == (hashlib.sha256(raw).hexdigest(), top)
         assert files_mod.sha256_file(path) == files_mod.sha256_file(path, chunk=7) == hashlib.sha256(raw).hexdigest()
+
+
+def test_bench_data_times_each_mode_and_writes_a_valid_synthetic_set(pristine, tmp_path, capsys):
+    bench = load_tool("bench_data")
+    tok, _ = pristine
+    out = tmp_path / "synthetic"
+    manifest = bench.write_synthetic(out, tok, 5000, 1500)
+    assert [s["tokens"] for s in manifest["splits"]["train"]["shards"]] == [1500, 1500, 1500, 500]
+    rows = bench.bench_verify(out, "train", 1, str(tok))
+    assert [(label.split(",")[0], hashed) for label, _, hashed in rows] == [
+        ("full", 4),
+        ("full", 4),
+        ("full", 4),
+        ("quick", 4),
+        ("quick", 0),
+        ("off", 0),
+    ]
+    printed = capsys.readouterr().out
+    assert "4 shard(s)" in printed and "GB/s" in printed and "quick, second open" in printed
+    assert not (out / verify_mod.CACHE_NAME).exists(), "the benchmark writes nothing into the prepared dir"
+    tb = TrainBatches(DataConfig(prepared_dir=str(out), tokenizer=str(tok), seq_len=SEQ, verify="full"), global_batch=2)
+    assert tb.store.n_tokens == 5000
