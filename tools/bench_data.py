@@ -184,6 +184,7 @@ def bench_verify(
     shards = [prepared_dir / s["file"] for s in manifest["splits"][split]["shards"]]
     n_bytes = sum(p.stat().st_size for p in shards)
     rows: list[tuple[str, float, int]] = []
+    verify.RACY_NS = 0  # cache even files written a moment ago (a fresh copy or synthetic set): we time the cache
     with tempfile.TemporaryDirectory() as tmp:
         cache = pathlib.Path(tmp) / "verified.json"
 

@@ -25,7 +25,8 @@ The verification cache is a small JSON file:
 It lives at `<prepared_dir>/.verified.json` when that directory is writable, else at
 `<cache root>/verified/<sha256 of the directory's path, 16 hex>.json` (data/paths.py cache_root).
 It records what the files hold, not whether they passed: the manifest comparison is redone on
-every open. A cache that cannot be read or parsed is ignored (and rewritten); one that cannot be
+every open. A file changed in the last 2 seconds is not recorded (RACY_NS): it is hashed again
+next time. A cache that cannot be read or parsed is ignored (and rewritten); one that cannot be
 written is skipped (the next run hashes again). Every rank of a distributed run verifies and may
 write it at the same time: each write is an atomic replace of a whole file, so the worst case is a
 lost update, i.e. a shard hashed again by a later run.
@@ -38,6 +39,7 @@ import hashlib
 import json
 import os
 import pathlib
+import time
 from typing import Literal
 
 import numpy as np
@@ -54,6 +56,11 @@ CACHE_FORMAT = "memopt-lm-verified"
 CACHE_VERSION = 1
 MAX_THREADS = 4
 """Shards hashed at once (each thread reads one shard at a time; every rank of a run does this)."""
+
+RACY_NS = 2_000_000_000
+"""A file changed less than this long ago is hashed but not cached: file-system timestamps are coarse (a
+clock tick; seconds on some network file systems), so an in-place rewrite right after hashing could
+leave (size, mtime, ctime, inode) as they were (git's "racily clean" files)."""
 
 _STAT_KEYS = ("size", "mtime_ns", "ctime_ns", "ino")
 
@@ -120,11 +127,13 @@ def _save_cache(path: pathlib.Path, prepared_dir: pathlib.Path, fresh: dict[str,
 
 
 def _hash(path: pathlib.Path, dtype: np.dtype) -> tuple[dict[str, int], str, int]:
-    """(stat key, sha256, max id) of a shard; the stat key is {} if the file changed while being hashed."""
+    """(stat key, sha256, max id) of a shard. The stat key is {} (not to be cached) if the file changed while
+    being hashed, or so recently that a next change could carry the same timestamps (see RACY_NS)."""
     before = _stat_key(path.stat())
     sha, max_id = shard_digest(path, dtype)
     after = _stat_key(path.stat())
-    return (before if before == after else {}), sha, max_id
+    racy = time.time_ns() - max(after["mtime_ns"], after["ctime_ns"]) < RACY_NS
+    return (before if before == after and not racy else {}), sha, max_id
 
 
 def verify_split(

@@ -48,8 +48,13 @@ def pristine(tmp_path_factory):
 
 
 @pytest.fixture
-def prepared(pristine, tmp_path):
-    """A fresh copy of the pristine set (new files: nothing cached), to damage."""
+def prepared(pristine, tmp_path, monkeypatch):
+    """A fresh copy of the pristine set (new files: nothing cached), to damage.
+
+    Its files were written a moment ago: RACY_NS = 0 lets quick mode cache them all the same, so
+    the tests exercise the cache (test_a_file_changed_a_moment_ago_is_not_cached sets it back).
+    """
+    monkeypatch.setattr(verify_mod, "RACY_NS", 0)
     tok, out = pristine
     copy = tmp_path / "tokens"
     shutil.copytree(out, copy)
@@ -128,14 +133,16 @@ def hash_calls(monkeypatch) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", ["quick", "full"])
-def test_same_size_overwrite_with_valid_ids_is_caught(prepared, mode):
+def test_same_size_overwrite_with_valid_ids_is_caught(prepared, mode, hash_calls):
     _, out = prepared
-    open_train(prepared, verify=mode)  # hashed and, in quick mode, cached as good
-    assert (out / verify_mod.CACHE_NAME).is_file()
+    open_train(prepared, verify=mode)  # hashed and cached: quick mode trusts the entry while the file is unchanged
     victim = train_shards(out)[1]
+    assert victim.name in json.loads((out / verify_mod.CACHE_NAME).read_text())["shards"]
     rewrite_in_place(victim, other_valid_ids(victim))
+    hash_calls.clear()
     with pytest.raises(DataError, match="does not hold what was prepared") as err:
         open_train(prepared, verify=mode)
+    assert sorted(hash_calls) == ([victim.name] if mode == "quick" else sorted(p.name for p in train_shards(out)))
     assert_names_file_and_fix(str(err.value), victim, out)
     assert "changed or damaged after preparation" in str(err.value)
     with pytest.raises(DataError, match="does not hold what was prepared"):  # still, e.g. from the cache
@@ -146,6 +153,7 @@ def test_quick_mode_catches_a_rewrite_whose_mtime_was_restored(prepared):
     _, out = prepared
     open_train(prepared)
     victim = train_shards(out)[2]
+    assert victim.name in json.loads((out / verify_mod.CACHE_NAME).read_text())["shards"]
     before = victim.stat()
     rewrite_in_place(victim, other_valid_ids(victim))
     os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
@@ -185,6 +193,17 @@ def test_quick_mode_hashes_a_shard_once_until_it_changes(prepared, hash_calls):
     os.utime(shards[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched: hashed again
     open_train(prepared)
     assert hash_calls == [shards[1].name]
+
+
+def test_a_file_changed_a_moment_ago_is_not_cached(prepared, hash_calls, monkeypatch):
+    """Its next in-place rewrite could fall in the same timestamp tick: it is hashed again next time."""
+    _, out = prepared
+    monkeypatch.setattr(verify_mod, "RACY_NS", 3600 * 10**9)  # every file here changed within the hour
+    open_train(prepared)
+    assert not json.loads((out / verify_mod.CACHE_NAME).read_text())["shards"]
+    hash_calls.clear()
+    open_train(prepared)
+    assert len(hash_calls) == len(train_shards(out))
 
 
 def test_full_mode_hashes_every_shard_every_time_and_off_none(prepared, hash_calls):
@@ -471,7 +490,8 @@ def test_shard_digest_streams_blocks_and_matches_a_whole_file_read(tmp_path, mon
         assert files_mod.sha256_file(path) == files_mod.sha256_file(path, chunk=7) == hashlib.sha256(raw).hexdigest()
 
 
-def test_bench_data_times_each_mode_and_writes_a_valid_synthetic_set(pristine, tmp_path, capsys):
+def test_bench_data_times_each_mode_and_writes_a_valid_synthetic_set(pristine, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(verify_mod, "RACY_NS", verify_mod.RACY_NS)  # the bench sets it to 0: restore it after
     bench = load_tool("bench_data")
     tok, _ = pristine
     out = tmp_path / "synthetic"
