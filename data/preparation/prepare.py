@@ -135,6 +135,9 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
         skipped.update(s["skipped"])
     if shards:
         opts.log(f"[{split}] resuming: {len(shards)} finished shard(s), {totals['tokens']:,} tokens kept")
+    bad = shard_path(out, split, len(shards))
+    if not complete and bad.is_file():
+        opts.log(f"[{split}] {bad.name} is damaged (size, sha256 or sidecar): redoing it and the shards after it")
 
     if not complete:
         t0 = time.perf_counter()

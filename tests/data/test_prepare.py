@@ -41,6 +41,7 @@ def run(
     val_tokens=None,
     splits=("train", "validation"),
     source=None,
+    log=lambda *_: None,
 ):
     plans = []
     for split in splits:
@@ -56,7 +57,7 @@ def run(
             shard_tokens=shard_tokens,
             batch_docs=16,
             progress=False,
-            log=lambda *_: None,
+            log=log,
         ),
     )
 
@@ -174,7 +175,9 @@ def test_resume_after_interrupt(assets, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.bin")}
     victim = out / "train-00002.bin"
     victim.write_bytes(victim.read_bytes()[::-1])
-    m = run(tok, corpus, out, splits=("train",))
+    logged: list[str] = []
+    m = run(tok, corpus, out, splits=("train",), log=logged.append)
+    assert any("train-00002.bin is damaged" in line for line in logged), logged
     assert m["splits"]["train"]["checksum"] == ref["splits"]["train"]["checksum"]
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("train-0000[01].bin")} == {
         name: before[name] for name in ("train-00000.bin", "train-00001.bin")
