@@ -9,14 +9,15 @@ The sub-packages follow the data's lifecycle; each runs at a different time:
     data/loading/      every run: prepared shards -> windows in a seeded order -> batches
 
 Shared by several stages, at the top: config (DataConfig, the `data` config section), errors
-(DataError), paths (repo and cache locations), files (content hashes, atomic writes),
-manifest (the prepared directory's format, and reading it), tokenizer (loading, identity
-check, token dtype).
+(DataError, DataWarning), paths (repo and cache locations), files (content hashes, atomic writes),
+manifest (the prepared directory's format, reading and checking it, the command that rebuilds
+it), tokenizer (loading, identity check, token dtype).
 
 The public API is this package's root:
 
     DataConfig               the `data` config section
     DataError                every data problem the user must fix (the message says how)
+    DataWarning              a data problem a run works around, never silently (warnings.warn)
     TrainBatches             step-indexed, rank-sliced training batches (data/loading/window_order.py: the order)
     validation_batches       fixed validation windows
     resolve_tokenizer_path   a config's tokenizer spec ("t5" or a path) -> the .model file
@@ -31,14 +32,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from data.config import DataConfig
-from data.errors import DataError
+from data.errors import DataError, DataWarning
 from data.tokenizer import resolve_tokenizer_path
 
 if TYPE_CHECKING:  # for type checkers only; at run time __getattr__ imports these on first use
     from data.loading.train_batches import TrainBatches
     from data.loading.validation_batches import validation_batches
 
-__all__ = ["DataConfig", "DataError", "TrainBatches", "resolve_tokenizer_path", "validation_batches"]
+__all__ = ["DataConfig", "DataError", "DataWarning", "TrainBatches", "resolve_tokenizer_path", "validation_batches"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,12 +1,14 @@
 """The `data` config section (`--data.<field>` on train.py's command line).
 
-Each field's docstring is its one-line help. No field takes a fixed set of choices
-(`tokenizer` is "t5" or any path), so none is a Literal.
+Each field's docstring is its one-line help. Fields with a fixed set of choices are typed
+Literal (the config loader checks the value against them); `tokenizer` is "t5" or any
+path, so a plain str.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -23,3 +25,5 @@ class DataConfig:
     """DataLoader worker processes reading training batches (0 = in the training process)."""
     val_tokens: int = 1_048_576
     """Validation uses the first val_tokens tokens of the validation split: identical for every run."""
+    verify: Literal["quick", "full", "off"] = "quick"
+    """Shard checks (sha256, id range): quick = once per file until it changes; full = every run; off = sizes only."""

@@ -1,26 +1,76 @@
 """File helpers shared by every stage: content hashes, and writes that are never half done.
 
+Hashes stream the file in BLOCK-sized reads into one reused buffer, so memory stays flat
+whatever the file size. `shard_digest` also returns a token shard's largest id, from the
+same blocks (one read of the file for both).
+
 A file is written under a temporary name beside its final path (`<name>.tmp`, same
 directory, so the same filesystem) and moved into place with os.replace, which is
 atomic: a crash or Ctrl-C leaves either the old file or the new one, never a truncated
 one that a later run would take for complete (resumable preparation and cache checks
-rely on that).
+rely on that). Where several processes may write the same file at once (the verification
+cache, written by every rank of a run), `unique_tmp=True` gives each writer its own
+temporary name: the last os.replace wins and the file is always one writer's whole file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pathlib
+import tempfile
+
+import numpy as np
+
+BLOCK = 8 << 20
+"""Bytes per read when hashing (8 MiB: large enough for full disk/page-cache speed; a multiple of every token size)."""
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def _read_block(f: io.FileIO, view: memoryview) -> int:
+    """Fill `view` from `f` (short reads retried); the byte count, < len(view) only at the end of the file."""
+    n = 0
+    while n < len(view):
+        got = f.readinto(view[n:])
+        if not got:
+            break
+        n += got
+    return n
+
+
+def _buffer(f: io.FileIO, block: int, itemsize: int = 1) -> bytearray:
+    """A read buffer of `block` bytes, or less for a smaller file (allocating 8 MiB costs ~1 ms); whole items."""
+    size = min(block, max(os.fstat(f.fileno()).st_size, itemsize))
+    return bytearray(-(-size // itemsize) * itemsize)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = BLOCK) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    with open(path, "rb", buffering=0) as f:
+        view = memoryview(_buffer(f, chunk))
+        while n := _read_block(f, view):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+def shard_digest(path: str | os.PathLike, dtype: np.dtype | str) -> tuple[str, int]:
+    """(sha256, largest token id) of a token shard in one streaming pass; the id is -1 for an empty file.
+
+    Trailing bytes that do not make a whole token are hashed but not read as an id.
+    """
+    dtype = np.dtype(dtype)
+    h = hashlib.sha256()
+    top = -1
+    with open(path, "rb", buffering=0) as f:
+        buf = _buffer(f, BLOCK - BLOCK % dtype.itemsize, dtype.itemsize)
+        view = memoryview(buf)
+        while n := _read_block(f, view):
+            h.update(view[:n])
+            count = n // dtype.itemsize
+            if count:
+                top = max(top, int(np.frombuffer(buf, dtype=dtype, count=count).max()))
+    return h.hexdigest(), top
 
 
 def partial_path(path: pathlib.Path) -> pathlib.Path:
@@ -28,12 +78,24 @@ def partial_path(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.name + ".tmp")
 
 
-def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
-    tmp = partial_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def write_bytes_atomic(path: pathlib.Path, data: bytes, *, unique_tmp: bool = False) -> None:
+    """Write `data` to `path` atomically (see the module doc); unique_tmp for files several processes write."""
+    if not unique_tmp:
+        tmp = partial_path(path)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes it owner-only; the file is shared like write_bytes'
+            f.write(data)
+        os.replace(name, path)
+    except BaseException:
+        pathlib.Path(name).unlink(missing_ok=True)
+        raise
 
 
-def write_json_atomic(path: pathlib.Path, obj: dict) -> None:
+def write_json_atomic(path: pathlib.Path, obj: dict, *, unique_tmp: bool = False) -> None:
     """Indented JSON with a final newline (manifests, sidecars and stamps are read by people too)."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode(), unique_tmp=unique_tmp)

@@ -9,6 +9,20 @@
 2. Loader: tokens/s delivered as ready (inputs, targets) batches from the prepared
    shards (target > 5M tokens/s), and cold start -> first batch time, for 0 and 2
    DataLoader workers.
+
+Start-up verification (data.verify), instead of the above:
+
+    python tools/bench_data.py --verify_bench .cache/tokens/sample
+    python tools/bench_data.py --verify_synthetic 1.1e9 [--tmp_dir /big/disk]
+
+times data/loading/verify.py on a split: full (cold and warm page cache, 1 and the default
+number of threads), quick (first open: hashes and fills the cache; second open: from the
+cache) and off, as a table of seconds and GB/s of shard data. "cold" drops the shards from
+the OS page cache first (fsync + posix_fadvise DONTNEED): cold-ish, a VM host's or the
+disk's own cache may still serve them. Nothing is written into the prepared directory (the
+quick-mode cache goes to a temp file). --verify_synthetic writes a set of N random valid
+tokens (T5 vocabulary) with the preparation's own shard and manifest writers into a temp
+dir, benchmarks it and deletes it.
 """
 
 from __future__ import annotations
@@ -17,7 +31,9 @@ import argparse
 import dataclasses
 import functools
 import itertools
+import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -27,12 +43,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
+from data import manifest as mf
 from data.config import DataConfig
-from data.paths import sample_corpus_dir
+from data.files import sha256_file
+from data.loading import verify
+from data.paths import resolve_path, sample_corpus_dir
 from data.preparation.encoding import encode_texts
+from data.preparation.manifest_writer import write_manifest
 from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
+from data.preparation.shard_files import ShardWriter, shard_path
 from data.preparation.sources import LocalSource
-from data.tokenizer import load_tokenizer, resolve_tokenizer_path
+from data.tokenizer import load_tokenizer, resolve_tokenizer_path, token_dtype
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -108,6 +129,101 @@ def bench_loader(cfg: DataConfig, global_batch: int, steps: int) -> None:
         del it
 
 
+def drop_page_cache(paths: list[pathlib.Path]) -> bool:
+    """Ask the OS to drop these files from its page cache (fsync, then POSIX_FADV_DONTNEED); False if it cannot."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def write_synthetic(out: pathlib.Path, tokenizer_path: pathlib.Path, n_tokens: int, shard_tokens: int) -> dict:
+    """A prepared dir whose train split is n_tokens random valid ids, written with preparation's shard and
+    manifest writers (so verification sees exactly what tools/prepare_data.py would write); returns the manifest."""
+    vocab = load_tokenizer(tokenizer_path).vocab_size()
+    dtype = token_dtype(vocab)
+    rng = np.random.default_rng(0)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for index, start in enumerate(range(0, n_tokens, shard_tokens)):
+        writer = ShardWriter(shard_path(out, "train", index), start_cursor=start)
+        size = min(shard_tokens, n_tokens - start)
+        for lo in range(0, size, 1 << 23):
+            writer.append(rng.integers(0, vocab, min(1 << 23, size - lo), dtype=dtype))
+        writer.docs, writer.end_cursor = 1, start + size
+        shards.append(writer.finish(dtype, "end" if start + size == n_tokens else "size"))
+    tok_sha = sha256_file(tokenizer_path)
+    entry_shards = [{k: s[k] for k in ("file", "tokens", "docs", "sha256")} for s in shards]
+    entry = {
+        "tokens": n_tokens,
+        "docs": len(shards),
+        "skipped": {},
+        "source": {"kind": "synthetic", "generator": "numpy default_rng(0).integers(0, vocab)"},
+        "limits": {"max_tokens": n_tokens, "max_docs": None, "shard_tokens": shard_tokens},
+        "checksum": mf.split_checksum(dtype.name, tok_sha, entry_shards),
+        "shards": entry_shards,
+    }
+    return write_manifest(out, {"train": entry}, tokenizer_path, tok_sha, vocab, dtype)
+
+
+def bench_verify(
+    prepared_dir: pathlib.Path, split: str, repeats: int, tokenizer: str = "t5"
+) -> list[tuple[str, float, int]]:
+    """Time verify_split per mode (see the module doc); prints the table, returns (mode, seconds, shards hashed)."""
+    from data.loading.prepared_split import open_split
+
+    cfg = DataConfig(prepared_dir=str(prepared_dir), tokenizer=tokenizer, verify="off")
+    base = best_of(lambda: open_split(cfg, split), repeats)  # everything but the shard checks
+    manifest = mf.read_manifest(prepared_dir)
+    shards = [prepared_dir / s["file"] for s in manifest["splits"][split]["shards"]]
+    n_bytes = sum(p.stat().st_size for p in shards)
+    rows: list[tuple[str, float, int]] = []
+    verify.RACY_NS = 0  # cache even files written a moment ago (a fresh copy or synthetic set): we time the cache
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = pathlib.Path(tmp) / "verified.json"
+
+        def timed(label: str, mode: verify.VerifyMode, cold: bool = False, threads: int | None = None) -> None:
+            best, hashed = float("inf"), 0
+            saved = verify.MAX_THREADS
+            verify.MAX_THREADS = threads or saved
+            try:
+                for _ in range(1 if cold else repeats):
+                    if mode == "quick" and cold:
+                        cache.unlink(missing_ok=True)  # a first open: nothing cached yet
+                    if cold and not drop_page_cache(shards):
+                        label = label.replace("cold", "page cache not dropped")
+                    t0 = time.perf_counter()
+                    hashed = verify.verify_split(prepared_dir, manifest, split, mode, cache=cache)["hashed"]
+                    best = min(best, time.perf_counter() - t0)
+            finally:
+                verify.MAX_THREADS = saved
+            rows.append((label, best, hashed))
+
+        timed("full, cold", "full", cold=True)
+        timed("full, warm", "full")
+        timed("full, warm, 1 thread", "full", threads=1)
+        timed("quick, first open, cold", "quick", cold=True)
+        timed("quick, second open", "quick")
+        timed("off", "off")
+    n_tokens = manifest["splits"][split]["tokens"]
+    print(
+        f"verification of {prepared_dir} [{split}]: {len(shards)} shard(s), {n_bytes / 1e9:.3f} GB "
+        f"({n_tokens:,} {manifest['dtype']} tokens), {os.cpu_count()} CPU(s), {verify.hash_threads(len(shards))} "
+        f"hashing thread(s); warm rows best of {repeats}. The rest of opening the split (manifest, tokenizer "
+        f"identity) takes {base:.4f} s."
+    )
+    print(f"  {'mode':<26}{'seconds':>10}{'GB/s':>10}{'hashed':>8}")
+    for label, seconds, hashed in rows:
+        print(f"  {label:<26}{seconds:>10.4f}{n_bytes / seconds / 1e9:>10.2f}{hashed:>8}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", default="t5")
@@ -116,7 +232,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--global_batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--verify_bench", "--verify-bench", metavar="DIR", help="time start-up verification of DIR")
+    ap.add_argument(
+        "--verify_synthetic",
+        metavar="N",
+        type=lambda t: int(float(t)),
+        help="time verification of a synthetic set of N tokens (e.g. 1.1e9), made in and deleted from --tmp_dir",
+    )
+    ap.add_argument("--verify_split", default="train")
+    ap.add_argument("--shard_tokens", type=lambda t: int(float(t)), default=mf.DEFAULT_SHARD_TOKENS)
+    ap.add_argument("--tmp_dir", default=None, help="where --verify_synthetic writes (default: the system temp dir)")
     args = ap.parse_args(argv)
+    if args.verify_bench:
+        bench_verify(resolve_path(args.verify_bench), args.verify_split, args.repeats, args.tokenizer)
+        return 0
+    if args.verify_synthetic:
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="verify-bench-", dir=args.tmp_dir))
+        try:
+            t0 = time.perf_counter()
+            write_synthetic(tmp, resolve_tokenizer_path(args.tokenizer), args.verify_synthetic, args.shard_tokens)
+            print(f"wrote a synthetic prepared set in {time.perf_counter() - t0:.1f}s: {tmp}")
+            bench_verify(tmp, "train", args.repeats, args.tokenizer)
+        finally:
+            shutil.rmtree(tmp)
+        return 0
     bench_tokenization(args.tokenizer, args.repeats)
     bench_loader(
         DataConfig(prepared_dir=args.prepared_dir, tokenizer=args.tokenizer, seq_len=args.seq_len),

@@ -7,8 +7,10 @@ C4 from the HF hub (needs `pip install datasets` and internet), 210m run budget:
 A folder of C4 json.gz shards (en/c4-train.*.json.gz, en/c4-validation.*.json.gz):
     python tools/prepare_data.py --source /data/c4 --out /data/tokens/c4 --max_tokens 8.4B
 
-Re-running the same command resumes (finished shards are skipped). Train with
-data.prepared_dir=<--out> and data.tokenizer=<--tokenizer>.
+Re-running the same command resumes: finished shards are re-hashed and kept, a damaged one is
+redone with those after it, and manifest.json is rewritten, so it is also the repair that a
+training run's "damaged prepared data" error names. Train with data.prepared_dir=<--out> and
+data.tokenizer=<--tokenizer>; each run verifies the data as data.verify says.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from data.config import DataConfig
 from data.errors import DataError
+from data.manifest import DEFAULT_SHARD_TOKENS
 from data.paths import cache_root, resolve_path, sample_corpus_dir, sample_tokens_dir
 from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
 from data.preparation.sources import make_source
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         default=DataConfig.val_tokens,
         help="validation split: stop after this many tokens (default: DataConfig.val_tokens)",
     )
-    ap.add_argument("--shard_tokens", type=count, default=100_000_000, help="tokens per output shard (about)")
+    ap.add_argument("--shard_tokens", type=count, default=DEFAULT_SHARD_TOKENS, help="tokens per output shard (about)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 

@@ -5,6 +5,9 @@ The split's shards, in order, form one concatenated stream of `n_tokens` tokens;
 crosses a shard boundary. Memmaps are opened lazily and dropped when pickled, so a
 store can be sent to DataLoader workers (each opens its own maps; np.memmap itself
 would pickle its whole contents).
+
+The files are not checked here: the split is opened through prepared_split.py, which
+verifies them first (verify.py: presence, sizes and, unless data.verify=off, contents).
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ import pathlib
 
 import numpy as np
 
-from data.errors import DataError
-
 
 class TokenStore:
     def __init__(self, prepared_dir: pathlib.Path, split_info: dict, dtype: str):
@@ -22,14 +23,6 @@ class TokenStore:
         shards = [s for s in split_info["shards"] if s["tokens"] > 0]  # np.memmap cannot map empty files
         self.paths = [prepared_dir / s["file"] for s in shards]
         self.counts = np.array([s["tokens"] for s in shards], dtype=np.int64)
-        for path, n in zip(self.paths, self.counts, strict=True):
-            expected = int(n) * self.dtype.itemsize
-            if not path.is_file() or path.stat().st_size != expected:
-                found = path.stat().st_size if path.is_file() else "missing"
-                raise DataError(
-                    f"token shard {path} is damaged (expected {expected} bytes, found {found}). Fix: re-run "
-                    "tools/prepare_data.py with the same arguments (it redoes bad shards) or prepare into a new --out."
-                )
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.n_tokens = int(self.starts[-1])
         self._maps: list[np.memmap] | None = None

@@ -5,7 +5,8 @@ rank's slice of global batch s, as (inputs, targets) int64 tensors of shape
 (global_batch // world_size, seq_len), targets = inputs shifted by one token. A sampler
 counting up from start_step drives a DataLoader (cfg.num_workers workers, pinned memory
 on CUDA): batches arrive in step order whatever the worker count, and resuming is just
-starting the count at the checkpoint's step.
+starting the count at the checkpoint's step. A train split with fewer windows than one
+global batch is an error (the windows of a step would repeat).
 
 As a checkpoint component TrainBatches has nothing to restore: the order is a function of
 the config and the data. state_dict() is the identity of that order (no step; the trainer
@@ -28,6 +29,7 @@ from data.errors import DataError
 from data.loading.prepared_split import open_split
 from data.loading.token_store import TokenStore
 from data.loading.window_order import WindowOrder, count_windows, permutation_fingerprint, rank_slice
+from data.paths import resolve_path
 
 
 class StepDataset(Dataset):
@@ -89,6 +91,14 @@ class TrainBatches:
             raise DataError(
                 f"the train split has {self.store.n_tokens} tokens, too few for one window of seq_len+1="
                 f"{cfg.seq_len + 1}. Fix: prepare more data (raise --max_tokens/--max_docs) or lower data.seq_len."
+            )
+        if self.n_windows < global_batch:
+            raise DataError(
+                f"the train split of {resolve_path(cfg.prepared_dir)} has {self.n_windows} windows of "
+                f"seq_len={cfg.seq_len} ({self.store.n_tokens} tokens), fewer than one global batch of "
+                f"{global_batch} windows: every step would repeat windows. Fix: prepare more data "
+                "(`python tools/prepare_data.py --out <new dir> --max_tokens <more>` with the same --source), "
+                f"or lower --train.global_batch (to at most {self.n_windows}) or --data.seq_len."
             )
         self.tokens_per_step = global_batch * cfg.seq_len
         self.checksum = info["checksum"]

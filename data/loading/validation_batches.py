@@ -3,8 +3,9 @@
 The validation split is read from the start of its stream: windows of seq_len+1 tokens
 with stride seq_len (as in training), no shuffling, the last batch possibly smaller.
 The same prepared dir and config give identical batches in every run. If the prepared
-validation split holds fewer than val_tokens tokens, all of it is used (with a warning):
-still identical across runs, since the prepared split is fixed.
+validation split holds fewer than val_tokens tokens, all of it is used, never silently: a
+DataWarning (data/errors.py) names both numbers and the fix. Still identical across runs,
+since the prepared split is fixed.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import numpy as np
 import torch
 
 from data.config import DataConfig
-from data.errors import DataError
+from data.errors import DataError, DataWarning
 from data.loading.prepared_split import open_split
 from data.loading.window_order import count_windows
+from data.paths import resolve_path
 
 
 def validation_batches(cfg: DataConfig, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -27,8 +29,10 @@ def validation_batches(cfg: DataConfig, batch_size: int) -> list[tuple[torch.Ten
     n_tokens = min(cfg.val_tokens, store.n_tokens)
     if n_tokens < cfg.val_tokens:
         warnings.warn(
-            f"validation split has {store.n_tokens:,} tokens < data.val_tokens={cfg.val_tokens:,}; "
-            "evaluating on all of them (prepare with a larger --val_tokens for more)",
+            f"data.val_tokens={cfg.val_tokens} but the validation split of {resolve_path(cfg.prepared_dir)} "
+            f"has {store.n_tokens} tokens: evaluating on all of them. Set --data.val_tokens={store.n_tokens} "
+            "(or less) to silence this, or prepare a larger validation split with --val_tokens",
+            DataWarning,
             stacklevel=2,
         )
     n = count_windows(n_tokens, cfg.seq_len)

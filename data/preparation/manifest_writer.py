@@ -2,13 +2,13 @@
 
 A split's checksum covers its shards' content hashes and token counts and the
 dtype/tokenizer, so it changes whenever the token stream could differ; the manifest's
-checksum covers the splits' checksums. Training keys resume checks on them.
+checksum covers the splits' checksums. Training keys resume checks on them, and checks
+them against the shard entries when it opens the data (data/manifest.py computes both,
+for the writer here and for that check).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import pathlib
 
 import numpy as np
@@ -16,23 +16,6 @@ import numpy as np
 from data import manifest as mf
 from data.files import write_json_atomic
 from data.tokenizer import EOS_ID, PAD_ID
-
-
-def split_checksum(dtype: str, tokenizer_sha256: str, shards: list[dict]) -> str:
-    payload = json.dumps(
-        {
-            "dtype": dtype,
-            "tokenizer": tokenizer_sha256,
-            "shards": [[s["tokens"], s["docs"], s["sha256"]] for s in shards],
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def overall_checksum(splits: dict) -> str:
-    payload = json.dumps({name: s["checksum"] for name, s in sorted(splits.items())}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def write_manifest(
@@ -57,7 +40,7 @@ def write_manifest(
             "pad_id": PAD_ID,
         },
         "splits": splits,
-        "checksum": overall_checksum(splits),
+        "checksum": mf.overall_checksum(splits),
     }
     write_json_atomic(out / mf.MANIFEST, manifest)
     return manifest

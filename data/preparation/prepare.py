@@ -6,7 +6,11 @@
 - A split's token stream is cut into shards of about `shard_tokens` tokens, always at a
   document boundary (shard_files.py: `train-00000.bin` + sidecar `train-00000.json`).
 - Resumable: a shard is final only when complete (shard_files.py). Re-running the same
-  command skips finished shards and restarts from the last one's source cursor.
+  command skips finished shards (after re-hashing them against their sidecars) and restarts
+  from the last good one's source cursor: a damaged shard is redone, with those after it. So
+  re-running the preparation command is also the repair for damaged prepared data (the
+  fix that loading's errors name, data/manifest.py rebuild_hint); a damaged manifest.json is
+  rewritten from the split records.
   `<split>.prepare.json` records the split's settings: changing them for an existing
   --out is an error (not a silent mix).
 - Limits: train stops at the first document boundary with >= max_tokens tokens or
@@ -32,7 +36,7 @@ from data import manifest as mf
 from data.errors import DataError
 from data.files import sha256_file, write_json_atomic
 from data.preparation.encoding import encode_in_order
-from data.preparation.manifest_writer import split_checksum, write_manifest
+from data.preparation.manifest_writer import write_manifest
 from data.preparation.shard_files import ShardWriter, finished_shards, shard_path, sidecar_path
 from data.preparation.sources import Event, Source
 from data.tokenizer import check_tokenizer_matches, load_tokenizer, token_dtype
@@ -53,22 +57,17 @@ class PrepareOptions:
     out: pathlib.Path
     tokenizer_path: pathlib.Path
     workers: int = max(1, (os.cpu_count() or 1))
-    shard_tokens: int = 100_000_000
+    shard_tokens: int = mf.DEFAULT_SHARD_TOKENS
     batch_docs: int = 256  # documents per worker task
     progress: bool = True
     log: Callable[[str], object] = print
 
 
-def _state_path(out: pathlib.Path, split: str) -> pathlib.Path:
-    """`<split>.prepare.json`: the split's settings (resume refuses others) and, once complete, its manifest entry."""
-    return out / f"{split}.prepare.json"
-
-
 def completed_splits(out: pathlib.Path) -> dict[str, dict]:
     """The manifest entries of the splits whose preparation completed (in this run or an earlier one)."""
     splits = {}
-    for split in ("train", "validation"):
-        path = _state_path(out, split)
+    for split in mf.SPLITS:
+        path = mf.state_path(out, split)
         if path.is_file():
             state = json.loads(path.read_text())
             if state.get("complete"):
@@ -115,7 +114,7 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
         "max_tokens": plan.max_tokens,
         "max_docs": plan.max_docs,
     }
-    state_path = _state_path(out, split)
+    state_path = mf.state_path(out, split)
     if state_path.is_file():
         old = json.loads(state_path.read_text())
         check_tokenizer_matches(old["key"]["tokenizer_sha256"], opts.tokenizer_path, f"{out} ({split})")
@@ -125,7 +124,8 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
                 f"{out} already holds a {split} split prepared with different settings ({', '.join(diff)}). "
                 "Fix: re-run with the original settings to resume, or choose a new --out (or delete the old one)."
             )
-    write_json_atomic(state_path, {"key": key, "complete": False})
+    record = {"key": key, "tokenizer_path": str(opts.tokenizer_path)}  # the path: for the rebuild command only
+    write_json_atomic(state_path, {**record, "complete": False})
 
     shards = finished_shards(out, split, dtype)
     complete = bool(shards) and shards[-1]["closed_by"] in ("limit", "end")  # the last shard ended the split
@@ -135,6 +135,9 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
         skipped.update(s["skipped"])
     if shards:
         opts.log(f"[{split}] resuming: {len(shards)} finished shard(s), {totals['tokens']:,} tokens kept")
+    bad = shard_path(out, split, len(shards))
+    if not complete and bad.is_file():
+        opts.log(f"[{split}] {bad.name} is damaged (size, sha256 or sidecar): redoing it and the shards after it")
 
     if not complete:
         t0 = time.perf_counter()
@@ -153,10 +156,10 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
         "skipped": dict(skipped),
         "source": plan.source.describe(),
         "limits": {"max_tokens": plan.max_tokens, "max_docs": plan.max_docs, "shard_tokens": opts.shard_tokens},
-        "checksum": split_checksum(dtype.name, tok_sha, entry_shards),
+        "checksum": mf.split_checksum(dtype.name, tok_sha, entry_shards),
         "shards": entry_shards,
     }
-    write_json_atomic(state_path, {"key": key, "complete": True, "entry": entry})
+    write_json_atomic(state_path, {**record, "complete": True, "entry": entry})
     return entry
 
 
@@ -253,7 +256,13 @@ def prepare(plans: list[SplitPlan], opts: PrepareOptions) -> dict:
     tok_sha = sha256_file(opts.tokenizer_path)
     existing = opts.out / mf.MANIFEST
     if existing.is_file():
-        check_tokenizer_matches(mf.read_manifest(opts.out)["tokenizer"]["sha256"], opts.tokenizer_path, str(opts.out))
+        try:
+            recorded = [mf.read_manifest(opts.out)["tokenizer"]["sha256"]]
+        except DataError:  # damaged (e.g. truncated): rewritten below; each split's record names its tokenizer
+            records = [mf.state_path(opts.out, s) for s in mf.SPLITS]
+            recorded = [json.loads(r.read_text())["key"]["tokenizer_sha256"] for r in records if r.is_file()]
+        for sha in recorded:
+            check_tokenizer_matches(sha, opts.tokenizer_path, str(opts.out))
     for plan in plans:
         prepare_split(plan, opts, dtype, tok_sha)
     manifest = write_manifest(opts.out, completed_splits(opts.out), opts.tokenizer_path, tok_sha, vocab, dtype)

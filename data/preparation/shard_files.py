@@ -5,7 +5,8 @@ with a sidecar `<split>-<i:05d>.json` (tokens, docs, skipped records, sha256, th
 cursors before and after it, what closed it). A shard is written as `*.bin.tmp`, renamed
 only when complete, then its sidecar is written: a shard counts as finished only if both
 files exist and the size matches, so an interrupted run never leaves a shard that looks
-finished, and re-running resumes after the last finished one.
+finished, and re-running resumes after the last finished one. Resuming re-hashes the
+finished shards, so one damaged later (same size, other content) is redone too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pathlib
 
 import numpy as np
 
-from data.files import partial_path, write_json_atomic
+from data.files import partial_path, sha256_file, write_json_atomic
 
 
 def shard_path(out: pathlib.Path, split: str, index: int) -> pathlib.Path:
@@ -80,7 +81,11 @@ class ShardWriter:
 
 
 def finished_shards(out: pathlib.Path, split: str, dtype: np.dtype) -> list[dict]:
-    """Consecutive finished shards from index 0 (a shard without sidecar or of wrong size is not finished)."""
+    """Consecutive finished shards from index 0.
+
+    A shard without sidecar, of the wrong size or whose content no longer has the sidecar's
+    sha256 (damaged after it was written) is not finished: it is redone, with those after it.
+    """
     shards = []
     for i in itertools.count():
         bin_path = shard_path(out, split, i)
@@ -88,7 +93,7 @@ def finished_shards(out: pathlib.Path, split: str, dtype: np.dtype) -> list[dict
         if not (bin_path.is_file() and meta_path.is_file()):
             break
         meta = json.loads(meta_path.read_text())
-        if bin_path.stat().st_size != meta["tokens"] * dtype.itemsize:
+        if bin_path.stat().st_size != meta["tokens"] * dtype.itemsize or sha256_file(bin_path) != meta["sha256"]:
             break
         shards.append(meta)
     return shards

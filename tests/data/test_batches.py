@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data.loading.prepared_split as prepared_mod
-from data import DataConfig, DataError, TrainBatches, validation_batches
+from data import DataConfig, DataError, DataWarning, TrainBatches, validation_batches
 from data.loading.window_order import epoch_permutation
 from tests.helpers.corpus import make_texts, prepare_quietly, split_tokens, tiny_tokenizer, write_corpus
 
@@ -155,7 +155,7 @@ def test_validation_batches_fixed_and_in_order(prepared):
     assert x.shape == (12, SEQ)
     np.testing.assert_array_equal(x.reshape(-1).numpy(), val[: 12 * SEQ])
     np.testing.assert_array_equal(torch.cat([y for _, y in a]).reshape(-1).numpy(), val[1 : 12 * SEQ + 1])
-    with pytest.warns(UserWarning, match="evaluating on all"):
+    with pytest.warns(DataWarning, match="evaluating on all"):
         big = validation_batches(cfg_for(prepared, val_tokens=10**9), 5)
     assert sum(len(x) for x, _ in big) == (len(val) - 1) // SEQ
 

@@ -41,6 +41,7 @@ def run(
     val_tokens=None,
     splits=("train", "validation"),
     source=None,
+    log=lambda *_: None,
 ):
     plans = []
     for split in splits:
@@ -56,7 +57,7 @@ def run(
             shard_tokens=shard_tokens,
             batch_docs=16,
             progress=False,
-            log=lambda *_: None,
+            log=log,
         ),
     )
 
@@ -170,6 +171,22 @@ def test_resume_after_interrupt(assets, tmp_path):
     assert (out / "train-00000.bin").stat().st_mtime_ns == before["train-00000.bin"]
     for shard in m["splits"]["train"]["shards"]:
         assert sha256_file(out / shard["file"]) == shard["sha256"]
+    # So is one damaged later with its size kept (other content): resuming re-hashes finished shards.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.bin")}
+    victim = out / "train-00002.bin"
+    victim.write_bytes(victim.read_bytes()[::-1])
+    logged: list[str] = []
+    m = run(tok, corpus, out, splits=("train",), log=logged.append)
+    assert any("train-00002.bin is damaged" in line for line in logged), logged
+    assert m["splits"]["train"]["checksum"] == ref["splits"]["train"]["checksum"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("train-0000[01].bin")} == {
+        name: before[name] for name in ("train-00000.bin", "train-00001.bin")
+    }
+    assert sha256_file(victim) == m["splits"]["train"]["shards"][2]["sha256"]
+    # A truncated manifest.json does not stop a re-run: it is rewritten from the split records.
+    manifest = out / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:50])
+    assert run(tok, corpus, out, splits=("train",)) == m
 
 
 def test_changed_settings_for_existing_out_is_an_error(assets, tmp_path):
