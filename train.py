@@ -8,7 +8,11 @@ Re-running the same command on the same run directory resumes from its latest ch
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 USAGE = "usage: python train.py CONFIG.yaml [--section.key=value ...]   (e.g. configs/tiny.yaml --train.max_steps=200)"
 
@@ -22,21 +26,22 @@ def main(argv: list[str]) -> int:
 
         print(USAGE + "\n\nEvery key (a YAML file sets them per section; --section.key=value overrides):" + help_text())
         return 0
-    from data import DataError
+    from data import DataError, DataWarning
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError, load_config
     from trainer.run_lock import RunDirError
     from trainer.trainer import TrainingDiverged, train
 
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
-        cfg = load_config(argv[0], argv[1:])
-        result = train(cfg)
+        with warnings.catch_warnings():
+            warnings.showwarning = _data_warning_printer(DataWarning, main_rank, warnings.showwarning)
+            cfg = load_config(argv[0], argv[1:])
+            result = train(cfg)
     except (ConfigError, DataError, CheckpointError, RunDirError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_rank:
         run_dir = cfg.run.dir
         if result.val_losses:
             first, last = result.val_losses[0], result.val_losses[-1]
@@ -44,6 +49,22 @@ def main(argv: list[str]) -> int:
         print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")
         print(f"view the curves: tensorboard --logdir {run_dir}/tensorboard   (then open http://localhost:6006)")
     return 0
+
+
+def _data_warning_printer(
+    category: type[Warning], main_rank: bool, fallback: Callable[..., None]
+) -> Callable[..., None]:
+    """warnings.showwarning that prints `category` warnings as one `warning: ...` line (on the
+    main rank only: every rank opens the data) and leaves other warnings to `fallback`."""
+
+    def show(message: Warning | str, cat: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(cat, category):
+            if main_rank:
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            fallback(message, cat, *args, **kwargs)
+
+    return show
 
 
 if __name__ == "__main__":

@@ -204,3 +204,29 @@ def test_a_finished_run_rerun_with_other_settings_writes_nothing(tmp_path, sampl
     _, result = run(tmp_path, sample_tokens, **{"train.max_steps": 1})
     assert result.final_step == 2 and (tmp_path / "run" / "config.yaml").read_text() == before
     assert not (tmp_path / "run" / "resumes.jsonl").exists()
+
+
+def test_a_stop_during_evaluation_saves_at_once_and_the_evaluation_runs_on_resume(tmp_path, sample_tokens, monkeypatch):
+    import os
+    import signal
+
+    import trainer.trainer as trainer_module
+
+    real, calls = trainer_module.evaluate, []
+
+    def signalled_during_the_second_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation at step 3: SIGTERM arrives while it runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", signalled_during_the_second_evaluation)
+    _, result = run(tmp_path, sample_tokens)
+    assert result.stopped_by_signal and result.final_step == 3
+    assert [s for s, _ in result.val_losses] == [0]  # the step-3 evaluation was abandoned, not logged
+    state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000003.pt")
+    assert state["progress"]["eval_pending"] is True
+    monkeypatch.undo()
+    _, resumed = run(tmp_path, sample_tokens)
+    assert [s for s, _ in resumed.val_losses] == [3, 6]  # the pending evaluation first, then as usual
+    assert resumed.final_step == 6 and not resumed.stopped_by_signal
