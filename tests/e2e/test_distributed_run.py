@@ -106,3 +106,67 @@ def test_a_signalled_two_rank_job_saves_once_and_exits_zero_through_the_launcher
     saved = ckpt.latest_checkpoint(run_dir / "checkpoints")
     assert saved is not None
     assert ckpt.load_checkpoint(saved)["progress"]["step"] == max(r["step"] for r in _losses(run_dir))
+
+
+def test_tiny_config_runs_as_written_on_two_ranks(tmp_path, sample_tokens):
+    """configs/tiny.yaml sets micro-batch = global batch = 8: each of 2 ranks takes 4."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.launch",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        "configs/tiny.yaml",
+        f"--run.dir={tmp_path / 'run'}",
+        f"--data.prepared_dir={sample_tokens}",
+        "--train.max_steps=2",
+        "--eval.interval=0",
+        "--log.interval=1",
+        "--log.tensorboard=false",
+    ]
+    out = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 rank(s) on cpu | 8 x 256 tokens/step, micro-batch 4" in out.stdout
+    assert [r["step"] for r in _losses(tmp_path / "run")] == [1, 2]
+
+
+def test_a_dying_rank_takes_the_job_down_within_seconds(tmp_path, sample_tokens):
+    from trainer.launch import worker_pids
+
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, sample_tokens, **{"train.max_steps": 100000, "eval.interval": 0})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        "configs/tiny.yaml",
+        *overrides,
+    ]
+    job = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and len(_losses(run_dir)) < 2:
+            time.sleep(0.2)
+        workers = worker_pids(job.pid)
+        assert len(workers) == 2
+        os.kill(max(workers), signal.SIGKILL)  # one rank dies without a word
+        killed_at = time.time()
+        job.communicate(timeout=60)
+        assert job.returncode != 0 and time.time() - killed_at < 30
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)

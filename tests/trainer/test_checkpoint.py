@@ -92,7 +92,9 @@ def test_checkpointer_saves_and_restores_each_component_with_the_step_once(tmp_p
     path = saver.save(7, {"config": {"run": {"seed": 1}}})
     raw = ckpt.load_checkpoint(path)
     assert raw["format_version"] == ckpt.FORMAT_VERSION == 2
-    assert raw["progress"] == {"step": 7, "tokens_seen": 700} and raw["config"] == {"run": {"seed": 1}}
+    assert raw["progress"] == {"step": 7, "tokens_seen": 700, "eval_pending": False} and raw["config"] == {
+        "run": {"seed": 1}
+    }
     fresh_progress, fresh_box = ckpt.TrainProgress(), Box()
     loader = ckpt.Checkpointer(tmp_path, {"progress": fresh_progress, "box": fresh_box}, keep_last=2)
     assert loader.latest() == path

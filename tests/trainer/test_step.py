@@ -52,7 +52,9 @@ def test_evaluate_is_mean_token_loss():
     torch.manual_seed(1)
     model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=100, max_seq_len=16))
     batches = [(torch.randint(0, 100, (3, 8)), torch.randint(0, 100, (3, 8))) for _ in range(3)]
-    loss, ppl = evaluate(model, batches, DistInfo(0, 1, 0, torch.device("cpu")), FP32)
+    out = evaluate(model, batches, DistInfo(0, 1, 0, torch.device("cpu")), FP32)
+    assert out is not None
+    loss, ppl = out
     with torch.no_grad():
         ref = (
             torch.stack(
@@ -62,3 +64,17 @@ def test_evaluate_is_mean_token_loss():
         )
     assert abs(loss - ref.item()) < 1e-5 and abs(ppl - torch.exp(ref).item()) < 1e-3
     assert model.training  # restored
+
+
+def test_evaluate_is_abandoned_when_a_stop_is_requested():
+    model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=100, max_seq_len=16))
+    batches = [(torch.randint(0, 100, (3, 8)), torch.randint(0, 100, (3, 8))) for _ in range(3)]
+    asked = []
+
+    def stop_after_two_rounds() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    model.train()
+    assert evaluate(model, batches, DistInfo(0, 1, 0, torch.device("cpu")), FP32, stop_after_two_rounds) is None
+    assert len(asked) == 3 and model.training  # asked before each round; the training mode is restored

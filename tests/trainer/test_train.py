@@ -42,7 +42,11 @@ def test_short_run_learns_and_writes_everything(tmp_path, sample_tokens):
     assert latest is not None
     assert latest.name == "step_00000012.pt"
     state = ckpt.load_checkpoint(latest)  # weights_only=True
-    assert state["progress"] == {"step": 12, "tokens_seen": 12 * 4 * 32}  # the step is stored once
+    assert state["progress"] == {
+        "step": 12,
+        "tokens_seen": 12 * 4 * 32,
+        "eval_pending": False,
+    }  # the step is stored once
     assert "step" not in state["data"] and "scheduler" not in state
 
 
