@@ -94,9 +94,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         choices = typing.get_args(tp)
         if value in choices and type(value) is type(choices[choices.index(value)]):
             return value
-        raise ConfigError(
-            f"{where}={value!r} is not one of {', '.join(map(repr, choices))}.{suggest(str(value), map(str, choices))}"
-        )
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, choices))}.{hint}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
