@@ -62,9 +62,11 @@ from trainer.run_lock import lock_run_dir
 lock = lock_run_dir(Path(sys.argv[1]))
 worker = os.fork()  # like a data loader worker: outlives a holder killed with -9 for a while
 if worker == 0:
+    # The child reports itself: fork() returns here only after the after-fork hooks ran (which
+    # close the child's copy of the lock), so the test cannot race them.
+    print(os.getpid(), flush=True)
     time.sleep(120)
     os._exit(0)
-print(worker, flush=True)
 time.sleep(120)
 """
 
