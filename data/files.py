@@ -9,8 +9,10 @@ directory, so the same filesystem) and moved into place with os.replace, which i
 atomic: a crash or Ctrl-C leaves either the old file or the new one, never a truncated
 one that a later run would take for complete (resumable preparation and cache checks
 rely on that). Where several processes may write the same file at once (the verification
-cache, written by every rank of a run), `unique_tmp=True` gives each writer its own
-temporary name: the last os.replace wins and the file is always one writer's whole file.
+cache, written by every rank of a run; a run directory's config and metrics, see
+trainer/run_lock.py), `unique_tmp=True` gives each writer its own temporary name
+(`unique_temp_path`: `<name>.<pid>.<8 hex>.tmp`) and fsyncs it before the rename: the last
+os.replace wins and the file is always one writer's whole file, on disk.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import io
 import json
 import os
 import pathlib
-import tempfile
+import secrets
 
 import numpy as np
 
@@ -78,21 +80,28 @@ def partial_path(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.name + ".tmp")
 
 
+def unique_temp_path(final: pathlib.Path) -> pathlib.Path:
+    """`final`'s temporary name for one writer: pid and a random suffix, so no two writers share it."""
+    return final.with_name(f"{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def write_bytes_atomic(path: pathlib.Path, data: bytes, *, unique_tmp: bool = False) -> None:
-    """Write `data` to `path` atomically (see the module doc); unique_tmp for files several processes write."""
+    """Write `data` to `path` atomically (see the module doc); unique_tmp for files several processes
+    write. Whatever goes wrong (an OSError, Ctrl-C), no unique temporary file is left behind."""
     if not unique_tmp:
         tmp = partial_path(path)
         tmp.write_bytes(data)
         os.replace(tmp, path)
         return
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = unique_temp_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes it owner-only; the file is shared like write_bytes'
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(name, path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
-        pathlib.Path(name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
-from trainer.run_lock import format_bytes, free_space, unique_temp_path
+from data.files import unique_temp_path
+from trainer.run_lock import format_bytes, free_space
 
 FORMAT_VERSION = 2
 _LEGACY_DATA_KEYS = ("step", "epoch", "position", "tokens_seen")  # positions version 1 kept in `data`

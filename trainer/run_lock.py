@@ -18,8 +18,9 @@ some FUSE filesystems) do not support flock at all: there the run goes on unlock
 A lock held by a machine that crashed is released only when the NFS server expires its lease (up
 to about 90 s with NFSv4).
 
-Temporary files: every writer writes `<final name>.<pid>.<8 hex digits>.tmp` (`unique_temp_path`),
-fsyncs it and renames it over the final name, so two writers never share a temporary file. Files
+Temporary files: every writer writes `<final name>.<pid>.<8 hex digits>.tmp` (data/files.py's
+`unique_temp_path`, also used by the checkpoints), fsyncs it and renames it over the final name,
+so two writers never share a temporary file. Files
 left by a writer that died (kill -9, power loss) are removed by `remove_stale_temp_files`, which
 the lock holder calls once it holds the lock, so an orphaned temporary file never keeps a disk
 full across re-runs.
@@ -32,7 +33,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import shutil
 import socket
 import sys
@@ -44,8 +44,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from data.files import write_bytes_atomic
+
 LOCK_NAME = ".lock"
-# Ours: <final>.<pid>.<8 hex>.tmp; and the fixed names written before temporary names were unique.
+# data.files.unique_temp_path's <final>.<pid>.<8 hex>.tmp; and the fixed names of earlier versions.
 _TEMP = re.compile(r"^.+\.\d+\.[0-9a-f]{8}\.tmp$")
 _LEGACY_TEMP = re.compile(r"^(step_\d{8}\.pt|metrics\.jsonl|config\.yaml)\.tmp$")
 # flock unsupported by the filesystem (e.g. Lustre without -o flock, some FUSE filesystems).
@@ -91,11 +93,6 @@ def os_error_fix(e: OSError, directory: Path) -> str:
     return f"Fix {directory} (see the error) and re-run the same command, or train in another --run.dir"
 
 
-def unique_temp_path(final: Path) -> Path:
-    """`final`'s temporary name for one writer: pid and a random suffix, so no two writers share it."""
-    return final.with_name(f"{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 def is_temp_file(name: str) -> bool:
     return bool(_TEMP.match(name) or _LEGACY_TEMP.match(name))
 
@@ -126,24 +123,16 @@ def remove_stale_temp_files(*directories: Path) -> list[Path]:
 
 
 def write_file_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` atomically (unique temporary file, fsync, rename). An OSError (disk
-    full, not writable) removes the temporary file and is a RunDirError; `path` is then unchanged."""
-    tmp = unique_temp_path(path)
+    """Replace `path` by `data` atomically (data.files.write_bytes_atomic with a unique temporary
+    file, fsynced). An OSError (disk full, not writable) is a RunDirError; the temporary file is
+    removed and `path` is unchanged."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data, unique_tmp=True)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise RunDirError(
             f"cannot write {path} ({format_bytes(len(data))}): {e.strerror or e}. It is unchanged. "
             f"{os_error_fix(e, path.parent)}."
         ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _print_warning(message: str) -> None:

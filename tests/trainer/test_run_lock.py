@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from data.files import unique_temp_path
 from tests.helpers.disk import fill, small_tmpfs
 from trainer import run_lock
-from trainer.run_lock import RunDirError, RunDirLocked, lock_run_dir, remove_stale_temp_files, unique_temp_path
+from trainer.run_lock import RunDirError, RunDirLocked, lock_run_dir, remove_stale_temp_files
 
 REPO = Path(__file__).resolve().parents[2]
 
