@@ -33,7 +33,7 @@ from trainer.config import Config, ConfigError, micro_batch_per_rank, save_confi
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
 from trainer.hardware import device_peak_flops, peak_memory_bytes
 from trainer.metrics import MetricsLogger
-from trainer.parallelize import autocast_context, compile_blocks, wrap_ddp
+from trainer.parallelize import autocast_context, compile_blocks, resolve_precision, wrap_ddp
 from trainer.resume_policy import check_resume_compatible, record_resume
 from trainer.run_lock import lock_run_dir, remove_stale_temp_files
 from trainer.schedule import lr_factor
@@ -253,7 +253,7 @@ class Trainer:
         raise TrainingDiverged(
             f"non-finite {what} at step {step} (loss {loss}, grad norm {grad_norm}); stopping without saving. "
             f"Last good checkpoint: {self.checkpointer.latest() or 'none'}. Likely causes with these settings: "
-            + "; ".join(divergence_causes(self.cfg, step))
+            + "; ".join(divergence_causes(self.cfg, step, self.info.device))
             + ". Fix the setting and re-run the same command: it resumes from the last good checkpoint."
         )
 
@@ -358,8 +358,9 @@ class Trainer:
                 result.checkpoint = self.save()
 
 
-def divergence_causes(cfg: Config, step: int) -> list[str]:
-    """The settings of `cfg` that most often make a run diverge, worded as fixes (most likely first)."""
+def divergence_causes(cfg: Config, step: int, device: torch.device) -> list[str]:
+    """The settings of `cfg` (on `device`) that most often make a run diverge, worded as fixes (most
+    likely first)."""
     o, t, causes = cfg.optim, cfg.train, []
     in_warmup = step <= cfg.scheduler.warmup_steps
     causes.append(
@@ -373,6 +374,6 @@ def divergence_causes(cfg: Config, step: int) -> list[str]:
         causes.append(f"the warmup is short (scheduler.warmup_steps={cfg.scheduler.warmup_steps})")
     if "clip_threshold" in optimizer_keys(o.name) and o.name != "adalomo" and o.clip_threshold is None:
         causes.append("update clipping is off (optim.clip_threshold=null): try --optim.clip_threshold=1.0")
-    if t.precision == "bf16" or (t.precision == "auto" and t.device != "cpu" and torch.cuda.is_available()):
+    if resolve_precision(t.precision, device) == "bf16":
         causes.append("bf16 autocast: try --train.precision=fp32 to rule out an overflow")
     return causes
