@@ -111,7 +111,8 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.micro_batch = micro_batch_per_rank(cfg.train, info.world_size)
-        validate(cfg, info.world_size)  # again, with the world size the process group really has
+        # load_config validated already; this covers a Config built in code (microseconds).
+        validate(cfg, info.world_size)
         self.resume_from, self.resume_state, self.resume_changes = self._check_resume()  # before any heavy work
         self._build_data()  # first: its checks (missing data, tokenizer mismatch) fail fastest
         self._build_model_and_updater()
