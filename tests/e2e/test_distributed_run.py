@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers.runs import REPO, tiny_overrides
+from tests.helpers.runs import REPO, losses, start_training, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.metrics import read_metrics
 
@@ -60,25 +60,10 @@ def test_two_ranks_match_one_rank(tmp_path, sample_tokens):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
-def _losses(run_dir):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r] if run_dir.exists() else []
-
-
 def _start_and_stop(cmd, run_dir, sig=signal.SIGTERM):
     """Start a 2-rank job in its own process group, wait for 2 logged steps, signal the whole
     group (as SLURM's scancel or a terminal's Ctrl-C do) and return (exit code, output)."""
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    deadline = time.time() + 180
-    while time.time() < deadline and len(_losses(run_dir)) < 2 and proc.poll() is None:
-        time.sleep(0.2)
+    proc = start_training(cmd, run_dir, steps=2, new_session=True)
     os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=180)
     return proc.returncode, out
@@ -105,7 +90,7 @@ def test_a_signalled_two_rank_job_saves_once_and_exits_zero_through_the_launcher
     assert out.count("stop requested: saved") == 1 and "Traceback" not in out and "SignalException" not in out, out
     saved = ckpt.latest_checkpoint(run_dir / "checkpoints")
     assert saved is not None
-    assert ckpt.load_checkpoint(saved)["progress"]["step"] == max(r["step"] for r in _losses(run_dir))
+    assert ckpt.load_checkpoint(saved)["progress"]["step"] == max(losses(run_dir))
 
 
 def test_tiny_config_runs_as_written_on_two_ranks(tmp_path, sample_tokens):
@@ -130,7 +115,8 @@ def test_tiny_config_runs_as_written_on_two_ranks(tmp_path, sample_tokens):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 rank(s) on cpu | 8 x 256 tokens/step, micro-batch 4" in out.stdout
-    assert [r["step"] for r in _losses(tmp_path / "run")] == [1, 2]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]  # each step logged once
 
 
 def test_a_dying_rank_takes_the_job_down_within_seconds(tmp_path, sample_tokens):
@@ -148,19 +134,8 @@ def test_a_dying_rank_takes_the_job_down_within_seconds(tmp_path, sample_tokens)
         "configs/tiny.yaml",
         *overrides,
     ]
-    job = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    job = start_training(cmd, run_dir, steps=2, new_session=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and len(_losses(run_dir)) < 2:
-            time.sleep(0.2)
         workers = worker_pids(job.pid)
         assert len(workers) == 2
         os.kill(max(workers), signal.SIGKILL)  # one rank dies without a word

@@ -4,11 +4,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.helpers.runs import REPO, losses, run, tiny_overrides
+from tests.helpers.runs import REPO, losses, run, start_training, tiny_overrides
 from trainer import checkpoint as ckpt
 
 
@@ -25,12 +24,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path, sample_tokens):
             **{"train.max_steps": 100000, "checkpoint.interval": 100000, "eval.interval": 0, "data.num_workers": 2},
         ),
     ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and len(losses(run_dir)) < 3:
-        time.sleep(0.2)
+    proc = start_training(cmd, run_dir, steps=3, timeout=120, new_session=True)
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -145,17 +139,8 @@ def test_bad_choices_are_one_error_line_before_any_work(tmp_path, override, mess
 def test_a_second_trainer_on_a_busy_run_directory_stops_at_once(tmp_path, sample_tokens):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(run_dir, sample_tokens, **{"train.max_steps": 100000, "eval.interval": 0})
-    first = subprocess.Popen(
-        [sys.executable, "train.py", "configs/tiny.yaml", *overrides],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    first = start_training([sys.executable, "train.py", "configs/tiny.yaml", *overrides], run_dir, steps=2, timeout=120)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(losses(run_dir)) < 2:
-            time.sleep(0.2)
         metrics_before = (run_dir / "metrics.jsonl").read_text().count("\n")
         second = subprocess.run(
             [sys.executable, "train.py", "configs/tiny.yaml", *overrides],

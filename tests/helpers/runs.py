@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +52,25 @@ def run(tmp_path: Path, tokens: Path, name: str = "run", /, **extra: Any) -> tup
     """configs/tiny.yaml with tiny_overrides (plus `extra`), trained in-process in tmp_path / name."""
     cfg = load_config("configs/tiny.yaml", tiny_overrides(tmp_path / name, tokens, **extra))
     return cfg, train(cfg)
+
+
+def start_training(
+    cmd: list[str], run_dir: Path, *, steps: int, timeout: float = 180.0, new_session: bool = False
+) -> subprocess.Popen[str]:
+    """Start `cmd` (train.py, torchrun or trainer.launch) in the repo, one OpenMP thread per process,
+    stdout and stderr captured together, in its own process group if `new_session` (so a test can
+    signal the whole job as a scheduler does); return once `steps` training steps are logged in
+    `run_dir`, the process has ended, or `timeout` seconds have passed."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=new_session,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(losses(run_dir)) < steps and proc.poll() is None:
+        time.sleep(0.2)
+    return proc
