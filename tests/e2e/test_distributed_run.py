@@ -15,21 +15,26 @@ from trainer import checkpoint as ckpt
 from trainer.metrics import read_metrics
 
 
+def launched(launcher: str, nproc: int, *args: str) -> list[str]:
+    """`python -m <launcher> --standalone --nproc_per_node=<nproc> train.py configs/tiny.yaml <args>`."""
+    return [
+        sys.executable,
+        "-m",
+        launcher,
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "train.py",
+        "configs/tiny.yaml",
+        *args,
+    ]
+
+
 def run(run_dir, tokens, nproc):
     overrides = tiny_overrides(run_dir, tokens, **{"train.max_steps": 4, "eval.interval": 2, "train.micro_batch": 1})
     if nproc == 1:
         cmd = [sys.executable, "train.py", "configs/tiny.yaml", *overrides]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "train.py",
-            "configs/tiny.yaml",
-            *overrides,
-        ]
+        cmd = launched("torch.distributed.run", nproc, *overrides)
     out = subprocess.run(
         cmd,
         cwd=REPO,
@@ -75,16 +80,7 @@ def test_a_signalled_two_rank_job_saves_once_and_exits_zero_through_the_launcher
     overrides = tiny_overrides(
         run_dir, sample_tokens, **{"train.max_steps": 100000, "checkpoint.interval": 100000, "eval.interval": 0}
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainer.launch",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        "configs/tiny.yaml",
-        *overrides,
-    ]
+    cmd = launched("trainer.launch", 2, *overrides)
     code, out = _start_and_stop(cmd, run_dir, sig)
     assert code == 0, out
     assert out.count("stop requested: saved") == 1 and "Traceback" not in out and "SignalException" not in out, out
@@ -95,21 +91,16 @@ def test_a_signalled_two_rank_job_saves_once_and_exits_zero_through_the_launcher
 
 def test_tiny_config_runs_as_written_on_two_ranks(tmp_path, sample_tokens):
     """configs/tiny.yaml sets micro-batch = global batch = 8: each of 2 ranks takes 4."""
-    cmd = [
-        sys.executable,
-        "-m",
+    cmd = launched(
         "trainer.launch",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        "configs/tiny.yaml",
+        2,
         f"--run.dir={tmp_path / 'run'}",
         f"--data.prepared_dir={sample_tokens}",
         "--train.max_steps=2",
         "--eval.interval=0",
         "--log.interval=1",
         "--log.tensorboard=false",
-    ]
+    )
     out = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -124,16 +115,7 @@ def test_a_dying_rank_takes_the_job_down_within_seconds(tmp_path, sample_tokens)
 
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(run_dir, sample_tokens, **{"train.max_steps": 100000, "eval.interval": 0})
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        "configs/tiny.yaml",
-        *overrides,
-    ]
+    cmd = launched("torch.distributed.run", 2, *overrides)
     job = start_training(cmd, run_dir, steps=2, new_session=True)
     try:
         workers = worker_pids(job.pid)
