@@ -5,21 +5,30 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+Arch = Literal["olmo", "llama"]
 HEAD_DIM = 64  # fixed by the AdaMeM paper's setup: heads = width / 64
 
 
 @dataclass
 class ModelConfig:
     flavor: str = "tiny"
-    """A named size (one of FLAVORS: tiny, 210m, 550m); its values fill every field not set explicitly."""
+    """A named size (one of FLAVORS: tiny, 210m, 550m, llama_60m, llama_130m, llama_350m, llama_1b); its values fill
+    every field not set explicitly."""
+    arch: Arch = "olmo"
+    """Block design: olmo = LayerNorm + fused QKV + GeLU MLP, GPT-2 init (the AdaMeM paper); llama = RMSNorm + separate
+    q/k/v + SwiGLU MLP, normal(0.02) init (GaLore's LLaMA). Both: RoPE, no biases, untied output."""
     d_model: int = 128
     """Width (residual stream); a multiple of the head dimension 64."""
     n_layers: int = 4
     """Transformer blocks."""
     mlp_ratio: int = 4
-    """MLP hidden width = mlp_ratio * d_model."""
+    """MLP hidden width = mlp_ratio * d_model (unless mlp_hidden is set)."""
+    mlp_hidden: int | None = None
+    """MLP hidden width, overriding mlp_ratio (GaLore's LLaMA: 1376 at width 512); null = mlp_ratio x width."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalisation layers (LayerNorm's default 1e-5; LLaMA's RMSNorm 1e-6)."""
     vocab_size: int = 32128
     """Embedding rows: T5's 32100 ids padded up to a multiple of 128 (matmul-friendly; ids >= 32100 never occur)."""
     max_seq_len: int = 512
@@ -42,6 +51,11 @@ class ModelConfig:
         return cls(**{**FLAVORS[flavor], **overrides, "flavor": flavor})
 
     @property
+    def hidden_dim(self) -> int:
+        """The MLP's hidden width."""
+        return self.mlp_hidden if self.mlp_hidden is not None else self.mlp_ratio * self.d_model
+
+    @property
     def n_heads(self) -> int:
         return self.d_model // HEAD_DIM
 
@@ -51,6 +65,10 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not a multiple of the head dimension {HEAD_DIM}; "
                 f"use e.g. --model.d_model={max(HEAD_DIM, round(self.d_model / HEAD_DIM) * HEAD_DIM)}"
             )
+        if self.mlp_hidden is not None and self.mlp_hidden <= 0:
+            raise ValueError(f"model.mlp_hidden must be positive or null, got {self.mlp_hidden}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"model.norm_eps must be positive, got {self.norm_eps}")
         for key in ("n_layers", "mlp_ratio", "vocab_size", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
@@ -61,4 +79,10 @@ FLAVORS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=128, n_layers=4),
     "210m": dict(d_model=1024, n_layers=12),
     "550m": dict(d_model=1280, n_layers=24),
+    # GaLore's LLaMA family (jiaweizzhao/GaLore configs/llama_*.json): RMSNorm eps 1e-6, SwiGLU, head dim 64.
+    # vocab: T5's 32100 ids padded to 32128 as above (GaLore's configs say 32000).
+    "llama_60m": dict(arch="llama", d_model=512, n_layers=8, mlp_hidden=1376, norm_eps=1e-6, max_seq_len=1024),
+    "llama_130m": dict(arch="llama", d_model=768, n_layers=12, mlp_hidden=2048, norm_eps=1e-6, max_seq_len=1024),
+    "llama_350m": dict(arch="llama", d_model=1024, n_layers=24, mlp_hidden=2736, norm_eps=1e-6, max_seq_len=1024),
+    "llama_1b": dict(arch="llama", d_model=2048, n_layers=24, mlp_hidden=5461, norm_eps=1e-6, max_seq_len=1024),
 }

@@ -82,6 +82,9 @@ class OptimConfig:
     """Projector SVD: exact (torch.linalg.svd, as galore_torch) or randomized (seeded range finder)."""
     moments_on_proj_change: MomentPolicy = "keep"
     """Low-rank moments on a projector refresh: keep (the reference), reset (zero, bias correction restarts), rotate."""
+    projected_backward: bool = False
+    """GaLore only: compute each low-rank weight's projected gradient directly in backward (AdaMeM paper, Appendix B),
+    never forming the full gradient except on projector-refresh steps (optim/projected_backward.py)."""
     delta: float = 1.0
     """AdaMeM's weight of the residual (full-rank) update."""
     variant: AdamemVariant = "adamem"

@@ -55,9 +55,18 @@ from optim.projector import (
 from optim.registry import OptimizerSpec, register
 from optim.validation import momentum_beta1
 
-LOWRANK_DEFAULTS: dict[str, Any] = {**PROJECTOR_DEFAULTS, "scale": 1.0, "proj_type": "std"}
+# projected_backward: the group's projected gradients are computed in backward (optim/projected_backward.py).
+LOWRANK_DEFAULTS: dict[str, Any] = {**PROJECTOR_DEFAULTS, "scale": 1.0, "proj_type": "std", "projected_backward": False}
 # The OptimConfig keys `galore_options` reads.
-GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd_method", "moments_on_proj_change")
+GALORE_KEYS = (
+    "rank",
+    "update_proj_gap",
+    "scale",
+    "proj_type",
+    "svd_method",
+    "moments_on_proj_change",
+    "projected_backward",
+)
 
 
 def _lowrank_pre_step(
@@ -178,6 +187,7 @@ def galore_options(cfg: OptimConfig) -> dict[str, Any]:
         proj_type=cfg.proj_type,
         svd_method=cfg.svd_method,
         moments_on_proj_change=cfg.moments_on_proj_change,
+        projected_backward=cfg.projected_backward,
     )
 
 

@@ -57,7 +57,12 @@ class SchedulerConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 8000
-    """Optimizer steps of the whole run."""
+    """Optimizer steps of the whole run (derived from flop_budget when that is set)."""
+    flop_budget: float | None = None
+    """Training FLOPs of the whole run; when set, max_steps is derived from it (trainer/flop_budget.py). null = off."""
+    match_flops_of: str | None = None
+    """Spend the FLOPs that this optimizer (a registered name, ordinary backward) spends in max_steps steps: sets
+    flop_budget, from which max_steps is derived (e.g. GaLore with projected_backward FLOP-matched to adamw)."""
     global_batch: int = 1024
     """Sequences per optimizer step, over all ranks."""
     micro_batch: int = 16
@@ -72,6 +77,32 @@ class TrainConfig:
     """Update each parameter inside backward and free its gradient at once (optim/in_backward.py)."""
     compile: bool = False
     """torch.compile every transformer block."""
+
+
+AdapterMethod = Literal["none", "lora", "relora"]
+OptimizerReset = Literal["prune", "zero"]
+
+
+@dataclass
+class AdapterConfig:
+    method: AdapterMethod = "none"
+    """none = train every weight; lora = rank-r adapters on the blocks' linear layers, their base weights frozen
+    (embedding, norms and output stay trainable); relora = lora, merged and restarted every reset_interval steps."""
+    rank: int = 128
+    """Adapter rank r."""
+    alpha: float = 32.0
+    """Adapter scaling: the adapter's output is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    reset_interval: int = 2000
+    """ReLoRA: merge the adapters into the base weights and re-initialise them every this many steps."""
+    optimizer_reset: OptimizerReset = "prune"
+    """ReLoRA: on a reset, prune the adapters' optimizer state to its largest-magnitude 1 - prune_ratio (prune) or
+    zero it."""
+    prune_ratio: float = 0.999
+    """ReLoRA: fraction of the adapters' optimizer state zeroed by a prune reset (by magnitude)."""
+    restart_warmup_steps: int = 50
+    """ReLoRA: after a reset the lr rises linearly from 0 back to the schedule over this many steps (jagged)."""
 
 
 @dataclass
@@ -106,6 +137,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
