@@ -171,7 +171,12 @@ def build_config(raw: dict) -> Config:
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """The validated config of a YAML file (or the defaults, for None) plus `--section.key=value`s."""
-    raw = read_yaml(path) if path is not None else {}
+    return config_from_mapping(read_yaml(path) if path is not None else {}, overrides)
+
+
+def config_from_mapping(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    """load_config on a config file already read (`read_yaml`; not modified): a sweep validates hundreds of
+    runs of a few files, and parsing the YAML is most of the cost."""
     cfg = build_config(merge(raw, parse_overrides(list(overrides))))
     validate(cfg)
     return cfg

@@ -1,47 +1,156 @@
 """Sweep files: a grid of `--section.key=value` overrides over one or more configs.
 
-A sweep file names a config (relative to itself) or a list of them, a grid of dotted keys and a
-run directory template; the runs are the cartesian product of configs and grid, each config
-validated (load_config) before anything runs. `{config}` in run_dir is the config file's stem,
-`{optim.lr}` a grid value:
+A sweep file names a config (relative to itself) or a list of them, a grid of dotted keys,
+optionally linked ("zipped") keys, and a run directory template:
 
-    config: [../paper/210m_galore_r64.yaml, ../paper/210m_galore_r128.yaml]
-    grid:
+    config: [../paper/210m_adamw.yaml, ../paper/210m_adafactor.yaml]
+    grid:                                   # crossed: every combination of the values
       optim.lr: [3.16e-4, 1.0e-3, 3.16e-3]
-      optim.scale: [0.125, 0.25]
-    run_dir: runs/sweeps/{config}/lr{optim.lr}_alpha{optim.scale}
-    overrides: {train.max_grad_norm: 1.0}      # optional fixed overrides
+    zip:                                    # linked: the i-th values of every key go together
+      train.global_batch: [256, 1024]
+      train.max_steps: [32000, 8000]
+    run_dir: runs/sweeps/{config}/bs{train.global_batch}_lr{optim.lr}
+    overrides: {train.max_grad_norm: 1.0}   # optional fixed overrides
+
+The runs are the cartesian product configs x zip rows x grid points, in that nesting order (the
+last grid key varies fastest): with `zip` above, 2 configs x 2 rows x 3 lr = 12 runs, and a run
+with global_batch 256 always has max_steps 32000. `grid` and `zip` are both optional (no grid and
+no zip: one run per config).
+
+Rules (each broken one is a ConfigError naming the sweep file and the fix):
+- top-level keys are config, grid, zip, run_dir and overrides; config and run_dir are required;
+- every `grid` and `zip` value is a non-empty list, and all `zip` lists have the same length;
+- a key appears in at most one of overrides, grid and zip, and run.dir in none (run_dir sets it);
+- run_dir placeholders: `{config}` is the config file's stem, `{section.key}` a grid or zip value
+  (dotted, so they are filled by plain replacement, not str.format); every `{...}` must name one
+  of them, and no two runs may share a run directory (name every key that varies);
+- every run's config passes `load_config`'s checks (section, key, type, range and cross-key rules)
+  before any run starts; `sweep_runs` returns each run's validated Config with it.
+
+Each run's overrides are the fixed overrides, then the zip row, then the grid point, then
+`--run.dir=<run_dir>`.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from trainer.config import ConfigError, load_config
+from trainer.config import Config, ConfigError, config_from_mapping
+from trainer.config_parsing import read_yaml
+
+SWEEP_KEYS = ("config", "grid", "zip", "run_dir", "overrides")
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep: the config file, its overrides (the last is --run.dir=...) and the validated Config."""
+
+    config_path: Path
+    overrides: list[str]
+    config: Config
 
 
 def expand_sweep(sweep_path: Path) -> list[tuple[Path, list[str]]]:
-    """(config path, overrides) per run of the sweep."""
+    """(config path, overrides) per run of the sweep (format and rules: the module docstring)."""
+    return [(run.config_path, run.overrides) for run in sweep_runs(sweep_path)]
+
+
+def sweep_runs(sweep_path: Path) -> list[SweepRun]:
+    """Every run of the sweep with its validated Config; a ConfigError before returning any if one is invalid."""
     spec = yaml.safe_load(sweep_path.read_text()) or {}
-    unknown = set(spec) - {"config", "grid", "run_dir", "overrides"}
+    unknown = set(spec) - set(SWEEP_KEYS)
     if unknown or "config" not in spec or "run_dir" not in spec:
         raise ConfigError(
-            f"{sweep_path}: a sweep needs 'config' and 'run_dir' (+ 'grid', 'overrides'); unknown: {sorted(unknown)}"
+            f"{sweep_path}: a sweep needs 'config' and 'run_dir' (+ 'grid', 'zip', 'overrides'); "
+            f"unknown: {sorted(unknown)}"
         )
     configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
-    grid = spec.get("grid") or {}
+    grid = _value_lists(sweep_path, "grid", spec.get("grid") or {})
+    zipped = _value_lists(sweep_path, "zip", spec.get("zip") or {})
     fixed = spec.get("overrides") or {}
+    _check_zip_lengths(sweep_path, zipped)
+    _check_disjoint(sweep_path, fixed, grid, zipped)
+    # One row per zip position; no zip = one empty row, so the product below still has its runs.
+    zip_rows = [dict(zip(zipped, row, strict=True)) for row in zip(*zipped.values(), strict=True)] if zipped else [{}]
+    raw: dict[Path, dict] = {}  # each config file read once (YAML parsing is most of a validation's cost)
     runs = []
-    for name, values in itertools.product(configs, itertools.product(*grid.values())):
+    for name, row, values in itertools.product(configs, zip_rows, itertools.product(*grid.values())):
         config = (sweep_path.parent / name).resolve()
-        point = dict(zip(grid, values, strict=True))
-        run_dir = spec["run_dir"].replace("{config}", config.stem)
-        for key, value in point.items():  # "{optim.lr}" placeholders (dotted, so not str.format)
-            run_dir = run_dir.replace("{" + key + "}", str(value))
+        point = {**row, **dict(zip(grid, values, strict=True))}
+        run_dir = _fill_run_dir(sweep_path, spec["run_dir"], config, point)
         overrides = [f"--{k}={v}" for k, v in {**fixed, **point}.items()] + [f"--run.dir={run_dir}"]
-        load_config(config, overrides)  # fail on a typo before anything runs
-        runs.append((config, overrides))
+        if config not in raw:
+            raw[config] = read_yaml(config)
+        # load_config(config, overrides) without re-reading the file: fails on a typo before anything runs
+        runs.append(SweepRun(config, overrides, config_from_mapping(raw[config], overrides)))
+    _check_distinct_run_dirs(sweep_path, spec["run_dir"], [run.overrides[-1] for run in runs], grid, zipped)
     return runs
+
+
+def _value_lists(sweep_path: Path, section: str, mapping: Any) -> dict[str, list]:
+    """`grid` / `zip`: a mapping of dotted keys to non-empty lists of values."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{sweep_path}: '{section}' must map dotted keys to lists of values, e.g. optim.lr: [1e-3]")
+    for key, values in mapping.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(
+                f"{sweep_path}: {section}.{key} must be a non-empty list of values, got {values!r} "
+                f"(write {key}: [{values!r}] for a single value, or move it to 'overrides')"
+            )
+    return mapping
+
+
+def _check_zip_lengths(sweep_path: Path, zipped: dict[str, list]) -> None:
+    lengths = {key: len(values) for key, values in zipped.items()}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{key} has {n}" for key, n in lengths.items())
+        raise ConfigError(
+            f"{sweep_path}: the 'zip' lists vary together, so they need equal lengths: {listed}; "
+            f"give every zipped key one value per row (or move a key to 'grid' to cross it instead)"
+        )
+
+
+def _check_disjoint(sweep_path: Path, fixed: dict, grid: dict, zipped: dict) -> None:
+    if "run.dir" in {*fixed, *grid, *zipped}:
+        raise ConfigError(f"{sweep_path}: set the run directory with the top-level 'run_dir' template, not run.dir")
+    for key, count in Counter([*fixed, *grid, *zipped]).items():
+        if count > 1:
+            places = [
+                name for name, section in (("overrides", fixed), ("grid", grid), ("zip", zipped)) if key in section
+            ]
+            raise ConfigError(f"{sweep_path}: {key} is set in both {' and '.join(places)}; keep it in one of them")
+
+
+def _fill_run_dir(sweep_path: Path, template: str, config: Path, point: dict[str, Any]) -> str:
+    run_dir = template.replace("{config}", config.stem)
+    for key, value in point.items():
+        run_dir = run_dir.replace("{" + key + "}", str(value))
+    left = _PLACEHOLDER.findall(run_dir)
+    if left:
+        raise ConfigError(
+            f"{sweep_path}: run_dir placeholder(s) {', '.join(left)} name no grid or zip key; "
+            f"use {{config}} or one of: {', '.join('{' + key + '}' for key in point) or '(none)'}"
+        )
+    return run_dir
+
+
+def _check_distinct_run_dirs(
+    sweep_path: Path, template: str, run_dir_args: list[str], grid: dict[str, list], zipped: dict[str, list]
+) -> None:
+    """Two runs in one directory would resume each other (the trainer treats a directory as one run)."""
+    shared = [run_dir for run_dir, count in Counter(run_dir_args).items() if count > 1]
+    if shared:
+        varying = [key for key, values in {**zipped, **grid}.items() if len(set(map(str, values))) > 1]
+        missing = [key for key in varying if "{" + key + "}" not in template]
+        raise ConfigError(
+            f"{sweep_path}: several runs share {shared[0].removeprefix('--run.dir=')}; the run_dir template "
+            f"{template!r} must tell them apart: add {', '.join('{' + k + '}' for k in missing) or '{config}'}"
+        )

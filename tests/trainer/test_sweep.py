@@ -1,24 +1,13 @@
-"""Sweep files -> (config, overrides) per run, every run validated (trainer/sweep.py)."""
+"""Sweep files -> (config, overrides) per run, every run validated (trainer/sweep.py). The shipped sweep
+files themselves: test_sweep_files.py."""
+
+from pathlib import Path
 
 import pytest
 
 from tests.helpers.runs import REPO
 from trainer.config import ConfigError, load_config
 from trainer.sweep import expand_sweep
-
-SHIPPED = sorted((REPO / "configs").rglob("sweeps/*.yaml"))
-
-
-def test_there_are_shipped_sweeps():
-    assert len(SHIPPED) >= 5
-
-
-@pytest.mark.parametrize("sweep", SHIPPED, ids=lambda p: p.stem)
-def test_every_shipped_sweep_expands_into_valid_runs_with_their_own_directories(sweep):
-    runs = expand_sweep(sweep)  # raises ConfigError on any invalid run
-    assert len(runs) >= 2
-    run_dirs = [overrides[-1].removeprefix("--run.dir=") for _, overrides in runs]
-    assert len(set(run_dirs)) == len(run_dirs), sweep
 
 
 def test_grid_points_become_overrides_and_fill_the_run_dir(tmp_path):
@@ -51,3 +40,63 @@ def test_a_bad_sweep_fails_before_any_run(tmp_path, body, match):
     sweep.write_text(f"config: {REPO / 'configs/tiny.yaml'}\n" + body)
     with pytest.raises(ConfigError, match=match):
         expand_sweep(sweep)
+
+
+def write_sweep(tmp_path: Path, body: str) -> Path:
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"config: {REPO / 'configs/tiny.yaml'}\n" + body)
+    return sweep
+
+
+def test_zipped_keys_vary_together_and_are_crossed_with_the_grid(tmp_path):
+    sweep = write_sweep(
+        tmp_path,
+        "zip: {train.global_batch: [8, 16], train.max_steps: [20, 10]}\n"
+        "grid: {optim.lr: [1.0e-3, 3.0e-3]}\n"
+        "run_dir: runs/s/bs{train.global_batch}_lr{optim.lr}\n"
+        "overrides: {train.micro_batch: 4}\n",
+    )
+    runs = expand_sweep(sweep)
+    expected = [
+        ["--train.micro_batch=4", f"--train.global_batch={b}", f"--train.max_steps={s}", f"--optim.lr={lr}"]
+        + [f"--run.dir=runs/s/bs{b}_lr{lr}"]
+        for b, s in ((8, 20), (16, 10))  # the zip rows, outside the grid points
+        for lr in (0.001, 0.003)
+    ]
+    assert [overrides for _, overrides in runs] == expected
+    pairs = {(c.train.global_batch, c.train.max_steps) for c in (load_config(p, o) for p, o in runs)}
+    assert pairs == {(8, 20), (16, 10)}  # linked, never crossed: no (8, 10) or (16, 20)
+
+
+def test_zipped_values_are_validated_like_any_override(tmp_path):
+    """A zip row that makes an invalid config (12 sequences do not split into micro-batches of 8) stops the sweep."""
+    sweep = write_sweep(tmp_path, "zip: {train.global_batch: [8, 12]}\nrun_dir: runs/s/bs{train.global_batch}\n")
+    with pytest.raises(ConfigError, match=r"train.global_batch=12 must split"):
+        expand_sweep(sweep)
+
+
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        (
+            "zip: {train.global_batch: [8, 16], train.max_steps: [20, 10, 5]}\nrun_dir: x{train.global_batch}\n",
+            r"need equal lengths: train.global_batch has 2, train.max_steps has 3",
+        ),
+        ("zip: {train.max_steps: 20}\nrun_dir: x\n", r"zip.train.max_steps must be a non-empty list"),
+        ("grid: {optim.lr: []}\nrun_dir: x\n", r"grid.optim.lr must be a non-empty list"),
+        ("zip: [1, 2]\nrun_dir: x\n", r"'zip' must map dotted keys to lists"),
+        (
+            "zip: {optim.lr: [1.0e-3]}\ngrid: {optim.lr: [1.0e-3]}\nrun_dir: x{optim.lr}\n",
+            r"optim.lr is set in both grid and zip",
+        ),
+        ("overrides: {run.dir: x}\nrun_dir: x\n", r"top-level 'run_dir' template, not run.dir"),
+        ("grid: {optim.lr: [1.0e-3, 3.0e-3]}\nrun_dir: x/{optim.lrr}\n", r"placeholder\(s\) \{optim.lrr\} name no"),
+        (
+            "grid: {optim.lr: [1.0e-3, 3.0e-3], optim.weight_decay: [0.0]}\nrun_dir: x/{optim.weight_decay}\n",
+            r"several runs share x/0.0; .* add \{optim.lr\}",
+        ),
+    ],
+)
+def test_a_malformed_grid_or_zip_is_a_config_error_naming_the_fix(tmp_path, body, match):
+    with pytest.raises(ConfigError, match=match):
+        expand_sweep(write_sweep(tmp_path, body))
