@@ -1,7 +1,7 @@
 """The registry's declarations and `validate_optim_config`: every optimizer declares exactly the
 OptimConfig keys its builder reads; unknown names, ignored keys, out-of-range values, invalid
 choices and cross-key conflicts are errors naming the key and the fix. (That every shipped config
-and sweep passes, through load_config, is tests/trainer/test_config.py's and test_sweep.py's.)"""
+and sweep passes, through load_config, is tests/trainer/test_config.py's and test_sweep_files.py's.)"""
 
 from __future__ import annotations
 
