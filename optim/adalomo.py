@@ -26,7 +26,15 @@ scale_parameter=True, relative_step=False) and lomo_optim.AdaLomo (tests/optim/t
 
 State (all in `optimizer.state`, fp32 whatever the parameter dtype and kept fp32 on
 `load_state_dict` (optim.fp32_state), so checkpoints resume exactly): `step` and the factors,
-m + n floats per m x n matrix (nmf-1), (m + n) r for rank r, n per vector.
+m + n floats per m x n matrix (nmf-1), (m + n)(r + 1) for the other factorizations of rank r
+(the factors plus nmf-1's statistics, which floor the estimate), n per vector.
+
+Floored entries: the factored estimates (every factorization but nmf-1) are floored at a fraction
+of the rank-1 estimate (optim/factorization.py). `floored_fraction` is the number of floored
+entries over the number of entries of all factored matrices, in each parameter's last step
+(0.0 when there is none); `floored_stats()` gives the numerator (a device tensor, summed only
+when read: no host sync per parameter) and the denominator, so that the fused path's
+one-optimizer-per-parameter totals combine exactly (trainer/update.py).
 Cost per m x n matrix: O(mn) elementwise (nmf-1), plus O(mnr) per factorisation iteration.
 
 Two-phase API (used by optim.in_backward for layerwise / global normalisation, where a tensor's
@@ -104,6 +112,8 @@ class AdaLomo(FP32StateOptimizer):
             factor_iters=factor_iters,
         )
         super().__init__(params, defaults)
+        # Per factored parameter: (number of floored entries in its last step, 0-d device tensor; numel).
+        self._floored: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}
 
     # ----- which tensors share one normalisation statistic ---------------------------------
     def norm_group_key(self, p: torch.Tensor) -> str | None:
@@ -160,25 +170,41 @@ class AdaLomo(FP32StateOptimizer):
                 group["factorization"],
                 group["factor_rank"],
                 group["factor_iters"],
-                group["eps1"],
             )
         else:
             state["exp_avg_sq"].mul_(beta).add_(u, alpha=1.0 - beta)
         return grad
 
     @torch.no_grad()
-    def _direction(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
-        """U = g / sqrt(V) from the (already updated) state."""
+    def _direction(self, p: torch.Tensor, grad: torch.Tensor, record: bool = True) -> torch.Tensor:
+        """U = g / sqrt(V) from the (already updated) state. `record`: count the floored entries
+        (the first direction after a fold; step()'s second pass recomputes U and passes False)."""
         state = self.state[p]
         if grad.dim() >= 2:
-            return fac.divide_by_sqrt_approx(state, grad, group["eps1"])
+            u, floored = fac.divide_by_sqrt_approx(state, grad, count=record)
+            if floored is not None:
+                self._floored[p] = (floored, u.numel())
+            return u
         return state["exp_avg_sq"].rsqrt().mul_(grad)
+
+    def floored_stats(self) -> tuple[torch.Tensor, int]:
+        """(floored entries, entries) over the factored matrices' last steps; see the module docstring."""
+        if not self._floored:
+            return torch.zeros((), dtype=torch.int64), 0
+        counts = [c for c, _ in self._floored.values()]
+        return torch.stack(counts).sum(), sum(n for _, n in self._floored.values())
+
+    @property
+    def floored_fraction(self) -> float:
+        """Fraction of floored entries of the factored matrices in the last step (one host sync)."""
+        floored, total = self.floored_stats()
+        return float(floored) / total if total else 0.0
 
     @torch.no_grad()
     def prepare(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Phase 1: fold p.grad into the state; return U (fp32) and sum(U^2) (0-d fp32)."""
         group = self._group_of(p)
-        u = self._direction(p, self._fold(p, group), group)
+        u = self._direction(p, self._fold(p, group))
         return u, u.square().sum()
 
     @staticmethod
@@ -216,7 +242,7 @@ class AdaLomo(FP32StateOptimizer):
         return rms(u).div_(group["clip_threshold"]).clamp_(min=1.0)
 
     def _step_alone(self, p: torch.Tensor, group: dict) -> None:
-        u = self._direction(p, self._fold(p, group), group)
+        u = self._direction(p, self._fold(p, group))
         self._apply(p, u, self._own_divisor(u, group), group)
 
     @torch.no_grad()
@@ -235,14 +261,14 @@ class AdaLomo(FP32StateOptimizer):
                 if key is None:
                     self._step_alone(p, group)
                     continue
-                u = self._direction(p, self._fold(p, group), group)
+                u = self._direction(p, self._fold(p, group))
                 coupled.setdefault(key, []).append((p, group, u.square().sum(), u.numel()))
                 del u  # recomputed in pass 2: keeps no U alive across tensors
         # Pass 2: one divisor per group, then recompute U (same ops, same bits) and apply.
         for members in coupled.values():
             div = self.shared_divisor([m[2] for m in members], [m[3] for m in members], members[0][1]["clip_threshold"])
             for p, group, _, _ in members:
-                u = self._direction(p, p.grad.float(), group)
+                u = self._direction(p, p.grad.float(), record=False)
                 self._apply(p, u, div, group)
         return loss
 

@@ -11,7 +11,7 @@
                           4 (l r + 2 r s), left 4 (m r + 2 r n), right 4 (n r + 2 m r),
                           full 4 (m r + n r + 2 r^2); other params as adamw (no step tensor)
     galore_adafactor (low) projector + Adafactor on the low-rank shape (a x b): 4 (a + b) [+ 4 ab]
-    adalomo               4 (m + n) factor_rank (nmf-1: 4 (m + n)); 1-D 4 n
+    adalomo               4 (m + n) (factor_rank + 1) (nmf-1: 4 (m + n)); 1-D 4 n
     adamem (low)          4 (s r + r l + r + 2 l)  (= (m + n) r + r + 2 max(m, n) floats);
                           variant2 + 4 s; variant1 4 (s r + r l + m + n); other params adafactor
 - `state_bytes_table(model_cfg, optim_names=None, optim_cfg=None)` -> list of row dicts
@@ -92,7 +92,7 @@ def _param_formula(name: str, shape: tuple[int, ...], low: bool, cfg: OptimConfi
         return FP32 * (2 * numel + 1)
     if name == "adafactor":
         return FP32 * _adafactor_floats(shape, cfg.beta1, cfg.one_sided)
-    if name == "adalomo":  # (m + n) x factor_rank floats per matrix, n per vector
+    if name == "adalomo":  # (m + n)(factor_rank + 1) floats per matrix (nmf-1: m + n), n per vector
         return factored_state_bytes(tuple(shape), cfg.factorization, cfg.factor_rank, FP32)
     if not low:
         if name == "galore_adamw":

@@ -71,11 +71,17 @@ class UpdateStrategy(ABC):
         """Restore the optimizer state; ValueError if `state` has another layout."""
 
     def counters(self) -> dict[str, float]:
-        return {
+        out = {
             f"optim/{name}": float(sum(getattr(opt, name, 0) for opt in self._optimizers))
             for name in COUNTERS
             if any(hasattr(opt, name) for opt in self._optimizers)
         }
+        # AdaLomo's floored fraction (last step, not cumulative): sum numerators and denominators
+        # so the fused path's one optimizer per parameter gives the same fraction; one host sync.
+        stats = [opt.floored_stats() for opt in self._optimizers if hasattr(opt, "floored_stats")]
+        if stats := [(c, n) for c, n in stats if n]:  # optimizers with factored matrices only
+            out["optim/floored_frac"] = float(torch.stack([c for c, _ in stats]).sum()) / sum(n for _, n in stats)
+        return out
 
 
 class StepAfterBackward(UpdateStrategy):
