@@ -11,7 +11,7 @@ from trainer.sweep import expand_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 GALORE = REPO / "configs" / "galore"
-# size: (steps, warmup, GaLore / adapter rank, parameters at vocab 32128 = the LLaMA closed form, tests/model/test_llama.py)
+# size: (steps, warmup, GaLore / adapter rank, parameters at vocab 32128: the LLaMA closed form)
 SIZES = {
     "llama_60m": (10_000, 1_000, 128, 58_204_672),
     "llama_130m": (20_000, 2_000, 256, 134_302_464),
