@@ -36,7 +36,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     init_std: float = 0.02
-    """Std of the normal init (residual projections get init_std / sqrt(2 n_layers))."""
+    """Std of the normal init (olmo arch: residual projections get init_std / sqrt(2 n_layers); llama: none do)."""
 
     @classmethod
     def from_flavor(cls, flavor: str, **overrides: Any) -> ModelConfig:

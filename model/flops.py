@@ -6,15 +6,18 @@ from model.config import ModelConfig
 
 
 def block_params(cfg: ModelConfig) -> int:
-    d = cfg.d_model
+    """One block's parameters: attention 4 d^2 (q, k, v, fused (olmo) or separate (llama), and the output
+    projection), MLP 2 d h (olmo: up, down) or 3 d h (llama's SwiGLU: gate, up, down) with h = hidden_dim,
+    and two norm weights of d each (no biases anywhere)."""
+    d, h = cfg.d_model, cfg.hidden_dim
     attention = 3 * d * d + d * d
-    mlp = 2 * cfg.mlp_ratio * d * d
+    mlp = (3 if cfg.arch == "llama" else 2) * d * h
     norms = 2 * d
     return attention + mlp + norms
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """total, non_embedding (blocks + final norm) and embedding (input table + output layer)."""
+    """total, non_embedding (blocks + final norm d) and embedding (input table + untied output layer, 2 V d)."""
     embedding = 2 * cfg.vocab_size * cfg.d_model  # untied
     non_embedding = cfg.n_layers * block_params(cfg) + cfg.d_model
     return {"total": embedding + non_embedding, "non_embedding": non_embedding, "embedding": embedding}

@@ -1,14 +1,21 @@
-"""Decoder-only transformer of the AdaMeM paper's setup (OLMo-style).
+"""Decoder-only transformer of the AdaMeM paper's setup (OLMo-style, `model.arch: olmo`), or with
+GaLore's LLaMA blocks (`model.arch: llama`, model/llama.py); the embedding, RoPE tables, final norm
+and output layer below are shared, the block and norm types follow the arch.
 
-Pre-norm blocks: LayerNorm -> causal self-attention with RoPE -> residual; LayerNorm -> GeLU MLP
-(hidden = mlp_ratio x width) -> residual. Final LayerNorm, untied output projection. No biases
-anywhere (Wortsman et al. 2024): linears have bias=False and LayerNorms have no bias term.
-Query, key and value come from one fused projection, as in OLMo's `att_proj`.
+OLMo arch. Pre-norm blocks: LayerNorm -> causal self-attention with RoPE -> residual; LayerNorm ->
+GeLU MLP (hidden = ModelConfig.hidden_dim: mlp_ratio x width unless model.mlp_hidden is set) ->
+residual. Final LayerNorm, untied output projection. No biases anywhere (Wortsman et al. 2024):
+linears have bias=False and LayerNorms have no bias term. Query, key and value come from one fused
+projection, as in OLMo's `att_proj`.
 
 Initialisation (GPT-2 / nanoGPT scheme): every linear and the embedding ~ N(0, init_std) with
 init_std = 0.02, except the two residual output projections (attention `out`, MLP `down`),
 which use init_std / sqrt(2 * n_layers) so the residual stream's variance does not grow with
-depth. LayerNorm weights start at 1.
+depth. LayerNorm weights start at 1. LayerNorm eps = model.norm_eps (1e-5, torch's default).
+
+LLaMA arch: RMSNorm (eps = model.norm_eps) instead of LayerNorm, final norm included; initialised as
+HF's LlamaPreTrainedModel._init_weights, which GaLore trains with: every linear and the embedding
+~ N(0, init_std), norm weights 1, no residual scaling.
 
 This file holds the model only: no optimizer, data or parallelism code.
 """
@@ -22,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import HEAD_DIM, ModelConfig
+from model.llama import LlamaBlock
+from model.rms_norm import RMSNorm
 from model.rope import apply_rope, rope_tables
 
 
@@ -43,8 +52,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.up = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
-        self.down = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.down = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))
@@ -54,9 +63,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id  # optimizers use it to pick groups ("first/last layers")
-        self.attn_norm = nn.LayerNorm(cfg.d_model, bias=False)
+        self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
         self.attn = Attention(cfg)
-        self.mlp_norm = nn.LayerNorm(cfg.d_model, bias=False)
+        self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,8 +82,11 @@ class Transformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.d_model, bias=False)
+        llama = cfg.arch == "llama"
+        self.blocks = nn.ModuleList((LlamaBlock if llama else Block)(cfg, i) for i in range(cfg.n_layers))
+        self.norm: nn.Module = (
+            RMSNorm(cfg.d_model, cfg.norm_eps) if llama else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
+        )
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(HEAD_DIM, cfg.max_seq_len, cfg.rope_theta)
         # Derived from the config, so not saved in checkpoints (persistent=False).
@@ -85,10 +97,11 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        # GPT-2's depth scaling of the residual projections (OLMo arch); HF's LLaMA init has none.
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.arch == "olmo" else std
         for name, p in self.named_parameters():
             if p.dim() == 1:
-                nn.init.ones_(p)  # LayerNorm weights
+                nn.init.ones_(p)  # LayerNorm / RMSNorm weights
             elif name.endswith(("attn.out.weight", "mlp.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=residual_std)
             else:

@@ -29,7 +29,10 @@ def main(argv: list[str]) -> int:
     seq = cfg.data.seq_len
     fpt = flops_per_token(m, seq)
     tokens = cfg.train.max_steps * cfg.train.global_batch * seq
-    print(f"model {m.flavor}: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, vocab {m.vocab_size}")
+    print(
+        f"model {m.flavor} ({m.arch}): d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, "
+        f"MLP hidden {m.hidden_dim}, vocab {m.vocab_size}"
+    )
     print(f"  parameters      {counts['total']:>15,}  ({counts['total'] / 1e6:.1f}M)")
     print(f"  non-embedding   {counts['non_embedding']:>15,}  ({counts['non_embedding'] / 1e6:.1f}M)")
     print(f"  embedding+head  {counts['embedding']:>15,}")
