@@ -26,6 +26,11 @@ GaLoreAdafactor (galore_torch.Adafactor): optim.adafactor's math on R; lr_t (rel
   `momentum_style` defaults to "hf" here (the reference: momentum of the lr-scaled update, no
   bias correction); "adam" gives the Adam-like momentum of optim.Adafactor.
 
+Projected backward (`projected_backward=True`, optim/projected_backward.py): between refreshes the
+gradient of a low-rank weight arrives already projected (R = project(G), computed in backward without
+forming G) in its carrier (optim/projected_grads.py) instead of `.grad`; `step()` then uses R as is,
+with the same state and math (the projector is not refreshed: the forward was told it would not be).
+
 State (fp32): `step`, `exp_avg`, `exp_avg_sq` (AdamW) or the Adafactor statistics, and for low-rank
 parameters `proj_left`/`proj_right`, `proj_updates` (refresh count), `moment_step` (bias-correction
 step, restarts with `reset`), `svd_failures` (when any; `optimizer.svd_failures` sums them).
@@ -43,6 +48,7 @@ from optim.adafactor import ADAFACTOR_KEYS, Adafactor, adafactor_kwargs, step_si
 from optim.config import OptimConfig
 from optim.fp32_state import FP32StateOptimizer
 from optim.param_groups import LOWRANK_GROUP_KEYS, lowrank_split_groups, name_in_group
+from optim.projected_grads import ProjectedGrads, check_projected_step
 from optim.projector import (
     PROJECTOR_DEFAULTS,
     ProjectorCounters,
@@ -73,12 +79,20 @@ def _lowrank_pre_step(
     opt: torch.optim.Optimizer,
     p: torch.Tensor,
     group: dict,
-    g: torch.Tensor,
+    g: torch.Tensor | None,
     first_keys: tuple[str, ...],
     moment_keys: tuple[str, ...],
+    projected: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Refresh the projector if due, return the projected gradient. Handles state init."""
+    """Refresh the projector if due, return the projected gradient. Handles state init.
+
+    `projected`: R already computed in backward (g is then None): returned as is, after checking that
+    no refresh is due (a refresh needs the full gradient)."""
     state = opt.state[p]
+    if projected is not None:
+        check_projected_step(state, group, name_in_group(group, p))
+        return projected.float()
+    assert g is not None
     if "step" not in state:
         state["step"] = 0
         state["moment_step"] = 0
@@ -87,7 +101,7 @@ def _lowrank_pre_step(
     return project(g, state)
 
 
-class GaLoreAdamW(ProjectorCounters, FP32StateOptimizer):
+class GaLoreAdamW(ProjectedGrads, ProjectorCounters, FP32StateOptimizer):
     def __init__(
         self,
         params,
@@ -117,18 +131,21 @@ class GaLoreAdamW(ProjectorCounters, FP32StateOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.projected_grads = 0
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
+                low = self.take_projected_grad(p)  # R from the projected backward, when p.grad is None
+                if p.grad is None and low is None:
                     continue
-                g = p.grad.float()
+                g = p.grad.float() if p.grad is not None else None
                 state = self.state[p]
                 lowrank = is_lowrank(group, p)
                 if lowrank:
-                    g = _lowrank_pre_step(self, p, group, g, ("exp_avg",), ("exp_avg", "exp_avg_sq"))
+                    g = _lowrank_pre_step(self, p, group, g, ("exp_avg",), ("exp_avg", "exp_avg_sq"), low)
                 elif "step" not in state:
                     state["step"] = 0
+                assert g is not None  # only low-rank parameters receive projected gradients
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(g)
                     state["exp_avg_sq"] = torch.zeros_like(g)
@@ -153,7 +170,7 @@ class GaLoreAdamW(ProjectorCounters, FP32StateOptimizer):
         return loss
 
 
-class GaLoreAdafactor(Adafactor):
+class GaLoreAdafactor(ProjectedGrads, Adafactor):
     def __init__(self, params, lr: float = 1e-3, momentum_style: str = "hf", **kwargs: Any):
         lowrank = {k: kwargs.pop(k) for k in list(kwargs) if k in LOWRANK_DEFAULTS}
         super().__init__(params, lr=lr, momentum_style=momentum_style, **kwargs)
@@ -162,13 +179,38 @@ class GaLoreAdafactor(Adafactor):
                 group.setdefault(k, v)
         self.defaults.update({**LOWRANK_DEFAULTS, **lowrank})
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Adafactor.step, plus the parameters whose gradient arrived projected (optim/projected_grads.py)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.projected_grads = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                low = self.take_projected_grad(p)
+                if low is not None:
+                    self._step_lowrank(p, group, None, low)
+                    continue
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Adafactor does not support sparse gradients")
+                self._step_param(p, group)
+        return loss
+
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
         if not is_lowrank(group, p):
             return super()._step_param(p, group)
-        state = self.state[p]
         assert p.grad is not None  # step() skips parameters without a gradient
+        self._step_lowrank(p, group, p.grad.float(), None)
+
+    def _step_lowrank(self, p: torch.Tensor, group: dict, grad: torch.Tensor | None, low: torch.Tensor | None) -> None:
+        """One low-rank step from the full gradient `grad` or the projected one `low` (exactly one given)."""
+        state = self.state[p]
         g = _lowrank_pre_step(
-            self, p, group, p.grad.float(), ("exp_avg",), ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
+            self, p, group, grad, ("exp_avg",), ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"), low
         )
         state["step"] += 1
         state["moment_step"] += 1

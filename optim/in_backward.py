@@ -35,6 +35,11 @@ Refused (see `check_fused_supported`), never silently wrong:
   normalisation replaces clipping (the paper trains without it).
 - several ranks (DDP): the hook would fire before the gradient is all-reduced.
 
+Projected backward (GaLore with `projected_backward`, optim/projected_backward.py): a weight whose
+gradient arrives projected in its carrier (optim/projected_grads.py) is updated from the carrier's
+post-accumulate-grad hook instead of its own (same code path, same freeing); this class answers the
+projected backward's questions (`projection_for`, `grad_carrier`) through the weight's optimizer.
+
 Non-finite gradients: each gradient's squared sum is checked in its hook (one host sync per
 parameter); a parameter whose gradient is non-finite is not updated (nor is its state touched)
 and is listed in `nonfinite`. Parameters updated earlier in the same backward stay updated,
@@ -52,6 +57,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from optim.param_groups import group_options
+from optim.projected_grads import ProjectedGradSource
 from optim.registry import OptimizerSpec
 
 
@@ -113,12 +119,18 @@ class InBackwardOptimizer:
                     self._members.setdefault(key, []).append(name)
                     self._two_phase[name] = opt
                 self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(name)))
+                if isinstance(opt, ProjectedGradSource) and opt.projected_backward_params():
+                    carrier = opt.grad_carrier(p)  # receives p's projected gradient between refreshes
+                    self._handles.append(carrier.register_post_accumulate_grad_hook(self._make_hook(name)))
+        self._names = {p: name for name, p in self._params.items()}
 
     def _make_hook(self, name: str) -> Callable[[torch.Tensor], None]:
-        def hook(p: torch.Tensor) -> None:
+        # `holder`: the parameter, or its projected-gradient carrier (whichever received the gradient).
+        def hook(holder: torch.Tensor) -> None:
             if not self.armed:
                 return
-            grad = p.grad
+            p = self._params[name]
+            grad = holder.grad
             assert grad is not None  # post-accumulate-grad hooks run once the gradient exists
             if grad.is_meta:  # shape-only runs (trainer/memory_accounting.py): no values to check
                 finite = True
@@ -141,7 +153,7 @@ class InBackwardOptimizer:
                     self.peak_deferred_bytes = max(self.peak_deferred_bytes, self.deferred_bytes)
                 else:
                     pending[name] = None
-            p.grad = None
+            holder.grad = None  # freed (the optimizer's step already took a carrier's)
             if key is not None and len(self._pending[key]) == len(self._members[key]):
                 self._flush(key)
 
@@ -192,6 +204,20 @@ class InBackwardOptimizer:
         (it skips parameters without a gradient). Call it once after the armed backward."""
         for key in list(self._pending):
             self._flush(key)
+
+    def projected_backward_params(self) -> list[torch.Tensor]:
+        sources = [opt for opt in self.optimizers.values() if isinstance(opt, ProjectedGradSource)]
+        return [p for opt in sources for p in opt.projected_backward_params()]
+
+    def projection_for(self, p: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        opt = self.optimizers[self._names[p]]
+        return opt.projection_for(p) if isinstance(opt, ProjectedGradSource) else None
+
+    def grad_carrier(self, p: torch.Tensor) -> torch.Tensor:
+        opt = self.optimizers[self._names[p]]
+        if not isinstance(opt, ProjectedGradSource):
+            raise ValueError(f"{self._names[p]}: its optimizer has no projected backward")
+        return opt.grad_carrier(p)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():

@@ -70,6 +70,21 @@ def projection_side(shape: torch.Size | tuple[int, ...], proj_type: str) -> str:
     raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
 
 
+def projected_shape(shape: torch.Size | tuple[int, ...], rank: int, proj_type: str) -> tuple[int, int]:
+    """Shape of project(G) for a gradient of `shape` (m, n): (r, n) left, (m, r) right, (r, r) full,
+    with r = min(rank, m, n) (the SVD bases have at most min(m, n) vectors)."""
+    m, n = shape[-2], shape[-1]
+    r = min(rank, m, n)
+    side = projection_side(shape, proj_type)
+    return {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
+
+
+def refresh_due(state: dict, group: dict) -> bool:
+    """Will the next step recompute the bases? (no basis yet, or `state["step"] % update_proj_gap == 0`)."""
+    has_basis = "proj_left" in state or "proj_right" in state
+    return not has_basis or state["step"] % group["update_proj_gap"] == 0
+
+
 def _randomized_svd(g: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate (U[:, :q], Vh[:q]) with q = min(rank + OVERSAMPLE, m, n) (Halko et al. 2011)."""
     m, n = g.shape
@@ -193,7 +208,7 @@ def refresh_projector(
     factored/elementwise second moment has no exact rotation). Returns True when refreshed.
     """
     has_basis = "proj_left" in state or "proj_right" in state
-    if has_basis and state["step"] % group["update_proj_gap"] != 0:
+    if not refresh_due(state, group):
         return False
     old = {k: state[k] for k in ("proj_left", "proj_right") if k in state}
     seed = state["step"] + 1_000_003 * state.get("proj_updates", 0)

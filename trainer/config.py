@@ -23,6 +23,7 @@ from data import DataConfig
 from model import FLAVORS, ModelConfig
 from optim import OptimConfig, optimizer_keys, validate_optim_config
 from optim.in_backward import check_fused_supported
+from optim.projected_backward import check_projected_backward_supported
 from trainer.config_parsing import (
     ConfigError,
     build_section,
@@ -191,6 +192,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         validate_optim_config(cfg.optim)
         if t.fused_update:
             check_fused_supported(grad_clip=t.max_grad_norm, world_size=world)
+        if cfg.optim.projected_backward:
+            check_projected_backward_supported(world_size=world, compile=t.compile)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.data.seq_len > cfg.model.max_seq_len:

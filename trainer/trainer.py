@@ -28,6 +28,7 @@ import torch
 from data import TrainBatches, validation_batches
 from model import Transformer, flops_per_token, param_counts
 from optim import optimizer_keys, optimizer_spec
+from optim.projected_backward import install_projected_backward
 from trainer.checkpoint import Checkpointer, RNGState, TrainProgress, latest_checkpoint, load_checkpoint
 from trainer.config import Config, ConfigError, micro_batch_per_rank, save_config, validate
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
@@ -164,6 +165,8 @@ class Trainer:
         self.updater = build_update_strategy(
             spec, params, fused=cfg.train.fused_update, max_grad_norm=cfg.train.max_grad_norm
         )
+        if cfg.optim.projected_backward:  # GaLore's low-rank linears compute their projected gradient in backward
+            install_projected_backward(self.model, self.updater.optimizer)
 
     def _check_vocab(self) -> None:
         data_vocab = self.data.manifest["tokenizer"]["vocab_size"]

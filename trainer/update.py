@@ -34,12 +34,16 @@ import torch
 
 from optim import OptimizerSpec
 from optim.in_backward import InBackwardOptimizer
+from optim.projected_grads import gradient_holders
 
-# Cumulative counters some optimizers keep (GaLore / AdaMeM projector refreshes and SVD failures).
-COUNTERS = ("proj_updates", "svd_failures")
+# Cumulative counters some optimizers keep (GaLore / AdaMeM projector refreshes and SVD failures), and
+# GaLore's gauge of the weights whose gradient entered the last step projected (optim/projected_backward.py).
+COUNTERS = ("proj_updates", "svd_failures", "projected_grads")
 
 
 class UpdateStrategy(ABC):
+    optimizer: Any  # a torch.optim.Optimizer, or InBackwardOptimizer (fused)
+
     def __init__(self, optimizers: list[Any]):
         self._optimizers = optimizers  # the objects that may carry COUNTERS
         self._peak_lrs = [group["lr"] for group in self.param_groups]
@@ -98,10 +102,13 @@ class StepAfterBackward(UpdateStrategy):
         return self.optimizer.param_groups
 
     def finish_backward(self) -> torch.Tensor:
-        grads = [p.grad for p in self._params if p.grad is not None]
+        # A weight whose gradient was projected in backward holds it in a carrier: its R enters the
+        # norm and is clipped in the weight's place (the rule: optim/projected_backward.py).
+        holders = gradient_holders(self.optimizer, self._params)
+        grads = [h.grad for h in holders if h.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
         if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(self._params, self.max_grad_norm, norm)
+            torch.nn.utils.clip_grads_with_norm_(holders, self.max_grad_norm, norm)
         return norm
 
     def commit(self) -> None:

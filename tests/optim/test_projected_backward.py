@@ -1,0 +1,294 @@
+"""GaLore's projected backward (optim/projected_backward.py, optim/projected_grads.py): exact input
+gradients, R = project(G) for every side, FLOPs equal to the closed form (G never formed), parity with
+the ordinary GaLore path across projector refreshes with accumulation (ordinary and fused), the clipping
+rule, resume bit-exact, refusals, and the benchmark tool at a tiny size."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from optim import OptimConfig, optimizer_spec
+from optim.in_backward import InBackwardOptimizer
+from optim.projected_backward import backward_flops, install_projected_backward, projected_linear
+from optim.projector import project
+from tests.helpers.runs import REPO, losses, run
+from tests.helpers.tiny_lm import batch, loss_of, tiny_model
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, load_config, validate
+from trainer.metrics import read_metrics
+from trainer.update import StepAfterBackward
+
+torch.set_num_threads(1)
+
+
+def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64)).Q.float()
+
+
+def bases_for(side: str, m: int, n: int, r: int) -> dict[str, torch.Tensor]:
+    out = {}
+    if side in ("left", "full"):
+        out["proj_left"] = orthonormal(m, r, 1)  # m x r
+    if side in ("right", "full"):
+        out["proj_right"] = orthonormal(n, r, 2).T.contiguous()  # r x n
+    return out
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)], ids=["m>=n", "m<n"])
+@pytest.mark.parametrize("side", ["left", "right", "full"])
+def test_input_gradient_is_exact_and_the_weight_gets_only_project_of_G(side, shape):
+    m, n = shape
+    r = 8
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(m, n, generator=g, requires_grad=True)
+    x = torch.randn(3, 5, n, generator=g, requires_grad=True)
+    gy = torch.randn(3, 5, m, generator=g)
+    # Reference: the ordinary linear (G formed), projected afterwards in float64.
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    F.linear(x_ref, w_ref).backward(gy)
+    assert w_ref.grad is not None and x_ref.grad is not None
+    bases = bases_for(side, m, n, r)
+    expected = project(w_ref.grad.double(), {k: v.double() for k, v in bases.items()})
+
+    carrier_shape = tuple(expected.shape)
+    carrier = torch.zeros(()).expand(carrier_shape).requires_grad_()
+    y = projected_linear(x, w, carrier, bases)
+    assert torch.equal(y, F.linear(x_ref, w_ref))
+    y.backward(gy)
+    assert x.grad is not None
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    assert w.grad is None  # no full gradient
+    assert carrier.grad is not None and carrier.grad.dtype == torch.float32
+    torch.testing.assert_close(carrier.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right", "full"])
+def test_backward_flops_equal_the_closed_form_and_G_is_never_formed(side):
+    m, n, r, z = 96, 64, 8, 40
+    w = torch.randn(m, n, requires_grad=True)
+    x = torch.randn(4, 10, n, requires_grad=True)
+    gy = torch.randn(4, 10, m)
+    carrier = torch.zeros(()).expand(project(torch.zeros(m, n), bases_for(side, m, n, r)).shape).requires_grad_()
+    y = projected_linear(x, w, carrier, bases_for(side, m, n, r))
+    with FlopCounterMode(display=False) as counter:
+        y.backward(gy)
+    projected = counter.get_total_flops()
+    assert projected == backward_flops(z, m, n, r, side)
+    y = F.linear(x, w)
+    with FlopCounterMode(display=False) as counter:
+        y.backward(gy)
+    assert counter.get_total_flops() == backward_flops(z, m, n, None, None) == 4 * z * m * n
+    # The input gradient alone costs 2 z m n: what is left is far below G's 2 z m n.
+    assert projected - 2 * z * m * n < z * m * n
+
+
+def galore_config(name: str, **kw: Any) -> OptimConfig:
+    base: dict[str, Any] = dict(name=name, rank=8, update_proj_gap=2, weight_decay=0.1)
+    base.update(kw)
+    return OptimConfig(**base)
+
+
+def lr_at(step: int) -> float:
+    # Small enough that the weights stay within ~1e-7 of each other: at a refresh the SVD of a G that
+    # differs by rounding can rotate near-degenerate singular vectors, which a large lr amplifies
+    # (at 1e-2 the paths drift to 2e-3 by step 5; at 1e-3 they stay within 1.2e-7).
+    return 1e-3 * (step + 1) / 3
+
+
+def train_steps(cfg: OptimConfig, *, fused: bool, steps: int = 5, accum: int = 2, check=None):
+    """`steps` steps of 2 micro-batches on the tiny LM; installs the projected backward when the config asks."""
+    model = tiny_model()
+    spec = optimizer_spec(model, cfg)
+    opt: Any = InBackwardOptimizer(spec) if fused else spec.build()
+    if cfg.projected_backward:
+        handle = install_projected_backward(model, opt)
+        assert len(handle.installed) == 8 and handle.skipped == []  # 2 blocks x (qkv, out, up, down)
+    for s in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s)
+        for k in range(accum):
+            if fused:
+                opt.arm(k == accum - 1)
+            (loss_of(model, batch(s * accum + k)) / accum).backward()
+        if check is not None:
+            check(s, model, opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def max_diff(m1: nn.Module, m2: nn.Module) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(m1.parameters(), m2.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor"])
+def test_parameters_equal_the_ordinary_galore_path_across_refreshes(name, proj_type):
+    """5 steps at update_proj_gap=2 (refreshes at steps 0, 2, 4), 2 micro-batches each."""
+    cfg = galore_config(name, proj_type=proj_type)
+    seen = []
+
+    def check(step, model, opt):
+        weights = opt.projected_backward_params()
+        full = [p.grad is not None for p in weights]
+        seen.append(sum(full))
+        if step % 2:  # between refreshes: no full gradient anywhere, only the carriers'
+            assert not any(full)
+            assert all(opt.grad_carrier(p).grad is not None for p in weights)
+        else:
+            assert all(full)
+
+    ordinary, _ = train_steps(cfg, fused=False)
+    projected, opt = train_steps(
+        galore_config(name, proj_type=proj_type, projected_backward=True), fused=False, check=check
+    )
+    assert seen == [8, 0, 8, 0, 8]
+    assert max_diff(ordinary, tiny_model()) > 1e-4  # it trained
+    assert max_diff(ordinary, projected) < 1e-6
+    assert opt.state_dict().keys() == optimizer_spec(tiny_model(), cfg).build().state_dict().keys()
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor"])
+def test_fused_update_matches_the_ordinary_path(name):
+    ordinary, _ = train_steps(galore_config(name), fused=False)
+    fused_projected, opt = train_steps(galore_config(name, projected_backward=True), fused=True)
+    assert max_diff(ordinary, fused_projected) < 1e-6
+    # And bit for bit the non-fused projected path (the same per-parameter math).
+    projected, _ = train_steps(galore_config(name, projected_backward=True), fused=False)
+    assert max_diff(projected, fused_projected) == 0.0
+    assert all(opt.grad_carrier(p).grad is None for p in opt.projected_backward_params())  # freed
+
+
+def test_clipping_uses_the_norm_of_the_consumed_gradients_and_clips_R_like_G():
+    """Rule (optim/projected_backward.py): N^2 = sum ||R||^2 (projected weights) + sum ||G||^2 (the rest),
+    every consumed gradient scaled by c = min(1, max / (N + 1e-6)). Independent check: the ordinary
+    path, its G's projected by hand for N, then clipped by that c, gives the same parameters."""
+    cfg = galore_config("galore_adamw", projected_backward=True)
+    max_norm = 0.05
+    model, ref = tiny_model(), tiny_model()
+    params = [p for p in model.parameters()]
+    upd = StepAfterBackward(optimizer_spec(model, cfg), params, max_norm)
+    install_projected_backward(model, upd.optimizer)
+    ref_opt = optimizer_spec(ref, galore_config("galore_adamw")).build()
+    names = [n for n, _ in model.named_parameters()]
+    low_names = {
+        names[i] for i, p in enumerate(params) if any(p is q for q in upd.optimizer.projected_backward_params())
+    }
+    for s in range(2):  # step 0 refreshes (ordinary norm), step 1 is projected
+        for opt in (upd.optimizer, ref_opt):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(s)
+        loss_of(model, batch(s)).backward()
+        loss_of(ref, batch(s)).backward()
+        sq = 0.0
+        for name, p in ref.named_parameters():
+            assert p.grad is not None
+            g = p.grad.double()
+            if s == 1 and name in low_names:
+                g = project(g, {k: v.double() for k, v in ref_opt.state[p].items() if k in ("proj_left", "proj_right")})
+            sq += float(g.pow(2).sum())
+        expected = sq**0.5
+        norm = upd.finish_backward()
+        assert abs(float(norm) - expected) < 1e-5 * expected
+        assert upd.optimizer.projected_grads == 0  # counted when the step consumes them
+        coef = min(1.0, max_norm / (expected + 1e-6))
+        assert coef < 0.5  # clipping is active at this max_norm
+        for p in ref.parameters():
+            assert p.grad is not None
+            p.grad.mul_(coef)
+        upd.commit()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        assert upd.optimizer.projected_grads == (8 if s == 1 else 0)
+        assert all(p.grad is None for p in params)
+    assert max_diff(model, ref) < 1e-6
+
+
+def test_a_projected_gradient_on_a_refresh_step_is_an_error():
+    model = tiny_model()
+    opt: Any = optimizer_spec(model, galore_config("galore_adamw", projected_backward=True)).build()
+    w = opt.projected_backward_params()[0]
+    assert opt.projection_for(w) is None  # no basis yet: the first step refreshes
+    opt.grad_carrier(w).grad = torch.zeros(opt.grad_carrier(w).shape)
+    with pytest.raises(RuntimeError, match="refreshes the projector"):
+        opt.step()
+
+
+def test_install_needs_a_galore_optimizer_and_leaves_parameters_and_state_dict_alone():
+    model = tiny_model()
+    adamw = optimizer_spec(model, OptimConfig(name="adamw")).build()
+    with pytest.raises(TypeError, match="GaLore"):
+        install_projected_backward(model, adamw)
+    before = {k: v for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    opt = optimizer_spec(model, galore_config("galore_adamw", projected_backward=True, lowrank_targets="all")).build()
+    handle = install_projected_backward(model, opt)
+    assert handle.skipped == ["embed.weight"]  # not an nn.Linear: keeps the ordinary backward
+    assert "lm_head" in handle.installed
+    assert list(model.parameters()) == params and model.state_dict().keys() == before.keys()
+    handle.remove()
+    assert "forward" not in model.lm_head.__dict__
+
+
+def test_refusals_when_the_config_loads():
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(None, ["--optim.name=galore_adamw", "--optim.projected_backward=true", "--train.compile=true"])
+    cfg = load_config(None, ["--optim.name=galore_adamw", "--optim.projected_backward=true"])
+    with pytest.raises(ConfigError, match="Use projected_backward=false under DDP"):
+        validate(cfg, world_size=2)
+    with pytest.raises(ConfigError, match="optim.projected_backward=True is not read by adamw"):
+        load_config(None, ["--optim.projected_backward=true"])
+
+
+PROJECTED_RUN = {
+    "optim.name": "galore_adamw",
+    "optim.projected_backward": "true",
+    "optim.rank": 8,
+    "optim.update_proj_gap": 2,
+}
+
+
+def test_training_resumes_bit_exact_and_logs_what_the_norm_is(tmp_path, sample_tokens):
+    run(tmp_path, sample_tokens, "straight", **PROJECTED_RUN)
+    run(tmp_path, sample_tokens, "resumed", **PROJECTED_RUN)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints" / "step_00000006.pt").unlink()  # as if it died right after step 3's save
+    _, result = run(tmp_path, sample_tokens, "resumed", **PROJECTED_RUN)
+    assert result.final_step == 6
+    a, b = losses(tmp_path / "straight"), losses(resumed)
+    assert sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in a), (a, b)
+    final_a = ckpt.load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_00000006.pt")
+    final_b = ckpt.load_checkpoint(resumed / "checkpoints" / "step_00000006.pt")
+    for name, tensor in final_a["model"].items():
+        assert torch.equal(tensor, final_b["model"][name]), name
+    # Refresh steps (1, 3, 5: the state's step 0, 2, 4) consume G; the others R, for the 8 block weights.
+    gauge = {
+        r["step"]: r["optim/projected_grads"]
+        for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")
+        if "optim/projected_grads" in r
+    }
+    assert gauge == {1: 0, 2: 8, 3: 0, 4: 8, 5: 0, 6: 8}
+
+
+def test_benchmark_tool_counts_the_closed_form_at_a_tiny_size():
+    out = subprocess.run(
+        [sys.executable, "tools/bench_projected_backward.py", "--width", "32", "--mlp", "64", "--batch", "2"]
+        + ["--seq", "4", "--ranks", "4", "8", "--repeats", "1", "--threads", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 4 ") or line.startswith("| 8 ")]
+    assert len(rows) == 2 and all(" = " in row and "!=" not in row for row in rows)
