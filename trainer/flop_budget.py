@@ -236,7 +236,7 @@ class BudgetResolution:
     """The steps match_flops_of's optimizer takes within the budget (its train.max_steps before resolution)."""
 
     def describe(self) -> str:
-        """e.g. 'max_steps 10,161 from flop_budget 4.948e+18 (FLOP-matched to adamw at 8,000 steps)'."""
+        """e.g. 'max_steps 10,157 from flop_budget 4.945e+18 (FLOP-matched to adamw at 8,000 steps)'."""
         text = f"max_steps {self.max_steps:,} from flop_budget {self.flop_budget:.4g}"
         if self.match_flops_of is not None:
             text += f" (FLOP-matched to {self.match_flops_of} at {self.matched_steps:,} steps)"

@@ -114,7 +114,7 @@ class Trainer:
         self.micro_batch = micro_batch_per_rank(cfg.train, info.world_size)
         # load_config validated already; this covers a Config built in code (microseconds).
         validate(cfg, info.world_size)
-        self.budget = resolve_max_steps(cfg)  # idempotent: a no-op on load_config's result, but says how
+        self.budget = resolve_max_steps(cfg)  # idempotent: changes nothing after load_config; says how for the header
         self.flops = config_flops(cfg)  # flops_seen: cumulative training FLOPs, exact per step
         self.resume_from, self.resume_state, self.resume_changes = self._check_resume()  # before any heavy work
         self._build_data()  # first: its checks (missing data, tokenizer mismatch) fail fastest
