@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import flops_per_token, param_counts
 from optim.state_bytes import print_state_bytes_table
 from trainer.config import ConfigError, load_config
+from trainer.flop_budget import config_flops, resolve_max_steps
 
 
 def main(argv: list[str]) -> int:
@@ -29,6 +30,8 @@ def main(argv: list[str]) -> int:
     seq = cfg.data.seq_len
     fpt = flops_per_token(m, seq)
     tokens = cfg.train.max_steps * cfg.train.global_batch * seq
+    training = config_flops(cfg)  # with the projected backward / adapters, when on
+    budget = resolve_max_steps(cfg)  # already resolved by load_config; says how max_steps was derived
     print(
         f"model {m.flavor} ({m.arch}): d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, "
         f"MLP hidden {m.hidden_dim}, vocab {m.vocab_size}"
@@ -37,10 +40,21 @@ def main(argv: list[str]) -> int:
     print(f"  non-embedding   {counts['non_embedding']:>15,}  ({counts['non_embedding'] / 1e6:.1f}M)")
     print(f"  embedding+head  {counts['embedding']:>15,}")
     print(f"  FLOPs/token     {fpt:>15,}  (seq_len {seq}: 6N + 12*L*d*T + 6*d*V)")
+    if training.refresh_interval is not None or training.per_token != fpt:
+        print(
+            f"  training        {training.per_token:>15,} FLOPs/token"
+            + (
+                f" ({training.per_token_refresh:,} on projector refreshes, every {training.refresh_interval} steps)"
+                if training.refresh_interval is not None
+                else ""
+            )
+        )
     print(
-        f"  run budget      {tokens:>15,} tokens = {tokens * fpt:.3e} FLOPs "
+        f"  run budget      {tokens:>15,} tokens = {training.cumulative(cfg.train.max_steps):.3e} FLOPs "
         f"({cfg.train.max_steps} steps x {cfg.train.global_batch} x {seq})"
     )
+    if budget is not None:
+        print(f"  {budget.describe()}")
     print_state_bytes_table(cfg)
     return 0
 

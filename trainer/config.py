@@ -34,6 +34,7 @@ from trainer.config_parsing import (
     read_yaml,
     suggest,
 )
+from trainer.flop_budget import resolve_max_steps
 from trainer.run_lock import write_file_atomic
 
 __all__ = ["Config", "ConfigError", "help_text", "load_config", "parse_overrides", "save_config"]
@@ -60,10 +61,12 @@ class TrainConfig:
     max_steps: int = 8000
     """Optimizer steps of the whole run (derived from flop_budget when that is set)."""
     flop_budget: float | None = None
-    """Training FLOPs of the whole run; when set, max_steps is derived from it (trainer/flop_budget.py). null = off."""
+    """Training FLOPs of the whole run; when set, max_steps is derived from it (the most steps within it, counting the
+    projected backward and adapters: trainer/flop_budget.py) and a given max_steps is replaced. null = off."""
     match_flops_of: str | None = None
-    """Spend the FLOPs that this optimizer (a registered name, ordinary backward) spends in max_steps steps: sets
-    flop_budget, from which max_steps is derived (e.g. GaLore with projected_backward FLOP-matched to adamw)."""
+    """Spend the FLOPs that this optimizer (a registered name; ordinary backward, no adapter) spends in max_steps
+    steps: sets flop_budget, from which max_steps is derived (e.g. GaLore with projected_backward FLOP-matched to
+    adamw). With flop_budget set (as in a saved config.yaml) it only records where the budget came from."""
     global_batch: int = 1024
     """Sequences per optimizer step, over all ranks."""
     micro_batch: int = 16
@@ -180,6 +183,7 @@ def config_from_mapping(raw: dict, overrides: typing.Sequence[str] = ()) -> Conf
     runs of a few files, and parsing the YAML is most of the cost."""
     cfg = build_config(merge(raw, parse_overrides(list(overrides))))
     validate(cfg)
+    resolve_max_steps(cfg)  # train.flop_budget / match_flops_of -> max_steps, so the saved config holds both
     return cfg
 
 

@@ -28,6 +28,8 @@ MAY_CHANGE_ON_RESUME = (
     "optim.lr",
     "scheduler.*",
     "train.max_steps",
+    "train.flop_budget",
+    "train.match_flops_of",
     "train.micro_batch",
     "train.max_grad_norm",
     "train.precision",

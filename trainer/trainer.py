@@ -32,6 +32,7 @@ from optim.projected_backward import install_projected_backward
 from trainer.checkpoint import Checkpointer, RNGState, TrainProgress, latest_checkpoint, load_checkpoint
 from trainer.config import Config, ConfigError, micro_batch_per_rank, save_config, validate
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
+from trainer.flop_budget import config_flops, resolve_max_steps
 from trainer.hardware import device_peak_flops, peak_memory_bytes
 from trainer.metrics import MetricsLogger
 from trainer.parallelize import autocast_context, compile_blocks, resolve_precision, wrap_ddp
@@ -114,6 +115,8 @@ class Trainer:
         self.micro_batch = micro_batch_per_rank(cfg.train, info.world_size)
         # load_config validated already; this covers a Config built in code (microseconds).
         validate(cfg, info.world_size)
+        self.budget = resolve_max_steps(cfg)  # idempotent: changes nothing after load_config; says how for the header
+        self.flops = config_flops(cfg)  # flops_seen: cumulative training FLOPs, exact per step
         self.resume_from, self.resume_state, self.resume_changes = self._check_resume()  # before any heavy work
         self._build_data()  # first: its checks (missing data, tokenizer mismatch) fail fastest
         self._build_model_and_updater()
@@ -202,6 +205,8 @@ class Trainer:
             f"{info.world_size} rank(s) on {info.device.type} | {cfg.train.global_batch} x {cfg.data.seq_len} "
             f"tokens/step, micro-batch {self.micro_batch} | data: {self.data.n_windows} windows/epoch"
         )
+        if self.budget is not None:
+            self.log.print(self.budget.describe())
         if self.resume_from is not None:
             changed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items())
             self.log.print(
@@ -290,6 +295,7 @@ class Trainer:
             "throughput/data_wait_frac": data_seconds / self.step_times[-1],
             "memory/peak_bytes": float(peak_memory_bytes(self.info.device)),
             "tokens_seen": float(self.progress.tokens_seen),
+            "flops_seen": float(self.flops.cumulative(done)),
         }
         peak = device_peak_flops(self.info.device)
         if peak is not None:
