@@ -45,6 +45,12 @@ def lora_model(rank: int = 4, alpha: float = 8.0, dropout: float = 0.0, seed: in
     return model
 
 
+def wrapped(model: torch.nn.Module, name: str) -> LoRALinear:
+    module = model.get_submodule(name)
+    assert isinstance(module, LoRALinear)
+    return module
+
+
 def train_steps(model, steps: int, fused: bool = False, schedule_cfg: AdapterConfig | None = None, lr: float = 1e-2):
     """AdamW through the trainer's update strategy and protocol; returns the updater and schedule."""
     spec = optimizer_spec(model, OptimConfig(name="adamw", lr=lr, fused=False))
@@ -86,14 +92,14 @@ def test_adapters_start_as_a_no_op_and_keep_the_base_names():
 
 def test_init_is_nn_linear_kaiming_uniform_drawn_from_the_seed_and_reset_index():
     model = lora_model(rank=8)
-    qkv = model.blocks[0].attn.qkv
+    qkv = wrapped(model, "blocks.0.attn.qkv")
     a = qkv.lora_a.detach().clone()
     # nn.Linear's default init is kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)), in = 64.
     bound = 1 / math.sqrt(64)
     assert a.abs().max() <= bound and a.abs().max() > 0.95 * bound and a.std() > 0.5 * bound / math.sqrt(3)
     assert all(torch.count_nonzero(m.lora_b) == 0 for _, m in lora_modules(model))
-    assert torch.equal(lora_model(rank=8).blocks[0].attn.qkv.lora_a, a)  # same seed, same draw
-    assert not torch.equal(lora_model(rank=8, seed=1).blocks[0].attn.qkv.lora_a, a)
+    assert torch.equal(wrapped(lora_model(rank=8), "blocks.0.attn.qkv").lora_a, a)  # same seed, same draw
+    assert not torch.equal(wrapped(lora_model(rank=8, seed=1), "blocks.0.attn.qkv").lora_a, a)
     reinit_adapters(model, seed=0, reset_index=1)
     assert not torch.equal(qkv.lora_a, a)
     reinit_adapters(model, seed=0, reset_index=0)
@@ -227,7 +233,7 @@ def test_meta_models_take_adapters_too():
         model = Transformer(ModelConfig.from_flavor("tiny"))
     apply_lora(model, rank=8, alpha=32.0, dropout=0.0, seed=0)
     assert (
-        model.blocks[0].mlp.down.lora_a.is_meta and parameter_counts(model)["adapter"] == 4 * 8 * 16 * 128
+        wrapped(model, "blocks.0.mlp.down").lora_a.is_meta and parameter_counts(model)["adapter"] == 4 * 8 * 16 * 128
     )  # r (in + out), 16 d per block
 
 
