@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from model import ModelConfig, Transformer
 from optim import OptimConfig, optimizer_spec
 from optim.param_groups import describe_parameters
+from optim.state_bytes import state_bytes_table
 from tests.helpers.runs import tiny_overrides
 from tests.helpers.tiny_lm import batch, loss_of, tiny_model
 from trainer.config import AdapterConfig, ConfigError, load_config
+from trainer.memory_accounting import measure
 from trainer.lora import (
     LoRALinear,
     adapter_parameters,
@@ -321,3 +323,18 @@ def test_dropout_applies_to_the_adapter_branch_only_in_training():
     torch.manual_seed(1)
     mask = F.dropout(torch.ones_like(x), 0.5)
     torch.testing.assert_close(y, F.linear(x, m.weight) + F.linear(F.linear(x * mask, m.lora_a), m.lora_b))
+
+
+def test_memory_and_state_bytes_count_only_the_trainable_parameters():
+    """tools/bench_memory.py and tools/model_info.py with adapters: AdamW keeps 2 fp32 moments and a
+    4-byte step per trainable tensor; the frozen weights have neither gradient nor state."""
+    mcfg = ModelConfig(d_model=64, n_layers=2, vocab_size=512, max_seq_len=32)
+    adapter = AdapterConfig(method="lora", rank=4, dropout=0.0)
+    model = lora_model(rank=4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in trainable)
+    r = measure(mcfg, OptimConfig(name="adamw"), False, 2, 16, adapter=adapter)
+    assert r["state"] == 8 * n + 4 * len(trainable) and r["grads_peak"] == 4 * n
+    assert r["weights"] == 4 * sum(p.numel() for p in model.parameters())
+    (row,) = state_bytes_table(mcfg, ["adamw"], model=model)
+    assert row["measured_bytes"] == row["formula_bytes"] == 8 * n + 4 * len(trainable)
