@@ -15,7 +15,6 @@ from optim.state_bytes import state_bytes_table
 from tests.helpers.runs import tiny_overrides
 from tests.helpers.tiny_lm import batch, loss_of, tiny_model
 from trainer.config import AdapterConfig, ConfigError, load_config
-from trainer.memory_accounting import measure
 from trainer.lora import (
     LoRALinear,
     adapter_parameters,
@@ -26,6 +25,7 @@ from trainer.lora import (
     parameter_counts,
     reinit_adapters,
 )
+from trainer.memory_accounting import measure
 from trainer.relora import (
     AdapterSchedule,
     ReLoRASchedule,
