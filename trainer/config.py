@@ -283,6 +283,8 @@ def _check_adapter(cfg: Config) -> None:
             f"{', '.join(ignored)} set, but adapter.method={method} does not read it (only {readers} do); "
             f"drop it or set --adapter.method"
         )
+    if method == "none":  # its keys are unread (and at their defaults, checked above): rank 128 may exceed d_model
+        return
     ranges = [
         ("rank", 1 <= a.rank <= cfg.model.d_model, f"in [1, model.d_model={cfg.model.d_model}]"),
         ("alpha", a.alpha > 0, "> 0"),
@@ -294,8 +296,6 @@ def _check_adapter(cfg: Config) -> None:
     for key, ok, want in ranges:
         if not ok:
             raise ConfigError(f"adapter.{key}={getattr(a, key)!r} must be {want}")
-    if method == "none":
-        return
     if "rank" in optimizer_keys(cfg.optim.name):  # galore_adamw, galore_adafactor, adamem
         raise ConfigError(
             f"adapter.method={method} with optim.name={cfg.optim.name}: a low-rank projection of low-rank adapters "
