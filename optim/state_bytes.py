@@ -164,14 +164,20 @@ def measured_state_bytes_for(model: nn.Module, cfg: OptimConfig, seed: int = 0) 
 
 
 def state_bytes_table(
-    model_cfg: ModelConfig, optim_names: Iterable[str] | None = None, optim_cfg: OptimConfig | None = None
+    model_cfg: ModelConfig,
+    optim_names: Iterable[str] | None = None,
+    optim_cfg: OptimConfig | None = None,
+    model: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
     """Rows {optimizer, measured_bytes, formula_bytes, n_params, bytes_per_param} for `model_cfg`
     (a model.ModelConfig) and each optimizer name (default: every registered one that has a
-    formula), with the other keys from `optim_cfg` (default OptimConfig())."""
+    formula), with the other keys from `optim_cfg` (default OptimConfig()). `model`: count this
+    model instead of a fresh Transformer(model_cfg), e.g. one with LoRA adapters and frozen
+    weights (trainer/lora.py; only trainable parameters have state; n_params counts them all)."""
     base = optim_cfg or OptimConfig()
-    with torch.device("meta"):  # shapes only: the measurement instantiates one param per kind
-        model = Transformer(model_cfg)
+    if model is None:
+        with torch.device("meta"):  # shapes only: the measurement instantiates one param per kind
+            model = Transformer(model_cfg)
     n_params = sum(p.numel() for p in model.parameters())
     names = list(optim_names) if optim_names is not None else list(TABLE_ROWS)
     rows = []
@@ -203,10 +209,11 @@ def format_state_bytes_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def print_state_bytes_table(cfg: Any) -> None:
+def print_state_bytes_table(cfg: Any, model: nn.Module | None = None, optim_names: Iterable[str] | None = None) -> None:
     """For tools/model_info.py: `cfg` is the full run Config (uses cfg.model and cfg.optim's keys:
-    rank, lowrank_targets, proj_type, variant, one_sided, ...)."""
-    rows = state_bytes_table(cfg.model, optim_cfg=cfg.optim)
+    rank, lowrank_targets, proj_type, variant, one_sided, ...); `model` and `optim_names` as in
+    state_bytes_table."""
+    rows = state_bytes_table(cfg.model, optim_names, optim_cfg=cfg.optim, model=model)
     o = cfg.optim
     print(
         f"optimizer state, fp32, measured (instantiated) vs closed form; rank {o.rank}, "

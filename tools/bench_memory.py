@@ -3,6 +3,7 @@
     python tools/bench_memory.py                          # 210m and 550m, micro-batch 8 x 512
     python tools/bench_memory.py --flavors 210m --micro-batch 4 --optims adamw adalomo
     python tools/bench_memory.py --time                   # CPU step times (tiny model)
+    python tools/bench_memory.py --flavors 210m --adapter-rank 128   # LoRA r=128 (full-rank optimizers)
 
 How the memory is accounted (meta device by default: shapes only, the numbers of a real run):
 trainer/memory_accounting.py.
@@ -23,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from model import ModelConfig, Transformer
-from optim import REGISTRY, OptimConfig, optimizer_spec
+from optim import REGISTRY, OptimConfig, optimizer_keys, optimizer_spec
 from optim.in_backward import InBackwardOptimizer
+from trainer.config import AdapterConfig
 from trainer.memory_accounting import measure
 from trainer.step import token_loss_sum
 
@@ -40,9 +42,17 @@ def _optim_cfg(name: str, **kw: Any) -> OptimConfig:
 
 
 def memory_table(
-    flavors: list[str], optims: list[tuple[str, OptimConfig]], micro_batch: int, seq_len: int, device: str
+    flavors: list[str],
+    optims: list[tuple[str, OptimConfig]],
+    micro_batch: int,
+    seq_len: int,
+    device: str,
+    adapter: AdapterConfig | None = None,
 ) -> None:
-    print(f"peak memory of one training step, micro-batch {micro_batch} x {seq_len} tokens, fp32, device={device}")
+    lora = "" if adapter is None else f", LoRA rank {adapter.rank} (dropout {adapter.dropout:g}) on the blocks' linears"
+    print(
+        f"peak memory of one training step, micro-batch {micro_batch} x {seq_len} tokens, fp32, device={device}{lora}"
+    )
     print("GiB; peak = measured (weights + state + max over backward of live activations + gradients [+ deferred U]);")
     print("formula = weights + gradients (all; fused: largest one) + state + activations")
     hdr = (
@@ -56,7 +66,7 @@ def memory_table(
         for label, ocfg in optims:
             for fused in (False, True):
                 try:
-                    r = measure(mcfg, ocfg, fused, micro_batch, seq_len, device)
+                    r = measure(mcfg, ocfg, fused, micro_batch, seq_len, device, adapter=adapter)
                 except Exception as e:  # an optimizer that cannot run shape-only: say so, keep going
                     print(f"{flavor:>6} {label:<24} {str(fused):>5}  failed: {type(e).__name__}: {str(e)[:80]}")
                     continue
@@ -141,8 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="meta", help="meta (shape-only accounting) or cpu")
     ap.add_argument("--time", action="store_true", help="CPU step times instead of memory")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--adapter-rank", type=int, default=0, help="LoRA adapters of this rank (0 = none; memory only)")
     args = ap.parse_args(argv)
-    names = args.optims or sorted(REGISTRY)
+    adapter = AdapterConfig(method="lora", rank=args.adapter_rank) if args.adapter_rank else None
+    # With adapters only the full-rank optimizers apply (trainer/config.py refuses the low-rank ones).
+    names = args.optims or [n for n in sorted(REGISTRY) if adapter is None or "rank" not in optimizer_keys(n)]
     optims = [(n, _optim_cfg(n)) for n in names]
     if args.adalomo_grid:
         optims += [(label, _optim_cfg("adalomo", **kw)) for label, kw in ADALOMO_GRID[1:]]
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         flavor = args.flavors[0] if args.flavors != ["210m", "550m"] else "tiny"
         time_table(flavor, optims, args.micro_batch, args.seq_len, args.steps)
     else:
-        memory_table(args.flavors, optims, args.micro_batch, args.seq_len, args.device)
+        memory_table(args.flavors, optims, args.micro_batch, args.seq_len, args.device, adapter)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import flops_per_token, param_counts
+import torch
+
+from model import Transformer, flops_per_token, param_counts
 from optim.state_bytes import print_state_bytes_table
 from trainer.config import ConfigError, load_config
 from trainer.flop_budget import config_flops, resolve_max_steps
+from trainer.lora import apply_adapters, parameter_counts
+
+# With adapters (adapter.method lora/relora) only the full-rank optimizers apply (trainer/config.py).
+ADAPTER_TABLE_ROWS = ("adamw", "adafactor", "adafactor_momentum", "adalomo")
 
 
 def main(argv: list[str]) -> int:
@@ -53,9 +59,22 @@ def main(argv: list[str]) -> int:
         f"  run budget      {tokens:>15,} tokens = {training.cumulative(cfg.train.max_steps):.3e} FLOPs "
         f"({cfg.train.max_steps} steps x {cfg.train.global_batch} x {seq})"
     )
+    model, rows = None, None
+    if cfg.adapter.method != "none":
+        with torch.device("meta"):  # shapes only
+            model = Transformer(m)
+        apply_adapters(model, cfg.adapter, seed=cfg.run.seed)
+        c, a = parameter_counts(model), cfg.adapter
+        label = f"{a.method} adapters"
+        print(f"  {label:<16}{c['adapter']:>15,}  (rank {a.rank} on every linear of the blocks)")
+        print(
+            f"  trainable       {c['trainable']:>15,}  ({c['trainable'] / 1e6:.1f}M: adapters, embedding, norms, head)"
+        )
+        print(f"  frozen          {c['frozen']:>15,}  (the blocks' linear weights)")
+        rows = ADAPTER_TABLE_ROWS
     if budget is not None:
         print(f"  {budget.describe()}")
-    print_state_bytes_table(cfg)
+    print_state_bytes_table(cfg, model, rows)
     return 0
 
 

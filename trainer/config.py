@@ -91,22 +91,26 @@ OptimizerReset = Literal["prune", "zero"]
 class AdapterConfig:
     method: AdapterMethod = "none"
     """none = train every weight; lora = rank-r adapters on the blocks' linear layers, their base weights frozen
-    (embedding, norms and output stay trainable); relora = lora, merged and restarted every reset_interval steps."""
+    (embedding, norms and output stay trainable; trainer/lora.py); relora = lora, merged into the base weights and
+    restarted every reset_interval steps (trainer/relora.py; optim.name=adamw only)."""
     rank: int = 128
-    """Adapter rank r."""
+    """Adapter rank r, in [1, model.d_model] (ReLoRA's and GaLore's baselines: 128)."""
     alpha: float = 32.0
-    """Adapter scaling: the adapter's output is multiplied by alpha / rank."""
-    dropout: float = 0.0
-    """Dropout on the adapters' input."""
+    """Adapter scaling: the adapter's output is multiplied by alpha / rank (ReLoRA's code: 32)."""
+    dropout: float = 0.1
+    """Dropout on the adapters' input, in [0, 1) (ReLoRA's code: 0.1; 0 = none)."""
     reset_interval: int = 2000
-    """ReLoRA: merge the adapters into the base weights and re-initialise them every this many steps."""
+    """ReLoRA: merge the adapters into the base weights and re-initialise them every this many steps (paper's 1B
+    runs: 5000 of 133k; 2000 suits the 8k-step runs here)."""
     optimizer_reset: OptimizerReset = "prune"
-    """ReLoRA: on a reset, prune the adapters' optimizer state to its largest-magnitude 1 - prune_ratio (prune) or
-    zero it."""
+    """ReLoRA: on a reset, prune the adapters' AdamW moments to their largest-magnitude 1 - prune_ratio entries
+    (prune) or zero them (zero); their step counters are kept."""
     prune_ratio: float = 0.999
-    """ReLoRA: fraction of the adapters' optimizer state zeroed by a prune reset (by magnitude)."""
+    """ReLoRA: fraction of each adapter moment tensor zeroed by a prune reset (by magnitude), in [0, 1) (ReLoRA's
+    README recommends 0.9 or a full reset)."""
     restart_warmup_steps: int = 50
-    """ReLoRA: after a reset the lr rises linearly from 0 back to the schedule over this many steps (jagged)."""
+    """ReLoRA: after a reset the lr rises linearly from 1/restart_warmup_steps of the schedule back to it over this
+    many steps (jagged schedule; ReLoRA: 50-100); 0 = no restart warmup."""
 
 
 @dataclass
@@ -224,6 +228,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} must be positive")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be at least 1 (the latest checkpoint is always kept)")
+    _check_adapter(cfg)
 
 
 def micro_batch_per_rank(t: TrainConfig, world_size: int) -> int:
@@ -263,3 +268,53 @@ def help_text() -> str:
             lines.append(f"  --{section}.{f.name}  ({describe_type(hints[f.name])}, default {shown})")
             lines.append(f"      {docs.get(f.name, '')}")
     return "\n".join(lines)
+
+
+# The adapter keys each adapter.method reads (a non-default value of another key is an error, as for optim.*).
+_ADAPTER_KEYS = {
+    "none": (),
+    "lora": ("rank", "alpha", "dropout"),
+    "relora": ("rank", "alpha", "dropout", "reset_interval", "optimizer_reset", "prune_ratio", "restart_warmup_steps"),
+}
+
+
+def _check_adapter(cfg: Config) -> None:
+    """adapter.*: value ranges, keys the method does not read, and the optimizers that can train adapters."""
+    a, method = cfg.adapter, cfg.adapter.method
+    defaults = AdapterConfig()
+    ignored = [
+        f"adapter.{f.name}={getattr(a, f.name)!r}"
+        for f in dataclasses.fields(AdapterConfig)
+        if f.name != "method"
+        and f.name not in _ADAPTER_KEYS[method]
+        and getattr(a, f.name) != getattr(defaults, f.name)
+    ]
+    if ignored:
+        readers = "relora" if method == "lora" else "lora and relora"
+        raise ConfigError(
+            f"{', '.join(ignored)} set, but adapter.method={method} does not read it (only {readers} do); "
+            f"drop it or set --adapter.method"
+        )
+    if method == "none":  # its keys are unread (and at their defaults, checked above): rank 128 may exceed d_model
+        return
+    ranges = [
+        ("rank", 1 <= a.rank <= cfg.model.d_model, f"in [1, model.d_model={cfg.model.d_model}]"),
+        ("alpha", a.alpha > 0, "> 0"),
+        ("dropout", 0 <= a.dropout < 1, "in [0, 1)"),
+        ("reset_interval", a.reset_interval >= 1, ">= 1"),
+        ("prune_ratio", 0 <= a.prune_ratio < 1, "in [0, 1)"),
+        ("restart_warmup_steps", a.restart_warmup_steps >= 0, ">= 0"),
+    ]
+    for key, ok, want in ranges:
+        if not ok:
+            raise ConfigError(f"adapter.{key}={getattr(a, key)!r} must be {want}")
+    if "rank" in optimizer_keys(cfg.optim.name):  # galore_adamw, galore_adafactor, adamem
+        raise ConfigError(
+            f"adapter.method={method} with optim.name={cfg.optim.name}: a low-rank projection of low-rank adapters "
+            f"is not a baseline; use --optim.name=adamw (or --adapter.method=none for {cfg.optim.name})"
+        )
+    if method == "relora" and cfg.optim.name != "adamw":
+        raise ConfigError(
+            f"adapter.method=relora resets AdamW's moments (exp_avg, exp_avg_sq) at each restart; "
+            f"optim.name={cfg.optim.name} keeps other state. Use --optim.name=adamw, or --adapter.method=lora"
+        )

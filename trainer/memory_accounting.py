@@ -38,6 +38,8 @@ from model import ModelConfig, Transformer
 from optim import OptimConfig, optimizer_spec
 from optim.in_backward import InBackwardOptimizer
 from optim.state_bytes import measured_state_bytes
+from trainer.config import AdapterConfig
+from trainer.lora import apply_adapters
 from trainer.step import token_loss_sum
 
 
@@ -159,13 +161,17 @@ def measure(
     seq_len: int,
     device: str = "meta",
     seed: int = 0,
+    adapter: AdapterConfig | None = None,
 ) -> dict[str, int]:
     """Bytes of one training step (the second: the first allocates the optimizer state) of a
     `model_cfg` model with `optim_cfg`'s optimizer, fused in backward or not, on `micro_batch` x
-    `seq_len` tokens: {weights, state, activations, grads_peak, deferred, peak, formula}."""
+    `seq_len` tokens: {weights, state, activations, grads_peak, deferred, peak, formula}. `adapter`:
+    LoRA adapters on the model first (trainer/lora.py; frozen weights get no gradient nor state)."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = Transformer(model_cfg)
+    if adapter is not None:
+        apply_adapters(model, adapter, seed=seed)
     # The tracker's gradient hooks go first, so they see each gradient before the fused update frees it.
     tracker = MemoryTracker(model)
     spec = optimizer_spec(model, optim_cfg)
@@ -193,7 +199,8 @@ def measure(
     params = list(model.parameters())
     weights = sum(p.nbytes for p in params)
     state = measured_state_bytes(opt)
-    grads_formula = max(p.nbytes for p in params) if fused else weights
+    trainable = [p.nbytes for p in params if p.requires_grad]  # frozen LoRA base weights get no gradient
+    grads_formula = max(trainable) if fused else sum(trainable)
     deferred = in_backward.peak_deferred_bytes if in_backward is not None else 0
     return dict(
         weights=weights,

@@ -34,8 +34,10 @@ from trainer.config import Config, ConfigError, micro_batch_per_rank, save_confi
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
 from trainer.flop_budget import config_flops, resolve_max_steps
 from trainer.hardware import device_peak_flops, peak_memory_bytes
+from trainer.lora import apply_adapters, parameter_counts
 from trainer.metrics import MetricsLogger
 from trainer.parallelize import autocast_context, compile_blocks, resolve_precision, wrap_ddp
+from trainer.relora import build_adapter_schedule
 from trainer.resume_policy import check_resume_compatible, record_resume
 from trainer.run_lock import lock_run_dir, remove_stale_temp_files
 from trainer.schedule import lr_factor
@@ -163,6 +165,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
         self.model = Transformer(cfg.model).to(self.info.device)
+        apply_adapters(self.model, cfg.adapter, seed=cfg.run.seed)  # adapter.method=none: nothing
         params = [p for p in self.model.parameters() if p.requires_grad]
         spec = optimizer_spec(self.model, cfg.optim)
         self.updater = build_update_strategy(
@@ -170,6 +173,7 @@ class Trainer:
         )
         if cfg.optim.projected_backward:  # GaLore's low-rank linears compute their projected gradient in backward
             install_projected_backward(self.model, self.updater.optimizer)
+        self.adapters = build_adapter_schedule(self.model, self.updater, cfg.adapter, cfg.run.seed)
 
     def _check_vocab(self) -> None:
         data_vocab = self.data.manifest["tokenizer"]["vocab_size"]
@@ -197,11 +201,13 @@ class Trainer:
     def _print_run_header(self) -> None:
         cfg, info = self.cfg, self.info
         counts = param_counts(cfg.model)
+        trainable = parameter_counts(self.model)["trainable"]
         self.log.print(
             f"model {cfg.model.flavor}: {counts['total'] / 1e6:.1f}M parameters "
-            f"({counts['non_embedding'] / 1e6:.1f}M non-embedding), "
+            f"({counts['non_embedding'] / 1e6:.1f}M non-embedding, {trainable / 1e6:.1f}M trainable), "
             f"{flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.1f} MFLOPs/token | "
             f"optimizer {cfg.optim.name}{' (fused in backward)' if cfg.train.fused_update else ''} | "
+            f"adapters: {self.adapters.describe()} | "
             f"{info.world_size} rank(s) on {info.device.type} | {cfg.train.global_batch} x {cfg.data.seq_len} "
             f"tokens/step, micro-batch {self.micro_batch} | data: {self.data.n_windows} windows/epoch"
         )
@@ -232,7 +238,7 @@ class Trainer:
             warmup_steps=cfg.scheduler.warmup_steps,
             max_steps=cfg.train.max_steps,
             final_lr_ratio=cfg.scheduler.final_lr_ratio,
-        )
+        ) * self.adapters.lr_multiplier(step)
         self.updater.set_lr_factor(factor)
         loss = forward_backward(
             self.wrapped_model,
@@ -253,6 +259,7 @@ class Trainer:
         loss_value = all_reduce_sum(loss, info).item() / info.world_size
         self._check_finite(step + 1, loss_value, grad_norm)
         self.updater.commit()
+        self.adapters.after_commit(step + 1)  # ReLoRA's merge and restart; nothing otherwise
         return StepOutput(loss_value, grad_norm, factor)
 
     def _check_finite(self, step: int, loss: float, grad_norm: float) -> None:

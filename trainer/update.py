@@ -19,7 +19,8 @@ whose `step()` is a no-op):
   config loads (the global norm is known only after the updates): see check_fused_supported.
 
 Both own `state_dict` / `load_state_dict` (the optimizer's state as the checkpoint stores it) and
-`counters()` (cumulative optimizer counters for the logs). The peak learning rates come from the
+`counters()` (cumulative optimizer counters for the logs), and `state_of(p)` (one parameter's
+optimizer state, which ReLoRA's restarts prune: trainer/relora.py). The peak learning rates come from the
 config, never from a checkpoint, so `--optim.lr` may change on resume.
 """
 
@@ -73,6 +74,14 @@ class UpdateStrategy(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict) -> None:
         """Restore the optimizer state; ValueError if `state` has another layout."""
+
+    def state_of(self, p: torch.Tensor) -> dict[str, Any]:
+        """The optimizer state of parameter `p`, the live dict (edits change the optimizer; empty
+        before p's first update): for schedules that reset part of it (trainer/relora.py)."""
+        for opt in self._optimizers:
+            if p in opt.state:
+                return opt.state[p]
+        return {}
 
     def counters(self) -> dict[str, float]:
         out = {

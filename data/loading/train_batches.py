@@ -115,6 +115,10 @@ class TrainBatches:
             pin_memory=self.pin_memory,
             persistent_workers=False,
             worker_init_fn=_ignore_stop_signals if self.cfg.num_workers else None,
+            # Creating the iterator draws a worker base seed: from a private generator, not torch's
+            # global RNG, so a resumed run (whose iterator starts after the RNG is restored) leaves
+            # the global stream where the checkpoint had it (e.g. LoRA dropout masks stay exact).
+            generator=torch.Generator().manual_seed(0),
         )
         return iter(loader)
 

@@ -1,0 +1,340 @@
+"""LoRA adapters (trainer/lora.py) and ReLoRA restarts (trainer/relora.py) on a tiny model, without
+the trainer: the no-op start, the forward's closed form, merge, which parameters train, the optimizer
+state reset (both update strategies), the jagged lr, config errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, Transformer
+from optim import OptimConfig, optimizer_spec
+from optim.param_groups import describe_parameters
+from optim.state_bytes import state_bytes_table
+from tests.helpers.runs import tiny_overrides
+from tests.helpers.tiny_lm import batch, loss_of, tiny_model
+from trainer.config import AdapterConfig, ConfigError, load_config
+from trainer.lora import (
+    LoRALinear,
+    adapter_parameters,
+    apply_lora,
+    lora_modules,
+    merge_adapters,
+    merged_state_dict,
+    parameter_counts,
+    reinit_adapters,
+)
+from trainer.memory_accounting import measure
+from trainer.relora import (
+    AdapterSchedule,
+    ReLoRASchedule,
+    build_adapter_schedule,
+    jagged_lr_multiplier,
+    kept_entries,
+    prune_by_magnitude_,
+)
+from trainer.resume_policy import check_resume_compatible
+from trainer.update import build_update_strategy
+
+torch.set_num_threads(1)
+BLOCK_LINEARS = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")
+
+
+def lora_model(rank: int = 4, alpha: float = 8.0, dropout: float = 0.0, seed: int = 0) -> Transformer:
+    model = tiny_model()
+    apply_lora(model, rank=rank, alpha=alpha, dropout=dropout, seed=seed)
+    return model
+
+
+def wrapped(model: torch.nn.Module, name: str) -> LoRALinear:
+    module = model.get_submodule(name)
+    assert isinstance(module, LoRALinear)
+    return module
+
+
+def train_steps(model, steps: int, fused: bool = False, schedule_cfg: AdapterConfig | None = None, lr: float = 1e-2):
+    """AdamW through the trainer's update strategy and protocol; returns the updater and schedule."""
+    spec = optimizer_spec(model, OptimConfig(name="adamw", lr=lr, fused=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    updater = build_update_strategy(spec, params, fused=fused, max_grad_norm=0.0)
+    schedule = build_adapter_schedule(model, updater, schedule_cfg or AdapterConfig(method="lora"), seed=0)
+    for step in range(steps):
+        updater.set_lr_factor(schedule.lr_multiplier(step))
+        updater.before_backward(True)
+        loss_of(model, batch(seed=step)).backward()
+        updater.finish_backward()
+        updater.commit()
+        schedule.after_commit(step + 1)
+    return updater, schedule
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_adapters_start_as_a_no_op_and_keep_the_base_names():
+    base = tiny_model()
+    tokens = batch(seed=0)[:, :-1]
+    before = base(tokens)
+    keys_before = set(base.state_dict())
+    wrapped = apply_lora(base, rank=4, alpha=8.0, dropout=0.1, seed=0)
+    base.eval()  # dropout off: the function is compared, not a random draw
+    assert torch.equal(base(tokens), before)  # B = 0: bit for bit
+    assert len(wrapped) == 4 * 2 and all(isinstance(m, LoRALinear) for m in wrapped)
+    adapter_keys = {f"blocks.{i}.{lin}.{ab}" for i in range(2) for lin in BLOCK_LINEARS for ab in ("lora_a", "lora_b")}
+    assert set(base.state_dict()) == keys_before | adapter_keys
+    trainable = {n for n, p in base.named_parameters() if p.requires_grad}
+    frozen = {f"blocks.{i}.{lin}.weight" for i in range(2) for lin in BLOCK_LINEARS}
+    assert trainable == (keys_before - frozen) | adapter_keys  # embedding, norms, lm_head stay trainable
+    roles = {i.name: (i.role, i.layer) for i in describe_parameters(base)}
+    assert roles["blocks.1.mlp.up.lora_a"] == ("block_matrix", 1) and "blocks.1.mlp.up.weight" not in roles
+    assert roles["embed.weight"][0] == "embedding" and roles["lm_head.weight"][0] == "output"
+
+
+def test_init_is_nn_linear_kaiming_uniform_drawn_from_the_seed_and_reset_index():
+    model = lora_model(rank=8)
+    qkv = wrapped(model, "blocks.0.attn.qkv")
+    a = qkv.lora_a.detach().clone()
+    # nn.Linear's default init is kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)), in = 64.
+    bound = 1 / math.sqrt(64)
+    assert a.abs().max() <= bound and a.abs().max() > 0.95 * bound and a.std() > 0.5 * bound / math.sqrt(3)
+    assert all(torch.count_nonzero(m.lora_b) == 0 for _, m in lora_modules(model))
+    assert torch.equal(wrapped(lora_model(rank=8), "blocks.0.attn.qkv").lora_a, a)  # same seed, same draw
+    assert not torch.equal(wrapped(lora_model(rank=8, seed=1), "blocks.0.attn.qkv").lora_a, a)
+    reinit_adapters(model, seed=0, reset_index=1)
+    assert not torch.equal(qkv.lora_a, a)
+    reinit_adapters(model, seed=0, reset_index=0)
+    assert torch.equal(qkv.lora_a, a)  # a pure function of (seed, reset index)
+
+
+def test_forward_is_the_closed_form():
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(16, 24, bias=False)
+    m = LoRALinear(lin, rank=4, alpha=12.0, dropout=0.0)
+    with torch.no_grad():
+        m.lora_b.normal_()
+    x = torch.randn(5, 16)
+    expected = x @ lin.weight.T + (12.0 / 4) * (x @ m.lora_a.T @ m.lora_b.T)
+    torch.testing.assert_close(m(x), expected, rtol=1e-6, atol=1e-6)
+    assert m.weight is lin.weight and not m.weight.requires_grad
+
+
+def test_only_adapters_and_unfrozen_parameters_change():
+    model = lora_model()
+    before = snapshot(model)
+    train_steps(model, 2)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    frozen = {f"blocks.{i}.{lin}.weight" for i in range(2) for lin in BLOCK_LINEARS}
+    assert changed == set(before) - frozen  # every trainable parameter moved, no frozen one
+
+
+def test_merge_keeps_the_function_and_zeroes_the_adapters_and_loads_into_a_plain_model():
+    model = lora_model()
+    train_steps(model, 3)
+    assert all(torch.count_nonzero(m.lora_b) > 0 for _, m in lora_modules(model))
+    tokens = batch(seed=7)[:, :-1]
+    with torch.no_grad():
+        before = model(tokens)
+        plain = Transformer(model.cfg)
+        plain.load_state_dict(merged_state_dict(model))  # strict: the plain model's keys exactly
+        torch.testing.assert_close(plain(tokens), before, rtol=1e-5, atol=1e-5)
+        weights_before = {n: m.weight.clone() for n, m in lora_modules(model)}
+        merge_adapters(model)
+        torch.testing.assert_close(model(tokens), before, rtol=1e-5, atol=1e-5)
+    for name, m in lora_modules(model):
+        assert torch.count_nonzero(m.lora_b) == 0
+        assert not torch.equal(m.weight, weights_before[name])
+    # With B = 0 the adapter branch adds exactly zero: the merged model is the plain one, bit for bit.
+    with torch.no_grad():
+        assert torch.equal(model(tokens), plain(tokens))
+
+
+def test_prune_keeps_exactly_the_largest_magnitudes():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(8, 5, generator=g)
+    original = t.clone()
+    prune_by_magnitude_(t, 0.75)
+    kept = original.abs().flatten().topk(10).indices
+    expected = torch.zeros(40)
+    expected[kept] = original.flatten()[kept]
+    assert torch.equal(t.flatten(), expected) and torch.count_nonzero(t) == 10
+    assert kept_entries(100, 0.29) == 71 and kept_entries(512, 0.999) == 1 and kept_entries(1000, 0.999) == 1
+    assert kept_entries(10, 0.0) == 10
+
+
+def test_jagged_lr_multiplier():
+    f = [jagged_lr_multiplier(s, reset_interval=4, restart_warmup_steps=2) for s in range(12)]
+    assert f == [1, 1, 1, 1, 0.5, 1, 1, 1, 0.5, 1, 1, 1]
+    f = [jagged_lr_multiplier(s, reset_interval=3, restart_warmup_steps=4) for s in range(7)]
+    assert f == [1, 1, 1, 0.25, 0.5, 0.75, 0.25]  # a warmup longer than the interval restarts anyway
+    assert jagged_lr_multiplier(9, reset_interval=3, restart_warmup_steps=0) == 1.0
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("mode", ["prune", "zero"])
+def test_relora_restart_merges_reinitialises_and_resets_the_adapters_state(fused, mode):
+    cfg = AdapterConfig(method="relora", rank=4, alpha=8.0, reset_interval=3, optimizer_reset=mode, prune_ratio=0.9)
+    model = lora_model()
+    updater, schedule = train_steps(model, 2, fused=fused, schedule_cfg=cfg)  # no restart yet
+    assert isinstance(schedule, ReLoRASchedule) and schedule.resets_done == 0
+    tokens = batch(seed=7)[:, :-1]
+    # The third step, by hand, to look at the model just before its restart.
+    updater.before_backward(True)
+    loss_of(model, batch(seed=2)).backward()
+    updater.finish_backward()
+    updater.commit()
+    embed_state = {k: v.clone() for k, v in updater.state_of(model.embed.weight).items()}
+    adapter_states = {id(p): {k: v.clone() for k, v in updater.state_of(p).items()} for p in adapter_parameters(model)}
+    frozen_before = {n: m.weight.clone() for n, m in lora_modules(model)}
+    with torch.no_grad():
+        logits_before = model(tokens)
+    schedule.after_commit(3)
+    assert schedule.resets_done == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), logits_before, rtol=1e-5, atol=1e-5)  # merge: same function
+    fresh = lora_model()
+    reinit_adapters(fresh, seed=0, reset_index=1)
+    for (name, m), (_, f) in zip(lora_modules(model), lora_modules(fresh), strict=True):
+        assert not torch.equal(m.weight, frozen_before[name])  # the base weights change at a restart
+        assert torch.equal(m.lora_a, f.lora_a) and torch.count_nonzero(m.lora_b) == 0
+    for p in adapter_parameters(model):
+        state, old = updater.state_of(p), adapter_states[id(p)]
+        assert torch.equal(state["step"], old["step"])  # kept (see trainer/relora.py)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if mode == "zero":
+                assert torch.count_nonzero(state[key]) == 0
+            else:
+                ref = old[key].clone()
+                prune_by_magnitude_(ref, 0.9)
+                assert torch.equal(state[key], ref)
+                assert torch.count_nonzero(state[key]) <= kept_entries(p.numel(), 0.9)
+    for k, v in updater.state_of(model.embed.weight).items():
+        assert torch.equal(v, embed_state[k])  # only the adapters' state is reset
+
+
+def test_the_no_op_schedule_of_none_and_lora():
+    model = tiny_model()
+    schedule = build_adapter_schedule(model, None, AdapterConfig(), seed=0)  # type: ignore[arg-type]
+    assert type(schedule) is AdapterSchedule and schedule.lr_multiplier(10**6) == 1.0
+    assert schedule.describe() == "none"
+
+
+def test_trainable_parameter_counts_are_the_closed_form():
+    model = lora_model(rank=4)
+    d, r, layers = 64, 4, 2
+    adapter = layers * r * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))
+    counts = parameter_counts(model)
+    base = sum(p.numel() for p in tiny_model().parameters())
+    assert counts["adapter"] == adapter and counts["total"] == base + adapter
+    assert counts["frozen"] == layers * 12 * d * d and counts["trainable"] == base - layers * 12 * d * d + adapter
+
+
+def test_meta_models_take_adapters_too():
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_flavor("tiny"))
+    apply_lora(model, rank=8, alpha=32.0, dropout=0.0, seed=0)
+    assert (
+        wrapped(model, "blocks.0.mlp.down").lora_a.is_meta and parameter_counts(model)["adapter"] == 4 * 8 * 16 * 128
+    )  # r (in + out), 16 d per block
+
+
+def adapter_overrides(tmp_path, sample_tokens, **adapter):
+    """The 64-wide test model's overrides; rank 8 (the default 128 exceeds its width) unless set."""
+    adapter = {"rank": 8, **adapter} if adapter.get("method", "none") != "none" else adapter
+    return tiny_overrides(tmp_path / "run", sample_tokens, **{f"adapter.{k}": v for k, v in adapter.items()})
+
+
+@pytest.mark.parametrize(
+    ("adapter", "extra", "message"),
+    [
+        ({"method": "lora", "rank": 0}, {}, r"adapter.rank=0 must be in \[1, model.d_model=64\]"),
+        ({"method": "lora", "rank": 65}, {}, r"adapter.rank=65 must be in \[1, model.d_model=64\]"),
+        ({"method": "lora", "alpha": 0}, {}, r"adapter.alpha=0.0 must be > 0"),
+        ({"method": "lora", "dropout": 1.0}, {}, r"adapter.dropout=1.0 must be in \[0, 1\)"),
+        ({"method": "relora", "reset_interval": 0}, {}, r"adapter.reset_interval=0 must be >= 1"),
+        ({"method": "relora", "prune_ratio": 1.0}, {}, r"adapter.prune_ratio=1.0 must be in \[0, 1\)"),
+        ({"method": "relora", "restart_warmup_steps": -1}, {}, r"adapter.restart_warmup_steps=-1 must be >= 0"),
+        (
+            {"method": "lora"},
+            {"optim.name": "galore_adamw", "optim.rank": 8},
+            r"low-rank projection of low-rank adapters.*adamw",
+        ),
+        ({"method": "relora"}, {"optim.name": "adamem", "optim.rank": 8}, r"low-rank projection.*--optim.name=adamw"),
+        ({"method": "relora"}, {"optim.name": "adafactor"}, r"relora resets AdamW's moments.*--optim.name=adamw"),
+        ({"method": "lora", "reset_interval": 10}, {}, r"adapter.reset_interval=10 set.*method=lora.*only relora"),
+        ({"rank": 8}, {}, r"adapter.rank=8 set, but adapter.method=none.*--adapter.method"),
+    ],
+)
+def test_bad_adapter_configs_are_clear_errors(tmp_path, sample_tokens, adapter, extra, message):
+    overrides = adapter_overrides(tmp_path, sample_tokens, **adapter) + [f"--{k}={v}" for k, v in extra.items()]
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny.yaml", overrides)
+
+
+def test_good_adapter_configs_load(tmp_path, sample_tokens):
+    load_config("configs/tiny.yaml", adapter_overrides(tmp_path, sample_tokens, method="lora", rank=64))
+    for name in ("adafactor", "adalomo"):  # lora trains with the full-rank memory-efficient optimizers too
+        load_config(
+            "configs/tiny.yaml", adapter_overrides(tmp_path, sample_tokens, method="lora") + [f"--optim.name={name}"]
+        )
+
+
+def test_adapter_settings_cannot_change_on_resume(tmp_path, sample_tokens):
+    saved = load_config("configs/tiny.yaml", adapter_overrides(tmp_path, sample_tokens, method="lora", rank=8))
+    now = load_config("configs/tiny.yaml", adapter_overrides(tmp_path, sample_tokens, method="relora", rank=16))
+    with pytest.raises(ConfigError, match=r"adapter.method: 'lora' -> 'relora'\n  adapter.rank: 8 -> 16"):
+        check_resume_compatible(saved.to_dict(), now.to_dict(), tmp_path / "checkpoints" / "step_00000003.pt")
+
+
+def test_compiled_blocks_run_the_adapters():
+    """torch.compile of the blocks (trainer/parallelize.py compiles each block), traced by dynamo with
+    the aot_eager backend (no C++ toolchain needed): the same logits and gradients as eager."""
+    model = lora_model()
+    train_steps(model, 1)
+    compiled = lora_model()
+    compiled.load_state_dict(model.state_dict())
+    for block in compiled.blocks:
+        block.compile(backend="aot_eager")
+    tokens = batch(seed=4)
+    torch.testing.assert_close(loss_of(compiled, tokens), loss_of(model, tokens), rtol=1e-6, atol=1e-6)
+    loss_of(compiled, tokens).backward()
+    loss_of(model, tokens).backward()
+    for (n, p), q in zip(model.named_parameters(), compiled.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
+    merge_adapters(compiled)  # an in-place change of the frozen weights is seen by the compiled blocks
+    merge_adapters(model)
+    torch.testing.assert_close(loss_of(compiled, tokens), loss_of(model, tokens), rtol=1e-6, atol=1e-6)
+
+
+def test_dropout_applies_to_the_adapter_branch_only_in_training():
+    torch.manual_seed(0)
+    m = LoRALinear(torch.nn.Linear(8, 8, bias=False), rank=2, alpha=2.0, dropout=0.5)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        m.lora_b.fill_(1.0)
+    m.eval()
+    torch.testing.assert_close(m(x), F.linear(x, m.weight) + F.linear(F.linear(x, m.lora_a), m.lora_b))
+    m.train()
+    torch.manual_seed(1)
+    y = m(x)
+    torch.manual_seed(1)
+    mask = F.dropout(torch.ones_like(x), 0.5)
+    torch.testing.assert_close(y, F.linear(x, m.weight) + F.linear(F.linear(x * mask, m.lora_a), m.lora_b))
+
+
+def test_memory_and_state_bytes_count_only_the_trainable_parameters():
+    """tools/bench_memory.py and tools/model_info.py with adapters: AdamW keeps 2 fp32 moments and a
+    4-byte step per trainable tensor; the frozen weights have neither gradient nor state."""
+    mcfg = ModelConfig(d_model=64, n_layers=2, vocab_size=512, max_seq_len=32)
+    adapter = AdapterConfig(method="lora", rank=4, dropout=0.0)
+    model = lora_model(rank=4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in trainable)
+    r = measure(mcfg, OptimConfig(name="adamw"), False, 2, 16, adapter=adapter)
+    assert r["state"] == 8 * n + 4 * len(trainable) and r["grads_peak"] == 4 * n
+    assert r["weights"] == 4 * sum(p.numel() for p in model.parameters())
+    (row,) = state_bytes_table(mcfg, ["adamw"], model=model)
+    assert row["measured_bytes"] == row["formula_bytes"] == 8 * n + 4 * len(trainable)
