@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from data import TrainBatches, validation_batches
-from model import Transformer, flops_per_token, param_counts
+from model import Transformer, param_counts
 from optim import optimizer_keys, optimizer_spec
 from optim.projected_backward import install_projected_backward
 from trainer.checkpoint import Checkpointer, RNGState, TrainProgress, latest_checkpoint, load_checkpoint
@@ -205,7 +205,7 @@ class Trainer:
         self.log.print(
             f"model {cfg.model.flavor}: {counts['total'] / 1e6:.1f}M parameters "
             f"({counts['non_embedding'] / 1e6:.1f}M non-embedding, {trainable / 1e6:.1f}M trainable), "
-            f"{flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.1f} MFLOPs/token | "
+            f"{self.flops.per_token / 1e6:.1f} training MFLOPs/token | "
             f"optimizer {cfg.optim.name}{' (fused in backward)' if cfg.train.fused_update else ''} | "
             f"adapters: {self.adapters.describe()} | "
             f"{info.world_size} rank(s) on {info.device.type} | {cfg.train.global_batch} x {cfg.data.seq_len} "
@@ -306,8 +306,10 @@ class Trainer:
         }
         peak = device_peak_flops(self.info.device)
         if peak is not None:
-            flops = flops_per_token(self.cfg.model, self.cfg.data.seq_len)
-            values["throughput/mfu"] = flops * tok_s / (peak * self.info.world_size)
+            # The FLOPs these steps executed (the projected backward and adapters count less; projector refreshes
+            # the full backward), not the plain model's count, so MFU is not overstated for those runs.
+            executed = self.flops.cumulative(done) - self.flops.cumulative(done - len(recent))
+            values["throughput/mfu"] = executed / (sum(recent) * peak * self.info.world_size)
         values.update(self.updater.counters())
         self.log.log(done, values)
         self.log.console(done, max_steps, values, elapsed, avg * (max_steps - done))
