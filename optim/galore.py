@@ -181,23 +181,16 @@ class GaLoreAdafactor(ProjectedGrads, Adafactor):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Adafactor.step, plus the parameters whose gradient arrived projected (optim/projected_grads.py)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """Adafactor.step (the parameters with a full gradient; a projected one leaves p.grad None), then the
+        parameters whose gradient arrived projected (optim/projected_grads.py). Each parameter's update
+        depends on that parameter alone, so the order changes nothing."""
         self.projected_grads = 0
+        loss = super().step(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 low = self.take_projected_grad(p)
                 if low is not None:
                     self._step_lowrank(p, group, None, low)
-                    continue
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adafactor does not support sparse gradients")
-                self._step_param(p, group)
         return loss
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:

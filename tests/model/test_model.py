@@ -43,9 +43,10 @@ def test_no_bias_parameters():
     assert model.lm_head.weight.data_ptr() != model.embed.weight.data_ptr()  # untied
 
 
-def test_causal_masking():
+@pytest.mark.parametrize("arch", ["olmo", "llama"])
+def test_causal_masking(arch):
     torch.manual_seed(0)
-    model = Transformer(small_cfg()).eval()
+    model = Transformer(small_cfg(arch=arch)).eval()
     x = torch.randint(0, 256, (2, 32))
     y = x.clone()
     y[:, 20:] = torch.randint(0, 256, (2, 12))
