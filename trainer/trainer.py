@@ -29,6 +29,7 @@ from data import TrainBatches, validation_batches
 from model import Transformer, param_counts
 from optim import optimizer_keys, optimizer_spec
 from optim.projected_backward import install_projected_backward
+from optim.state_bytes import measured_state_bytes
 from trainer.checkpoint import Checkpointer, RNGState, TrainProgress, latest_checkpoint, load_checkpoint
 from trainer.config import Config, ConfigError, micro_batch_per_rank, save_config, validate
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
@@ -40,6 +41,7 @@ from trainer.parallelize import autocast_context, compile_blocks, resolve_precis
 from trainer.relora import build_adapter_schedule
 from trainer.resume_policy import check_resume_compatible, record_resume
 from trainer.run_lock import lock_run_dir, remove_stale_temp_files
+from trainer.run_outcome import clear_diverged, mark_diverged
 from trainer.schedule import lr_factor
 from trainer.step import evaluate, forward_backward, split_micro_batches
 from trainer.update import build_update_strategy
@@ -226,6 +228,7 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
+        clear_diverged(self.run_dir)  # started again (e.g. with a lower lr): no longer a diverged run
         if self.resume_from is not None:
             record_resume(self.run_dir, self.progress.step, self.resume_from, self.resume_changes)
 
@@ -266,12 +269,15 @@ class Trainer:
         if math.isfinite(loss) and math.isfinite(grad_norm):
             return
         what = "loss" if not math.isfinite(loss) else "gradient norm"
-        raise TrainingDiverged(
+        message = (
             f"non-finite {what} at step {step} (loss {loss}, grad norm {grad_norm}); stopping without saving. "
             f"Last good checkpoint: {self.checkpointer.latest() or 'none'}. Likely causes with these settings: "
             + "; ".join(divergence_causes(self.cfg, step, self.info.device))
             + ". Fix the setting and re-run the same command: it resumes from the last good checkpoint."
         )
+        if self.info.is_main:  # a result for tools that read run directories (tools/study.py), not a crash
+            mark_diverged(self.run_dir, step, message)
+        raise TrainingDiverged(message)
 
     # ----- evaluate, log, save -------------------------------------------------------------------
     def evaluate(self, step: int) -> None:
@@ -303,6 +309,8 @@ class Trainer:
             "memory/peak_bytes": float(peak_memory_bytes(self.info.device)),
             "tokens_seen": float(self.progress.tokens_seen),
             "flops_seen": float(self.flops.cumulative(done)),
+            # Every tensor the optimizer holds, counted (microseconds): what the study's memory axis plots.
+            "memory/optimizer_state_bytes": float(measured_state_bytes(self.updater.optimizer)),
         }
         peak = device_peak_flops(self.info.device)
         if peak is not None:
