@@ -53,7 +53,7 @@ trainer.sweep.sweep_runs_from_spec) when the study loads, before anything runs; 
 by several entries are read once.
 
 Seeds. With `seeds`, each run of the entries is repeated per seed: `--<key>=<seed>` for every key
-of `seed_keys` (after the run's other overrides, before `--run.dir`) and `/seed<seed>` appended
+of `seed_keys` (after the entry's fixed overrides, before its zip and grid values) and `/seed<seed>` appended
 to its run directory. The runs come seed by seed (every entry's runs for the first seed, then for
 the next), so a study stopped half way has whole figures of its first seeds. An entry may not set
 a seed key itself. Without `seeds`, each run is its own single replicate (seed = its run.seed).
@@ -471,7 +471,8 @@ def _study_run(
 ) -> StudyRun:
     cfg = sweep_run.config
     varied = entry.varied
-    tuned_keys = [key for key in entry.tune if key in varied or (key in DEFAULT_TUNE and key not in varied)]
+    tuned_keys = [key for key in entry.tune if key in varied]
+    tuned_keys += [key for key in DEFAULT_TUNE if key not in varied]  # a fixed lr: still the setting a reader wants
     zip_keys = list(entry.sweep.get("zip") or {})
     arm_keys = [key for key in varied if key not in tuned_keys]  # zip keys first, then grid keys
     several = len(entry.configs) > 1

@@ -65,6 +65,7 @@ __all__ = [
     "TrainingFlops",
     "config_flops",
     "float_at_least",
+    "meta_transformer",
     "reference_flops",
     "resolve_max_steps",
     "training_flops",
