@@ -46,9 +46,10 @@ steps; the cosine spans the derived max_steps.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -64,6 +65,7 @@ __all__ = [
     "TrainingFlops",
     "config_flops",
     "float_at_least",
+    "meta_transformer",
     "reference_flops",
     "resolve_max_steps",
     "training_flops",
@@ -110,6 +112,22 @@ class TrainingFlops:
         return lo
 
 
+_META_MODELS: dict[tuple[Any, ...], Transformer] = {}
+
+
+def meta_transformer(model: ModelConfig) -> Transformer:
+    """A Transformer of `model` on the meta device (shapes only, no memory), built once per distinct model config
+    and shared: building one still runs every initialiser on meta tensors (~0.2 s at 210m), and validating a sweep
+    or a study counts the FLOPs of hundreds of runs of a few models. Callers only read its parameters' names and
+    shapes."""
+    key = dataclasses.astuple(model)
+    net = _META_MODELS.get(key)
+    if net is None:
+        with torch.device("meta"):
+            net = _META_MODELS[key] = Transformer(model)
+    return net
+
+
 def training_flops(
     model: ModelConfig,
     optim: OptimConfig,
@@ -126,8 +144,7 @@ def training_flops(
     projected = optim.projected_backward
     if not adapted and not projected:  # the ordinary count: no need to look at the weights
         return TrainingFlops(global_batch * seq_len, full, full, None)
-    with torch.device("meta"):  # shapes only: no memory, no initialisation work
-        net = Transformer(model)
+    net = meta_transformer(model)
     roles = {info.name: info.role for info in describe_parameters(net)}
     adapter_change = 0  # per token, on every step
     if adapted:

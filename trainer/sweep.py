@@ -28,7 +28,11 @@ Rules (each broken one is a ConfigError naming the sweep file and the fix):
   before any run starts; `sweep_runs` returns each run's validated Config with it.
 
 Each run's overrides are the fixed overrides, then the zip row, then the grid point, then
-`--run.dir=<run_dir>`.
+`--run.dir=<run_dir>` (a null value is written `null`, as the command line parses it).
+
+`sweep_runs(path)` expands a sweep file; `sweep_runs_from_spec(mapping, base_dir, source)` expands
+the same mapping written elsewhere (a study file's inline entry: study/spec.py), with its config
+paths relative to `base_dir` and `source` naming it in errors.
 """
 
 from __future__ import annotations
@@ -65,85 +69,120 @@ def expand_sweep(sweep_path: Path) -> list[tuple[Path, list[str]]]:
 
 def sweep_runs(sweep_path: Path) -> list[SweepRun]:
     """Every run of the sweep with its validated Config; a ConfigError before returning any if one is invalid."""
-    spec = yaml.safe_load(sweep_path.read_text()) or {}
+    return sweep_runs_from_spec(read_sweep(sweep_path), sweep_path.parent, str(sweep_path))
+
+
+def read_sweep(sweep_path: Path) -> dict[str, Any]:
+    """The mapping a sweep file holds (not yet checked: sweep_runs_from_spec does that); a ConfigError when the
+    file is missing, is not YAML or does not hold a mapping."""
+    if not sweep_path.is_file():
+        raise ConfigError(f"sweep file not found: {sweep_path}; pass the path of a YAML sweep file")
+    try:
+        spec = yaml.safe_load(sweep_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{sweep_path} is not valid YAML: {e}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{sweep_path} must hold a mapping (config, grid, zip, run_dir, overrides)")
+    return spec
+
+
+def sweep_runs_from_spec(
+    spec: dict[str, Any], base_dir: Path, source: str, raw_configs: dict[Path, dict] | None = None
+) -> list[SweepRun]:
+    """sweep_runs on a sweep already read into a mapping (a sweep file's, or one written inline in a study file):
+    `base_dir` is where its config paths are relative to, `source` names it in every error message, and
+    `raw_configs` (config path -> its read_yaml mapping, filled as files are read) lets several sweeps that
+    share config files read each one once."""
     unknown = set(spec) - set(SWEEP_KEYS)
     if unknown or "config" not in spec or "run_dir" not in spec:
         raise ConfigError(
-            f"{sweep_path}: a sweep needs 'config' and 'run_dir' (+ 'grid', 'zip', 'overrides'); "
-            f"unknown: {sorted(unknown)}"
+            f"{source}: a sweep needs 'config' and 'run_dir' (+ 'grid', 'zip', 'overrides'); unknown: {sorted(unknown)}"
         )
     configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
-    grid = _value_lists(sweep_path, "grid", spec.get("grid") or {})
-    zipped = _value_lists(sweep_path, "zip", spec.get("zip") or {})
+    grid = _value_lists(source, "grid", spec.get("grid") or {})
+    zipped = _value_lists(source, "zip", spec.get("zip") or {})
     fixed = spec.get("overrides") or {}
-    _check_zip_lengths(sweep_path, zipped)
-    _check_disjoint(sweep_path, fixed, grid, zipped)
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"{source}: 'overrides' must map dotted keys to values, e.g. {{train.max_steps: 200}}")
+    _check_zip_lengths(source, zipped)
+    _check_disjoint(source, fixed, grid, zipped)
     # One row per zip position; no zip = one empty row, so the product below still has its runs.
     zip_rows = [dict(zip(zipped, row, strict=True)) for row in zip(*zipped.values(), strict=True)] if zipped else [{}]
-    raw: dict[Path, dict] = {}  # each config file read once (YAML parsing is most of a validation's cost)
+    # Each config file read once (YAML parsing is most of a validation's cost).
+    raw: dict[Path, dict] = {} if raw_configs is None else raw_configs
     runs = []
     for name, row, values in itertools.product(configs, zip_rows, itertools.product(*grid.values())):
-        config = (sweep_path.parent / name).resolve()
+        config = (base_dir / name).resolve()
         point = {**row, **dict(zip(grid, values, strict=True))}
-        run_dir = _fill_run_dir(sweep_path, spec["run_dir"], config, point)
-        overrides = [f"--{k}={v}" for k, v in {**fixed, **point}.items()] + [f"--run.dir={run_dir}"]
+        run_dir = _fill_run_dir(source, spec["run_dir"], config, point)
+        overrides = [f"--{k}={_override_text(v)}" for k, v in {**fixed, **point}.items()] + [f"--run.dir={run_dir}"]
         if config not in raw:
             raw[config] = read_yaml(config)
         # load_config(config, overrides) without re-reading the file: fails on a typo before anything runs
-        runs.append(SweepRun(config, overrides, config_from_mapping(raw[config], overrides)))
-    _check_distinct_run_dirs(sweep_path, spec["run_dir"], [run.overrides[-1] for run in runs], grid, zipped)
+        try:
+            validated = config_from_mapping(raw[config], overrides)
+        except ConfigError as e:  # name the sweep and the run, so a study of many sweeps says which one is wrong
+            raise ConfigError(f"{source}: run {run_dir} ({config.name}): {e}") from None
+        runs.append(SweepRun(config, overrides, validated))
+    _check_distinct_run_dirs(source, spec["run_dir"], [run.overrides[-1] for run in runs], grid, zipped)
     return runs
 
 
-def _value_lists(sweep_path: Path, section: str, mapping: Any) -> dict[str, list]:
+def _override_text(value: Any) -> str:
+    """A value as the YAML scalar an override is parsed with: str() except None, whose str() 'None' YAML reads
+    as a string, so `optim.beta1: null` in a sweep would not mean null on the command line."""
+    return "null" if value is None else str(value)
+
+
+def _value_lists(source: str, section: str, mapping: Any) -> dict[str, list]:
     """`grid` / `zip`: a mapping of dotted keys to non-empty lists of values."""
     if not isinstance(mapping, dict):
-        raise ConfigError(f"{sweep_path}: '{section}' must map dotted keys to lists of values, e.g. optim.lr: [1e-3]")
+        raise ConfigError(f"{source}: '{section}' must map dotted keys to lists of values, e.g. optim.lr: [1e-3]")
     for key, values in mapping.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(
-                f"{sweep_path}: {section}.{key} must be a non-empty list of values, got {values!r} "
+                f"{source}: {section}.{key} must be a non-empty list of values, got {values!r} "
                 f"(write {key}: [{values!r}] for a single value, or move it to 'overrides')"
             )
     return mapping
 
 
-def _check_zip_lengths(sweep_path: Path, zipped: dict[str, list]) -> None:
+def _check_zip_lengths(source: str, zipped: dict[str, list]) -> None:
     lengths = {key: len(values) for key, values in zipped.items()}
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"{key} has {n}" for key, n in lengths.items())
         raise ConfigError(
-            f"{sweep_path}: the 'zip' lists vary together, so they need equal lengths: {listed}; "
+            f"{source}: the 'zip' lists vary together, so they need equal lengths: {listed}; "
             f"give every zipped key one value per row (or move a key to 'grid' to cross it instead)"
         )
 
 
-def _check_disjoint(sweep_path: Path, fixed: dict, grid: dict, zipped: dict) -> None:
+def _check_disjoint(source: str, fixed: dict, grid: dict, zipped: dict) -> None:
     if "run.dir" in {*fixed, *grid, *zipped}:
-        raise ConfigError(f"{sweep_path}: set the run directory with the top-level 'run_dir' template, not run.dir")
+        raise ConfigError(f"{source}: set the run directory with the top-level 'run_dir' template, not run.dir")
     for key, count in Counter([*fixed, *grid, *zipped]).items():
         if count > 1:
             places = [
                 name for name, section in (("overrides", fixed), ("grid", grid), ("zip", zipped)) if key in section
             ]
-            raise ConfigError(f"{sweep_path}: {key} is set in both {' and '.join(places)}; keep it in one of them")
+            raise ConfigError(f"{source}: {key} is set in both {' and '.join(places)}; keep it in one of them")
 
 
-def _fill_run_dir(sweep_path: Path, template: str, config: Path, point: dict[str, Any]) -> str:
+def _fill_run_dir(source: str, template: str, config: Path, point: dict[str, Any]) -> str:
     run_dir = template.replace("{config}", config.stem)
     for key, value in point.items():
         run_dir = run_dir.replace("{" + key + "}", str(value))
     left = _PLACEHOLDER.findall(run_dir)
     if left:
         raise ConfigError(
-            f"{sweep_path}: run_dir placeholder(s) {', '.join(left)} name no grid or zip key; "
+            f"{source}: run_dir placeholder(s) {', '.join(left)} name no grid or zip key; "
             f"use {{config}} or one of: {', '.join('{' + key + '}' for key in point) or '(none)'}"
         )
     return run_dir
 
 
 def _check_distinct_run_dirs(
-    sweep_path: Path, template: str, run_dir_args: list[str], grid: dict[str, list], zipped: dict[str, list]
+    source: str, template: str, run_dir_args: list[str], grid: dict[str, list], zipped: dict[str, list]
 ) -> None:
     """Two runs in one directory would resume each other (the trainer treats a directory as one run)."""
     shared = [run_dir for run_dir, count in Counter(run_dir_args).items() if count > 1]
@@ -151,6 +190,6 @@ def _check_distinct_run_dirs(
         varying = [key for key, values in {**zipped, **grid}.items() if len(set(map(str, values))) > 1]
         missing = [key for key in varying if "{" + key + "}" not in template]
         raise ConfigError(
-            f"{sweep_path}: several runs share {shared[0].removeprefix('--run.dir=')}; the run_dir template "
+            f"{source}: several runs share {shared[0].removeprefix('--run.dir=')}; the run_dir template "
             f"{template!r} must tell them apart: add {', '.join('{' + k + '}' for k in missing) or '{config}'}"
         )

@@ -18,7 +18,7 @@ from model import ModelConfig, flops_per_token
 from optim import OptimConfig
 from tests.helpers.runs import tiny_overrides
 from trainer.config import ConfigError, load_config, save_config
-from trainer.flop_budget import config_flops, float_at_least, resolve_max_steps, training_flops
+from trainer.flop_budget import config_flops, float_at_least, meta_transformer, resolve_max_steps, training_flops
 from trainer.metrics import read_metrics
 from trainer.resume_policy import may_change
 from trainer.trainer import train
@@ -318,3 +318,12 @@ def test_trainer_derives_max_steps_and_logs_flops_seen_exactly_per_step(tmp_path
         assert r["flops_seen"] == spent(r["step"]) and r["tokens_seen"] == r["step"] * TOKENS
         previous = r["flops_seen"]
     assert load_config(tmp_path / "run" / "config.yaml") == loaded
+
+
+def test_the_meta_model_is_built_once_per_model_config():
+    """Validating a sweep counts the FLOPs of hundreds of runs of a few models: each model is built once."""
+    a = meta_transformer(ModelConfig(d_model=64, n_layers=2))
+    assert meta_transformer(ModelConfig(d_model=64, n_layers=2)) is a
+    other = meta_transformer(ModelConfig(d_model=64, n_layers=3))
+    assert other is not a and len(other.blocks) == 3
+    assert next(a.parameters()).device.type == "meta"
