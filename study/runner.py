@@ -12,4 +12,5 @@ run, how many left, the ETA from the measured seconds per step of the runs finis
 
 from __future__ import annotations
 
-FAILED_FILE = "failed.json"
+# Defined in study/failed_marker.py (study.results reads it, and this module reads results): no import cycle.
+from study.failed_marker import FAILED_FILE as FAILED_FILE

@@ -1,0 +1,545 @@
+"""study/results.py on synthetic run directories (hand-written metrics.jsonl and markers, no training):
+run status and numbers, best-setting picking over seeds, edge flags, the rows behind every figure kind,
+the orderings lines, the written tables, and the errors for a damaged or missing metrics.jsonl."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from study.failed_marker import FAILED_FILE
+from study.results import (
+    ArmSummary,
+    RunResult,
+    StudyResultsError,
+    collect,
+    figure_data,
+    lr_curve,
+    orderings,
+    run_result,
+    summarize_arms,
+    write_tables,
+)
+from study.spec import FigureSpec, Study, StudyRun
+from tests.helpers.runs import REPO
+from tests.helpers.runs import run as train_in_process
+from trainer.config import load_config
+from trainer.flop_budget import config_flops
+from trainer.metrics import read_metrics
+from trainer.run_outcome import mark_diverged
+
+TINY = REPO / "configs" / "tiny.yaml"
+MAX_STEPS = 10
+TOKENS_PER_STEP = 8 * 256  # configs/tiny.yaml: global_batch 8, seq_len 256
+PENDING = None  # a seed that has not run yet
+DIVERGED = math.inf
+
+
+def make_run(root: Path, arm: str, *, entry: str | None = None, lr: float = 1e-3, seed: int = 0, extra=()) -> StudyRun:
+    """A run of configs/tiny.yaml (max_steps 10) in root/<arm>/lr<lr>/seed<seed>, lr tuned."""
+    run_dir = root / arm.replace(" ", "_").replace("=", "") / f"lr{lr}" / f"seed{seed}"
+    overrides = [f"--optim.lr={lr}", f"--run.seed={seed}", f"--train.max_steps={MAX_STEPS}", *extra]
+    overrides.append(f"--run.dir={run_dir}")
+    return StudyRun(
+        entry=entry or arm.split(" ")[0],
+        arm=arm,
+        seed=seed,
+        tuned={"optim.lr": lr},
+        config_path=TINY,
+        overrides=overrides,
+        config=load_config(TINY, overrides),
+        run_dir=run_dir,
+    )
+
+
+def write_metrics(
+    run: StudyRun,
+    val: dict[int, float],
+    *,
+    last_step: int | None = None,
+    state_bytes: float = 1000.0,
+    peak_bytes: float = 5000.0,
+    tokens_per_s: tuple[float, ...] = (100.0, 300.0, 200.0, 1000.0),
+) -> None:
+    """Train records for steps 1..last_step (default: the last val step), the val records of `val`, as the
+    trainer writes them: the peak grows to `peak_bytes`, the optimizer state settles at `state_bytes`."""
+    last = max(val) if last_step is None else last_step
+    records = [{"step": 0, "val/loss": val[0]}] if 0 in val else []
+    for step in range(1, last + 1):
+        records.append(
+            {
+                "step": step,
+                "train/loss": 5.0,
+                "throughput/tokens_per_s": tokens_per_s[(step - 1) % len(tokens_per_s)],
+                "memory/peak_bytes": peak_bytes * step / last,
+                "memory/optimizer_state_bytes": state_bytes if step > 1 else state_bytes / 2,
+            }
+        )
+        if step in val:
+            records.append({"step": step, "val/loss": val[step]})
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def finish(run: StudyRun, loss: float | None, **kwargs) -> None:
+    """Make the run complete with final val loss `loss`, diverged (inf: a marker at step 7) or pending (None)."""
+    if loss is None:
+        return
+    if loss == math.inf:
+        write_metrics(run, {0: 10.0, 5: 6.0}, last_step=6, **kwargs)
+        mark_diverged(run.run_dir, 7, "non-finite loss at step 7 (loss nan)\nlikely causes: lr too high")
+        return
+    write_metrics(run, {0: 10.0, 5: loss + 0.5, MAX_STEPS: loss}, **kwargs)
+
+
+def arm_results(root: Path, arm: str, losses: dict[float, tuple], *, entry=None, extra=(), **kwargs) -> list[RunResult]:
+    """The results of an arm whose setting lr has final losses `losses[lr]` (one per seed 0, 1, ...)."""
+    results = []
+    for lr, per_seed in losses.items():
+        for seed, loss in enumerate(per_seed):
+            run = make_run(root, arm, entry=entry, lr=lr, seed=seed, extra=extra)
+            finish(run, loss, **kwargs)
+            results.append(run_result(run))
+    return results
+
+
+# ----- one run ---------------------------------------------------------------------------------------
+
+
+def test_a_complete_run_has_its_final_and_best_loss_and_numbers(tmp_path):
+    run = make_run(tmp_path, "AdamW")
+    write_metrics(run, {0: 10.0, 5: 3.0, MAX_STEPS: 3.5}, state_bytes=4096.0, peak_bytes=8192.0)
+    (run.run_dir / FAILED_FILE).write_text('{"exit_code": 1, "message": "an earlier attempt"}')  # stale
+    result = run_result(run)
+    assert result.status == "complete"
+    assert (result.final_val_loss, result.best_val_loss) == (3.5, 3.0)  # final = at max_steps; best = lowest
+    assert (result.step, result.max_steps) == (MAX_STEPS, MAX_STEPS)
+    assert result.tokens_seen == MAX_STEPS * TOKENS_PER_STEP
+    assert result.flops_seen == config_flops(run.config).cumulative(MAX_STEPS) > 0
+    assert result.tokens_per_s == 250.0  # the median of 100, 300, 200, 1000, ... over 10 steps: (200 + 300) / 2
+    assert result.peak_memory_bytes == 8192.0  # the largest
+    assert result.optimizer_state_bytes == 4096.0  # the last (the first step logged half)
+    assert result.message == ""
+
+
+def test_a_diverged_run_is_a_result_with_the_markers_first_line(tmp_path):
+    run = make_run(tmp_path, "AdamW")
+    finish(run, DIVERGED)
+    result = run_result(run)
+    assert result.status == "diverged"
+    assert result.message == "non-finite loss at step 7 (loss nan)"
+    assert result.final_val_loss is None and result.best_val_loss == 6.0
+    assert result.step == 6 and result.tokens_seen == 6 * TOKENS_PER_STEP
+
+
+def test_a_non_finite_final_loss_counts_as_diverged(tmp_path):
+    run = make_run(tmp_path, "AdamW")
+    write_metrics(run, {0: 10.0, MAX_STEPS: math.nan})
+    result = run_result(run)
+    assert result.status == "diverged" and "nan" in result.message
+    assert result.final_val_loss is None and result.best_val_loss == 10.0
+
+
+def test_a_failed_run_carries_the_exit_code_and_message(tmp_path):
+    run = make_run(tmp_path, "AdamW")
+    write_metrics(run, {0: 10.0}, last_step=3)
+    (run.run_dir / FAILED_FILE).write_text(json.dumps({"exit_code": 1, "message": "RuntimeError: boom\nmore"}))
+    result = run_result(run)
+    assert (result.status, result.message) == ("failed", "exit code 1: RuntimeError: boom")
+    assert result.step == 3 and result.final_val_loss is None
+
+
+def test_incomplete_and_pending(tmp_path):
+    interrupted = make_run(tmp_path, "AdamW", seed=0)
+    write_metrics(interrupted, {0: 10.0, 5: 4.0}, last_step=7)
+    (interrupted.run_dir / "checkpoints").mkdir()
+    (interrupted.run_dir / "checkpoints" / "step_00000005.pt").write_bytes(b"")
+    result = run_result(interrupted)
+    assert (result.status, result.step, result.final_val_loss, result.best_val_loss) == ("incomplete", 7, None, 4.0)
+
+    never = make_run(tmp_path, "AdamW", seed=1)
+    assert run_result(never).status == "pending"
+    never.run_dir.mkdir(parents=True)
+    (never.run_dir / "train.log").write_text("starting\n")  # started, nothing logged or saved yet
+    result = run_result(never)
+    assert (result.status, result.step, result.tokens_seen, result.best_val_loss) == ("pending", 0, 0, None)
+    assert result.tokens_per_s is None and result.peak_memory_bytes is None and result.optimizer_state_bytes is None
+
+
+def test_a_damaged_metrics_file_names_the_run_and_the_fix(tmp_path):
+    run = make_run(tmp_path, "GaLore rank=8", lr=3e-3, seed=1)
+    write_metrics(run, {0: 10.0, MAX_STEPS: 3.0})
+    lines = (run.run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = '{"step": 2, "train/lo\n'  # damage inside the file, not a last line cut short
+    (run.run_dir / "metrics.jsonl").write_text("".join(lines))
+    with pytest.raises(StudyResultsError) as e:
+        run_result(run)
+    message = str(e.value)
+    for part in ("'GaLore rank=8'", "optim.lr=3e-3", "seed 1", str(run.run_dir), "line 3", f"delete {run.run_dir}"):
+        assert part in message
+
+
+def test_a_missing_metrics_file_beside_checkpoints_names_the_run_and_the_fix(tmp_path):
+    run = make_run(tmp_path, "AdamW", lr=1e-2)
+    (run.run_dir / "checkpoints").mkdir(parents=True)
+    (run.run_dir / "checkpoints" / "step_00000005.pt").write_bytes(b"")
+    with pytest.raises(StudyResultsError) as e:
+        run_result(run)
+    message = str(e.value)
+    for part in ("'AdamW'", "optim.lr=0.01", "seed 0", "metrics.jsonl is missing", "step_00000005.pt"):
+        assert part in message
+    assert "Restore metrics.jsonl" in message and f"delete {run.run_dir}" in message
+
+
+def test_the_reader_matches_what_the_trainer_writes(tmp_path, sample_tokens):
+    """A real (seconds-long) run: the keys read here are the ones the trainer logs."""
+    extra = {"train.max_steps": 3, "log.tensorboard": False, "checkpoint.interval": 3}
+    cfg, trained = train_in_process(tmp_path, sample_tokens, "run", **extra)
+    run = StudyRun("AdamW", "AdamW", 0, {"optim.lr": cfg.optim.lr}, TINY, [], cfg, Path(cfg.run.dir))
+    result = run_result(run)
+    records = read_metrics(run.run_dir / "metrics.jsonl")
+    assert (result.status, result.step, result.max_steps) == ("complete", 3, 3)
+    assert result.final_val_loss == trained.val_losses[-1][1] == records[-1]["val/loss"]
+    assert result.tokens_seen == 3 * cfg.train.global_batch * cfg.data.seq_len
+    assert result.flops_seen == max(r["flops_seen"] for r in records if "flops_seen" in r)
+    assert result.optimizer_state_bytes == records[-2]["memory/optimizer_state_bytes"] > 0
+    assert result.tokens_per_s is not None and result.tokens_per_s > 0
+    assert result.peak_memory_bytes is not None and result.peak_memory_bytes > 0
+
+
+# ----- arms ----------------------------------------------------------------------------------------------
+
+
+def summarize(results: list[RunResult], seeds=(0, 1)) -> ArmSummary:
+    (arm,) = summarize_arms(results, list(seeds))
+    return arm
+
+
+def test_the_best_setting_is_the_lowest_mean_over_seeds_and_each_seed_keeps_its_own(tmp_path):
+    # lr 1e-3 has the single best run (3.0) but the worse mean (3.5 > 3.4).
+    arm = summarize(arm_results(tmp_path, "AdamW", {1e-3: (3.0, 4.0), 3e-3: (3.4, 3.4), 1e-2: (3.9, 3.8)}))
+    assert [s.tuned for s in arm.settings] == [{"optim.lr": 1e-3}, {"optim.lr": 3e-3}, {"optim.lr": 1e-2}]
+    assert [s.mean for s in arm.settings] == pytest.approx([3.5, 3.4, 3.85])
+    assert arm.best is arm.settings[1] and arm.best.losses == {0: 3.4, 1: 3.4}
+    assert arm.best_per_seed == {0: arm.settings[0], 1: arm.settings[1]}
+    assert (arm.edge, arm.complete) == ("", True)
+    assert lr_curve(arm) == "1e-3: 3.5000 | 3e-3: 3.4000* | 0.01: 3.8500"
+
+
+def test_a_diverged_setting_is_never_best(tmp_path):
+    # Seed 1 at lr 1e-2 is the lowest loss of all, but seed 0 diverged there: the mean is +inf.
+    arm = summarize(arm_results(tmp_path, "AdamW", {1e-3: (3.5, 3.5), 3e-3: (3.4, 3.6), 1e-2: (DIVERGED, 2.0)}))
+    assert arm.settings[2].mean == math.inf and arm.settings[2].losses == {0: math.inf, 1: 2.0}
+    assert arm.best is arm.settings[0]  # 3.5 = 3.5: the first in grid order
+    assert arm.best_per_seed[0] is arm.settings[1] and arm.best_per_seed[1] is arm.settings[2]
+    assert arm.complete  # a diverged run is a finished result
+    assert lr_curve(arm).endswith("0.01: diverged")
+
+    every = summarize(arm_results(tmp_path / "b", "Adafactor", {1e-1: (DIVERGED, DIVERGED), 1.0: (DIVERGED,) * 2}))
+    assert every.best is None and every.best_per_seed == {} and every.edge == ""
+
+
+def test_a_missing_seed_excludes_the_setting_from_the_mean(tmp_path):
+    arm = summarize(arm_results(tmp_path, "AdamW", {1e-3: (3.5, 3.5), 3e-3: (2.0, PENDING), 1e-2: (3.6, 3.6)}))
+    assert arm.settings[1].mean is None and arm.settings[1].losses == {0: 2.0}
+    assert arm.best is arm.settings[0]
+    assert arm.best_per_seed[0] is arm.settings[1]  # what a study with seed 0 alone would pick
+    assert arm.complete is False
+    assert lr_curve(arm) == "1e-3: 3.5000* | 3e-3: partial (seed 0: 2.0000) | 0.01: 3.6000"
+    assert summarize(arm_results(tmp_path / "b", "Adafactor", {1e-3: (PENDING, PENDING)})).best is None
+
+
+@pytest.mark.parametrize(
+    "losses,edge",
+    [
+        ({1e-3: (3.0,), 3e-3: (3.2,), 1e-2: (3.4,)}, "low"),
+        ({1e-3: (3.4,), 3e-3: (3.0,), 1e-2: (3.2,)}, ""),
+        ({1e-3: (3.4,), 3e-3: (3.2,), 1e-2: (3.0,)}, "high"),
+        ({3e-3: (3.0,)}, ""),  # a single lr: no grid to have an edge
+    ],
+)
+def test_edge_flags(tmp_path, losses, edge):
+    assert summarize(arm_results(tmp_path, "AdamW", losses), seeds=[0]).edge == edge
+
+
+def test_the_edge_reads_the_lr_of_the_grid_in_any_order(tmp_path):
+    # Written high to low: the edge is about the lr values, not the grid's order.
+    arm = summarize(arm_results(tmp_path, "AdamW", {1e-2: (3.4,), 3e-3: (3.2,), 1e-3: (3.0,)}), seeds=[0])
+    assert arm.edge == "low"
+
+
+def test_without_study_seeds_each_run_is_its_own_replicate(tmp_path):
+    results = arm_results(tmp_path, "AdamW", {1e-3: (3.5,), 3e-3: (3.4,)})
+    (arm,) = summarize_arms(results, [])
+    assert arm.best is not None and arm.best.tuned == {"optim.lr": 3e-3} and arm.best.mean == 3.4
+    assert arm.best_per_seed == {0: arm.best} and arm.edge == "high"
+
+
+def test_arms_are_grouped_by_name_in_first_appearance_order(tmp_path):
+    a = arm_results(tmp_path, "GaLore rank=8", {1e-3: (3.0,)}, extra=["--optim.name=galore_adamw", "--optim.rank=8"])
+    b = arm_results(tmp_path, "AdamW", {1e-3: (3.1,)})
+    c = arm_results(tmp_path, "GaLore rank=8", {3e-3: (2.9,)}, extra=["--optim.name=galore_adamw", "--optim.rank=8"])
+    arms = summarize_arms(a + b + c, [0])
+    assert [(arm.entry, arm.arm, len(arm.runs)) for arm in arms] == [
+        ("GaLore", "GaLore rank=8", 2),
+        ("AdamW", "AdamW", 1),
+    ]
+    assert arms[0].best is not None and arms[0].best.mean == 2.9
+
+
+# ----- a hand-computed study: figure rows, orderings, tables ------------------------------------------
+
+# Final val loss per arm -> lr -> (seed 0, seed 1); optimizer state and peak bytes (seed 1 logs 1 more byte).
+ADAFACTOR = ["--optim.name=adafactor"]
+GALORE = ["--optim.name=galore_adamw"]
+ADAMEM = ["--optim.name=adamem"]
+STUDY_ARMS: list[tuple[str, str, list[str], dict[float, tuple], float, float]] = [
+    ("AdamW", "AdamW", [], {1e-3: (3.00, 3.20), 3e-3: (2.95, 3.05)}, 800, 1000),
+    ("Adafactor", "Adafactor", ADAFACTOR, {1e-3: (3.40, 3.30), 3e-3: (3.20, 3.36)}, 200, 900),
+    ("GaLore", "GaLore rank=8", GALORE + ["--optim.rank=8"], {1e-3: (3.50, 3.45), 3e-3: (3.40, 3.60)}, 300, 900),
+    ("GaLore", "GaLore rank=32", GALORE + ["--optim.rank=32"], {1e-3: (3.25, 3.35), 3e-3: (3.15, 3.25)}, 500, 1200),
+    ("AdaMeM", "AdaMeM rank=8", ADAMEM + ["--optim.rank=8"], {1e-3: (3.25, 3.30), 3e-3: (DIVERGED, 3.00)}, 350, 1300),
+    ("AdaMeM", "AdaMeM rank=32", ADAMEM + ["--optim.rank=32"], {1e-3: (3.05, 3.15), 3e-3: (3.00, PENDING)}, 550, 1100),
+]
+# The best settings (mean): AdamW 3e-3 3.00, Adafactor 3e-3 3.28, GaLore-8 1e-3 3.475, GaLore-32 3e-3 3.20,
+# AdaMeM-8 1e-3 3.275 (3e-3 diverged in seed 0), AdaMeM-32 1e-3 3.10 (3e-3 misses seed 1).
+FIGURES = [
+    FigureSpec(
+        name="fig1_rank",
+        kind="line",
+        x="optim.rank",
+        series=["GaLore", "AdaMeM"],
+        references={"Adafactor": ["Adafactor"], "Adamw(factor)": ["AdamW", "Adafactor"]},
+    ),
+    FigureSpec(name="by_rank", kind="line", x="optim.rank", series=["GaLore", "AdaMeM"]),
+    FigureSpec(name="rank32", kind="line", x="optim.rank", series=["GaLore"], where={"optim.rank": [32]}),
+    FigureSpec(name="ranks", kind="table", rows=["GaLore", "AdamW"], columns="optim.rank"),
+    FigureSpec(name="curves", kind="curves", series=["AdamW"]),
+    FigureSpec(name="pareto", kind="pareto"),
+]
+
+
+@pytest.fixture
+def study(tmp_path) -> tuple[Study, list[RunResult], list[ArmSummary]]:
+    runs = []
+    for entry, arm, extra, losses, state, peak in STUDY_ARMS:
+        for lr, per_seed in losses.items():
+            for seed, loss in enumerate(per_seed):
+                run = make_run(tmp_path / "runs", arm, entry=entry, lr=lr, seed=seed, extra=extra)
+                finish(run, loss, state_bytes=state + seed, peak_bytes=peak + seed)
+                runs.append(run)
+    s = Study(
+        path=tmp_path / "study.yaml",
+        name="synthetic",
+        out=tmp_path / "out",
+        runs=runs,
+        figures=FIGURES,
+        setup=[],
+        seeds=[0, 1],
+        entries=["AdamW", "Adafactor", "GaLore", "AdaMeM"],
+    )
+    results = collect(s)
+    return s, results, summarize_arms(results, s.seeds)
+
+
+def line(series, role, x, mean, lo, hi, seeds, arm, best):
+    return {
+        "series": series,
+        "role": role,
+        "x": x,
+        "loss_mean": pytest.approx(mean) if mean is not None else None,
+        "loss_min": lo,
+        "loss_max": hi,
+        "seeds": seeds,
+        "arm": arm,
+        "best": best,
+    }
+
+
+def test_figure_rows_of_every_kind(study):
+    s, results, arms = study
+    assert [r.status for r in results].count("diverged") == 1 and [r.status for r in results].count("pending") == 1
+    fig1, by_rank, rank32, table, curves, pareto = figure_data(s, arms)
+
+    assert fig1.columns == ["series", "role", "x", "loss_mean", "loss_min", "loss_max", "seeds", "arm", "best"]
+    assert fig1.rows == [
+        line("GaLore", "line", 8, 3.475, 3.45, 3.50, 2, "GaLore rank=8", "optim.lr=1e-3"),
+        line("GaLore", "line", 32, 3.20, 3.15, 3.25, 2, "GaLore rank=32", "optim.lr=3e-3"),
+        line("AdaMeM", "line", 8, 3.275, 3.25, 3.30, 2, "AdaMeM rank=8", "optim.lr=1e-3"),
+        line("AdaMeM", "line", 32, 3.10, 3.05, 3.15, 2, "AdaMeM rank=32", "optim.lr=1e-3"),
+        line("Adafactor", "reference", None, 3.28, 3.20, 3.36, 2, "Adafactor", "optim.lr=3e-3"),
+        line("Adamw(factor)", "reference", None, 3.00, 2.95, 3.05, 2, "AdamW", "optim.lr=3e-3"),
+    ]
+    assert all(list(row) == fig1.columns for row in fig1.rows)
+    assert by_rank.rows == fig1.rows[:4]
+    assert rank32.rows == [fig1.rows[1]]  # `where` keeps rank 32 only
+
+    assert table.columns == ["entry", "optim.rank=8", "optim.rank=32", "optim.rank=128"]  # AdamW: the default 128
+    assert [list(row.values()) for row in table.rows] == [
+        ["GaLore", pytest.approx(3.475), pytest.approx(3.20), None],
+        ["AdamW", None, None, pytest.approx(3.00)],
+    ]
+    assert all(list(row) == table.columns for row in table.rows)
+
+    assert curves.columns == ["arm", "seed", "step", "tokens", "flops", "val_loss"]
+    flops = config_flops(arms[0].runs[0].run.config)
+    assert [list(row.values()) for row in curves.rows] == [
+        ["AdamW", seed, step, step * TOKENS_PER_STEP, flops.cumulative(step), loss]
+        for seed, final in ((0, 2.95), (1, 3.05))
+        for step, loss in ((0, 10.0), (5, final + 0.5), (MAX_STEPS, final))
+    ]
+    assert all(list(row) == curves.columns for row in curves.rows)
+
+    assert pareto.columns == [
+        "arm",
+        "entry",
+        "optimizer_state_bytes",
+        "peak_memory_bytes",
+        "loss_mean",
+        "frontier_state",
+        "frontier_peak",
+    ]
+    got = {r["arm"]: tuple(list(r.values())[2:4] + list(r.values())[5:]) for r in pareto.rows}
+    assert got == {  # bytes: the max over seeds (seed 1's); frontier by hand from the losses above
+        "AdamW": (801, 1001, True, True),
+        "Adafactor": (201, 901, True, True),  # GaLore-8 has equal peak bytes but a higher loss
+        "GaLore rank=8": (301, 901, False, False),  # Adafactor: fewer / equal bytes, lower loss
+        "GaLore rank=32": (501, 1201, True, False),
+        "AdaMeM rank=8": (351, 1301, True, False),
+        "AdaMeM rank=32": (551, 1101, True, False),
+    }
+    assert [r["loss_mean"] for r in pareto.rows] == pytest.approx([3.00, 3.28, 3.475, 3.20, 3.275, 3.10])
+
+
+def test_orderings_say_where_each_seed_agrees(study):
+    s, _, arms = study
+    lines = orderings(s, arms)
+    edge = "best lr at the grid's edge"
+    caveats_adamem_adafactor = (
+        f"; caveats: AdaMeM rank=8 ({edge}: low), AdaMeM rank=32 ({edge}: low, incomplete), Adafactor ({edge}: high)"
+    )
+    assert lines[:4] == [
+        f"fig1_rank: GaLore < Adafactor at rank 32 (not at 8); seed 0: 32; seed 1: 32; caveats: GaLore rank=8 "
+        f"({edge}: low), GaLore rank=32 ({edge}: high), Adafactor ({edge}: high)",
+        f"fig1_rank: GaLore < Adamw(factor) at no rank (tried 8, 32); seed 0: none; seed 1: none; caveats: GaLore "
+        f"rank=8 ({edge}: low), GaLore rank=32 ({edge}: high), AdamW ({edge}: high), Adafactor ({edge}: high)",
+        # Seed 0 alone: AdaMeM-8's 3.25 loses to Adafactor's 3.20 (its own best, lr 3e-3).
+        "fig1_rank: AdaMeM < Adafactor at rank 8, 32 (every rank); seed 0: 32; seed 1: every rank"
+        + caveats_adamem_adafactor,
+        # Seed 1 alone: AdaMeM-8's own best (3e-3: 3.00) beats AdamW's 3.05.
+        f"fig1_rank: AdaMeM < Adamw(factor) at no rank (tried 8, 32); seed 0: none; seed 1: 8; caveats: AdaMeM rank=8 "
+        f"({edge}: low), AdaMeM rank=32 ({edge}: low, incomplete), AdamW ({edge}: high), Adafactor ({edge}: high)",
+    ]
+    assert lines[4:6] == [
+        f"by_rank at rank 8: AdaMeM (3.2750) < GaLore (3.4750); seed 0: same order; seed 1: same order; caveats: "
+        f"GaLore rank=8 ({edge}: low), AdaMeM rank=8 ({edge}: low)",
+        f"by_rank at rank 32: AdaMeM (3.1000) < GaLore (3.2000); seed 0: same order; seed 1: same order; caveats: "
+        f"GaLore rank=32 ({edge}: high), AdaMeM rank=32 ({edge}: low, incomplete)",
+    ]
+    assert lines[6] == (
+        "rank32 at rank 32: GaLore (3.2000); seed 0: same order; seed 1: same order; caveats: GaLore rank=32 "
+        f"({edge}: high)"
+    )
+    assert lines[7] == (
+        f"all arms by mean final val loss of their best setting: AdamW (3.0000, {edge}: high) < AdaMeM rank=32 "
+        f"(3.1000, {edge}: low, incomplete) < GaLore rank=32 (3.2000, {edge}: high) < AdaMeM rank=8 (3.2750, "
+        f"{edge}: low) < Adafactor (3.2800, {edge}: high) < GaLore rank=8 (3.4750, {edge}: low); "
+        "seed 0: 1 pair(s) swap (AdaMeM rank=8 / Adafactor); "
+        "seed 1: 3 pair(s) swap (AdamW / AdaMeM rank=8, AdaMeM rank=32 / AdaMeM rank=8, GaLore rank=32 / AdaMeM rank=8)"
+    )
+    assert len(lines) == 8
+
+
+def test_an_order_line_shows_a_seed_that_disagrees(tmp_path):
+    runs = []
+    for arm, extra, losses in (
+        ("Adafactor", ["--optim.name=adafactor"], (3.0, 3.3)),
+        ("Adafactor+momentum", ["--optim.name=adafactor"], (3.1, 3.1)),
+    ):
+        run_list = [make_run(tmp_path, arm, seed=seed, extra=extra) for seed in (0, 1)]
+        for run, loss in zip(run_list, losses, strict=True):
+            finish(run, loss)
+        runs += run_list
+    figure = FigureSpec(name="fig3_batch", kind="line", x="train.global_batch")
+    s = Study(
+        tmp_path / "s.yaml", "s", tmp_path / "out", runs, [figure], [], [0, 1], ["Adafactor", "Adafactor+momentum"]
+    )
+    arms = summarize_arms(collect(s), s.seeds)
+    assert orderings(s, arms)[0] == (
+        "fig3_batch at global_batch 8: Adafactor+momentum (3.1000) < Adafactor (3.1500); seed 0: Adafactor < "
+        "Adafactor+momentum; seed 1: same order"
+    )
+    # One seed: no per-seed parts (they would repeat the means).
+    one = Study(tmp_path / "s.yaml", "s", tmp_path / "out", runs[::2], [figure], [], [0], s.entries)
+    assert orderings(one, summarize_arms(collect(one), one.seeds)) == [
+        "fig3_batch at global_batch 8: Adafactor (3.0000) < Adafactor+momentum (3.1000)",
+        "all arms by mean final val loss of their best setting: Adafactor (3.0000) < Adafactor+momentum (3.1000)",
+    ]
+
+
+def test_a_reference_without_results_is_said_so(tmp_path):
+    adamem = make_run(tmp_path, "AdaMeM rank=8", extra=["--optim.name=adamem", "--optim.rank=8"])
+    finish(adamem, 3.0)
+    adafactor = make_run(tmp_path, "Adafactor", extra=["--optim.name=adafactor"])  # pending
+    figure = FigureSpec(
+        name="fig1", kind="line", x="optim.rank", series=["AdaMeM"], references={"Adafactor": ["Adafactor"]}
+    )
+    s = Study(
+        tmp_path / "s.yaml", "s", tmp_path / "out", [adamem, adafactor], [figure], [], [], ["AdaMeM", "Adafactor"]
+    )
+    arms = summarize_arms(collect(s), s.seeds)
+    assert figure_data(s, arms)[0].rows[-1] == line("Adafactor", "reference", None, None, None, None, 0, "", "")
+    assert orderings(s, arms) == [
+        "fig1: AdaMeM < Adafactor: no finished Adafactor result to compare with; caveats: Adafactor (no finished "
+        "setting, incomplete)",
+        "all arms by mean final val loss of their best setting: AdaMeM rank=8 (3.0000); no finished setting: Adafactor",
+    ]
+
+
+def test_write_tables(study):
+    s, results, arms = study
+    figures = figure_data(s, arms)
+    paths = write_tables(s, results, arms, figures)
+    results_dir, figures_dir = s.out / "results", s.out / "figures"
+    expected = [results_dir / f"{n}.{e}" for n in ("runs", "arms") for e in ("csv", "md")]
+    expected += [figures_dir / f"{f.spec.name}.{e}" for f in figures for e in ("csv", "md")]
+    assert paths == expected and all(p.is_file() for p in paths)
+
+    with open(results_dir / "runs.csv", newline="") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == len(s.runs) == 24
+    assert list(runs[0])[:4] == ["entry", "arm", "seed", "optim.lr"]
+    diverged = next(r for r in runs if r["status"] == "diverged")
+    assert (diverged["arm"], diverged["seed"], diverged["final_val_loss"]) == ("AdaMeM rank=8", "0", "")
+    assert diverged["message"] == "non-finite loss at step 7 (loss nan)"
+    assert (runs[0]["final_val_loss"], runs[0]["optimizer_state_bytes"], runs[0]["run_dir"]) == (
+        "3.0",
+        "800.0",
+        str(s.runs[0].run_dir),
+    )
+
+    with open(results_dir / "arms.csv", newline="") as f:
+        rows = {r["arm"]: r for r in csv.DictReader(f)}
+    assert rows["AdaMeM rank=8"]["lr_curve"] == "1e-3: 3.2750* | 3e-3: diverged"
+    assert rows["AdaMeM rank=32"]["lr_curve"] == "1e-3: 3.1000* | 3e-3: partial (seed 0: 3.0000)"
+    assert (rows["AdaMeM rank=32"]["edge"], rows["AdaMeM rank=32"]["complete"]) == ("low", "False")
+    assert (rows["AdaMeM rank=32"]["seed 0"], rows["AdaMeM rank=32"]["finished"]) == ("3.05", "3/4")
+    assert rows["Adafactor"]["best_per_seed"] == "seed 0: optim.lr=3e-3; seed 1: optim.lr=1e-3"
+
+    md = (results_dir / "runs.md").read_text().splitlines()
+    assert md[0] == "# synthetic: runs" and md[2].startswith("| entry | arm | seed | optim.lr | status |")
+    assert md[3].startswith("|---|") and md[4].startswith("| AdamW | AdamW | 0 | 1e-3 | complete | 3.0000 | 3.0000 |")
+    assert "| 10/10 | 20,480 |" in md[4] and "| 0.00 | " in md[4]  # 800 bytes of optimizer state: 0.00 MiB
+    pareto_md = (figures_dir / "pareto.md").read_text()
+    assert (
+        "| optimizer_state_bytes (MiB) |" in pareto_md
+        and "| AdamW | AdamW | 0.00 | 0.00 | 3.0000 | yes | yes |" in pareto_md
+    )
+    fig1_md = (figures_dir / "fig1_rank.md").read_text()
+    assert "| GaLore | line | 8 | 3.4750 | 3.4500 | 3.5000 | 2 | GaLore rank=8 | optim.lr=1e-3 |" in fig1_md
+    with open(figures_dir / "ranks.csv", newline="") as f:
+        assert list(csv.reader(f))[2] == ["AdamW", "", "", "3.0"]
