@@ -27,12 +27,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs.png"))
     parser.add_argument("--logy", action="store_true")
     args = parser.parse_args(argv)
-    import matplotlib
+    # A Figure made directly, not through pyplot: no display backend and no global figure state needed.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
     plotted = 0
     for run in args.runs:
         steps, values = series(run, args.metric)
