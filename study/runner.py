@@ -71,16 +71,19 @@ def command(run: StudyRun, launcher: str) -> list[str]:
     return [*shlex.split(launcher), "train.py", str(config_arg), *run.overrides]
 
 
-def run_setup(study: Study, out: TextIO = sys.stdout) -> None:
-    """Run each setup step once, in order, from the repo root; a step whose `creates` path exists is
-    skipped. A failing command, or one that succeeds without creating its `creates` path, is a
-    StudyRunError naming the step."""
+def run_setup(study: Study, out: TextIO | None = None) -> None:
+    """Run each setup step once, in order, from the repo root (a shell command; `python` in it is
+    this interpreter); a step whose `creates` path exists is skipped. A failing command, or one that
+    succeeds without creating its `creates` path, is a StudyRunError naming the step."""
+    out = sys.stdout if out is None else out  # resolved per call: a test or caller may have replaced sys.stdout
     for step in study.setup:
         if step.creates is not None and (REPO / step.creates).exists():
             print(f"setup: {step.creates} exists, skipping: {step.run}", file=out, flush=True)
             continue
         print(f"setup: {step.run}", file=out, flush=True)
-        code = subprocess.call(step.run, shell=True, cwd=REPO)
+        # `python` in a step means this interpreter (the project's venv), whatever is first on PATH.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        code = subprocess.call(step.run, shell=True, cwd=REPO, env={**os.environ, "PATH": path})
         if code != 0:
             raise StudyRunError(
                 f"setup command of {study.path} exited with {code}: {step.run!r}; fix the command (run it from "
@@ -140,7 +143,7 @@ def format_duration(seconds: float | None) -> str:
 
 
 def describe(run: StudyRun) -> str:
-    """"<arm> <tuned> seed S", e.g. "GaLore rank=8 optim.lr=0.01 seed 0"."""
+    """ "<arm> <tuned> seed S", e.g. "GaLore rank=8 optim.lr=0.01 seed 0"."""
     tuned = " ".join(f"{k}={v}" for k, v in run.tuned.items())
     return f"{run.arm}{' ' + tuned if tuned else ''} seed {run.seed}"
 
@@ -182,12 +185,13 @@ def child_env(jobs: int) -> dict[str, str]:
 
 
 def run_local(
-    study: Study, runs: Sequence[StudyRun], launcher: str, jobs: int = 1, out: TextIO = sys.stdout
+    study: Study, runs: Sequence[StudyRun], launcher: str, jobs: int = 1, out: TextIO | None = None
 ) -> LocalRunSummary:
     """Run `runs` here, `jobs` at a time (subprocess.Popen, polled), and print one progress line at
     each start and end. A diverged or failed run does not stop the others. SIGINT / SIGTERM stops the
     study as the module docstring says; the caller prints how to resume and exits with
     summary.exit_code."""
+    out = sys.stdout if out is None else out  # resolved per call: a test or caller may have replaced sys.stdout
     if jobs < 1:
         raise StudyRunError(f"--jobs must be at least 1, got {jobs}")
     total = len(runs)
@@ -306,13 +310,14 @@ def write_slurm(
     path: Path,
     options: Sequence[str] = (),
     max_parallel: int | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> Path:
     """Write an sbatch array script running `runs` (task i = runs[i]), at most `max_parallel` at a
     time (default: all), with an `#SBATCH <option>` line per option (e.g. "--gres=gpu:8"). Each task
     cds to the repo root and execs its command with stdout and stderr appended to its train.log, like
     a local run; SLURM's own output goes to <out>/slurm/. The script is executable; re-writing it
     later (from runs_left) covers only what is still left. Prints how to submit it."""
+    out = sys.stdout if out is None else out  # resolved per call: a test or caller may have replaced sys.stdout
     if not runs:
         raise StudyRunError(f"nothing is left to run in {study.path}: no SLURM script written")
     for option in options:

@@ -112,7 +112,7 @@ def dispatch(args: argparse.Namespace, study: Study, argv: list[str]) -> int:
 def print_status(study: Study, launcher: str) -> None:
     """The status counts, then the command of every run left (pending, incomplete or failed)."""
     statuses = [results.run_result(run).status for run in study.runs]
-    counts = Counter(statuses)
+    counts: Counter[str] = Counter(statuses)
     print(
         f"# study {study.name}: {len(study.runs)} runs: "
         + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
@@ -133,7 +133,7 @@ def report(study: Study) -> int:
     study.figures_dir.mkdir(parents=True, exist_ok=True)
     written = results.write_tables(study, run_results, arms, data)
     written += [figures.draw(figure, study.figures_dir) for figure in data]
-    counts = Counter(r.status for r in run_results)
+    counts: Counter[str] = Counter(r.status for r in run_results)
     print(f"\nstudy {study.name}: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES))
     print("best setting per arm (lowest final val loss, mean over seeds):")
     for arm in arms:
@@ -152,7 +152,7 @@ def report(study: Study) -> int:
 
 
 def describe_arm(arm: results.ArmSummary) -> str:
-    """"<arm>: optim.lr=0.01 -> 4.1234 (seed 0: 4.1200, seed 1: 4.1268) [best lr at the grid's high edge]"."""
+    """ "<arm>: optim.lr=0.01 -> 4.1234 (seed 0: 4.1200, seed 1: 4.1268) [best lr at the grid's high edge]"."""
     if arm.best is None:
         return f"{arm.arm}: no setting finished for every seed yet"
     tuned = " ".join(f"{k}={v}" for k, v in arm.best.tuned.items())

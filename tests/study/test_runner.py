@@ -118,6 +118,10 @@ def test_setup_runs_each_step_once_and_skips_what_exists(tmp_path):
     made.unlink()
     run_setup(study, io.StringIO())  # runs again only because its output is gone
     assert made.exists()
+    # `python` in a step is the interpreter of the study, not whatever python is first on PATH.
+    which = tmp_path / "which"
+    run_setup(make_study(tmp_path, [], [SetupStep(f"python -c 'import sys; print(sys.prefix)' > {which}")]))
+    assert which.read_text().strip() == sys.prefix
 
 
 def test_a_failing_setup_step_is_an_error_naming_it(tmp_path):
@@ -206,7 +210,7 @@ def test_run_local_marks_failed_and_diverged_runs_and_goes_on(tmp_path):
     code = (
         "lr = float(sys.argv[sys.argv.index('train.py') + 2].split('=')[1]); RUN_DIR.mkdir(exist_ok=True)\n"
         "if lr == 0.1: print('error: boom'); sys.exit(2)\n"
-        "if lr == 1.0: (RUN_DIR / 'diverged.json').write_text('{\"step\": 3, \"message\": \"nan\"}'); sys.exit(1)\n"
+        'if lr == 1.0: (RUN_DIR / \'diverged.json\').write_text(\'{"step": 3, "message": "nan"}\'); sys.exit(1)\n'
         + complete_run_code()
     )
     runs = [make_run(tmp_path / f"lr{lr}", lr) for lr in (0.01, 0.1, 1.0)]
@@ -276,7 +280,7 @@ def test_a_diverging_run_writes_diverged_json_and_a_restart_removes_it(tmp_path,
         train_tiny(tmp_path, sample_tokens, **{"optim.lr": 1e3, "train.max_steps": 4})
     marker = json.loads((tmp_path / "run" / DIVERGED_FILE).read_text())
     assert isinstance(marker["step"], int) and 1 <= marker["step"] <= 4
-    assert marker["message"].startswith("non-finite") and "optim.lr=1e+03" in marker["message"]
+    assert marker["message"].startswith("non-finite") and "optim.lr=1000 is too high" in marker["message"]
     train_tiny(tmp_path, sample_tokens, **{"optim.lr": 1e-3, "train.max_steps": 4})  # started again, lower lr
     assert not (tmp_path / "run" / DIVERGED_FILE).exists()
 
@@ -295,4 +299,3 @@ def test_metrics_log_the_measured_optimizer_state_bytes(tmp_path, sample_tokens)
     expected = 8 * sum(p.numel() for p in params) + 4 * len(params)
     assert logged and all(v == expected for v in logged)
     assert expected == formula_state_bytes(model, cfg.optim)
-
