@@ -45,8 +45,9 @@ optimizer without copying its grid. The study's `overrides` do not reach a sweep
 change what its run directories hold), so a study with both is an error. An inline entry is a
 sweep written in place: `config` (default: the study's), `overrides` (added to the study's; an
 entry's value wins), `grid`, `zip`, `run_dir`. The default run_dir of an inline entry is
-`<out>/runs/<label slug>/` + `_`.join(<last part of key><value>) over its zip and grid keys, in
-that order (+ `{config}` first when it lists several configs); the slug is the label lowercased
+`<out>/runs/<label slug>/` + `_`.join(<last part of key><value>) over its first zip key and its grid
+keys, in that order (+ `{config}` first when it lists several configs; the other zip keys vary with
+the first); the slug is the label lowercased
 with every run of other characters than a-z and 0-9 replaced by `-`, e.g. "Adafactor+momentum" ->
 `adafactor-momentum`. Every run's config is validated (load_config's checks, through
 trainer.sweep.sweep_runs_from_spec) when the study loads, before anything runs; config files read
@@ -418,9 +419,12 @@ def _inline_entry(
     entry = _Entry(item["label"], where, sweep, path.parent, where, tune, "tune" in item)
     run_dir = item.get("run_dir")
     if run_dir is None:
-        # Every key that varies is in the name, so the runs of one entry never share a directory.
+        # Every independent axis is in the name, so the runs of one entry never share a directory; of the
+        # zip keys only the first (they vary together: the rest would only lengthen the name).
+        zipped = entry.sweep.get("zip")
+        linked = list(zipped)[1:] if isinstance(zipped, dict) else []
         parts = (["{config}"] if len(entry.configs) > 1 else []) + [
-            f"{key.rsplit('.', 1)[-1]}{{{key}}}" for key in entry.varied
+            f"{key.rsplit('.', 1)[-1]}{{{key}}}" for key in entry.varied if key not in linked
         ]
         run_dir = f"{out}/runs/{_slug(item['label'])}" + ("/" + "_".join(parts) if parts else "")
     elif not isinstance(run_dir, str) or not run_dir:

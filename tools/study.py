@@ -1,7 +1,7 @@
 """Run a study (arms x grids x seeds, see study/spec.py) and turn its runs into tables and figures.
 
     python tools/study.py configs/studies/mini.yaml                    # status, and the commands left
-    python tools/study.py configs/studies/mini.yaml --run --jobs 2     # setup, run what is left (2 at a time), collect
+    python tools/study.py configs/studies/mini.yaml --run              # setup, run what is left, collect
     python tools/study.py STUDY --launcher "torchrun --nproc_per_node=8"          # the commands, started that way
     python tools/study.py STUDY --slurm study.sbatch --slurm-option "--gres=gpu:8" --jobs 16   # a SLURM array
     python tools/study.py STUDY --collect                              # results/, figures/, orderings from the runs
@@ -46,7 +46,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path)
     parser.add_argument("--run", action="store_true", help="run the setup and what is left here, then --collect")
-    parser.add_argument("--jobs", type=int, default=None, help="runs at once (--run; default 1), array tasks (--slurm)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at once (--run; default: one per CPU core when every run trains on the CPU, else 1), "
+        "array tasks at once (--slurm)",
+    )
     parser.add_argument(
         "--launcher", default=None, help='how each run starts, e.g. "torchrun --nproc_per_node=8" (default: python)'
     )
@@ -69,6 +75,15 @@ def main(argv: list[str]) -> int:
     if args.run or args.collect:
         print(f"study wall time: {format_duration(time.monotonic() - started)}")
     return code
+
+
+def default_jobs(study: Study) -> int:
+    """One run per core when every run trains on the CPU: a small model gains more from running
+    next to another (one thread each) than from a second thread; one at a time otherwise (a run
+    takes the GPUs its launcher gives it)."""
+    if all(run.config.train.device == "cpu" for run in study.runs):
+        return os.cpu_count() or 1
+    return 1
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -94,7 +109,7 @@ def dispatch(args: argparse.Namespace, study: Study, argv: list[str]) -> int:
         done = len(study.runs) - len(left)
         print(f"study {study.name}: {len(study.runs)} runs, {done} finished, {len(left)} to run", flush=True)
         # Locally, the default is this interpreter (the project's venv), not whatever `python` is on PATH.
-        summary = run_local(study, left, args.launcher or shlex.quote(sys.executable), args.jobs or 1)
+        summary = run_local(study, left, args.launcher or shlex.quote(sys.executable), args.jobs or default_jobs(study))
         if summary.stopped_by is not None:
             resume = shlex.join(["python", sys.argv[0] or "tools/study.py", *argv])
             print(
