@@ -1,4 +1,4 @@
-"""A study's figures as PNG files (matplotlib, no display), drawn from results.FigureData rows.
+"""A study's figures as PNG files (matplotlib, no display), drawn from figure_data.FigureData rows.
 
 line     best final val loss per arm vs `x` (one line per series; references as horizontal lines;
          error bars = min..max over seeds)
@@ -27,7 +27,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullLocator
 
-from study.results import FigureData
+from study.figure_data import FigureData
 
 DPI = 120
 NO_DATA = "no finished runs yet"
@@ -78,7 +78,7 @@ def build(figure: FigureData) -> Figure:
     if missing:
         raise FigureError(
             f"figure {figure.spec.name!r} ({kind}): its table lacks the columns {missing} "
-            f"(has {figure.columns}); study.results.figure_data must fill the {kind} columns"
+            f"(has {figure.columns}); study.figure_data.figure_data must fill the {kind} columns"
         )
     return builder(figure)
 

@@ -24,6 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from study import figures, results
+from study.figure_data import figure_data
+from study.orderings import orderings
+from study.report import write_tables
 from study.runner import (
     LEFT_STATUSES,
     REPO,
@@ -143,17 +146,17 @@ def report(study: Study) -> int:
     best settings, the orderings (also written to results/orderings.md) and the paths written."""
     run_results = results.collect(study)
     arms = results.summarize_arms(run_results, study.seeds)
-    data = results.figure_data(study, arms)
+    data = figure_data(study, arms)
     study.results_dir.mkdir(parents=True, exist_ok=True)
     study.figures_dir.mkdir(parents=True, exist_ok=True)
-    written = results.write_tables(study, run_results, arms, data)
+    written = write_tables(study, run_results, arms, data)
     written += [figures.draw(figure, study.figures_dir) for figure in data]
     counts: Counter[str] = Counter(r.status for r in run_results)
     print(f"\nstudy {study.name}: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES))
     print("best setting per arm (lowest final val loss, mean over seeds):")
     for arm in arms:
         print("  " + describe_arm(arm))
-    lines = results.orderings(study, arms)
+    lines = orderings(study, arms)
     orderings_path = study.results_dir / "orderings.md"
     orderings_path.write_text(f"# Observed orderings: study {study.name}\n\n" + "".join(f"- {x}\n" for x in lines))
     written.append(orderings_path)

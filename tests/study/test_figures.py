@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from matplotlib.lines import Line2D
 
+from study.figure_data import FigureData
 from study.figures import DPI, NO_DATA, FigureError, build, draw
-from study.results import FigureData
 from study.spec import FigureSpec
 
 LINE = ["series", "role", "x", "loss_mean", "loss_min", "loss_max", "seeds", "arm", "best"]

@@ -1,6 +1,7 @@
-"""study/results.py on synthetic run directories (hand-written metrics.jsonl and markers, no training):
-run status and numbers, best-setting picking over seeds, edge flags, the rows behind every figure kind,
-the orderings lines, the written tables, and the errors for a damaged or missing metrics.jsonl."""
+"""study/results.py, figure_data.py, orderings.py and report.py on synthetic run directories (hand-written
+metrics.jsonl and markers, no training): run status and numbers, best-setting picking over seeds, edge flags, the
+rows behind every figure kind, the orderings lines, the written tables, and the errors for a damaged or missing
+metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -12,17 +13,17 @@ from pathlib import Path
 import pytest
 
 from study.failed_marker import FAILED_FILE
+from study.figure_data import figure_data
+from study.orderings import orderings
+from study.report import write_tables
 from study.results import (
     ArmSummary,
     RunResult,
     StudyResultsError,
     collect,
-    figure_data,
     lr_curve,
-    orderings,
     run_result,
     summarize_arms,
-    write_tables,
 )
 from study.spec import FigureSpec, Study, StudyRun
 from tests.helpers.runs import REPO
