@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 CACHE := $(or $(MEMOPT_CACHE),.cache)
 SAMPLE_TOKENS := $(CACHE)/tokens/sample/manifest.json
 
-.PHONY: demo test check setup setup-test assets data clean help
+.PHONY: demo study test check setup setup-test assets data clean help
 help:
 	@echo "make demo   set up and train the tiny model on the sample corpus (CPU, ~7 min)"
+	@echo "make study  set up and run the CPU-sized optimizer study (configs/studies/mini.yaml, ~40 min)"
 	@echo "make test   set up, run the checks (make check), then the test suite"
 	@echo "make check  lint (ruff check), format (ruff format --check) and types (mypy); settings in pyproject.toml"
 
@@ -39,6 +40,10 @@ data: assets $(SAMPLE_TOKENS)
 
 demo: data
 	$(PY) train.py configs/tiny.yaml
+
+# The study's own setup makes what it needs (its tokenizer and tokens); re-running continues it.
+study: setup
+	$(PY) tools/study.py configs/studies/mini.yaml --run
 
 # The gate runs before the tests: style and type errors fail fast, before minutes of pytest.
 check: setup-test

@@ -136,7 +136,10 @@ def _order_lines(figure: FigureSpec, study: Study, arms: list[ArmSummary], seeds
         for seed in seeds:
             ranked_s = _ranked({s: _seed_value(a, seed) for s, a in at_x.items()})
             order_s = [name for name, _ in ranked_s]
-            same = order_s == [s for s in mean_order if s in order_s]
+            if not order_s:
+                text += f"; seed {seed}: no finished result"
+                continue
+            same = bool(mean_order) and order_s == [s for s in mean_order if s in order_s]
             text += f"; seed {seed}: " + ("same order" if same else _chain(ranked_s, with_values=False))
         lines.append(text + _caveats(a for group in at_x.values() for a in group))
     return lines
@@ -171,6 +174,10 @@ def _ranking_line(arms: list[ArmSummary], seeds: list[int]) -> str:
         }
         swaps = _swaps(known, seed_values)
         absent = [name for name in known if name not in seed_values]
+        if not known:  # nothing to compare that seed with (its own results alone are not a ranking check)
+            has_any = any(seed in arm.best_per_seed for arm in arms)
+            text += f"; seed {seed}: " + ("no mean to compare with" if has_any else "no finished result")
+            continue
         if not swaps:
             text += f"; seed {seed}: same ranking"
         else:

@@ -482,6 +482,26 @@ def test_an_order_line_shows_a_seed_that_disagrees(tmp_path):
     ]
 
 
+def test_a_seed_without_results_is_not_said_to_agree(tmp_path):
+    """Halfway through a study run seed by seed: seed 1 has nothing yet, so it must not read as agreeing."""
+    runs = []
+    for arm, loss in (("Adafactor", 3.0), ("Adafactor+momentum", 3.1)):
+        run_list = [make_run(tmp_path, arm, seed=seed, extra=["--optim.name=adafactor"]) for seed in (0, 1)]
+        finish(run_list[0], loss)  # seed 1 pending
+        runs += run_list
+    figure = FigureSpec(name="fig3_batch", kind="line", x="train.global_batch")
+    s = Study(
+        tmp_path / "s.yaml", "s", tmp_path / "out", runs, [figure], [], [0, 1], ["Adafactor", "Adafactor+momentum"]
+    )
+    lines = orderings(s, summarize_arms(collect(s), s.seeds))
+    assert lines[0].startswith(
+        "fig3_batch at global_batch 8: no finished result; no result: Adafactor, Adafactor+momentum; seed 0: "
+        "Adafactor < Adafactor+momentum; seed 1: no finished result"
+    )
+    assert "seed 0: no mean to compare with; seed 1: no finished result" in lines[1]
+    assert "same" not in " ".join(lines)
+
+
 def test_a_reference_without_results_is_said_so(tmp_path):
     adamem = make_run(tmp_path, "AdaMeM rank=8", extra=["--optim.name=adamem", "--optim.rank=8"])
     finish(adamem, 3.0)
