@@ -27,7 +27,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullLocator
 
-from study.figure_data import FigureData
+from study.figure_data import CURVES_COLUMNS, LINE_COLUMNS, PARETO_COLUMNS, FigureData
 
 DPI = 120
 NO_DATA = "no finished runs yet"
@@ -35,19 +35,12 @@ MIB = 2**20
 LOSS_LABEL = "final validation loss"
 
 # The row keys each kind reads (study.results' contract); checked up front so a mismatch names the figure.
+# The columns each kind reads: the contract with study.figure_data, which fills them.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "line": ("series", "role", "x", "loss_mean", "loss_min", "loss_max", "seeds", "arm", "best"),
+    "line": tuple(LINE_COLUMNS),
     "table": ("entry",),
-    "curves": ("arm", "seed", "step", "tokens", "flops", "val_loss"),
-    "pareto": (
-        "arm",
-        "entry",
-        "optimizer_state_bytes",
-        "peak_memory_bytes",
-        "loss_mean",
-        "frontier_state",
-        "frontier_peak",
-    ),
+    "curves": tuple(CURVES_COLUMNS),
+    "pareto": tuple(PARETO_COLUMNS),
 }
 
 
