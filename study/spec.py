@@ -56,7 +56,8 @@ by several entries are read once.
 Seeds. With `seeds`, each run of the entries is repeated per seed: `--<key>=<seed>` for every key
 of `seed_keys` (after the entry's fixed overrides, before its zip and grid values) and `/seed<seed>` appended
 to its run directory. The runs come seed by seed (every entry's runs for the first seed, then for
-the next), so a study stopped half way has whole figures of its first seeds. An entry may not set
+the next), so a study stopped half way has every setting of its first seeds (the orderings show each
+seed's own; the means and figures wait for every seed). An entry may not set
 a seed key itself. Without `seeds`, each run is its own single replicate (seed = its run.seed).
 
 Arms. The runs of one entry that differ only in the tuned keys and the seed form an arm: the unit
