@@ -97,10 +97,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from trainer.config import Config, ConfigError, section_classes
-from trainer.config_parsing import suggest
+from trainer.config_parsing import read_yaml_mapping, suggest
 from trainer.sweep import SweepRun, read_sweep, sweep_runs_from_spec
 
 FigureKind = Literal["line", "table", "curves", "pareto"]
@@ -251,17 +249,7 @@ def load_study(path: Path, seeds: list[int] | None = None) -> Study:
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(
-            f"study file not found: {path}; pass the path of a YAML study file, e.g. configs/studies/210m.yaml"
-        )
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping (arms, figures, ...; see study/spec.py)")
-    return raw
+    return read_yaml_mapping(path, "study", "configs/studies/mini.yaml", "arms, figures, ... (see study/spec.py)")
 
 
 def _check_keys(raw: dict[str, Any], allowed: tuple[str, ...], what: str, fix: str) -> None:

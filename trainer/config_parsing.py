@@ -48,19 +48,26 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """Read a config file, following `base:` (a path relative to the file) for inheritance."""
-    path = Path(path).resolve()
+def read_yaml_mapping(path: Path, kind: str, example: str, holds: str) -> dict:
+    """The mapping a YAML file holds (a config, sweep or study file: `kind`); a ConfigError when the
+    file is missing (naming `example`), is not YAML, or holds something else than a mapping (of `holds`)."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}. Pass a YAML file, e.g. configs/tiny.yaml")
-    if path in _seen:
-        raise ConfigError(f"config inheritance loop through {path}")
+        raise ConfigError(f"{kind} file not found: {path}. Pass the path of a YAML {kind} file, e.g. {example}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{path} must hold a mapping of {holds}, got {type(raw).__name__}")
+    return raw
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a config file, following `base:` (a path relative to the file) for inheritance."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config inheritance loop through {path}")
+    raw = read_yaml_mapping(path, "config", "configs/tiny.yaml", "sections")
     base = raw.pop("base", None)
     if base is None:
         return raw

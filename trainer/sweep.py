@@ -44,10 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from trainer.config import Config, ConfigError, config_from_mapping
-from trainer.config_parsing import read_yaml
+from trainer.config_parsing import read_yaml, read_yaml_mapping
 
 SWEEP_KEYS = ("config", "grid", "zip", "run_dir", "overrides")
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}")
@@ -75,15 +73,9 @@ def sweep_runs(sweep_path: Path) -> list[SweepRun]:
 def read_sweep(sweep_path: Path) -> dict[str, Any]:
     """The mapping a sweep file holds (not yet checked: sweep_runs_from_spec does that); a ConfigError when the
     file is missing, is not YAML or does not hold a mapping."""
-    if not sweep_path.is_file():
-        raise ConfigError(f"sweep file not found: {sweep_path}; pass the path of a YAML sweep file")
-    try:
-        spec = yaml.safe_load(sweep_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{sweep_path} is not valid YAML: {e}") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{sweep_path} must hold a mapping (config, grid, zip, run_dir, overrides)")
-    return spec
+    return read_yaml_mapping(
+        sweep_path, "sweep", "configs/sweeps/210m_adamw_lr.yaml", "config, grid, zip, run_dir, overrides"
+    )
 
 
 def sweep_runs_from_spec(
