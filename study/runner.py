@@ -200,7 +200,8 @@ def run_local(
         return summary
     env = child_env(jobs)
     queue = list(runs)
-    todo = {id(run): _steps_to_do(run) for run in runs}  # steps each run still has, at its start
+    done_at_start = {id(run): _steps_done(run) for run in runs}  # read once: the ETA and each start use it
+    todo = {id(run): max(0, run.config.train.max_steps - done_at_start[id(run)]) for run in runs}
     running: list[_Running] = []
     measured_seconds, measured_steps = 0.0, 0
     started = 0
@@ -225,7 +226,7 @@ def run_local(
             while queue and len(running) < jobs and summary.stopped_by is None:
                 run = queue.pop(0)
                 started += 1
-                running.append(_start(started, total, run, launcher, env, out))
+                running.append(_start(started, total, run, done_at_start[id(run)], launcher, env, out))
             time.sleep(POLL_SECONDS)
             for r in [r for r in running if r.proc.poll() is not None]:
                 running.remove(r)
@@ -254,12 +255,12 @@ def run_local(
     return summary
 
 
-def _steps_to_do(run: StudyRun) -> int:
+def _steps_done(run: StudyRun) -> int:
+    """The last step the run logged (0 for a new run, or one whose metrics cannot be read)."""
     try:
-        done = run_result(run).step
+        return run_result(run).step
     except StudyResultsError:
-        done = 0
-    return max(0, run.config.train.max_steps - done)
+        return 0
 
 
 def _steps_done_estimate(r: _Running, measured_seconds: float, measured_steps: int) -> float:
@@ -268,14 +269,12 @@ def _steps_done_estimate(r: _Running, measured_seconds: float, measured_steps: i
     return (time.monotonic() - r.started) * measured_steps / measured_seconds
 
 
-def _start(index: int, total: int, run: StudyRun, launcher: str, env: dict[str, str], out: TextIO) -> _Running:
+def _start(
+    index: int, total: int, run: StudyRun, start_step: int, launcher: str, env: dict[str, str], out: TextIO
+) -> _Running:
     run_dir = REPO / run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     clear_failed(run_dir)  # started again: whatever made it fail may be fixed
-    try:
-        start_step = run_result(run).step
-    except StudyResultsError:
-        start_step = 0
     cmd = command(run, launcher)
     log = (run_dir / LOG_FILE).open("a")
     log.write(f"# {datetime.now().isoformat(timespec='seconds')} study {run.entry!r}: {shlex.join(cmd)}\n")
