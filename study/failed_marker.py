@@ -8,9 +8,10 @@ either would make the two import each other.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from trainer.run_outcome import read_marker
 
 FAILED_FILE = "failed.json"
 
@@ -18,11 +19,4 @@ FAILED_FILE = "failed.json"
 def read_failed(run_dir: Path) -> dict[str, Any] | None:
     """The marker's contents, or None when there is none. An unreadable marker still says the run failed
     ({"exit_code": None, "message": "<path> is unreadable"}): the runner did write one."""
-    path = run_dir / FAILED_FILE
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"exit_code": None, "message": f"{path} is unreadable"}
-    return data if isinstance(data, dict) else {"exit_code": None, "message": str(data)}
+    return read_marker(run_dir / FAILED_FILE, {"exit_code": None})

@@ -22,7 +22,6 @@ How the ambiguous points are read:
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -40,8 +39,7 @@ from typing import TextIO
 from study.failed_marker import FAILED_FILE as FAILED_FILE
 from study.results import StudyResultsError, run_result
 from study.spec import Study, StudyRun
-from trainer.run_lock import write_file_atomic
-from trainer.run_outcome import read_diverged
+from trainer.run_outcome import read_diverged, write_marker
 
 REPO = Path(__file__).resolve().parent.parent
 LEFT_STATUSES = ("pending", "incomplete", "failed")
@@ -105,8 +103,7 @@ def mark_failed(run_dir: Path, exit_code: int, log: Path) -> None:
     lines = [line.strip() for line in _tail(log).splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
     message = errors[-1] if errors else (lines[-1] if lines else f"exited with {exit_code}, nothing logged")
-    payload = json.dumps({"exit_code": exit_code, "message": message}) + "\n"
-    write_file_atomic(run_dir / FAILED_FILE, payload.encode())
+    write_marker(run_dir / FAILED_FILE, {"exit_code": exit_code, "message": message})
 
 
 def clear_failed(run_dir: Path) -> None:

@@ -17,8 +17,25 @@ from trainer.run_lock import write_file_atomic
 DIVERGED_FILE = "diverged.json"
 
 
+def write_marker(path: Path, fields: dict[str, Any]) -> None:
+    """Write a JSON marker file atomically (this module's, and the study runner's failed marker)."""
+    write_file_atomic(path, (json.dumps(fields) + "\n").encode())
+
+
+def read_marker(path: Path, unreadable: dict[str, Any]) -> dict[str, Any] | None:
+    """A JSON marker's contents, or None when there is none. An unreadable marker still says what it
+    marks: `unreadable` (the marker's fields, blank) plus a message naming the file."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {**unreadable, "message": f"{path} is unreadable"}
+    return data if isinstance(data, dict) else {**unreadable, "message": str(data)}
+
+
 def mark_diverged(run_dir: Path, step: int, message: str) -> None:
-    write_file_atomic(run_dir / DIVERGED_FILE, (json.dumps({"step": step, "message": message}) + "\n").encode())
+    write_marker(run_dir / DIVERGED_FILE, {"step": step, "message": message})
 
 
 def clear_diverged(run_dir: Path) -> None:
@@ -27,11 +44,4 @@ def clear_diverged(run_dir: Path) -> None:
 
 def read_diverged(run_dir: Path) -> dict[str, Any] | None:
     """The marker's contents, or None when the run has not diverged (or was started again since)."""
-    path = run_dir / DIVERGED_FILE
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"step": None, "message": f"{path} is unreadable"}
-    return data if isinstance(data, dict) else {"step": None, "message": str(data)}
+    return read_marker(run_dir / DIVERGED_FILE, {"step": None})
