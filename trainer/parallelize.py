@@ -1,4 +1,6 @@
-"""Applies training-time wrappers to the model: torch.compile per block, then DDP."""
+"""Applies training-time wrappers to the model, in order: torch.compile per block, then the engine's
+wrapper (DDP, or FSDP2's fully_shard per block and root). The model file holds none of this
+(torchtitan's split); DeepSpeed wraps model and optimizer together (trainer/deepspeed_engine.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,27 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from model import Transformer
+from trainer.config import TrainConfig
 from trainer.distributed import DistInfo
+
+
+def parallelize(model: Transformer, train: TrainConfig, info: DistInfo) -> nn.Module:
+    """compile (train.compile) then the engine's wrapper; returns the module the loop calls. Under
+    fsdp2 the parameters of `model` itself become sharded DTensors (build the optimizer after this).
+    One process: no wrapper. deepspeed: nothing here (its engine wraps model and optimizer)."""
+    if train.compile:
+        compile_blocks(model)
+    if not info.enabled or train.engine == "deepspeed":
+        return model
+    if train.engine == "fsdp2":
+        return apply_fsdp2(model, info, resolve_precision(train.precision, info.device))
+    return wrap_ddp(model, info)
+
+
+def apply_fsdp2(model: Transformer, info: DistInfo, precision: str) -> nn.Module:
+    """fully_shard each block, then the root; bf16 parameters for compute and fp32 gradient reduction
+    under precision bf16 (MixedPrecisionPolicy)."""
+    raise NotImplementedError("train.engine=fsdp2")  # built in the engine work of issue 11
 
 
 def compile_blocks(model: Transformer) -> None:

@@ -37,7 +37,7 @@ from trainer.flop_budget import config_flops, resolve_max_steps
 from trainer.hardware import device_peak_flops, peak_memory_bytes
 from trainer.lora import apply_adapters, parameter_counts
 from trainer.metrics import MetricsLogger
-from trainer.parallelize import autocast_context, compile_blocks, resolve_precision, wrap_ddp
+from trainer.parallelize import autocast_context, parallelize, resolve_precision
 from trainer.relora import build_adapter_schedule
 from trainer.resume_policy import check_resume_compatible, record_resume
 from trainer.run_lock import lock_run_dir, remove_stale_temp_files
@@ -137,9 +137,6 @@ class Trainer:
             keep_last=cfg.checkpoint.keep_last,
         )
         self.restore()
-        if cfg.train.compile:
-            compile_blocks(self.model)
-        self.wrapped_model = wrap_ddp(self.model, info)
         self.autocast = autocast_context(cfg.train.precision, info.device)
         self.log = MetricsLogger(
             self.run_dir, enabled=info.is_main, tensorboard=cfg.log.tensorboard, resume_step=self.progress.step
@@ -168,6 +165,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.model = Transformer(cfg.model).to(self.info.device)
         apply_adapters(self.model, cfg.adapter, seed=cfg.run.seed)  # adapter.method=none: nothing
+        # Before the optimizer is built: fully_shard replaces the parameters by sharded DTensors.
+        self.wrapped_model = parallelize(self.model, cfg.train, self.info)
         params = [p for p in self.model.parameters() if p.requires_grad]
         spec = optimizer_spec(self.model, cfg.optim)
         self.updater = build_update_strategy(
