@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ from optim.fp32_state import FP32StateOptimizer
 from optim.param_groups import DECAY_GROUP_KEYS, decay_split_groups
 from optim.projector import ProjectorCounters
 from optim.registry import OptimizerSpec, register
-from optim.rms import rms
+from optim.sharding import WHOLE, Sharding, local, sharding_of
 
 MOMENTUM_STYLES: tuple[MomentumStyle, ...] = typing.get_args(MomentumStyle)
 # The OptimConfig keys `adafactor_kwargs` reads.
@@ -75,7 +76,7 @@ ADAFACTOR_KEYS = (
 )
 
 
-def second_moment_mode(shape: torch.Size, one_sided: bool) -> str:
+def second_moment_mode(shape: Sequence[int], one_sided: bool) -> str:
     """'factored', 'cols' (one statistic per column), 'rows' or 'full' for a tensor of `shape`."""
     if len(shape) < 2:
         return "full"
@@ -84,8 +85,11 @@ def second_moment_mode(shape: torch.Size, one_sided: bool) -> str:
     return "cols" if shape[-2] <= shape[-1] else "rows"
 
 
-def update_second_moment(state: dict, prefix: str, sq: torch.Tensor, mode: str, beta2_t: float) -> None:
-    """EMA of the statistics of sq (= x^2 + eps1) into state[prefix + ...], created at zero."""
+def update_second_moment(
+    state: dict, prefix: str, sq: torch.Tensor, mode: str, beta2_t: float, sh: Sharding = WHOLE
+) -> None:
+    """EMA of the statistics of sq (= x^2 + eps1) into state[prefix + ...], created at zero. `sh`: how
+    the local sq relates to the full one (optim/sharding.py): a mean over a sharded dim is all-reduced."""
 
     def ema(key: str, value: torch.Tensor) -> None:
         if key not in state:
@@ -93,22 +97,24 @@ def update_second_moment(state: dict, prefix: str, sq: torch.Tensor, mode: str, 
         state[key].mul_(beta2_t).add_(value, alpha=1.0 - beta2_t)
 
     if mode in ("factored", "rows"):
-        ema(prefix + "exp_avg_sq_row", sq.mean(dim=-1))
+        ema(prefix + "exp_avg_sq_row", sh.mean(sq, dim=-1))
     if mode in ("factored", "cols"):
-        ema(prefix + "exp_avg_sq_col", sq.mean(dim=-2))
+        ema(prefix + "exp_avg_sq_col", sh.mean(sq, dim=-2))
     if mode == "full":
         ema(prefix + "exp_avg_sq", sq)
 
 
 def divide_by_second_moment(
-    state: dict, prefix: str, x: torch.Tensor, mode: str, bias2: float, eps: float
+    state: dict, prefix: str, x: torch.Tensor, mode: str, bias2: float, eps: float, sh: Sharding = WHOLE
 ) -> torch.Tensor:
-    """x / (sqrt(V_hat) + eps) with V_hat from the statistics in state (see module docstring)."""
+    """x / (sqrt(V_hat) + eps) with V_hat from the statistics in state (see module docstring); `sh`: x's
+    sharding (mean(r) is over the full row statistic)."""
     if mode == "factored":
         row = state[prefix + "exp_avg_sq_row"]
         col = state[prefix + "exp_avg_sq_col"]
         # sqrt(r c^T / (mean(r) c2)) = sqrt(r / (mean(r) c2)) sqrt(c)^T: one m x n temporary only.
-        row_f = (row / (row.mean(dim=-1, keepdim=True) * bias2)).sqrt_()
+        row_mean = sh.reduced(-1, x.dim()).mean(row, dim=-1, keepdim=True)
+        row_f = (row / (row_mean * bias2)).sqrt_()
         denom = row_f.unsqueeze(-1) * col.sqrt().unsqueeze(-2)
     elif mode == "cols":
         denom = (state[prefix + "exp_avg_sq_col"] / bias2).sqrt_().unsqueeze(-2).expand_as(x)
@@ -125,11 +131,11 @@ def divide_by_second_moment(
     return x / denom
 
 
-def clip_by_rms(u: torch.Tensor, clip_threshold: float | None) -> torch.Tensor:
-    """u / max(1, RMS(u) / clip_threshold), in place; u unchanged when clip_threshold is None."""
+def clip_by_rms(u: torch.Tensor, clip_threshold: float | None, sh: Sharding = WHOLE) -> torch.Tensor:
+    """u / max(1, RMS(u) / clip_threshold), in place (RMS of the full u); u unchanged when clip_threshold is None."""
     if clip_threshold is None:
         return u
-    return u.div_((rms(u) / clip_threshold).clamp_(min=1.0))
+    return u.div_((sh.rms(u) / clip_threshold).clamp_(min=1.0))
 
 
 def beta2_at(group: dict, t: int) -> tuple[float, float]:
@@ -140,13 +146,14 @@ def beta2_at(group: dict, t: int) -> tuple[float, float]:
 
 
 def step_size(group: dict, t: int, param: torch.Tensor) -> float | torch.Tensor:
-    """lr_t = rho_t * s_t (HF `_get_lr`). A 0-d tensor when scale_parameter (no host sync)."""
+    """lr_t = rho_t * s_t (HF `_get_lr`). A 0-d tensor when scale_parameter (no host sync). `param`:
+    the parameter itself (a DTensor under FSDP2: its RMS is the full weight's)."""
     rho = group["lr"]
     if group.get("relative_step"):
         min_step = 1e-6 * t if group.get("warmup_init") else 1e-2
         rho = min(min_step, 1.0 / math.sqrt(t))
     if group.get("scale_parameter"):
-        return rms(param.float()).clamp(min=group["eps2"]) * rho
+        return sharding_of(param).rms(local(param).float()).clamp(min=group["eps2"]) * rho
     return rho
 
 
@@ -197,16 +204,24 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         super().__init__(params, defaults)
 
     def adafactor_delta(
-        self, g: torch.Tensor, state: dict, group: dict, t: int, lr_t: float | torch.Tensor, prefix: str = ""
+        self,
+        g: torch.Tensor,
+        state: dict,
+        group: dict,
+        t: int,
+        lr_t: float | torch.Tensor,
+        prefix: str = "",
+        sh: Sharding = WHOLE,
     ) -> torch.Tensor:
-        """Delta (already scaled by lr_t) for fp32 gradient g at moment step t; updates state."""
+        """Delta (already scaled by lr_t) for fp32 gradient g (local, sharded as `sh`) at moment step t;
+        updates state."""
         beta1 = group["beta1"]
         beta2_t, bias2 = beta2_at(group, t)
-        mode = second_moment_mode(g.shape, group["one_sided"])
-        update_second_moment(state, prefix, (g * g).add_(group["eps1"]), mode, beta2_t)
+        mode = second_moment_mode(sh.full_shape(g), group["one_sided"])  # by the full shape: the same on every rank
+        update_second_moment(state, prefix, (g * g).add_(group["eps1"]), mode, beta2_t, sh)
         if group["momentum_style"] == "hf":
             u = clip_by_rms(
-                divide_by_second_moment(state, prefix, g, mode, bias2, group["eps"]), group["clip_threshold"]
+                divide_by_second_moment(state, prefix, g, mode, bias2, group["eps"], sh), group["clip_threshold"], sh
             )
             u = u.mul_(lr_t)
             if beta1 is None:
@@ -221,12 +236,15 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
                 state[prefix + "exp_avg"] = torch.zeros_like(g)
             m = state[prefix + "exp_avg"].mul_(beta1).add_(g, alpha=1.0 - beta1)
             x = m / (1.0 - beta1**t)
-        u = clip_by_rms(divide_by_second_moment(state, prefix, x, mode, bias2, group["eps"]), group["clip_threshold"])
+        u = clip_by_rms(
+            divide_by_second_moment(state, prefix, x, mode, bias2, group["eps"], sh), group["clip_threshold"], sh
+        )
         return u.mul_(lr_t)
 
     @staticmethod
     def apply_delta(p: torch.Tensor, delta: torch.Tensor, lr_t: float | torch.Tensor, weight_decay: float) -> None:
-        """W <- W - lr_t wd W - Delta (weight decay on the pre-update weights, as HF)."""
+        """W <- W - lr_t wd W - Delta (weight decay on the pre-update weights, as HF). `p`: the local
+        tensor of the parameter (updated in place)."""
         if weight_decay != 0.0:
             if torch.is_tensor(lr_t):
                 p.sub_(p * (weight_decay * lr_t).to(p.dtype))
@@ -242,8 +260,15 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         t = state["step"]
         lr_t = step_size(group, t, p)
         assert p.grad is not None  # step() skips parameters without a gradient
-        delta = self.adafactor_delta(p.grad.float(), state, group, t, lr_t)
-        self.apply_delta(p, delta, lr_t, group["weight_decay"])
+        delta = self.adafactor_delta(local(p.grad).float(), state, group, t, lr_t, sh=sharding_of(p))
+        self.apply_delta(local(p), delta, lr_t, group["weight_decay"])
+
+    def state_shard_dim(self, p: torch.Tensor, group: dict, key: str, full_shape: Sequence[int]) -> int | None:
+        """optim.sharding.ShardedState: the moments and the row statistic follow p's rows; the column
+        statistic (and a one-sided column statistic) is whole on every rank."""
+        if key.endswith("exp_avg_sq_col"):
+            return None
+        return 0 if key in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row") else None
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 import re
 import typing
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ from optim.config import OptimConfig, UpdateNorm
 from optim.fp32_state import FP32StateOptimizer
 from optim.param_groups import DECAY_GROUP_KEYS, decay_split_groups
 from optim.registry import OptimizerSpec, register
-from optim.rms import rms
+from optim.sharding import Sharding, local, sharding_of
 
 UPDATE_NORMS: tuple[UpdateNorm, ...] = typing.get_args(UpdateNorm)
 DEFAULT_CLIP_THRESHOLD = 1.0  # optim.clip_threshold null
@@ -115,6 +116,11 @@ class AdaLomo(FP32StateOptimizer):
         # Per factored parameter: (number of floored entries in its last step, 0-d device tensor; numel).
         self._floored: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}
 
+    def state_shard_dim(self, p: torch.Tensor, group: dict, key: str, full_shape: Sequence[int]) -> int | None:
+        """optim.sharding.ShardedState: row statistic, a vector's statistic and the left factor (m x r)
+        follow p's rows; the column statistic and the right factor are whole on every rank."""
+        return 0 if key in ("exp_avg_sq_row", "exp_avg_sq", "factor_left") else None
+
     # ----- which tensors share one normalisation statistic ---------------------------------
     def norm_group_key(self, p: torch.Tensor) -> str | None:
         """None when p's update needs no other tensor (grouped / none), else its group's key."""
@@ -147,7 +153,7 @@ class AdaLomo(FP32StateOptimizer):
     def _fold(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """Update p's second-moment state with p.grad; return the fp32 gradient."""
         assert p.grad is not None  # callers skip parameters without a gradient
-        grad = p.grad.float()
+        grad = local(p.grad).float()
         state = self.state[p]
         first = len(state) == 0
         if first:
@@ -170,6 +176,7 @@ class AdaLomo(FP32StateOptimizer):
                 group["factorization"],
                 group["factor_rank"],
                 group["factor_iters"],
+                sharding_of(p),
             )
         else:
             state["exp_avg_sq"].mul_(beta).add_(u, alpha=1.0 - beta)
@@ -181,7 +188,7 @@ class AdaLomo(FP32StateOptimizer):
         (the first direction after a fold; step()'s second pass recomputes U and passes False)."""
         state = self.state[p]
         if grad.dim() >= 2:
-            u, floored = fac.divide_by_sqrt_approx(state, grad, count=record)
+            u, floored = fac.divide_by_sqrt_approx(state, grad, count=record, sh=sharding_of(p))
             if floored is not None:
                 self._floored[p] = (floored, u.numel())
             return u
@@ -202,10 +209,11 @@ class AdaLomo(FP32StateOptimizer):
 
     @torch.no_grad()
     def prepare(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Phase 1: fold p.grad into the state; return U (fp32) and sum(U^2) (0-d fp32)."""
+        """Phase 1: fold p.grad into the state; return U (fp32, local) and sum(U^2) over the full tensor
+        (0-d fp32; one scalar all-reduce under FSDP2)."""
         group = self._group_of(p)
         u = self._direction(p, self._fold(p, group))
-        return u, u.square().sum()
+        return u, sharding_of(p).sum_all(u.square())
 
     @staticmethod
     def shared_divisor(sq_sums: list[torch.Tensor], numels: list[int], clip_threshold: float) -> torch.Tensor:
@@ -225,25 +233,26 @@ class AdaLomo(FP32StateOptimizer):
     def _apply(p: torch.Tensor, u: torch.Tensor, divisor: torch.Tensor | None, group: dict) -> None:
         if divisor is not None:
             u.div_(divisor)
-        theta = p if p.dtype == torch.float32 else p.float()
+        sh, mine = sharding_of(p), local(p)  # under FSDP2: this rank's rows, updated in place
+        theta = mine if mine.dtype == torch.float32 else mine.float()
         # Tensors throughout (no .item()): no host sync per parameter on GPU.
-        eta = rms(theta).clamp_(min=group["eps2"]).mul_(group["lr"])
+        eta = sh.rms(theta).clamp_(min=group["eps2"]).mul_(group["lr"])
         if group["weight_decay"] != 0:
             theta.mul_(1.0 - eta * group["weight_decay"])
         theta.addcmul_(u, eta, value=-1.0)
-        if theta is not p:
-            p.copy_(theta)
+        if theta is not mine:
+            mine.copy_(theta)
 
     @staticmethod
-    def _own_divisor(u: torch.Tensor, group: dict) -> torch.Tensor | None:
+    def _own_divisor(u: torch.Tensor, group: dict, sh: Sharding) -> torch.Tensor | None:
         if group["update_norm"] == "none":
             return None
-        # HF's form: (||U|| / sqrt(numel)) / clip_threshold, clamped at 1.
-        return rms(u).div_(group["clip_threshold"]).clamp_(min=1.0)
+        # HF's form: (||U|| / sqrt(numel)) / clip_threshold, clamped at 1 (over the full U).
+        return sh.rms(u).div_(group["clip_threshold"]).clamp_(min=1.0)
 
     def _step_alone(self, p: torch.Tensor, group: dict) -> None:
         u = self._direction(p, self._fold(p, group))
-        self._apply(p, u, self._own_divisor(u, group), group)
+        self._apply(p, u, self._own_divisor(u, group, sharding_of(p)), group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -262,13 +271,14 @@ class AdaLomo(FP32StateOptimizer):
                     self._step_alone(p, group)
                     continue
                 u = self._direction(p, self._fold(p, group))
-                coupled.setdefault(key, []).append((p, group, u.square().sum(), u.numel()))
+                # The full tensor's sum and size (p.numel() of a DTensor is the full one).
+                coupled.setdefault(key, []).append((p, group, sharding_of(p).sum_all(u.square()), p.numel()))
                 del u  # recomputed in pass 2: keeps no U alive across tensors
         # Pass 2: one divisor per group, then recompute U (same ops, same bits) and apply.
         for members in coupled.values():
             div = self.shared_divisor([m[2] for m in members], [m[3] for m in members], members[0][1]["clip_threshold"])
             for p, group, _, _ in members:
-                u = self._direction(p, p.grad.float(), record=False)
+                u = self._direction(p, local(p.grad).float(), record=False)
                 self._apply(p, u, div, group)
         return loss
 

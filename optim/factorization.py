@@ -70,6 +70,7 @@ import typing
 import torch
 
 from optim.config import Factorization
+from optim.sharding import WHOLE, Sharding
 
 FACTORIZATIONS: tuple[Factorization, ...] = typing.get_args(Factorization)
 FLOOR_RATIO = 0.1  # V >= FLOOR_RATIO x the rank-1 estimate: |U| <= 3.2 x Adafactor's (see above)
@@ -122,8 +123,11 @@ def approx(state: dict) -> torch.Tensor:
     return estimate(state)[0]
 
 
-def update(state: dict, u: torch.Tensor, beta: float, first: bool, method: str, rank: int, iters: int) -> None:
-    """Fold u = g^2 + eps1 into the factored EMA (in place on `state`)."""
+def update(
+    state: dict, u: torch.Tensor, beta: float, first: bool, method: str, rank: int, iters: int, sh: Sharding = WHOLE
+) -> None:
+    """Fold u = g^2 + eps1 into the factored EMA (in place on `state`). `sh`: u's row sharding under FSDP2
+    (optim/sharding.py); only nmf-1 runs sharded (the factors of the others need the whole matrix)."""
     if not is_closed_form(method, rank) and "exp_avg_sq_row" not in state:
         raise ValueError(
             "this AdaLomo state has low-rank factors but no rank-1 statistics (exp_avg_sq_row/col): it was saved "
@@ -133,8 +137,8 @@ def update(state: dict, u: torch.Tensor, beta: float, first: bool, method: str, 
     if not first and not is_closed_form(method, rank):
         target = approx(state).mul_(beta).add_(u, alpha=1.0 - beta)  # from the floored V_{t-1}
     # Same ops and order as HF / fairseq Adafactor.
-    state["exp_avg_sq_row"].mul_(beta).add_(u.mean(dim=-1), alpha=1.0 - beta)
-    state["exp_avg_sq_col"].mul_(beta).add_(u.mean(dim=-2), alpha=1.0 - beta)
+    state["exp_avg_sq_row"].mul_(beta).add_(sh.mean(u, dim=-1), alpha=1.0 - beta)
+    state["exp_avg_sq_col"].mul_(beta).add_(sh.mean(u, dim=-2), alpha=1.0 - beta)
     if is_closed_form(method, rank):
         return
     if target is None:
@@ -176,14 +180,14 @@ def update(state: dict, u: torch.Tensor, beta: float, first: bool, method: str, 
 
 
 def divide_by_sqrt_approx(
-    state: dict, grad: torch.Tensor, count: bool = False
+    state: dict, grad: torch.Tensor, count: bool = False, sh: Sharding = WHOLE
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """U = g / sqrt(V_t) for the current estimate (a new fp32 tensor), and the number of floored
     entries as `estimate` returns it."""
     if "factor_left" not in state:
         # HF's _approx_sq_grad: rsqrt(r / mean(r)) (rows) * rsqrt(c) (columns), then * g.
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        r_factor = (row / sh.reduced(-1, grad.dim()).mean(row, dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
         c_factor = col.unsqueeze(-2).rsqrt()
         return torch.mul(r_factor, c_factor).mul_(grad), None
     v, floored = estimate(state, count)

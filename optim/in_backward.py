@@ -33,7 +33,13 @@ Refused (see `check_fused_supported`), never silently wrong:
   correct version needs a first backward that only measures the norm and a second that
   updates (2x backward compute, or keeping the graph); not built. AdaLomo's update
   normalisation replaces clipping (the paper trains without it).
-- several ranks (DDP): the hook would fire before the gradient is all-reduced.
+
+Several ranks: under DDP a parameter's hook would fire before the gradient is all-reduced, so the
+trainer sets `updates_from_reduced_grads` and a DDP comm hook calls `update_from_reduced` after each
+bucket's all-reduce (trainer/ddp_fused.py; exact, but DDP's buckets keep a full gradient: no memory
+saving). Under FSDP2 the hooks fire on the sharded parameters after the reduce-scatter, so the
+updates are exact (the optimizers reduce their statistics over the shards: optim/sharding.py) and
+the saving is kept.
 
 Projected backward (GaLore with `projected_backward`, optim/projected_backward.py): a weight whose
 gradient arrives projected in its carrier (optim/projected_grads.py) is updated from the carrier's
@@ -59,9 +65,10 @@ from torch.utils.hooks import RemovableHandle
 from optim.param_groups import group_options
 from optim.projected_grads import ProjectedGradSource
 from optim.registry import OptimizerSpec
+from optim.sharding import local, sharding_of
 
 
-def check_fused_supported(*, grad_clip: float | None, world_size: int) -> None:
+def check_fused_supported(*, grad_clip: float | None) -> None:
     """Raise a clear error for combinations the fused path does not implement."""
     if grad_clip is not None and grad_clip > 0:
         raise ValueError(
@@ -69,11 +76,6 @@ def check_fused_supported(*, grad_clip: float | None, world_size: int) -> None:
             "known only after every parameter was already updated in the backward pass. Disable gradient "
             "clipping with --train.max_grad_norm=0 (AdaLomo's update normalisation replaces it) or set "
             "--train.fused_update=false."
-        )
-    if world_size > 1:
-        raise ValueError(
-            f"train.fused_update=true is not supported with {world_size} ranks (DDP): the update would run "
-            "before the gradient is all-reduced. Use one rank or train.fused_update=false."
         )
 
 
@@ -97,6 +99,7 @@ class InBackwardOptimizer:
         self._params: dict[str, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
         self.armed = False
+        self.updates_from_reduced_grads = False  # True under DDP: a comm hook calls update_from_reduced
         self.nonfinite: list[str] = []
         self._grad_sq: list[torch.Tensor] = []  # 0-d tensors of the armed backward, summed lazily (grad_sq_sum)
         # Coupled update statistics: key -> member names in spec order; name -> key.
@@ -127,37 +130,53 @@ class InBackwardOptimizer:
     def _make_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         # `holder`: the parameter, or its projected-gradient carrier (whichever received the gradient).
         def hook(holder: torch.Tensor) -> None:
-            if not self.armed:
-                return
-            p = self._params[name]
-            grad = holder.grad
-            assert grad is not None  # post-accumulate-grad hooks run once the gradient exists
-            if grad.is_meta:  # shape-only runs (trainer/memory_accounting.py): no values to check
-                finite = True
-            else:
-                sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
-                finite = bool(torch.isfinite(sq))
-                if finite:
-                    self._grad_sq.append(sq)
-            key = self._key_of.get(name)
-            if not finite:
-                self.nonfinite.append(name)
-            elif key is None:
-                self.optimizers[name].step()
-            if key is not None:
-                pending = self._pending.setdefault(key, {})
-                if finite:
-                    u, usq = self._two_phase[name].prepare(p)
-                    pending[name] = (u, usq)
-                    self.deferred_bytes += u.nbytes
-                    self.peak_deferred_bytes = max(self.peak_deferred_bytes, self.deferred_bytes)
-                else:
-                    pending[name] = None
-            holder.grad = None  # freed (the optimizer's step already took a carrier's)
-            if key is not None and len(self._pending[key]) == len(self._members[key]):
-                self._flush(key)
+            if self.armed and not self.updates_from_reduced_grads:
+                self._update(name, holder)
 
         return hook
+
+    def update_from_reduced(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Update `p` from `grad`, its gradient already reduced over ranks: the entry point of a DDP comm
+        hook (trainer/ddp_fused.py), used instead of the post-accumulate-grad hooks, which under DDP fire
+        before the all-reduce (`updates_from_reduced_grads` = True switches them off). Same math, same
+        non-finite handling; `p.grad` is left None."""
+        if not self.armed:
+            return
+        p.grad = grad
+        self._update(self._names[p], p)
+
+    def _update(self, name: str, holder: torch.Tensor) -> None:
+        """One parameter's update from `holder.grad` (the parameter, or its projected-gradient carrier)."""
+        p = self._params[name]
+        grad = holder.grad
+        assert grad is not None  # post-accumulate-grad hooks run once the gradient exists
+        if grad.is_meta:  # shape-only runs (trainer/memory_accounting.py): no values to check
+            finite = True
+        else:
+            # Under FSDP2 the squared sum of the full gradient (one scalar all-reduce): every rank takes
+            # the same finite / non-finite decision, or one would skip an update whose collectives the
+            # others enter.
+            sq = sharding_of(p).sum_all(torch.linalg.vector_norm(local(grad), dtype=torch.float32).square())
+            finite = bool(torch.isfinite(sq))
+            if finite:
+                self._grad_sq.append(sq)
+        key = self._key_of.get(name)
+        if not finite:
+            self.nonfinite.append(name)
+        elif key is None:
+            self.optimizers[name].step()
+        if key is not None:
+            pending = self._pending.setdefault(key, {})
+            if finite:
+                u, usq = self._two_phase[name].prepare(p)
+                pending[name] = (u, usq)
+                self.deferred_bytes += u.nbytes
+                self.peak_deferred_bytes = max(self.peak_deferred_bytes, self.deferred_bytes)
+            else:
+                pending[name] = None
+        holder.grad = None  # freed (the optimizer's step already took a carrier's)
+        if key is not None and len(self._pending[key]) == len(self._members[key]):
+            self._flush(key)
 
     def _flush(self, key: str) -> None:
         pending = self._pending.pop(key, {})
@@ -169,7 +188,7 @@ class InBackwardOptimizer:
         first = next(iter(ready))
         div = self._two_phase[first].shared_divisor(
             [usq for _, usq in ready.values()],
-            [u.numel() for u, _ in ready.values()],
+            [self._params[n].numel() for n in ready],  # the full size (a sharded DTensor's numel is the full one)
             self.optimizers[first].param_groups[0]["clip_threshold"],
         )
         for n, (u, _) in ready.items():

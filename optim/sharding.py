@@ -70,6 +70,12 @@ class Sharding:
         """Size of `dim` of the full tensor behind local `x`."""
         return self.full_size if self.sharded and _same_dim(dim, self.dim, x.dim()) else x.shape[dim]
 
+    def full_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The shape of the full tensor behind local `x`."""
+        if not self.sharded:
+            return tuple(x.shape)
+        return tuple(self.full_size if _same_dim(i, self.dim, x.dim()) else s for i, s in enumerate(x.shape))
+
     def full_numel(self, x: torch.Tensor) -> int:
         if not self.sharded:
             return x.numel()
@@ -80,19 +86,28 @@ class Sharding:
                 others *= s
         return others * self.full_size
 
-    def sum(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+    def sum(self, x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
         """x.sum(dim) of the full tensor (all-reduced when `dim` is the sharded one)."""
-        out = x.sum(dim=dim)
+        out = x.sum(dim=dim, keepdim=keepdim)
         if self.sharded and _same_dim(dim, self.dim, x.dim()):
             self._all_reduce(out)
         return out
 
-    def mean(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+    def mean(self, x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
         """x.mean(dim) of the full tensor. When `dim` is not sharded this *is* `x.mean(dim)` (same
         bits as one process); when it is, the full sum over the full size."""
         if not (self.sharded and _same_dim(dim, self.dim, x.dim())):
-            return x.mean(dim=dim)
-        return self.sum(x, dim).div_(self.full_size)
+            return x.mean(dim=dim, keepdim=keepdim)
+        return self.sum(x, dim, keepdim).div_(self.full_size)
+
+    def reduced(self, dim: int, ndim: int) -> Sharding:
+        """The Sharding of `x.mean(dim)` (or sum) for a local x of `ndim` dims: the row statistic of a
+        row-sharded matrix is itself row-sharded; the column statistic is whole."""
+        if not self.sharded or _same_dim(dim, self.dim, ndim):
+            return WHOLE
+        assert self.dim is not None
+        own, red = self.dim % ndim, dim % ndim
+        return Sharding(own - (1 if red < own else 0), self.group, self.full_size)
 
     def sum_all(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of every entry of the full tensor (0-d)."""

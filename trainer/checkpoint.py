@@ -237,9 +237,15 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)
 
-    def save(self, step: int, metadata: dict[str, Any]) -> Path:
-        """Write every component's state (plus `metadata`, e.g. the config) as `step`'s checkpoint."""
-        state = {name: component.state_dict() for name, component in self.components.items()}
+    def collect(self) -> dict[str, Any]:
+        """Every component's state. Under FSDP2 a component gathers its full state (a collective):
+        every rank calls this, and the main rank passes the result to `save`."""
+        return {name: component.state_dict() for name, component in self.components.items()}
+
+    def save(self, step: int, metadata: dict[str, Any], state: dict[str, Any] | None = None) -> Path:
+        """Write the components' state (`collect()` unless given, plus `metadata`, e.g. the config) as
+        `step`'s checkpoint."""
+        state = self.collect() if state is None else state
         return save_checkpoint(self.directory, step, {**metadata, **state}, self.keep_last)
 
     def restore(self, path: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:

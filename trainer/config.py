@@ -222,7 +222,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             compile=t.compile,
         )
         if t.fused_update:
-            check_fused_supported(grad_clip=t.max_grad_norm, world_size=world)
+            check_fused_supported(grad_clip=t.max_grad_norm)
         if cfg.optim.projected_backward:
             check_projected_backward_supported(world_size=world, compile=t.compile)
     except ValueError as e:

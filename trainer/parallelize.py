@@ -4,8 +4,13 @@ wrapper (DDP, or FSDP2's fully_shard per block and root). The model file holds n
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from model import Transformer
@@ -29,7 +34,30 @@ def parallelize(model: Transformer, train: TrainConfig, info: DistInfo) -> nn.Mo
 def apply_fsdp2(model: Transformer, info: DistInfo, precision: str) -> nn.Module:
     """fully_shard each block, then the root; bf16 parameters for compute and fp32 gradient reduction
     under precision bf16 (MixedPrecisionPolicy)."""
-    raise NotImplementedError("train.engine=fsdp2")  # built in the engine work of issue 11
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp = MixedPrecisionPolicy()  # fp32 compute and reduction
+    if precision == "bf16":
+        # bf16 copies of the parameters for compute, gradients reduced in fp32 into the fp32 shards.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedding, final norm, output layer
+    return model
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, last_micro_batch: bool) -> Iterator[None]:
+    """Gradient accumulation over micro-batches: reduce gradients over ranks only on the last one.
+    DDP: `no_sync()` on the others; FSDP2: `set_requires_gradient_sync(False)` (no reduce-scatter,
+    unsharded gradients accumulate); one process: nothing to do."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last_micro_batch)
+        yield
+    elif isinstance(model, DistributedDataParallel) and not last_micro_batch:
+        with model.no_sync():
+            yield
+    else:
+        yield
 
 
 def compile_blocks(model: Transformer) -> None:

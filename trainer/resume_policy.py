@@ -5,7 +5,8 @@ one sample order. Resuming with a setting that would make the checkpoint mean so
 (another optimizer or its hyperparameters, another model shape, another data order or global
 batch, the other fused mode) fails before any work, listing every such key (old -> new).
 Settings that only steer how the run goes on (the peak lr, the schedule, the step budget,
-micro-batching, precision, intervals, where the data lives) may change; each resume appends one
+micro-batching, precision, the engine and the number of ranks, intervals, where the data lives)
+may change; each resume appends one
 record to `<run.dir>/resumes.jsonl` with what changed, so `config.yaml` (the config in force) never
 hides the run's history.
 
@@ -35,6 +36,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.precision",
     "train.device",
     "train.compile",
+    "train.engine",  # ddp <-> fsdp2: checkpoints hold full tensors (trainer/full_state.py), any rank count
     "data.prepared_dir",
     "data.tokenizer",
     "data.num_workers",

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from trainer.distributed import DistInfo, all_reduce_sum
 
@@ -30,24 +31,24 @@ def forward_backward(
     *,
     loss_denominator: float,
     autocast,
-    no_sync: Callable | None = None,
+    sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
     before_backward: Callable[[bool], None] | None = None,
 ) -> torch.Tensor:
     """Accumulate gradients of sum(CE) / loss_denominator over the micro-batches.
 
     The denominator is the number of target tokens of the whole global batch divided by the
-    number of ranks (DDP averages gradients over ranks), so the gradient is that of the mean
-    token loss over the global batch, whatever the micro-batch split. `no_sync` (DDP) skips the
-    all-reduce on all but the last micro-batch; `before_backward(is_last)` lets an in-backward
-    optimizer arm itself for the last one. Returns this rank's mean token loss (detached).
+    number of ranks (DDP and FSDP2 average gradients over ranks), so the gradient is that of the
+    mean token loss over the global batch, whatever the micro-batch split. `sync(is_last)` (the
+    engine's: trainer.parallelize.grad_sync) skips the gradient reduction on all but the last
+    micro-batch; `before_backward(is_last)` lets an in-backward optimizer arm itself for the last
+    one. Returns this rank's mean token loss (detached).
     """
     total = torch.zeros((), device=micro_batches[0][0].device)
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         if before_backward is not None:
             before_backward(last)
-        sync = contextlib.nullcontext() if (last or no_sync is None) else no_sync()
-        with sync:
+        with contextlib.nullcontext() if sync is None else sync(last):
             loss = token_loss_sum(model, x, y, autocast) / loss_denominator
             loss.backward()
         total += loss.detach()
@@ -75,6 +76,11 @@ def evaluate(
             x, y = (t.to(info.device, non_blocking=True) for t in mine[i])
             loss_sum += token_loss_sum(model, x, y, autocast).double()
             count += y.numel()
+        elif isinstance(model, FSDPModule):
+            # FSDP2 all-gathers each block's parameters in forward, a collective: a rank left without a
+            # batch in the last round still runs one forward (its loss is not counted), or the others hang.
+            x, y = (t.to(info.device, non_blocking=True) for t in batches[0])
+            token_loss_sum(model, x, y, autocast)
     all_reduce_sum(loss_sum, info)
     all_reduce_sum(count, info)
     model.train(was_training)

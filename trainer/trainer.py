@@ -16,6 +16,7 @@ loop: no branch on train.fused_update here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from data import TrainBatches, validation_batches
 from model import Transformer, param_counts
@@ -32,19 +34,21 @@ from optim.projected_backward import install_projected_backward
 from optim.state_bytes import measured_state_bytes
 from trainer.checkpoint import Checkpointer, RNGState, TrainProgress, latest_checkpoint, load_checkpoint
 from trainer.config import Config, ConfigError, micro_batch_per_rank, save_config, validate
+from trainer.ddp_fused import install_fused_comm_hook
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
 from trainer.flop_budget import config_flops, resolve_max_steps
+from trainer.full_state import ModelState
 from trainer.hardware import device_peak_flops, peak_memory_bytes
 from trainer.lora import apply_adapters, parameter_counts
 from trainer.metrics import MetricsLogger
-from trainer.parallelize import autocast_context, parallelize, resolve_precision
+from trainer.parallelize import autocast_context, grad_sync, parallelize, resolve_precision
 from trainer.relora import build_adapter_schedule
 from trainer.resume_policy import check_resume_compatible, record_resume
 from trainer.run_lock import lock_run_dir, remove_stale_temp_files
 from trainer.run_outcome import clear_diverged, mark_diverged
 from trainer.schedule import lr_factor
 from trainer.step import evaluate, forward_backward, split_micro_batches
-from trainer.update import build_update_strategy
+from trainer.update import UpdateInBackward, build_update_strategy
 
 
 class TrainingDiverged(RuntimeError):
@@ -129,7 +133,7 @@ class Trainer:
             self.run_dir / "checkpoints",
             {
                 "progress": self.progress,
-                "model": self.model,
+                "model": ModelState(self.model),  # full tensors under FSDP2 (trainer/full_state.py)
                 "optimizer": self.updater,
                 "data": self.data,
                 "rng": RNGState(),
@@ -172,6 +176,8 @@ class Trainer:
         self.updater = build_update_strategy(
             spec, params, fused=cfg.train.fused_update, max_grad_norm=cfg.train.max_grad_norm
         )
+        if isinstance(self.wrapped_model, DistributedDataParallel) and isinstance(self.updater, UpdateInBackward):
+            install_fused_comm_hook(self.wrapped_model, self.updater.optimizer)  # update after the all-reduce
         if cfg.optim.projected_backward:  # GaLore's low-rank linears compute their projected gradient in backward
             install_projected_backward(self.model, self.updater.optimizer)
         self.adapters = build_adapter_schedule(self.model, self.updater, cfg.adapter, cfg.run.seed)
@@ -252,7 +258,7 @@ class Trainer:
             # Every packed window has seq_len targets; DDP averages gradients over ranks.
             loss_denominator=self.tokens_per_step / info.world_size,
             autocast=self.autocast,
-            no_sync=getattr(self.wrapped_model, "no_sync", None),
+            sync=functools.partial(grad_sync, self.wrapped_model),
             before_backward=self.updater.before_backward,
         )
         grad_norm = self.updater.finish_backward().item()
@@ -322,10 +328,11 @@ class Trainer:
         self.log.console(done, max_steps, values, elapsed, avg * (max_steps - done))
 
     def save(self) -> Path | None:
-        """Checkpoint the current step (written by the main rank; every rank waits for it)."""
+        """Checkpoint the current step (every rank joins the gathers; the main rank writes; all wait for it)."""
+        state = self.checkpointer.collect()  # on every rank: a collective under FSDP2
         path = None
         if self.info.is_main:
-            path = self.checkpointer.save(self.progress.step, {"config": self.cfg.to_dict()})
+            path = self.checkpointer.save(self.progress.step, {"config": self.cfg.to_dict()}, state)
         barrier(self.info)
         return path
 

@@ -32,10 +32,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from optim import OptimizerSpec
 from optim.in_backward import InBackwardOptimizer
 from optim.projected_grads import gradient_holders
+from trainer.full_state import full_optimizer_state, local_optimizer_state
 
 # Cumulative counters some optimizers keep (GaLore / AdaMeM projector refreshes and SVD failures), and
 # GaLore's gauge of the weights whose gradient entered the last step projected (optim/projected_backward.py).
@@ -116,6 +118,8 @@ class StepAfterBackward(UpdateStrategy):
         holders = gradient_holders(self.optimizer, self._params)
         grads = [h.grad for h in holders if h.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # FSDP2's sharded gradients: the norm of the full gradient, on every rank
+            norm = norm.full_tensor()
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(holders, self.max_grad_norm, norm)
         return norm
@@ -125,7 +129,7 @@ class StepAfterBackward(UpdateStrategy):
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        return full_optimizer_state(self.optimizer)  # a collective under FSDP2: every rank calls it
 
     def load_state_dict(self, state: dict) -> None:
         if "in_backward" in state:
@@ -133,7 +137,7 @@ class StepAfterBackward(UpdateStrategy):
                 "it was saved with train.fused_update=true (one optimizer state per parameter); resume with "
                 "--train.fused_update=true"
             )
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict(local_optimizer_state(self.optimizer, state))
 
 
 class UpdateInBackward(UpdateStrategy):
@@ -152,6 +156,9 @@ class UpdateInBackward(UpdateStrategy):
 
     def finish_backward(self) -> torch.Tensor:
         self.optimizer.step()  # the updates deferred to the end of backward (AdaLomo layerwise / global)
+        # DDP writes its reduced buckets back into .grad after the comm hook has used them
+        # (trainer/ddp_fused.py): drop them, or the next step would accumulate onto them.
+        self.optimizer.zero_grad(set_to_none=True)
         if self.optimizer.nonfinite:
             return torch.tensor(math.inf)
         return torch.tensor(math.sqrt(self.optimizer.grad_sq_sum))
@@ -160,7 +167,8 @@ class UpdateInBackward(UpdateStrategy):
         pass  # every parameter was updated, and its gradient freed, inside backward
 
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        # A collective under FSDP2 (every rank calls it, in the same parameter order).
+        return {"in_backward": {name: full_optimizer_state(opt) for name, opt in self.optimizer.optimizers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if "in_backward" not in state:
@@ -168,7 +176,9 @@ class UpdateInBackward(UpdateStrategy):
                 "it was saved with train.fused_update=false (one optimizer over all parameters); resume with "
                 "--train.fused_update=false"
             )
-        self.optimizer.load_state_dict(state)
+        saved = state["in_backward"]
+        local = {n: local_optimizer_state(opt, saved[n]) for n, opt in self.optimizer.optimizers.items() if n in saved}
+        self.optimizer.load_state_dict({"in_backward": {**saved, **local}})
 
 
 def build_update_strategy(

@@ -34,7 +34,8 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, fn: Callable[.
     try:
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # `fn` may have ended it (the trainer shuts its group down)
+            dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable[..., Any], world: int = 2, *args: Any) -> list[Any]:

@@ -1,0 +1,137 @@
+"""The optimizers on FSDP2 row shards (optim/sharding.py) against one process: uneven shards, a rank
+holding zero rows of a matrix and of a vector, every Adafactor switch and AdaLomo's normalisations,
+ordinary and fused in backward."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from optim import Adafactor, AdaLomo
+from optim.in_backward import InBackwardOptimizer
+from optim.registry import OptimizerSpec
+from optim.sharding import Sharding, chunk_sizes, state_shard_dim
+from tests.helpers.gloo import run_ranks
+
+# (class, constructor keywords)
+CASES: dict[str, tuple[type[torch.optim.Optimizer], dict]] = {
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "adafactor": (Adafactor, dict(lr=1e-2)),
+    "adafactor_momentum_clip": (Adafactor, dict(lr=1e-2, beta1=0.9, clip_threshold=1.0, weight_decay=0.1)),
+    "adafactor_hf": (Adafactor, dict(lr=1e-2, beta1=0.9, momentum_style="hf", clip_threshold=1.0)),
+    "adafactor_one_sided": (Adafactor, dict(lr=1e-2, one_sided=True)),
+    "adafactor_relative": (
+        Adafactor,
+        dict(lr=None, eps=0.0, beta2_decay=-0.8, relative_step=True, scale_parameter=True, clip_threshold=1.0),
+    ),
+    "adalomo": (AdaLomo, dict(lr=1e-2, weight_decay=0.1)),
+    "adalomo_layerwise": (AdaLomo, dict(lr=1e-2, update_norm="layerwise")),
+    "adalomo_global": (AdaLomo, dict(lr=1e-2, update_norm="global")),
+}
+FUSED = ("adafactor_momentum_clip", "adalomo", "adalomo_layerwise", "adalomo_global")
+STEPS = 3
+
+
+class Net(nn.Module):
+    """Uneven row splits over 2 ranks: 5 rows -> 3 + 2, 1 row -> 1 + 0 (rank 1 holds nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([nn.Linear(6, 5), nn.Linear(5, 7, bias=False)])
+        self.head = nn.Linear(7, 1, bias=False)
+        self.scale = nn.Parameter(torch.rand(1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x) * self.scale
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randn(8, 6, generator=torch.Generator().manual_seed(100 + step))
+
+
+def train(model: nn.Module, name: str, fused: bool) -> None:
+    cls, kwargs = CASES[name]
+    named = list(model.named_parameters())
+    groups = [{"params": [p for _, p in named], "names": [n for n, _ in named]}]
+    if cls is torch.optim.AdamW:
+        groups = [{"params": [p for _, p in named]}]
+    spec = OptimizerSpec(cls, groups, kwargs)
+    opt = InBackwardOptimizer(spec) if fused else spec.build()
+    for step in range(STEPS):
+        if fused:
+            opt.arm(True)
+        model(batch(step)).square().mean().backward()
+        opt.step()
+        if not fused:
+            opt.zero_grad(set_to_none=True)
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
+    }
+
+
+def sharded_runs(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for name in CASES:
+        for fused in (False, True) if name in FUSED else (False,):
+            model = Net()
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            train(model, name, fused)
+            out[f"{name}{'_fused' if fused else ''}"] = full_params(model)
+    return out
+
+
+def test_optimizers_on_uneven_row_shards_match_one_process():
+    assert chunk_sizes(1, 2) == [1, 0] and chunk_sizes(5, 2) == [3, 2]  # the uneven cases the model has
+    sharded = run_ranks(sharded_runs, 2)
+    figures = {}
+    for key, params in sharded[0].items():
+        name, fused = key.removesuffix("_fused"), key.endswith("_fused")
+        model = Net()
+        train(model, name, fused)
+        want = full_params(model)
+        for n, got in params.items():
+            torch.testing.assert_close(sharded[1][key][n], got, rtol=0, atol=0)  # every rank: the same full tensor
+        figures[key] = max(float((params[n] - want[n]).norm() / want[n].norm()) for n in want)
+    print("max relative difference, 2 ranks (uneven, one empty) vs 1 process:", figures)
+    assert max(figures.values()) < 1e-6, figures
+    assert all(not torch.equal(Net().head.weight, sharded[0][k]["head.weight"]) for k in figures)  # it trained
+
+
+def test_every_state_tensor_has_a_shard_rule():
+    """state_shard_dim answers for every tensor state an optimizer creates, and a dim it names has the
+    parameter's row count (so a checkpoint can split it like the rows)."""
+    for name, (cls, kwargs) in CASES.items():
+        model = Net()
+        named = list(model.named_parameters())
+        opt = cls([{"params": [p for _, p in named], "names": [n for n, _ in named]}], **kwargs)
+        model(batch(0)).square().mean().backward()
+        opt.step()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for key, value in opt.state[p].items():
+                    if not torch.is_tensor(value) or value.dim() == 0:
+                        continue
+                    dim = state_shard_dim(opt, p, group, key, tuple(value.shape))
+                    if dim is not None:
+                        assert value.shape[dim] == p.shape[0], (name, key, tuple(p.shape), tuple(value.shape))
+                    elif p.dim() == 2 and value.shape == p.shape:
+                        raise AssertionError(f"{name}: {key} has the parameter's shape but is called whole")
+
+
+def test_sharding_of_one_process_is_the_plain_math():
+    x = torch.randn(4, 3)
+    whole = Sharding()
+    assert torch.equal(whole.mean(x, -1), x.mean(-1)) and torch.equal(whole.rms(x), x.norm(2) / 12**0.5)
+    assert whole.gather_to(x, 0) is x and whole.full_shape(x) == (4, 3)

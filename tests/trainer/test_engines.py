@@ -1,0 +1,145 @@
+"""train.engine on 2 CPU ranks (gloo): FSDP2 trains exactly like one process, for each optimizer that
+runs sharded, fused or not, with clipping and gradient accumulation; its checkpoints resume on
+another number of ranks; the engine table refuses what is not supported, with its reason."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.gloo import run_ranks
+from tests.helpers.runs import losses, run, tiny_overrides
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, load_config
+from trainer.engines import support_table_markdown
+from trainer.trainer import train
+
+# (name, overrides): every optimizer that runs under fsdp2, ordinary and fused, clipping on (the
+# ordinary path's default) and off (fused), accumulation of 2 micro-batches per rank.
+CASES: dict[str, dict[str, object]] = {
+    "adamw": {"optim.name": "adamw"},
+    "adafactor_momentum": {"optim.name": "adafactor", "optim.beta1": 0.9, "optim.clip_threshold": 1.0},
+    "adafactor_accumulate": {"optim.name": "adafactor", "train.micro_batch": 1},
+    "adalomo_fused": {"optim.name": "adalomo", "train.fused_update": True, "train.max_grad_norm": 0},
+    "adalomo_layerwise_fused": {
+        "optim.name": "adalomo",
+        "optim.update_norm": "layerwise",
+        "train.fused_update": True,
+        "train.max_grad_norm": 0,
+    },
+    "adafactor_fused": {"optim.name": "adafactor", "train.fused_update": True, "train.max_grad_norm": 0},
+}
+STEPS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_as_rank(rank: int, world: int, port: int, overrides: list[str]) -> None:
+    """The trainer on this rank, as torchrun would start it (it makes and ends its own group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    train(load_config("configs/tiny.yaml", overrides))
+
+
+def _cases_on_ranks(rank: int, world: int, jobs: list[tuple[int, list[str]]]) -> None:
+    for port, overrides in jobs:
+        _train_as_rank(rank, world, port, overrides)
+
+
+def _final_model(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir / "checkpoints", step))["model"]
+
+
+def _max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max over tensors of ||a - b|| / ||b||: the relative difference of each parameter."""
+    return max(float(torch.linalg.vector_norm(a[k] - b[k]) / torch.linalg.vector_norm(b[k])) for k in b)
+
+
+def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_count(tmp_path, sample_tokens):
+    common = {"train.max_steps": STEPS, "checkpoint.interval": 2, "eval.interval": 2}
+    jobs = []
+    for name, extra in CASES.items():
+        jobs.append((free_port(), tiny_overrides(tmp_path / f"two_{name}", sample_tokens, **common, **extra)))
+        jobs[-1][1].append("--train.engine=fsdp2")
+    # 1 -> 2 ranks: one process trains to step 2; two fsdp2 ranks continue to STEPS.
+    one_then_two = tiny_overrides(tmp_path / "one_then_two", sample_tokens, **common, **CASES["adafactor_momentum"])
+    run(tmp_path, sample_tokens, "one_then_two", **{**common, **CASES["adafactor_momentum"], "train.max_steps": 2})
+    jobs.append((free_port(), [*one_then_two, "--train.engine=fsdp2"]))
+    # 2 -> 1: two fsdp2 ranks train to step 2; one process continues to STEPS.
+    two_then_one = {**common, **CASES["adamw"]}
+    jobs.append(
+        (
+            free_port(),
+            [*tiny_overrides(tmp_path / "two_then_one", sample_tokens, **two_then_one), "--train.max_steps=2"]
+            + ["--train.engine=fsdp2"],
+        )
+    )
+    # DDP: fused (the comm hook) == ordinary, for AdaLomo (defined in backward) and AdamW.
+    ddp = {**common, "train.max_grad_norm": 0}
+    for name in ("adalomo", "adamw"):
+        for fused in (False, True):
+            extra = {**ddp, "optim.name": name, "train.fused_update": fused}
+            jobs.append((free_port(), tiny_overrides(tmp_path / f"ddp_{name}_{fused}", sample_tokens, **extra)))
+    run_ranks(_cases_on_ranks, 2, jobs)
+    for name in ("adalomo", "adamw"):
+        plain, fused_run = tmp_path / f"ddp_{name}_False", tmp_path / f"ddp_{name}_True"
+        assert losses(fused_run) == losses(plain), name  # bit for bit
+        for key, value in _final_model(plain, STEPS).items():
+            assert torch.equal(_final_model(fused_run, STEPS)[key], value), (name, key)
+    run(tmp_path, sample_tokens, "two_then_one", **two_then_one)
+
+    figures = {}
+    for name, extra in CASES.items():
+        run(tmp_path, sample_tokens, f"one_{name}", **common, **extra)
+        one, two = losses(tmp_path / f"one_{name}"), losses(tmp_path / f"two_{name}")
+        assert sorted(one) == sorted(two) == list(range(1, STEPS + 1)), name
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-5), (name, step)
+        figures[name] = _max_rel(
+            _final_model(tmp_path / f"two_{name}", STEPS), _final_model(tmp_path / f"one_{name}", STEPS)
+        )
+    print("max relative parameter difference, 2 fsdp2 ranks vs 1 process:", figures)
+    assert max(figures.values()) < 1e-5, figures
+    for resumed, reference in (("one_then_two", "one_adafactor_momentum"), ("two_then_one", "one_adamw")):
+        got, want = losses(tmp_path / resumed), losses(tmp_path / reference)
+        assert sorted(got) == sorted(want), resumed
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=1e-5), (resumed, step)
+        assert _max_rel(_final_model(tmp_path / resumed, STEPS), _final_model(tmp_path / reference, STEPS)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--train.engine=deepspeed"], "not built yet"),
+        (["--train.engine=fsdp2", "--optim.name=galore_adamw"], "use --train.engine=ddp"),
+        (["--train.engine=fsdp2", "--optim.name=adamem"], "use --train.engine=ddp"),
+        (["--train.engine=fsdp2", "--adapter.method=lora"], "run on ddp"),
+        (
+            ["--train.engine=fsdp2", "--optim.name=adalomo", "--optim.factorization=svd", "--optim.factor_rank=2"],
+            "need the whole matrix",
+        ),
+    ],
+)
+def test_unsupported_engine_combinations_are_refused_at_config_load(overrides, message, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the refusals that depend on several ranks
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny.yaml", ["--train.global_batch=8", *overrides])
+
+
+def test_the_docs_table_is_the_engine_table():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "engines.md").read_text()
+    assert support_table_markdown() in doc, "regenerate the table in docs/engines.md from support_table_markdown()"
