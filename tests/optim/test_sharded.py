@@ -61,7 +61,7 @@ def train(model: nn.Module, name: str, fused: bool) -> None:
     spec = OptimizerSpec(cls, groups, kwargs)
     opt = InBackwardOptimizer(spec) if fused else spec.build()
     for step in range(STEPS):
-        if fused:
+        if isinstance(opt, InBackwardOptimizer):
             opt.arm(True)
         model(batch(step)).square().mean().backward()
         opt.step()
