@@ -45,6 +45,7 @@ variant2 + m; variant1: (m + n) r + m + n. Keys: `proj_left`, `exp_avg`, `lr_exp
 from __future__ import annotations
 
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -62,8 +63,9 @@ from optim.adafactor import (
 )
 from optim.config import AdamemVariant, OptimConfig, SecondMomentSource
 from optim.param_groups import LOWRANK_GROUP_KEYS, lowrank_split_groups, name_in_group
-from optim.projector import PROJECTOR_DEFAULTS, is_lowrank, refresh_projector
+from optim.projector import PROJECTOR_DEFAULTS, is_lowrank, project, projected_sharding, refresh_projector
 from optim.registry import OptimizerSpec, register
+from optim.sharding import local, sharding_of
 
 VARIANTS: tuple[AdamemVariant, ...] = typing.get_args(AdamemVariant)
 SECOND_MOMENT_FROM: tuple[SecondMomentSource, ...] = typing.get_args(SecondMomentSource)
@@ -106,10 +108,10 @@ class AdaMeM(Adafactor):
             return super()._step_param(p, group)
         state = self.state[p]
         assert p.grad is not None  # step() skips parameters without a gradient
-        g = p.grad.float()
-        transposed = g.shape[0] > g.shape[1]
+        g, sh = local(p.grad).float(), sharding_of(p)  # FSDP2: this rank's rows, and how they split the full G
+        transposed = p.shape[0] > p.shape[1]  # the full shape
         if transposed:
-            g = g.T
+            g, sh = g.T, sh.transposed()
         if "step" not in state:
             state["step"] = 0
             state["moment_step"] = 0
@@ -121,15 +123,17 @@ class AdaMeM(Adafactor):
             ("exp_avg",),
             ("exp_avg", "lr_exp_avg_sq_row", "lr_exp_avg_sq_col"),
             name=name_in_group(group, p),
+            sh=sh,
         )
         state["step"] += 1
         state["moment_step"] += 1
         t, t_m = state["step"], state["moment_step"]
-        P = state["proj_left"]
-        R = P.T @ g
+        P = state["proj_left"]  # FSDP2 with g's rows split: this rank's rows of P
+        R = project(g, state, sh)  # P^T g: all-reduced when g's rows are split
+        r_sh = projected_sharding(sh, "left")  # R's (and M's) split: none, or g's columns
         # rank >= min(m, n): the residual is zero in exact arithmetic; make it exactly zero, or the
         # one-sided normaliser would blow its rounding noise (~1e-7 |G|) up to O(1) updates.
-        S = torch.zeros_like(g) if P.shape[1] >= g.shape[0] else g - P @ R
+        S = torch.zeros_like(g) if P.shape[1] >= sh.full_shape(g)[0] else g - P @ R
         delta = group["delta"]
         beta1 = group["beta1"] or 0.0
         if "exp_avg" not in state:
@@ -141,24 +145,39 @@ class AdaMeM(Adafactor):
             X = P @ M_hat
             X.add_(S, alpha=delta)
             beta2_t, bias2 = beta2_at(group, t)
-            update_second_moment(state, "", X * X + eps1, "factored", beta2_t)
-            U = divide_by_second_moment(state, "", X, "factored", bias2, eps)
+            update_second_moment(state, "", X * X + eps1, "factored", beta2_t, sh)
+            U = divide_by_second_moment(state, "", X, "factored", bias2, eps, sh)
         else:
             src = M_hat if group["second_moment_from"] == "momentum" else R
             beta2_t, bias2 = beta2_at(group, t_m)
-            update_second_moment(state, "lr_", src * src + eps1, "factored", beta2_t)
-            N1 = divide_by_second_moment(state, "lr_", M_hat, "factored", bias2, eps)
+            update_second_moment(state, "lr_", src * src + eps1, "factored", beta2_t, r_sh)
+            N1 = divide_by_second_moment(state, "lr_", M_hat, "factored", bias2, eps, r_sh)
             mode = "cols" if group["variant"] == "adamem" else "factored"
             beta2_t, bias2 = beta2_at(group, t)
-            update_second_moment(state, "res_", S * S + eps1, mode, beta2_t)
-            N2 = divide_by_second_moment(state, "res_", S, mode, bias2, eps)
+            update_second_moment(state, "res_", S * S + eps1, mode, beta2_t, sh)
+            N2 = divide_by_second_moment(state, "res_", S, mode, bias2, eps, sh)
             U = P @ N1
             U.add_(N2, alpha=delta)
-        U = clip_by_rms(U, group["clip_threshold"])
+        U = clip_by_rms(U, group["clip_threshold"], sh)
         if transposed:
             U = U.T
         lr_t = step_size(group, t, p)
-        self.apply_delta(p, U * lr_t, lr_t, group["weight_decay"])
+        self.apply_delta(local(p), U * lr_t, lr_t, group["weight_decay"])
+
+    def state_shard_dim(self, p: torch.Tensor, group: dict, key: str, full_shape: Sequence[int]) -> int | None:
+        """optim.sharding.ShardedState. A low-rank W (m x n) works on g = G (m <= n) or G^T (m > n), whose
+        rows (resp. columns) are W's rows: P (g's rows x r) follows them when g = G; M (r x g's columns)
+        and the statistics of g's columns follow them when g = G^T; the statistics of g's rows when g = G."""
+        if not is_lowrank(group, p):
+            return super().state_shard_dim(p, group, key, full_shape)
+        transposed = p.shape[0] > p.shape[1]
+        g_rows = ("proj_left", "exp_avg_sq_row", "res_exp_avg_sq_row")  # vectors/matrices over g's rows
+        g_cols = ("exp_avg_sq_col", "res_exp_avg_sq_col", "lr_exp_avg_sq_col")  # over g's columns
+        if not transposed:
+            return 0 if key in g_rows else None
+        if key == "exp_avg":
+            return 1
+        return 0 if key in g_cols else None
 
 
 def adamem_options(cfg: OptimConfig) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -39,6 +39,7 @@ step, restarts with `reset`), `svd_failures` (when any; `optimizer.svd_failures`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,10 +56,12 @@ from optim.projector import (
     is_lowrank,
     project,
     project_back,
+    projected_sharding,
     projection_side,
     refresh_projector,
 )
 from optim.registry import OptimizerSpec, register
+from optim.sharding import local, sharding_of
 from optim.validation import momentum_beta1
 
 # projected_backward: the group's projected gradients are computed in backward (optim/projected_backward.py).
@@ -96,9 +99,20 @@ def _lowrank_pre_step(
     if "step" not in state:
         state["step"] = 0
         state["moment_step"] = 0
-    side = projection_side(g.shape, group["proj_type"])
-    refresh_projector(state, g, group, side, first_keys, moment_keys, name=name_in_group(group, p))
-    return project(g, state)
+    sh = sharding_of(p)  # g is p's local gradient (FSDP2: this rank's rows)
+    side = projection_side(sh.full_shape(g), group["proj_type"])
+    refresh_projector(state, g, group, side, first_keys, moment_keys, name=name_in_group(group, p), sh=sh)
+    return project(g, state, sh)
+
+
+def lowrank_state_shard_dim(shape: Sequence[int], group: dict, key: str, row_split_keys: tuple[str, ...]) -> int | None:
+    """state_shard_dim of a low-rank parameter of full `shape`: a left basis (m x r) follows the rows; a
+    right basis is whole; R's moments and statistics (`row_split_keys`, those of R's rows) follow the
+    rows only when R = G Q^T keeps them (a right projection)."""
+    if key == "proj_left":
+        return 0
+    side = projection_side(tuple(shape), group["proj_type"])
+    return 0 if side == "right" and key in row_split_keys else None
 
 
 class GaLoreAdamW(ProjectedGrads, ProjectorCounters, FP32StateOptimizer):
@@ -138,7 +152,7 @@ class GaLoreAdamW(ProjectedGrads, ProjectorCounters, FP32StateOptimizer):
                 low = self.take_projected_grad(p)  # R from the projected backward, when p.grad is None
                 if p.grad is None and low is None:
                     continue
-                g = p.grad.float() if p.grad is not None else None
+                g = local(p.grad).float() if p.grad is not None else None
                 state = self.state[p]
                 lowrank = is_lowrank(group, p)
                 if lowrank:
@@ -164,10 +178,17 @@ class GaLoreAdamW(ProjectedGrads, ProjectorCounters, FP32StateOptimizer):
                 n = exp_avg / denom
                 if lowrank:
                     n = project_back(n, state) * group["scale"]
-                p.add_(n.to(p.dtype), alpha=-lr_t)
+                mine = local(p)  # FSDP2: this rank's rows, updated in place
+                mine.add_(n.to(mine.dtype), alpha=-lr_t)
                 if group["weight_decay"] > 0.0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+                    mine.add_(mine, alpha=-group["lr"] * group["weight_decay"])
         return loss
+
+    def state_shard_dim(self, p: torch.Tensor, group: dict, key: str, full_shape: Sequence[int]) -> int | None:
+        """optim.sharding.ShardedState (see lowrank_state_shard_dim); full-rank parameters: the moments."""
+        if is_lowrank(group, p):
+            return lowrank_state_shard_dim(p.shape, group, key, ("exp_avg", "exp_avg_sq"))
+        return 0 if key in ("exp_avg", "exp_avg_sq") else None
 
 
 class GaLoreAdafactor(ProjectedGrads, Adafactor):
@@ -197,7 +218,13 @@ class GaLoreAdafactor(ProjectedGrads, Adafactor):
         if not is_lowrank(group, p):
             return super()._step_param(p, group)
         assert p.grad is not None  # step() skips parameters without a gradient
-        self._step_lowrank(p, group, p.grad.float(), None)
+        self._step_lowrank(p, group, local(p.grad).float(), None)
+
+    def state_shard_dim(self, p: torch.Tensor, group: dict, key: str, full_shape: Sequence[int]) -> int | None:
+        """optim.sharding.ShardedState: Adafactor's rule, on R for low-rank parameters."""
+        if is_lowrank(group, p):
+            return lowrank_state_shard_dim(p.shape, group, key, ("exp_avg", "exp_avg_sq", "exp_avg_sq_row"))
+        return super().state_shard_dim(p, group, key, full_shape)
 
     def _step_lowrank(self, p: torch.Tensor, group: dict, grad: torch.Tensor | None, low: torch.Tensor | None) -> None:
         """One low-rank step from the full gradient `grad` or the projected one `low` (exactly one given)."""
@@ -208,9 +235,11 @@ class GaLoreAdafactor(ProjectedGrads, Adafactor):
         state["step"] += 1
         state["moment_step"] += 1
         lr_t = step_size(group, state["step"], p)
-        delta = self.adafactor_delta(g, state, group, state["moment_step"], lr_t)
+        sh = sharding_of(p)
+        r_sh = projected_sharding(sh, projection_side(p.shape, group["proj_type"]))  # p.shape: the full one
+        delta = self.adafactor_delta(g, state, group, state["moment_step"], lr_t, sh=r_sh)
         delta = project_back(delta, state) * group["scale"]
-        self.apply_delta(p, delta, lr_t, group["weight_decay"])
+        self.apply_delta(local(p), delta, lr_t, group["weight_decay"])
 
 
 def galore_options(cfg: OptimConfig) -> dict[str, Any]:

@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import typing
 import warnings
+import zlib
 from typing import Any
 
 import torch
 
 from optim.config import MomentPolicy, ProjType, SvdMethod
+from optim.sharding import WHOLE, Sharding
 
 PROJ_TYPES: tuple[ProjType, ...] = typing.get_args(ProjType)
 SVD_METHODS: tuple[SvdMethod, ...] = typing.get_args(SvdMethod)
@@ -169,13 +171,19 @@ def compute_bases(
     return bases
 
 
-def project(grad: torch.Tensor, state: dict) -> torch.Tensor:
-    """Low-rank gradient: P^T G, G Q^T, or P^T G Q^T (whichever bases are in `state`)."""
+def project(grad: torch.Tensor, state: dict, sh: Sharding = WHOLE) -> torch.Tensor:
+    """Low-rank gradient: P^T G, G Q^T, or P^T G Q^T (whichever bases are in `state`). Sharded G (`sh`):
+    a basis on the sharded side holds this rank's rows of it, so the product that contracts the sharded
+    dim is a partial sum, all-reduced (an r x n or m x r result, never the m x n gradient)."""
     out = grad
     if "proj_left" in state:
         out = state["proj_left"].T @ out
+        if sh.sharded and sh.dim is not None and sh.dim % 2 == 0:
+            out = sh.sum_all_into(out)
     if "proj_right" in state:
         out = out @ state["proj_right"].T
+        if sh.sharded and sh.dim is not None and sh.dim % 2 == 1:
+            out = sh.sum_all_into(out)
     return out
 
 
@@ -197,6 +205,7 @@ def refresh_projector(
     first_moment_keys: tuple[str, ...],
     lowrank_moment_keys: tuple[str, ...],
     name: str = "?",
+    sh: Sharding = WHOLE,
 ) -> bool:
     """Recompute the bases if due (`state["step"] % update_proj_gap == 0` or none yet).
 
@@ -206,6 +215,11 @@ def refresh_projector(
     correction restarts), or `rotate` (first moments M -> new^T old M, i.e. re-expressed in the new
     basis: exact for the part of M inside the new subspace; second-moment statistics kept, as a
     factored/elementwise second moment has no exact rotation). Returns True when refreshed.
+
+    Sharded gradient (`sh`, FSDP2): the full gradient is gathered on one owner rank (chosen from the
+    parameter's name, so the SVDs of a model spread over the ranks), which runs the SVD in fp32 and
+    broadcasts the bases; each rank keeps the rows of a basis on the sharded side. A failed SVD is
+    decided by the owner and counted on every rank (the counters agree).
     """
     has_basis = "proj_left" in state or "proj_right" in state
     if not refresh_due(state, group):
@@ -213,7 +227,10 @@ def refresh_projector(
     old = {k: state[k] for k in ("proj_left", "proj_right") if k in state}
     seed = state["step"] + 1_000_003 * state.get("proj_updates", 0)
     method = group.get("svd_method", PROJECTOR_DEFAULTS["svd_method"])
-    new = compute_bases(grad, group["rank"], side, method, seed, state, name)
+    if sh.sharded:
+        new = _sharded_bases(grad, group["rank"], side, method, seed, state, name, sh)
+    else:
+        new = compute_bases(grad, group["rank"], side, method, seed, state, name)
     state.update(new)
     state["proj_updates"] = state.get("proj_updates", 0) + 1
     # .get: a group may lack the option (e.g. one restored from a checkpoint saved without it).
@@ -228,8 +245,72 @@ def refresh_projector(
     elif has_basis and policy == "rotate":
         for key in first_moment_keys:
             if key in state:
-                state[key] = project(project_back(state[key], old), new).contiguous()
+                state[key] = project(project_back(state[key], old), new, sh).contiguous()
     return True
+
+
+def projected_sharding(sh: Sharding, side: str) -> Sharding:
+    """The sharding of R = project(G) (and of its moments) for G sharded as `sh`: R = P^T G (left) is
+    whole when G's rows are sharded, R = G Q^T (right) keeps G's row split; and the transposes."""
+    if not sh.sharded or side == "full":
+        return WHOLE
+    assert sh.dim is not None
+    keeps_split = (side == "right") == (sh.dim % 2 == 0)
+    return sh if keeps_split else WHOLE
+
+
+def owner_of(name: str, world: int) -> int:
+    """The rank that runs the SVD of parameter `name` (a stable hash, the same on every rank)."""
+    return zlib.crc32(name.encode()) % world
+
+
+def _sharded_bases(
+    grad: torch.Tensor, rank: int, side: str, method: str, seed: int, state: dict, name: str, sh: Sharding
+) -> dict[str, torch.Tensor]:
+    """compute_bases over a sharded gradient: gather on the owner, SVD there, broadcast (see
+    refresh_projector). Returns the bases as this rank keeps them."""
+    assert sh.dim is not None
+    owner = owner_of(name, sh.world_size)
+    full = sh.gather_to(grad, owner)
+    previous = {k: state[k] for k in ("proj_left", "proj_right") if k in state}
+    # [failed with a previous basis to keep, failures counted, left columns, right rows]
+    header = torch.zeros(4, dtype=torch.int64, device=grad.device)
+    bases: dict[str, torch.Tensor] = {}
+    if full is not None:
+        if previous:
+            found = _bases(full.float(), rank, side, method, seed)
+            if found is None:
+                warnings.warn(
+                    f"GaLore/AdaMeM projector: SVD failed for {name} {tuple(full.shape)}; keeping the previous basis",
+                    stacklevel=3,
+                )
+                header[0], header[1] = 1, 1
+            else:
+                bases = found
+        else:
+            probe: dict[str, Any] = {}
+            bases = compute_bases(full, rank, side, method, seed, probe, name)
+            header[1] = probe.get("svd_failures", 0)
+        if "proj_left" in bases:
+            header[2] = bases["proj_left"].shape[1]
+        if "proj_right" in bases:
+            header[3] = bases["proj_right"].shape[0]
+    sh.broadcast(header, owner)
+    if int(header[1]):
+        state["svd_failures"] = state.get("svd_failures", 0) + int(header[1])
+    if int(header[0]):
+        return previous
+    m, n = sh.full_shape(grad)
+    out = {}
+    if side in ("left", "full"):
+        left = bases.get("proj_left", grad.new_empty(m, int(header[2]), dtype=torch.float32))
+        left = sh.broadcast(left.contiguous(), owner)
+        out["proj_left"] = (sh.local_rows(left, 0) if sh.dim % 2 == 0 else left).contiguous()
+    if side in ("right", "full"):
+        right = bases.get("proj_right", grad.new_empty(int(header[3]), n, dtype=torch.float32))
+        right = sh.broadcast(right.contiguous(), owner)
+        out["proj_right"] = (sh.local_rows(right, 1) if sh.dim % 2 == 1 else right).contiguous()
+    return out
 
 
 class ProjectorCounters(torch.optim.Optimizer):

@@ -10,8 +10,8 @@ tensors (`local`) and reduce over the full tensor only where their math needs it
   of the result (for Adafactor's column statistics of an m x n matrix: one all-reduce of an
   n-vector); along any other dim it is local;
 - reductions over all entries (`sum_all`, `mean_all`, `rms`): one scalar all-reduce;
-- a product that contracts the sharded dim (`contract`, e.g. GaLore's P^T G for a left
-  projector): the local product, then one all-reduce of the small result;
+- a product that contracts the sharded dim (e.g. GaLore's P^T G for a left projector): the local
+  product, then one all-reduce of the small result (`sum_all_into`);
 - `gather_to`: the full matrix on one rank (GaLore / AdaMeM projector refreshes: one owner rank
   per matrix runs the SVD, `broadcast` sends the result), never a silent all-rank gather.
 
@@ -113,6 +113,11 @@ class Sharding:
         """Sum of every entry of the full tensor (0-d)."""
         return self._all_reduce(x.sum())
 
+    def sum_all_into(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of each rank's `partial` (in place): the result of a product whose
+        contracted dim is the sharded one (e.g. P^T G with this rank's rows of P and of G)."""
+        return self._all_reduce(partial.contiguous())
+
     def mean_all(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sharded:
             return x.mean()
@@ -129,11 +134,6 @@ class Sharding:
         if not self.sharded:
             return x.norm(2) / (x.numel() ** 0.5)
         return self.sq_sum(x).sqrt_() / (self.full_numel(x) ** 0.5)
-
-    def contract(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a @ b where the contracted dim (a's last, b's first) is the sharded one of the operand that
-        holds the shard: local product, then one all-reduce of the (small) result."""
-        return self._all_reduce(a @ b)
 
     def gather_to(self, x: torch.Tensor, owner: int) -> torch.Tensor | None:
         """The full tensor on rank `owner` (None elsewhere): the local shards gathered along `dim`.

@@ -51,16 +51,16 @@ TABLE: dict[tuple[str, Engine], Support] = {
     ("adafactor", "deepspeed"): Support("refused", _FLAT.format(what="factored statistics would silently degrade")),
     ("galore", "ddp"): Support("exact", "every rank repeats the SVD (the same gradient, the same basis)"),
     ("galore", "fsdp2"): Support(
-        "refused",
-        "not built yet: the projector refresh on row shards (gather to one owner rank per matrix, SVD there, "
-        "broadcast) is open work of issue 11; use --train.engine=ddp",
+        "exact",
+        "every T steps the full gradient is gathered on one owner rank per matrix, which runs the SVD and "
+        "broadcasts the basis; a left projector costs one all-reduce of its r x n projected gradient per step",
     ),
     ("galore", "deepspeed"): Support("refused", _FLAT.format(what="an SVD of a partition is meaningless")),
     ("adamem", "ddp"): Support("exact", "every rank repeats the SVD (the same gradient, the same basis)"),
     ("adamem", "fsdp2"): Support(
-        "refused",
-        "not built yet: the projector refresh on row shards (as GaLore's) is open work of issue 11; use "
-        "--train.engine=ddp",
+        "exact",
+        "SVD as GaLore's (owner rank, broadcast); per matrix and step one all-reduce of the r x n projected "
+        "gradient and one of the residual's n column statistics (a tall matrix needs neither: its columns split)",
     ),
     ("adamem", "deepspeed"): Support("refused", _FLAT.format(what="an SVD of a partition is meaningless")),
     ("adalomo", "ddp"): Support("exact", "every rank repeats the same update"),

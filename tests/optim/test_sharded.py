@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from optim import Adafactor, AdaLomo
+from optim import Adafactor, AdaLomo, AdaMeM, GaLoreAdafactor, GaLoreAdamW
 from optim.in_backward import InBackwardOptimizer
 from optim.registry import OptimizerSpec
 from optim.sharding import Sharding, chunk_sizes, state_shard_dim
@@ -27,9 +27,20 @@ CASES: dict[str, tuple[type[torch.optim.Optimizer], dict]] = {
     "adalomo": (AdaLomo, dict(lr=1e-2, weight_decay=0.1)),
     "adalomo_layerwise": (AdaLomo, dict(lr=1e-2, update_norm="layerwise")),
     "adalomo_global": (AdaLomo, dict(lr=1e-2, update_norm="global")),
+    # Low-rank on the blocks' matrices (rank 2, a refresh every 2 steps): a wide 5 x 6 (left projector /
+    # AdaMeM as is) and a tall 7 x 5 (right projector / AdaMeM transposed), both split unevenly.
+    "galore_adamw": (GaLoreAdamW, dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)),
+    "galore_adamw_rotate": (GaLoreAdamW, dict(lr=1e-2, moments_on_proj_change="rotate", proj_type="reverse_std")),
+    "galore_adamw_randomized": (GaLoreAdamW, dict(lr=1e-2, svd_method="randomized", proj_type="full")),
+    "galore_adafactor": (GaLoreAdafactor, dict(lr=1e-2, beta1=0.9, clip_threshold=1.0, scale=0.25)),
+    "adamem": (AdaMeM, dict(lr=1e-2, clip_threshold=1.0)),
+    "adamem_variant1": (AdaMeM, dict(lr=1e-2, variant="variant1")),
+    "adamem_variant2": (AdaMeM, dict(lr=1e-2, variant="variant2", moments_on_proj_change="reset")),
 }
-FUSED = ("adafactor_momentum_clip", "adalomo", "adalomo_layerwise", "adalomo_global")
-STEPS = 3
+LOWRANK = {"galore_adamw", "galore_adamw_rotate", "galore_adamw_randomized", "galore_adafactor", "adamem"}
+LOWRANK |= {"adamem_variant1", "adamem_variant2"}
+FUSED = ("adafactor_momentum_clip", "adalomo", "adalomo_layerwise", "adalomo_global", "galore_adamw", "adamem")
+STEPS = 5  # with update_proj_gap 2: refreshes at steps 1, 3 and 5
 
 
 class Net(nn.Module):
@@ -54,11 +65,7 @@ def batch(step: int) -> torch.Tensor:
 
 def train(model: nn.Module, name: str, fused: bool) -> None:
     cls, kwargs = CASES[name]
-    named = list(model.named_parameters())
-    groups = [{"params": [p for _, p in named], "names": [n for n, _ in named]}]
-    if cls is torch.optim.AdamW:
-        groups = [{"params": [p for _, p in named]}]
-    spec = OptimizerSpec(cls, groups, kwargs)
+    spec = OptimizerSpec(cls, param_groups(model, name), kwargs)
     opt = InBackwardOptimizer(spec) if fused else spec.build()
     for step in range(STEPS):
         if isinstance(opt, InBackwardOptimizer):
@@ -67,6 +74,20 @@ def train(model: nn.Module, name: str, fused: bool) -> None:
         opt.step()
         if not fused:
             opt.zero_grad(set_to_none=True)
+
+
+def param_groups(model: nn.Module, name: str) -> list[dict]:
+    named = list(model.named_parameters())
+    if CASES[name][0] is torch.optim.AdamW:
+        return [{"params": [p for _, p in named]}]
+    if name not in LOWRANK:
+        return [{"params": [p for _, p in named], "names": [n for n, _ in named]}]
+    low = [(n, p) for n, p in named if n.startswith("blocks.") and p.dim() == 2]
+    rest = [(n, p) for n, p in named if not (n.startswith("blocks.") and p.dim() == 2)]
+    return [
+        {"params": [p for _, p in low], "names": [n for n, _ in low], "rank": 2, "update_proj_gap": 2},
+        {"params": [p for _, p in rest], "names": [n for n, _ in rest]},
+    ]
 
 
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,8 +135,7 @@ def test_every_state_tensor_has_a_shard_rule():
     parameter's row count (so a checkpoint can split it like the rows)."""
     for name, (cls, kwargs) in CASES.items():
         model = Net()
-        named = list(model.named_parameters())
-        opt = cls([{"params": [p for _, p in named], "names": [n for n, _ in named]}], **kwargs)
+        opt = cls(param_groups(model, name), **kwargs)
         model(batch(0)).square().mean().backward()
         opt.step()
         for group in opt.param_groups:
