@@ -14,7 +14,7 @@ HEAD_DIM = 64  # fixed by the AdaMeM paper's setup: heads = width / 64
 @dataclass
 class ModelConfig:
     flavor: str = "tiny"
-    """A named size (one of FLAVORS: tiny, 210m, 550m, llama_60m, llama_130m, llama_350m, llama_1b); its values fill
+    """A named size (one of FLAVORS: tiny, 210m, 550m, llama_60m, llama_130m, llama_350m, llama_1b, llama_7b); its values fill
     every field not set explicitly."""
     arch: Arch = "olmo"
     """Block design: olmo = LayerNorm + fused QKV + GeLU MLP, GPT-2 init (the AdaMeM paper); llama = RMSNorm + separate
@@ -85,4 +85,5 @@ FLAVORS: dict[str, dict[str, Any]] = {
     "llama_130m": dict(arch="llama", d_model=768, n_layers=12, mlp_hidden=2048, norm_eps=1e-6, max_seq_len=1024),
     "llama_350m": dict(arch="llama", d_model=1024, n_layers=24, mlp_hidden=2736, norm_eps=1e-6, max_seq_len=1024),
     "llama_1b": dict(arch="llama", d_model=2048, n_layers=24, mlp_hidden=5461, norm_eps=1e-6, max_seq_len=1024),
+    "llama_7b": dict(arch="llama", d_model=4096, n_layers=32, mlp_hidden=11008, norm_eps=1e-6, max_seq_len=1024),
 }

@@ -121,6 +121,8 @@ def _bases(g: torch.Tensor, rank: int, side: str, method: str, seed: int) -> dic
         out["proj_left"] = u[:, :rank].contiguous()
     if side in ("right", "full"):
         out["proj_right"] = vh[:rank, :].contiguous()
+    if g.is_meta:  # shape-only runs (trainer/memory_accounting.py): no values to check
+        return out
     if not all(bool(torch.isfinite(t).all()) for t in out.values()):
         return None
     return out

@@ -38,6 +38,7 @@ from optim.factorization import factored_state_bytes
 from optim.param_groups import describe_parameters, group_options, is_lowrank_target
 from optim.projector import projection_side
 from optim.registry import optimizer_spec
+from optim.sharding import chunk_sizes, state_shard_dim
 
 FP32 = 4
 MEMORY_EFFICIENT = ("adamw", "adafactor", "galore_adamw", "galore_adafactor", "adamem", "adalomo")
@@ -64,6 +65,27 @@ def _state_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
         for value in state.values():
             if torch.is_tensor(value):
                 yield value
+
+
+def state_bytes_per_rank(optimizer: Any, world: int) -> int:
+    """Bytes of `optimizer`'s state on one rank when its parameters are row-sharded over `world` ranks
+    (FSDP2): a state tensor that follows its parameter's rows (optim.sharding.state_shard_dim) holds the
+    largest chunk of torch.chunk's split; the others are whole on every rank. From an unsharded
+    optimizer (one process, e.g. on the meta device) after a first step."""
+    opts = list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else [optimizer]
+    total = 0
+    for opt in opts:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for key, value in opt.state.get(p, {}).items():
+                    if not torch.is_tensor(value):
+                        continue
+                    nbytes = value.numel() * value.element_size()
+                    dim = state_shard_dim(opt, p, group, key, tuple(value.shape)) if value.dim() else None
+                    if dim is not None and value.shape[dim]:
+                        nbytes = nbytes // value.shape[dim] * chunk_sizes(value.shape[dim], world)[0]
+                    total += nbytes
+    return total
 
 
 def measured_state_bytes(optimizer: Any) -> int:

@@ -25,20 +25,27 @@ import os
 import pickle
 import random
 import re
+import shutil
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from data.files import unique_temp_path
+from trainer.dist_checkpoint import EXTRAS, load_sharded, read_extras, save_sharded
+from trainer.distributed import DistInfo
 from trainer.run_lock import format_bytes, free_space
 
 FORMAT_VERSION = 2
 _LEGACY_DATA_KEYS = ("step", "epoch", "position", "tokens_seen")  # positions version 1 kept in `data`
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+# step_00000100.pt (one process) or step_00000100/ (several ranks, trainer/dist_checkpoint.py)
+_NAME = re.compile(r"^step_(\d{8})(\.pt)?$")
+SHARDED_COMPONENTS = ("model", "optimizer")  # what a multi-rank checkpoint holds as DCP tensors
 
 
 class CheckpointError(RuntimeError):
@@ -53,8 +60,19 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Finished checkpoints, oldest first (temporary files from interrupted saves are ignored)."""
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if (m := _NAME.match(p.name)) and (p.is_file() if m.group(2) else (p / EXTRAS).is_file())
+    ]
     return [p for _, p in sorted(found)]
+
+
+def remove_checkpoint(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -108,7 +126,7 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep_last
         raise CheckpointError(_save_failed_message(directory, step, state, os_error)) from e
     _fsync_dir(directory)
     for old in list_checkpoints(directory)[:-keep_last]:
-        old.unlink(missing_ok=True)
+        remove_checkpoint(old)
     return final
 
 
@@ -152,7 +170,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         f"or start a new run with another --run.dir."
     )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_extras(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
@@ -226,13 +244,41 @@ class TrainProgress:
         self.eval_pending = bool(state.get("eval_pending", False))  # absent before it existed
 
 
-class Checkpointer:
-    """Saves and restores named components (see the module docstring) in `directory`."""
+@dataclass
+class ShardedParts:
+    """The model and optimizers that a multi-rank run saves through DCP (trainer/dist_checkpoint.py)
+    in place of the `model` and `optimizer` components."""
 
-    def __init__(self, directory: Path, components: dict[str, Stateful], keep_last: int):
+    model: nn.Module
+    optimizers: Callable[[], list[torch.optim.Optimizer]]
+    info: DistInfo
+
+
+class Checkpointer:
+    """Saves and restores named components (see the module docstring) in `directory`; with `sharded`
+    and several ranks, as a DCP directory (trainer/dist_checkpoint.py)."""
+
+    def __init__(
+        self, directory: Path, components: dict[str, Stateful], keep_last: int, sharded: ShardedParts | None = None
+    ):
         self.directory = directory
         self.components = components
         self.keep_last = keep_last
+        self.sharded = sharded
+
+    def save_on_every_rank(self, step: int, metadata: dict[str, Any], info: DistInfo) -> Path | None:
+        """`step`'s checkpoint, called by every rank: several ranks write a sharded directory together
+        (each its part); one process writes the single file. The path on the main rank, else None."""
+        if self.sharded is not None and info.enabled:
+            extras = {n: c.state_dict() for n, c in self.components.items() if n not in SHARDED_COMPONENTS}
+            s = self.sharded
+            meta = {"format_version": FORMAT_VERSION, **metadata, **extras}
+            path = save_sharded(self.directory, step, s.model, s.optimizers(), meta, info)
+            if info.is_main:
+                for old in list_checkpoints(self.directory)[: -self.keep_last]:
+                    remove_checkpoint(old)
+            return path if info.is_main else None
+        return self.save(step, metadata) if info.is_main else None
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)
@@ -255,13 +301,28 @@ class Checkpointer:
         the component."""
         if state is None:
             state = load_checkpoint(path)
-        missing = [name for name in self.components if name not in state]
+        names = list(self.components)
+        if path.is_dir():  # a multi-rank checkpoint: model and optimizer from its DCP tensors
+            if self.sharded is None:
+                raise CheckpointError(f"{path} is a sharded checkpoint; this component set cannot read it")
+            try:
+                load_sharded(path, self.sharded.model, self.sharded.optimizers(), self.sharded.info.device)
+            except (ValueError, KeyError, RuntimeError) as e:
+                detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise CheckpointError(
+                    f"cannot restore the model and optimizer from {path}: {detail}. Resume with the settings the run "
+                    f"was started with (see {path.parent.parent / 'config.yaml'}), or start a new run with another "
+                    f"--run.dir."
+                ) from None
+            names = [n for n in names if n not in SHARDED_COMPONENTS]
+        missing = [name for name in names if name not in state]
         if missing:
             raise CheckpointError(
                 f"{path} lacks {', '.join(missing)}: it is incomplete. Delete it to resume "
                 f"from the previous checkpoint in {path.parent}, or start a new run."
             )
-        for name, component in self.components.items():
+        for name in names:
+            component = self.components[name]
             try:
                 component.load_state_dict(state[name])
             except (ValueError, KeyError, TypeError, RuntimeError) as e:

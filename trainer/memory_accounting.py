@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from model import ModelConfig, Transformer
 from optim import OptimConfig, optimizer_spec
 from optim.in_backward import InBackwardOptimizer
-from optim.state_bytes import measured_state_bytes
+from optim.state_bytes import measured_state_bytes, state_bytes_per_rank
 from trainer.config import AdapterConfig
 from trainer.lora import apply_adapters
 from trainer.step import token_loss_sum
@@ -162,10 +162,12 @@ def measure(
     device: str = "meta",
     seed: int = 0,
     adapter: AdapterConfig | None = None,
+    shard_ranks: int = 1,
 ) -> dict[str, int]:
     """Bytes of one training step (the second: the first allocates the optimizer state) of a
     `model_cfg` model with `optim_cfg`'s optimizer, fused in backward or not, on `micro_batch` x
-    `seq_len` tokens: {weights, state, activations, grads_peak, deferred, peak, formula}. `adapter`:
+    `seq_len` tokens: {weights, state, activations, grads_peak, deferred, peak, formula, state_sharded}
+    (`state_sharded`: the state's bytes on one of `shard_ranks` ranks under FSDP2's row split). `adapter`:
     LoRA adapters on the model first (trainer/lora.py; frozen weights get no gradient nor state)."""
     torch.manual_seed(seed)
     with torch.device(device):
@@ -210,4 +212,5 @@ def measure(
         deferred=deferred,
         peak=weights + state + max(tracker.total_peak, act_at_forward_end),
         formula=weights + grads_formula + deferred + state + tracker.act_peak,
+        state_sharded=state_bytes_per_rank(opt, shard_ranks),
     )

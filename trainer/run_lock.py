@@ -108,9 +108,12 @@ def remove_stale_temp_files(*directories: Path) -> list[Path]:
         if not directory.is_dir():
             continue
         for path in sorted(directory.iterdir()):
-            if is_temp_file(path.name) and path.is_file() and not path.is_symlink():
+            if is_temp_file(path.name) and not path.is_symlink() and (path.is_file() or path.is_dir()):
                 try:
-                    path.unlink()
+                    if path.is_dir():  # a sharded checkpoint whose commit never came (trainer/dist_checkpoint.py)
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
                 except FileNotFoundError:
                     continue
                 except OSError as e:

@@ -32,7 +32,14 @@ from model import Transformer, param_counts
 from optim import optimizer_keys, optimizer_spec
 from optim.projected_backward import install_projected_backward
 from optim.state_bytes import measured_state_bytes
-from trainer.checkpoint import Checkpointer, RNGState, TrainProgress, latest_checkpoint, load_checkpoint
+from trainer.checkpoint import (
+    Checkpointer,
+    RNGState,
+    ShardedParts,
+    TrainProgress,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from trainer.config import Config, ConfigError, micro_batch_per_rank, save_config, validate
 from trainer.ddp_fused import install_fused_comm_hook
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
@@ -139,6 +146,7 @@ class Trainer:
                 "rng": RNGState(),
             },
             keep_last=cfg.checkpoint.keep_last,
+            sharded=ShardedParts(self.model, self.updater.optimizers, info),  # several ranks: DCP
         )
         self.restore()
         self.autocast = autocast_context(cfg.train.precision, info.device)
@@ -329,10 +337,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint the current step (every rank joins the gathers; the main rank writes; all wait for it)."""
-        state = self.checkpointer.collect()  # on every rank: a collective under FSDP2
-        path = None
-        if self.info.is_main:
-            path = self.checkpointer.save(self.progress.step, {"config": self.cfg.to_dict()}, state)
+        path = self.checkpointer.save_on_every_rank(self.progress.step, {"config": self.cfg.to_dict()}, self.info)
         barrier(self.info)
         return path
 

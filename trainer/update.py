@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from optim import OptimizerSpec
 from optim.in_backward import InBackwardOptimizer
 from optim.projected_grads import gradient_holders
-from trainer.full_state import full_optimizer_state, local_optimizer_state
+from trainer.full_state import local_optimizer_state
 
 # Cumulative counters some optimizers keep (GaLore / AdaMeM projector refreshes and SVD failures), and
 # GaLore's gauge of the weights whose gradient entered the last step projected (optim/projected_backward.py).
@@ -85,6 +85,11 @@ class UpdateStrategy(ABC):
                 return opt.state[p]
         return {}
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers that hold the state (one, or one per parameter when fused), each group
+        with its parameters' names: what a sharded checkpoint saves per parameter name."""
+        return list(self._optimizers)
+
     def counters(self) -> dict[str, float]:
         out = {
             f"optim/{name}": float(sum(getattr(opt, name, 0) for opt in self._optimizers))
@@ -129,7 +134,7 @@ class StepAfterBackward(UpdateStrategy):
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
-        return full_optimizer_state(self.optimizer)  # a collective under FSDP2: every rank calls it
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if "in_backward" in state:
@@ -167,8 +172,7 @@ class UpdateInBackward(UpdateStrategy):
         pass  # every parameter was updated, and its gradient freed, inside backward
 
     def state_dict(self) -> dict:
-        # A collective under FSDP2 (every rank calls it, in the same parameter order).
-        return {"in_backward": {name: full_optimizer_state(opt) for name, opt in self.optimizer.optimizers.items()}}
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if "in_backward" not in state:

@@ -2,7 +2,11 @@ import json
 import subprocess
 import sys
 
+from model import ModelConfig
+from optim import OptimConfig
 from tests.helpers.runs import REPO
+from tools import bench_engines
+from trainer.memory_accounting import measure
 
 
 def run_tool(*args):
@@ -49,3 +53,24 @@ def test_plot_runs_writes_a_png(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "final val/loss 3.5000 at step 10" in out.stdout
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_engines_prints_the_per_rank_table_at_a_tiny_size():
+    """tools/bench_engines.py at the test's size: every supported optimizer x engine row, and the fsdp2
+    row's arithmetic from the accounted one-rank step (no timing asserts)."""
+
+    table = bench_engines.rows(["tiny"], [1, 2], micro_batch=2, seq_len=64)
+    assert {(r["optimizer"], r["engine"]) for r in table} >= {("adamw", "fsdp2"), ("adamem", "ddp"), ("adalomo", "-")}
+    row = next(r for r in table if r["optimizer"] == "adamw" and r["engine"] == "fsdp2")
+
+    cfg = ModelConfig.from_flavor("tiny")
+    m = measure(cfg, OptimConfig(name="adamw"), False, 2, 64, "meta", shard_ranks=2)
+    layout = bench_engines.layout_bytes(cfg)
+    half = -(-m["weights"] // 2)
+    assert m["state_sharded"] < m["state"] and row["state"] == m["state_sharded"]
+    assert (
+        row["total"]
+        == half + m["state_sharded"] + m["activations"] + half + layout["block"] + layout["root"] + 2 * layout["block"]
+    )
+    one = next(r for r in table if r["optimizer"] == "adamw" and r["ranks"] == 1)
+    assert row["total"] < one["total"]  # sharding pays at 2 ranks already

@@ -12,6 +12,7 @@ from optim.param_groups import describe_parameters
 LLAMA_FLAVORS = [f for f in FLAVORS if f.startswith("llama_")]
 # /work/shared/notes/llama-family.md: GaLore's configs/llama_*.json at vocab 32000 (millions, as the note rounds).
 GALORE_SIZES_M = {"llama_60m": 58.1, "llama_130m": 134.1, "llama_350m": 367.9, "llama_1b": 1339.0}
+GALORE_SIZES_M["llama_7b"] = 6738.4  # LLaMA-7B's 6,738,415,616 at vocabulary 32000
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -89,6 +90,7 @@ def test_published_widths():
         "llama_130m": (768, 2048, 12, 12),
         "llama_350m": (1024, 2736, 24, 16),
         "llama_1b": (2048, 5461, 24, 32),
+        "llama_7b": (4096, 11008, 32, 64),  # heads of 64 here (LLaMA-7B: 32 of 128; the same parameters)
     }
 
 

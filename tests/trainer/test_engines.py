@@ -15,7 +15,9 @@ from tests.helpers.gloo import run_ranks
 from tests.helpers.runs import losses, run, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
+from trainer.dist_checkpoint import read_full_tensors
 from trainer.engines import support_table_markdown
+from trainer.run_lock import remove_stale_temp_files
 from trainer.trainer import train
 
 # (name, overrides): every optimizer that runs under fsdp2, ordinary and fused, clipping on (the
@@ -69,6 +71,10 @@ def _cases_on_ranks(rank: int, world: int, jobs: list[tuple[int, list[str]]]) ->
 
 
 def _final_model(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model of `step`'s checkpoint: a single file (one process) or a sharded directory (2 ranks)."""
+    sharded = run_dir / "checkpoints" / f"step_{step:08d}"
+    if sharded.is_dir():
+        return {k.removeprefix("model."): v for k, v in read_full_tensors(sharded, "model.").items()}
     return ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir / "checkpoints", step))["model"]
 
 
@@ -96,6 +102,10 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
             + ["--train.engine=fsdp2"],
         )
     )
+    # 2 -> 2 from a sharded checkpoint (fused layout, projectors): the same bits as without the stop.
+    two_then_two = tiny_overrides(tmp_path / "two_then_two", sample_tokens, **common, **CASES["adamem_fused"])
+    jobs.append((free_port(), [*two_then_two, "--train.engine=fsdp2", "--train.max_steps=2"]))
+    jobs.append((free_port(), [*two_then_two, "--train.engine=fsdp2"]))
     # DDP: fused (the comm hook) == ordinary, for AdaLomo (defined in backward) and AdamW.
     ddp = {**common, "train.max_grad_norm": 0}
     for name in ("adalomo", "adamw"):
@@ -110,6 +120,10 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
             assert torch.equal(_final_model(fused_run, STEPS)[key], value), (name, key)
     run(tmp_path, sample_tokens, "two_then_one", **two_then_one)
 
+    assert (tmp_path / "two_then_two" / "checkpoints" / "step_00000002" / "extras.pt").is_file()  # sharded
+    assert losses(tmp_path / "two_then_two") == losses(tmp_path / "two_adamem_fused")  # exact resume
+    for key, value in _final_model(tmp_path / "two_adamem_fused", STEPS).items():
+        assert torch.equal(_final_model(tmp_path / "two_then_two", STEPS)[key], value), key
     figures = {}
     for name, extra in CASES.items():
         run(tmp_path, sample_tokens, f"one_{name}", **common, **extra)
@@ -152,3 +166,16 @@ def test_unsupported_engine_combinations_are_refused_at_config_load(overrides, m
 def test_the_docs_table_is_the_engine_table():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "engines.md").read_text()
     assert support_table_markdown() in doc, "regenerate the table in docs/engines.md from support_table_markdown()"
+
+
+def test_a_sharded_save_killed_before_its_commit_leaves_no_checkpoint(tmp_path):
+    """A kill before the rename leaves only a temporary directory: it is not a checkpoint, and the next
+    start removes it."""
+    checkpoints = tmp_path / "checkpoints"
+    partial = checkpoints / "step_00000004.4242.0badcafe.tmp"
+    partial.mkdir(parents=True)
+    (partial / "__0_0.distcp").write_bytes(b"half")
+    unfinished = checkpoints / "step_00000006"  # a final name without extras.pt is not a checkpoint either
+    unfinished.mkdir()
+    assert ckpt.list_checkpoints(checkpoints) == []
+    assert remove_stale_temp_files(checkpoints) == [partial] and not partial.exists()
