@@ -14,8 +14,8 @@ HEAD_DIM = 64  # fixed by the AdaMeM paper's setup: heads = width / 64
 @dataclass
 class ModelConfig:
     flavor: str = "tiny"
-    """A named size (one of FLAVORS: tiny, 210m, 550m, llama_60m, llama_130m, llama_350m, llama_1b, llama_7b); its values fill
-    every field not set explicitly."""
+    """A named size (one of FLAVORS: tiny, 210m, 550m, llama_60m, llama_130m, llama_350m, llama_1b, llama_7b); its
+    values fill every field not set explicitly."""
     arch: Arch = "olmo"
     """Block design: olmo = LayerNorm + fused QKV + GeLU MLP, GPT-2 init (the AdaMeM paper); llama = RMSNorm + separate
     q/k/v + SwiGLU MLP, normal(0.02) init (GaLore's LLaMA). Both: RoPE, no biases, untied output."""

@@ -9,7 +9,7 @@ tensors (`local`) and reduce over the full tensor only where their math needs it
 - a reduction along the sharded dim (`sum`, `mean`): the local partial sums, then one all-reduce
   of the result (for Adafactor's column statistics of an m x n matrix: one all-reduce of an
   n-vector); along any other dim it is local;
-- reductions over all entries (`sum_all`, `mean_all`, `rms`): one scalar all-reduce;
+- reductions over all entries (`sum_all`, `sq_sum`, `rms`): one scalar all-reduce;
 - a product that contracts the sharded dim (e.g. GaLore's P^T G for a left projector): the local
   product, then one all-reduce of the small result (`sum_all_into`);
 - `gather_to`: the full matrix on one rank (GaLore / AdaMeM projector refreshes: one owner rank
@@ -66,10 +66,6 @@ class Sharding:
             dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
         return x
 
-    def full_len(self, x: torch.Tensor, dim: int) -> int:
-        """Size of `dim` of the full tensor behind local `x`."""
-        return self.full_size if self.sharded and _same_dim(dim, self.dim, x.dim()) else x.shape[dim]
-
     def full_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         """The shape of the full tensor behind local `x`."""
         if not self.sharded:
@@ -117,11 +113,6 @@ class Sharding:
         """The sum over ranks of each rank's `partial` (in place): the result of a product whose
         contracted dim is the sharded one (e.g. P^T G with this rank's rows of P and of G)."""
         return self._all_reduce(partial.contiguous())
-
-    def mean_all(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.sharded:
-            return x.mean()
-        return self.sum_all(x).div_(self.full_numel(x))
 
     def sq_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of squares of the full tensor (0-d)."""

@@ -90,7 +90,9 @@ def per_rank(engine: str, world: int, fused: bool, m: dict[str, int], layout: di
     grads = layout["largest"] if fused else chunk(m["weights"], world) + layout["block"]
     transient = layout["root"] + 2 * layout["block"] + m["deferred"]
     total = weights + state + m["activations"] + grads + transient
-    return dict(weights=weights, grads=grads, state=state, activations=m["activations"], transient=transient, total=total)
+    return dict(
+        weights=weights, grads=grads, state=state, activations=m["activations"], transient=transient, total=total
+    )
 
 
 def rows(flavors: list[str], ranks: list[int], micro_batch: int | None, seq_len: int) -> list[dict[str, Any]]:

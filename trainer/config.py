@@ -83,16 +83,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile every transformer block."""
     engine: Engine = "ddp"
-    """Multi-GPU engine (one process: no wrapper, except deepspeed): ddp = DistributedDataParallel; fsdp2 = fully_shard
-    per block and root (parameters, gradients and optimizer state row-sharded); deepspeed = DeepSpeed ZeRO (AdamW;
-    AdaLomo under ZeRO-3 the LOMO way). Which optimizer runs where: docs/engines.md (trainer/engines.py)."""
-    zero_stage: Literal[1, 2, 3] = 3
-    """engine=deepspeed: ZeRO stage (1 = state sharded, 2 = + gradients, 3 = + parameters); ignored otherwise."""
-    offload_optimizer: bool = False
-    """engine=deepspeed: keep the optimizer state (and its step) on the CPU (ZeRO-Offload); AdamW only."""
-    deepspeed_config: str | None = None
-    """engine=deepspeed: a DeepSpeed JSON file used instead of the one built from this config (its batch sizes,
-    precision and clipping must agree with train.*; checked at start). null = built from train.*."""
+    """Multi-rank engine (one process: no wrapper): ddp = DistributedDataParallel; fsdp2 = fully_shard per block and
+    root (parameters, gradients and optimizer state row-sharded); deepspeed = not built yet (refused). Which optimizer
+    runs where, and how: docs/engines.md (trainer/engines.py)."""
 
 
 AdapterMethod = Literal["none", "lora", "relora"]
@@ -214,12 +207,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             engine=t.engine,
             optimizer=cfg.optim.name,
             world_size=world,
-            fused_update=t.fused_update,
-            zero_stage=t.zero_stage,
             factorization=cfg.optim.factorization,
             factor_rank=cfg.optim.factor_rank,
             adapter=cfg.adapter.method,
-            compile=t.compile,
         )
         if t.fused_update:
             check_fused_supported(grad_clip=t.max_grad_norm)

@@ -1,15 +1,16 @@
 """Which optimizer runs on which engine (`train.engine`), and how: the one table behind the config
 check and the docs (docs/engines.md holds `support_table_markdown()`; a test keeps them equal).
 
-Engines (one process: no wrapper, whatever the engine, except deepspeed, which always wraps):
+Engines (one process: no wrapper, whatever the engine):
 - ddp: torch DistributedDataParallel; every rank holds the whole model, gradients and state.
 - fsdp2: torch `fully_shard` per transformer block and on the root: parameters, gradients and
   optimizer state are row-sharded DTensors; the optimizers reduce their statistics over the shards
   (optim/sharding.py).
-- deepspeed: DeepSpeed ZeRO (stage 1/2/3). Its optimizer partitions are flat 1-D slices that cut
-  through matrices, so only optimizers that need no matrix shape run there as DeepSpeed's client
-  optimizer (AdamW); AdaLomo runs under ZeRO-3 the LOMO way (DeepSpeed shards the parameters and
-  holds no optimizer; our in-backward hooks update each rank's slice from the full gradient).
+- deepspeed: DeepSpeed ZeRO, not built yet: every optimizer is refused with the reason. Its
+  optimizer partitions are flat 1-D slices that cut through matrices, so the shape-aware optimizers
+  can never run there as DeepSpeed's client optimizer; the plan is AdamW under ZeRO-1/2/3 and AdaLomo
+  under ZeRO-3 the LOMO way (DeepSpeed shards the parameters and holds no optimizer; in-backward
+  hooks update each rank's slice from the full gradient).
 
 Why each refusal (the message of `check_engine_supported` says it and names the way):
 shape-aware optimizers under flattening ZeRO stages (GaLore issue #2, DeepSpeed #5309).
@@ -94,12 +95,9 @@ def check_engine_supported(
     engine: str,
     optimizer: str,
     world_size: int,
-    fused_update: bool,
-    zero_stage: int,
     factorization: str = "nmf",
     factor_rank: int = 1,
     adapter: str = "none",
-    compile: bool = False,
 ) -> None:
     """ValueError naming the problem and the way, for every combination the table refuses."""
     if engine not in ENGINES:
@@ -119,23 +117,6 @@ def check_engine_supported(
             f"adapter.method={adapter} with train.engine={engine}: the LoRA/ReLoRA baselines run on ddp "
             "(their memory is already small); use --train.engine=ddp"
         )
-    if engine == "deepspeed":
-        if optimizer == "adalomo" and not (fused_update and zero_stage == 3):
-            raise ValueError(
-                f"optim.name=adalomo with train.engine=deepspeed runs the LOMO way only: ZeRO-3 with the update in "
-                f"backward; set --train.zero_stage=3 --train.fused_update=true (got zero_stage={zero_stage}, "
-                f"fused_update={str(fused_update).lower()}), or use --train.engine=fsdp2"
-            )
-        if optimizer == "adamw" and fused_update:
-            raise ValueError(
-                "train.fused_update=true with optim.name=adamw and train.engine=deepspeed: DeepSpeed owns AdamW's "
-                "step; set --train.fused_update=false, or use --train.engine=fsdp2 for fused AdamW"
-            )
-        if compile:
-            raise ValueError(
-                "train.compile=true with train.engine=deepspeed is not supported here; set --train.compile=false, "
-                "or use --train.engine=fsdp2"
-            )
 
 
 def support_table_markdown() -> str:

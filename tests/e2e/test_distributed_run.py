@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers.runs import REPO, losses, start_training, tiny_overrides
+from tests.helpers.runs import REPO, final_model, losses, start_training, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.metrics import read_metrics
 
@@ -59,8 +59,8 @@ def test_two_ranks_match_one_rank(tmp_path, sample_tokens):
         assert train2[step] == pytest.approx(train1[step], rel=1e-5)
     for step in val1:
         assert val2[step] == pytest.approx(val1[step], rel=1e-5)
-    a = ckpt.load_checkpoint(tmp_path / "one" / "checkpoints" / "step_00000004.pt")["model"]
-    b = ckpt.load_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000004.pt")["model"]
+    a = final_model(tmp_path / "one", 4)
+    b = final_model(tmp_path / "two", 4)  # a sharded checkpoint directory: every rank wrote its part
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
@@ -127,3 +127,30 @@ def test_a_dying_rank_takes_the_job_down_within_seconds(tmp_path, sample_tokens)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+
+
+def test_fsdp2_through_torchrun_trains_and_saves_a_sharded_checkpoint(tmp_path, sample_tokens):
+    """The documented launch: `torchrun ... train.py CONFIG --train.engine=fsdp2`, fused AdaLomo."""
+    run_dir = tmp_path / "fsdp2"
+    overrides = tiny_overrides(
+        run_dir,
+        sample_tokens,
+        **{"train.max_steps": 2, "eval.interval": 2, "train.micro_batch": 1, "checkpoint.interval": 2},
+    )
+    cmd = launched("torch.distributed.run", 2, *overrides, "--train.engine=fsdp2", "--optim.name=adalomo")
+    cmd += ["--optim.lr=1e-3", "--train.fused_update=true", "--train.max_grad_norm=0"]
+    out = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "(fused in backward)" in out.stdout and "2 rank(s)" in out.stdout
+    saved = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert (
+        saved is not None
+        and saved.is_dir()
+        and sorted(p.name for p in saved.glob("*.distcp"))
+        == [
+            "__0_0.distcp",
+            "__1_0.distcp",
+        ]
+    )

@@ -8,7 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from trainer.checkpoint import checkpoint_path, load_checkpoint
 from trainer.config import Config, load_config
+from trainer.dist_checkpoint import read_full_tensors
 from trainer.metrics import read_metrics
 from trainer.trainer import TrainResult, train
 
@@ -41,6 +45,15 @@ def tiny_overrides(run_dir: Path, tokens: Path, **extra: Any) -> list[str]:
         **extra,
     }
     return [f"--{k}={v}" for k, v in values.items()]
+
+
+def final_model(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model of `step`'s checkpoint in `run_dir`: a single file (one process) or a sharded directory
+    (several ranks: trainer/dist_checkpoint.py), read whole."""
+    sharded = run_dir / "checkpoints" / f"step_{step:08d}"
+    if sharded.is_dir():
+        return {k.removeprefix("model."): v for k, v in read_full_tensors(sharded, "model.").items()}
+    return load_checkpoint(checkpoint_path(run_dir / "checkpoints", step))["model"]
 
 
 def losses(run_dir: Path) -> dict[int, float]:

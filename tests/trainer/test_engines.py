@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from tests.helpers.gloo import run_ranks
-from tests.helpers.runs import losses, run, tiny_overrides
+from tests.helpers.runs import final_model, losses, run, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
-from trainer.dist_checkpoint import read_full_tensors
 from trainer.engines import support_table_markdown
 from trainer.run_lock import remove_stale_temp_files
 from trainer.trainer import train
@@ -70,14 +69,6 @@ def _cases_on_ranks(rank: int, world: int, jobs: list[tuple[int, list[str]]]) ->
         _train_as_rank(rank, world, port, overrides)
 
 
-def _final_model(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    """The model of `step`'s checkpoint: a single file (one process) or a sharded directory (2 ranks)."""
-    sharded = run_dir / "checkpoints" / f"step_{step:08d}"
-    if sharded.is_dir():
-        return {k.removeprefix("model."): v for k, v in read_full_tensors(sharded, "model.").items()}
-    return ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir / "checkpoints", step))["model"]
-
-
 def _max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """max over tensors of ||a - b|| / ||b||: the relative difference of each parameter."""
     return max(float(torch.linalg.vector_norm(a[k] - b[k]) / torch.linalg.vector_norm(b[k])) for k in b)
@@ -116,14 +107,14 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
     for name in ("adalomo", "adamw"):
         plain, fused_run = tmp_path / f"ddp_{name}_False", tmp_path / f"ddp_{name}_True"
         assert losses(fused_run) == losses(plain), name  # bit for bit
-        for key, value in _final_model(plain, STEPS).items():
-            assert torch.equal(_final_model(fused_run, STEPS)[key], value), (name, key)
+        for key, value in final_model(plain, STEPS).items():
+            assert torch.equal(final_model(fused_run, STEPS)[key], value), (name, key)
     run(tmp_path, sample_tokens, "two_then_one", **two_then_one)
 
     assert (tmp_path / "two_then_two" / "checkpoints" / "step_00000002" / "extras.pt").is_file()  # sharded
     assert losses(tmp_path / "two_then_two") == losses(tmp_path / "two_adamem_fused")  # exact resume
-    for key, value in _final_model(tmp_path / "two_adamem_fused", STEPS).items():
-        assert torch.equal(_final_model(tmp_path / "two_then_two", STEPS)[key], value), key
+    for key, value in final_model(tmp_path / "two_adamem_fused", STEPS).items():
+        assert torch.equal(final_model(tmp_path / "two_then_two", STEPS)[key], value), key
     figures = {}
     for name, extra in CASES.items():
         run(tmp_path, sample_tokens, f"one_{name}", **common, **extra)
@@ -132,7 +123,7 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
         for step in one:
             assert two[step] == pytest.approx(one[step], rel=1e-5), (name, step)
         figures[name] = _max_rel(
-            _final_model(tmp_path / f"two_{name}", STEPS), _final_model(tmp_path / f"one_{name}", STEPS)
+            final_model(tmp_path / f"two_{name}", STEPS), final_model(tmp_path / f"one_{name}", STEPS)
         )
     print("max relative parameter difference, 2 fsdp2 ranks vs 1 process:", figures)
     assert max(figures.values()) < 1e-5, figures
@@ -141,7 +132,7 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
         assert sorted(got) == sorted(want), resumed
         for step in want:
             assert got[step] == pytest.approx(want[step], rel=1e-5), (resumed, step)
-        assert _max_rel(_final_model(tmp_path / resumed, STEPS), _final_model(tmp_path / reference, STEPS)) < 1e-5
+        assert _max_rel(final_model(tmp_path / resumed, STEPS), final_model(tmp_path / reference, STEPS)) < 1e-5
 
 
 @pytest.mark.parametrize(
