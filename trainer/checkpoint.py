@@ -304,16 +304,14 @@ class Checkpointer:
         names = list(self.components)
         if path.is_dir():  # a multi-rank checkpoint: model and optimizer from its DCP tensors
             if self.sharded is None:
-                raise CheckpointError(f"{path} is a sharded checkpoint; this component set cannot read it")
+                raise CheckpointError(
+                    f"{path} is a sharded checkpoint of a multi-rank run; read it with the trainer (train.py resumes "
+                    f"it on any number of ranks) or trainer.dist_checkpoint.read_full_tensors"
+                )
             try:
                 load_sharded(path, self.sharded.model, self.sharded.optimizers(), self.sharded.info.device)
             except (ValueError, KeyError, RuntimeError) as e:
-                detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                raise CheckpointError(
-                    f"cannot restore the model and optimizer from {path}: {detail}. Resume with the settings the run "
-                    f"was started with (see {path.parent.parent / 'config.yaml'}), or start a new run with another "
-                    f"--run.dir."
-                ) from None
+                raise _restore_failed("model and optimizer", path, e) from None
             names = [n for n in names if n not in SHARDED_COMPONENTS]
         missing = [name for name in names if name not in state]
         if missing:
@@ -326,10 +324,13 @@ class Checkpointer:
             try:
                 component.load_state_dict(state[name])
             except (ValueError, KeyError, TypeError, RuntimeError) as e:
-                detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                raise CheckpointError(
-                    f"cannot restore the {name} from {path}: {detail}. Resume with the settings the run was "
-                    f"started with (see {path.parent.parent / 'config.yaml'}), or start a new run with another "
-                    f"--run.dir."
-                ) from None
+                raise _restore_failed(name, path, e) from None
         return state
+
+
+def _restore_failed(what: str, path: Path, e: Exception) -> CheckpointError:
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return CheckpointError(
+        f"cannot restore the {what} from {path}: {detail}. Resume with the settings the run was started with "
+        f"(see {path.parent.parent / 'config.yaml'}), or start a new run with another --run.dir."
+    )
