@@ -35,6 +35,10 @@ With beta1=None, beta2_decay=-0.8, eps=0, eps1=1e-30, eps2=1e-3, clip_threshold=
 scale_parameter=relative_step=True this is HF `Adafactor()` with its defaults and
 `torch.optim.Adafactor(lr=1e-2)` (tests/optim/test_parity.py).
 
+Sharded parameters (FSDP2 row shards, optim/sharding.py): the same update, on this rank's rows;
+the column statistics and mean(r) are all-reduced over the ranks, RMS terms are scalar all-reduces;
+one process gives the same bits as before.
+
 State (fp32 whatever the parameter dtype): `step` (int), `exp_avg` (beta1), `exp_avg_sq_row`,
 `exp_avg_sq_col` (factored), `exp_avg_sq_col` or `exp_avg_sq_row` alone (one_sided),
 `exp_avg_sq` (1-D).

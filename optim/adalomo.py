@@ -37,6 +37,10 @@ when read: no host sync per parameter) and the denominator, so that the fused pa
 one-optimizer-per-parameter totals combine exactly (trainer/update.py).
 Cost per m x n matrix: O(mn) elementwise (nmf-1), plus O(mnr) per factorisation iteration.
 
+Sharded parameters (FSDP2 row shards, optim/sharding.py; nmf-1 only, the rank-r factorizations
+need the whole matrix): the same update on this rank's rows; the column statistics and mean(r)
+are all-reduced, RMS(theta), RMS(U) and a group's sum of U^2 are scalar all-reduces.
+
 Two-phase API (used by optim.in_backward for layerwise / global normalisation, where a tensor's
 update needs statistics of tensors whose gradients arrive later in the backward):
 `prepare(p)` folds p.grad into the state and returns (U, sum U^2); `shared_divisor(...)` turns

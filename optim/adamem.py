@@ -32,6 +32,11 @@ t_m = moment step (= t unless moments were reset on a projector change).
      pre-update weights, scaled by lr_t, as optim.Adafactor; lr_t = lr unless relative_step /
      scale_parameter).
 
+Sharded parameters (FSDP2 row shards, optim/sharding.py): the SVD as GaLore's (owner rank, broadcast);
+m <= n: P as this rank's rows, R = P^T G all-reduced (r x n, whole), S local, the residual's column
+statistics all-reduced; m > n (transposed): g = G^T is split along its columns, so R, M and their
+column statistics follow that split and only row statistics / RMS terms are all-reduced.
+
 Variants (Figure 2), `variant`:
   - `variant1`: X = P M_hat + delta S, then ordinary two-sided Adafactor on X in the original
     space (statistics m and n from X^2 + eps1): U = X / (sqrt(V) + eps).

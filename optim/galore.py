@@ -31,6 +31,11 @@ gradient of a low-rank weight arrives already projected (R = project(G), compute
 forming G) in its carrier (optim/projected_grads.py) instead of `.grad`; `step()` then uses R as is,
 with the same state and math (the projector is not refreshed: the forward was told it would not be).
 
+Sharded parameters (FSDP2 row shards, optim/sharding.py): a refresh gathers the full gradient on one
+owner rank per matrix, which runs the SVD and broadcasts the bases (optim/projector.py); a left basis
+P is kept as this rank's rows, so R = P^T G is a local product plus one all-reduce of r x n (R and its
+moments then whole on every rank); a right projection is local (R keeps G's row split).
+
 State (fp32): `step`, `exp_avg`, `exp_avg_sq` (AdamW) or the Adafactor statistics, and for low-rank
 parameters `proj_left`/`proj_right`, `proj_updates` (refresh count), `moment_step` (bias-correction
 step, restarts with `reset`), `svd_failures` (when any; `optimizer.svd_failures` sums them).

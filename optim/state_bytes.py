@@ -38,7 +38,7 @@ from optim.factorization import factored_state_bytes
 from optim.param_groups import describe_parameters, group_options, is_lowrank_target
 from optim.projector import projection_side
 from optim.registry import optimizer_spec
-from optim.sharding import chunk_sizes, state_shard_dim
+from optim.sharding import chunk_sizes, local, state_shard_dim
 
 FP32 = 4
 MEMORY_EFFICIENT = ("adamw", "adafactor", "galore_adamw", "galore_adafactor", "adamem", "adalomo")
@@ -64,7 +64,7 @@ def _state_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
     for state in optimizer.state.values():
         for value in state.values():
             if torch.is_tensor(value):
-                yield value
+                yield local(value)  # this rank's part of a sharded (DTensor) state: the memory it holds
 
 
 def state_bytes_per_rank(optimizer: Any, world: int) -> int:

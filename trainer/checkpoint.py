@@ -17,6 +17,12 @@ under a final name. Older checkpoints beyond `keep_last` are deleted only after 
 place. A save that fails (disk full, any OSError) removes its temporary file and raises a
 CheckpointError with the checkpoint's size; a writer killed outright leaves its temporary file,
 which `trainer.run_lock.remove_stale_temp_files` removes at the next start.
+
+Several ranks (ddp or fsdp2) save a directory `step_00000100/` instead, through
+torch.distributed.checkpoint: every rank writes its part of the model and optimizer tensors, the
+other components go to its `extras.pt`, committed by one rename as above
+(trainer/dist_checkpoint.py). Either format resumes on any number of ranks (a single file into
+FSDP2 shards: trainer/full_state.py).
 """
 
 from __future__ import annotations
@@ -283,15 +289,9 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)
 
-    def collect(self) -> dict[str, Any]:
-        """Every component's state. Under FSDP2 a component gathers its full state (a collective):
-        every rank calls this, and the main rank passes the result to `save`."""
-        return {name: component.state_dict() for name, component in self.components.items()}
-
-    def save(self, step: int, metadata: dict[str, Any], state: dict[str, Any] | None = None) -> Path:
-        """Write the components' state (`collect()` unless given, plus `metadata`, e.g. the config) as
-        `step`'s checkpoint."""
-        state = self.collect() if state is None else state
+    def save(self, step: int, metadata: dict[str, Any]) -> Path:
+        """Write every component's state (plus `metadata`, e.g. the config) as `step`'s checkpoint file."""
+        state = {name: component.state_dict() for name, component in self.components.items()}
         return save_checkpoint(self.directory, step, {**metadata, **state}, self.keep_last)
 
     def restore(self, path: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:

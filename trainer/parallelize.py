@@ -1,6 +1,6 @@
 """Applies training-time wrappers to the model, in order: torch.compile per block, then the engine's
 wrapper (DDP, or FSDP2's fully_shard per block and root). The model file holds none of this
-(torchtitan's split); DeepSpeed wraps model and optimizer together (trainer/deepspeed_engine.py)."""
+(torchtitan's split)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from trainer.distributed import DistInfo
 def parallelize(model: Transformer, train: TrainConfig, info: DistInfo) -> nn.Module:
     """compile (train.compile) then the engine's wrapper; returns the module the loop calls. Under
     fsdp2 the parameters of `model` itself become sharded DTensors (build the optimizer after this).
-    One process: no wrapper. deepspeed: nothing here (its engine wraps model and optimizer)."""
+    One process: no wrapper. (deepspeed is refused at config load until it is built: trainer/engines.py.)"""
     if train.compile:
         compile_blocks(model)
     if not info.enabled or train.engine == "deepspeed":

@@ -140,7 +140,7 @@ class Trainer:
             self.run_dir / "checkpoints",
             {
                 "progress": self.progress,
-                "model": ModelState(self.model),  # full tensors under FSDP2 (trainer/full_state.py)
+                "model": ModelState(self.model),  # a single file loads into FSDP2 shards too (trainer/full_state.py)
                 "optimizer": self.updater,
                 "data": self.data,
                 "rng": RNGState(),
@@ -223,7 +223,8 @@ class Trainer:
             f"{self.flops.per_token / 1e6:.1f} training MFLOPs/token | "
             f"optimizer {cfg.optim.name}{' (fused in backward)' if cfg.train.fused_update else ''} | "
             f"adapters: {self.adapters.describe()} | "
-            f"{info.world_size} rank(s) on {info.device.type} | {cfg.train.global_batch} x {cfg.data.seq_len} "
+            f"{info.world_size} rank(s){f' ({cfg.train.engine})' if info.enabled else ''} on {info.device.type} | "
+            f"{cfg.train.global_batch} x {cfg.data.seq_len} "
             f"tokens/step, micro-batch {self.micro_batch} | data: {self.data.n_windows} windows/epoch"
         )
         if self.budget is not None:
@@ -336,7 +337,8 @@ class Trainer:
         self.log.console(done, max_steps, values, elapsed, avg * (max_steps - done))
 
     def save(self) -> Path | None:
-        """Checkpoint the current step (every rank joins the gathers; the main rank writes; all wait for it)."""
+        """Checkpoint the current step: several ranks each write their part of a sharded directory, one
+        process writes a single file; every rank waits for it. The path on the main rank."""
         path = self.checkpointer.save_on_every_rank(self.progress.step, {"config": self.cfg.to_dict()}, self.info)
         barrier(self.info)
         return path
