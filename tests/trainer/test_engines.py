@@ -4,12 +4,14 @@ another number of ranks; the engine table refuses what is not supported, with it
 
 from __future__ import annotations
 
+import itertools
 import os
-import socket
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from tests.helpers.gloo import run_ranks
 from tests.helpers.runs import final_model, losses, run, tiny_overrides
@@ -46,27 +48,23 @@ CASES: dict[str, dict[str, object]] = {
 STEPS = 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _train_as_rank(rank: int, world: int, port: int, overrides: list[str]) -> None:
-    """The trainer on this rank, as torchrun would start it (it makes and ends its own group)."""
-    import torch.distributed as dist
-
+def _train_as_rank(rank: int, world: int, store: str, overrides: list[str]) -> None:
+    """The trainer on this rank, as torchrun would start it. Its process group comes from a file store
+    (`store`, one per job), not a TCP port: a port picked in advance may be taken by then (gloo's own
+    connections use ephemeral ports), and a rank that fails to bind would leave the other waiting. The
+    trainer finds the group initialised, uses it, and ends it when it returns."""
     if dist.is_initialized():
         dist.destroy_process_group()
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
     train(load_config("configs/tiny.yaml", overrides))
 
 
-def _cases_on_ranks(rank: int, world: int, jobs: list[tuple[int, list[str]]]) -> None:
-    for port, overrides in jobs:
-        _train_as_rank(rank, world, port, overrides)
+def _cases_on_ranks(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> None:
+    for store, overrides in jobs:
+        _train_as_rank(rank, world, store, overrides)
 
 
 def _max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -76,33 +74,37 @@ def _max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_count(tmp_path, sample_tokens):
     common = {"train.max_steps": STEPS, "checkpoint.interval": 2, "eval.interval": 2}
+    next_store = (str(tmp_path / f"store{i}") for i in itertools.count()).__next__  # a file store per job
     jobs = []
     for name, extra in CASES.items():
-        jobs.append((free_port(), tiny_overrides(tmp_path / f"two_{name}", sample_tokens, **common, **extra)))
+        jobs.append((next_store(), tiny_overrides(tmp_path / f"two_{name}", sample_tokens, **common, **extra)))
         jobs[-1][1].append("--train.engine=fsdp2")
     # 1 -> 2 ranks: one process trains to step 2; two fsdp2 ranks continue to STEPS.
     one_then_two = tiny_overrides(tmp_path / "one_then_two", sample_tokens, **common, **CASES["adafactor_momentum"])
     run(tmp_path, sample_tokens, "one_then_two", **{**common, **CASES["adafactor_momentum"], "train.max_steps": 2})
-    jobs.append((free_port(), [*one_then_two, "--train.engine=fsdp2"]))
+    jobs.append((next_store(), [*one_then_two, "--train.engine=fsdp2"]))
     # 2 -> 1: two fsdp2 ranks train to step 2; one process continues to STEPS.
     two_then_one = {**common, **CASES["galore_adamw"]}  # projectors, counters, row-split moments
     jobs.append(
         (
-            free_port(),
+            next_store(),
             [*tiny_overrides(tmp_path / "two_then_one", sample_tokens, **two_then_one), "--train.max_steps=2"]
             + ["--train.engine=fsdp2"],
         )
     )
+    # bf16 under FSDP2 (MixedPrecisionPolicy: bf16 compute, fp32 reduction and master weights) vs bf16 autocast.
+    bf16 = {**common, **CASES["adafactor_momentum"], "train.precision": "bf16"}
+    jobs.append((next_store(), [*tiny_overrides(tmp_path / "two_bf16", sample_tokens, **bf16), "--train.engine=fsdp2"]))
     # 2 -> 2 from a sharded checkpoint (fused layout, projectors): the same bits as without the stop.
     two_then_two = tiny_overrides(tmp_path / "two_then_two", sample_tokens, **common, **CASES["adamem_fused"])
-    jobs.append((free_port(), [*two_then_two, "--train.engine=fsdp2", "--train.max_steps=2"]))
-    jobs.append((free_port(), [*two_then_two, "--train.engine=fsdp2"]))
+    jobs.append((next_store(), [*two_then_two, "--train.engine=fsdp2", "--train.max_steps=2"]))
+    jobs.append((next_store(), [*two_then_two, "--train.engine=fsdp2"]))
     # DDP: fused (the comm hook) == ordinary, for AdaLomo (defined in backward) and AdamW.
     ddp = {**common, "train.max_grad_norm": 0}
     for name in ("adalomo", "adamw"):
         for fused in (False, True):
             extra = {**ddp, "optim.name": name, "train.fused_update": fused}
-            jobs.append((free_port(), tiny_overrides(tmp_path / f"ddp_{name}_{fused}", sample_tokens, **extra)))
+            jobs.append((next_store(), tiny_overrides(tmp_path / f"ddp_{name}_{fused}", sample_tokens, **extra)))
     run_ranks(_cases_on_ranks, 2, jobs)
     for name in ("adalomo", "adamw"):
         plain, fused_run = tmp_path / f"ddp_{name}_False", tmp_path / f"ddp_{name}_True"
@@ -111,6 +113,9 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
             assert torch.equal(final_model(fused_run, STEPS)[key], value), (name, key)
     run(tmp_path, sample_tokens, "two_then_one", **two_then_one)
 
+    run(tmp_path, sample_tokens, "one_bf16", **bf16)
+    for step, loss in losses(tmp_path / "one_bf16").items():  # the same curve to bf16 precision
+        assert losses(tmp_path / "two_bf16")[step] == pytest.approx(loss, rel=1e-2), step
     assert (tmp_path / "two_then_two" / "checkpoints" / "step_00000002" / "extras.pt").is_file()  # sharded
     assert losses(tmp_path / "two_then_two") == losses(tmp_path / "two_adamem_fused")  # exact resume
     for key, value in final_model(tmp_path / "two_adamem_fused", STEPS).items():
