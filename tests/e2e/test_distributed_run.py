@@ -105,7 +105,7 @@ def test_tiny_config_runs_as_written_on_two_ranks(tmp_path, sample_tokens):
         cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "2 rank(s) on cpu | 8 x 256 tokens/step, micro-batch 4" in out.stdout
+    assert "2 rank(s) (ddp) on cpu | 8 x 256 tokens/step, micro-batch 4" in out.stdout
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]  # each step logged once
 
