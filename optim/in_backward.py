@@ -39,7 +39,9 @@ trainer sets `updates_from_reduced_grads` and a DDP comm hook calls `update_from
 bucket's all-reduce (trainer/ddp_fused.py; exact, but DDP's buckets keep a full gradient: no memory
 saving). Under FSDP2 the hooks fire on the sharded parameters after the reduce-scatter, so the
 updates are exact (the optimizers reduce their statistics over the shards: optim/sharding.py) and
-the saving is kept.
+the saving is kept. Under DeepSpeed ZeRO-3 (AdaLomo, the LOMO way) the hooks see each rank's own full
+gradient on the gathered parameter: the engine sets `reduce_grad` (all-reduce to the mean first) and
+`after_update` (keep this rank's slice of the updated parameter): trainer/deepspeed_engine.py.
 
 Projected backward (GaLore with `projected_backward`, optim/projected_backward.py): a weight whose
 gradient arrives projected in its carrier (optim/projected_grads.py) is updated from the carrier's
@@ -100,6 +102,11 @@ class InBackwardOptimizer:
         self._handles: list[RemovableHandle] = []
         self.armed = False
         self.updates_from_reduced_grads = False  # True under DDP: a comm hook calls update_from_reduced
+        # Set by an engine whose hooks see each rank's own full gradient and whose parameters live elsewhere
+        # between updates (DeepSpeed ZeRO-3, trainer/deepspeed_engine.py): reduce the gradient in place
+        # before the update; save the updated parameter after it.
+        self.reduce_grad: Callable[[torch.Tensor], None] | None = None
+        self.after_update: Callable[[torch.Tensor], None] | None = None
         self.nonfinite: list[str] = []
         self._grad_sq: list[torch.Tensor] = []  # 0-d tensors of the armed backward, summed lazily (grad_sq_sum)
         # Coupled update statistics: key -> member names in spec order; name -> key.
@@ -150,6 +157,8 @@ class InBackwardOptimizer:
         p = self._params[name]
         grad = holder.grad
         assert grad is not None  # post-accumulate-grad hooks run once the gradient exists
+        if self.reduce_grad is not None:
+            self.reduce_grad(grad)
         if grad.is_meta:  # shape-only runs (trainer/memory_accounting.py): no values to check
             finite = True
         else:
@@ -165,6 +174,8 @@ class InBackwardOptimizer:
             self.nonfinite.append(name)
         elif key is None:
             self.optimizers[name].step()
+            if self.after_update is not None:
+                self.after_update(p)
         if key is not None:
             pending = self._pending.setdefault(key, {})
             if finite:
@@ -193,6 +204,8 @@ class InBackwardOptimizer:
         )
         for n, (u, _) in ready.items():
             self._two_phase[n].apply(self._params[n], u, div)
+            if self.after_update is not None:
+                self.after_update(self._params[n])
             self.deferred_bytes -= u.nbytes
         del ready
 

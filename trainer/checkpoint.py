@@ -36,7 +36,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -250,14 +250,64 @@ class TrainProgress:
         self.eval_pending = bool(state.get("eval_pending", False))  # absent before it existed
 
 
+class ShardedBackend(Protocol):
+    """Writes and reads the model and optimizer part of a multi-rank checkpoint directory, every rank its
+    share; the other components go to the directory's extras.pt. `layout` is recorded there, and a
+    directory of another layout is refused on restore (`check_checkpoint_fits`)."""
+
+    layout: str
+
+    def save(self, directory: Path, step: int, extras: dict[str, Any]) -> Path: ...
+
+    def load(self, path: Path) -> None: ...
+
+
 @dataclass
 class ShardedParts:
-    """The model and optimizers that a multi-rank run saves through DCP (trainer/dist_checkpoint.py)
-    in place of the `model` and `optimizer` components."""
+    """The model and optimizers of a ddp / fsdp2 run, through DCP (trainer/dist_checkpoint.py)."""
 
     model: nn.Module
     optimizers: Callable[[], list[torch.optim.Optimizer]]
     info: DistInfo
+    layout: str = "dcp"
+
+    def save(self, directory: Path, step: int, extras: dict[str, Any]) -> Path:
+        return save_sharded(directory, step, self.model, self.optimizers(), extras, self.info)
+
+    def load(self, path: Path) -> None:
+        load_sharded(path, self.model, self.optimizers(), self.info.device)
+
+
+def check_checkpoint_fits(
+    state: dict[str, Any], path: Path, *, engine: str, world_size: int, layout: str, zero_stage: int
+) -> None:
+    """CheckpointError before any heavy work when `path` cannot resume this run: a DeepSpeed directory
+    (tied to its engine, rank count and ZeRO stage) elsewhere, or another layout under DeepSpeed.
+    `layout`: how this run saves, and so what it reads besides single files: "file" (one process) and
+    "dcp" (ddp / fsdp2) read DCP directories too; "gathered" (AdaLomo under ZeRO-3) reads single files
+    only; "deepspeed" (DeepSpeed's AdamW) its own directories only."""
+    saved = "file" if not path.is_dir() else str(state.get("layout", "dcp"))
+    if saved == "deepspeed":
+        ranks, stage = state.get("world_size"), state.get("config", {}).get("train", {}).get("zero_stage")
+        if layout != "deepspeed" or ranks != world_size or stage != zero_stage:
+            raise CheckpointError(
+                f"{path} was saved by DeepSpeed at ZeRO stage {stage} on {ranks} ranks; its partitions resume only "
+                f"there: run it with --train.engine=deepspeed --train.zero_stage={stage} on {ranks} ranks (this run: "
+                f"{engine}{f' stage {zero_stage}' if layout == 'deepspeed' else ''} on {world_size}), or start a new "
+                "run with another --run.dir"
+            )
+        return
+    if layout == "deepspeed":
+        what = "a single-file checkpoint" if saved == "file" else "a torch.distributed.checkpoint directory"
+        raise CheckpointError(
+            f"{path} is {what} (saved by ddp/fsdp2 or one process); DeepSpeed's ZeRO optimizer cannot load it: "
+            "resume with --train.engine=fsdp2 or ddp, or start a new run with another --run.dir"
+        )
+    if layout == "gathered" and saved == "dcp":
+        raise CheckpointError(
+            f"{path} is a torch.distributed.checkpoint directory (saved by ddp/fsdp2 on several ranks); AdaLomo under "
+            "DeepSpeed ZeRO-3 reads single files: resume with --train.engine=fsdp2 or ddp, or start a new run"
+        )
 
 
 class Checkpointer:
@@ -265,7 +315,11 @@ class Checkpointer:
     and several ranks, as a DCP directory (trainer/dist_checkpoint.py)."""
 
     def __init__(
-        self, directory: Path, components: dict[str, Stateful], keep_last: int, sharded: ShardedParts | None = None
+        self,
+        directory: Path,
+        components: dict[str, Stateful],
+        keep_last: int,
+        sharded: ShardedBackend | None = None,
     ):
         self.directory = directory
         self.components = components
@@ -274,17 +328,20 @@ class Checkpointer:
 
     def save_on_every_rank(self, step: int, metadata: dict[str, Any], info: DistInfo) -> Path | None:
         """`step`'s checkpoint, called by every rank: several ranks write a sharded directory together
-        (each its part); one process writes the single file. The path on the main rank, else None."""
+        (each its part); otherwise every rank collects the components' state (a component may gather, a
+        collective) and the main rank writes the single file. The path on the main rank, else None."""
         if self.sharded is not None and info.enabled:
             extras = {n: c.state_dict() for n, c in self.components.items() if n not in SHARDED_COMPONENTS}
-            s = self.sharded
-            meta = {"format_version": FORMAT_VERSION, **metadata, **extras}
-            path = save_sharded(self.directory, step, s.model, s.optimizers(), meta, info)
+            layout = {"layout": self.sharded.layout, "world_size": info.world_size}
+            path = self.sharded.save(
+                self.directory, step, {"format_version": FORMAT_VERSION, **metadata, **extras, **layout}
+            )
             if info.is_main:
                 for old in list_checkpoints(self.directory)[: -self.keep_last]:
                     remove_checkpoint(old)
             return path if info.is_main else None
-        return self.save(step, metadata) if info.is_main else None
+        state = {name: component.state_dict() for name, component in self.components.items()}
+        return save_checkpoint(self.directory, step, {**metadata, **state}, self.keep_last) if info.is_main else None
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)
@@ -309,7 +366,7 @@ class Checkpointer:
                     f"it on any number of ranks) or trainer.dist_checkpoint.read_full_tensors"
                 )
             try:
-                load_sharded(path, self.sharded.model, self.sharded.optimizers(), self.sharded.info.device)
+                self.sharded.load(path)
             except (ValueError, KeyError, RuntimeError) as e:
                 raise _restore_failed("model and optimizer", path, e) from None
             names = [n for n in names if n not in SHARDED_COMPONENTS]

@@ -34,6 +34,7 @@ from trainer.config_parsing import (
     read_yaml,
     suggest,
 )
+from trainer.deepspeed_config import build_deepspeed_config
 from trainer.engines import Engine, check_engine_supported
 from trainer.flop_budget import resolve_max_steps
 from trainer.run_lock import write_file_atomic
@@ -84,8 +85,17 @@ class TrainConfig:
     """torch.compile every transformer block."""
     engine: Engine = "ddp"
     """Multi-rank engine (one process: no wrapper): ddp = DistributedDataParallel; fsdp2 = fully_shard per block and
-    root (parameters, gradients and optimizer state row-sharded); deepspeed = not built yet (refused). Which optimizer
-    runs where, and how: docs/engines.md (trainer/engines.py)."""
+    root (parameters, gradients and optimizer state row-sharded); deepspeed = DeepSpeed ZeRO (AdamW at zero_stage
+    1/2/3, AdaLomo at stage 3 fused the LOMO way). Which optimizer runs where, and how: docs/engines.md
+    (trainer/engines.py)."""
+    zero_stage: Literal[1, 2, 3] = 2
+    """engine=deepspeed: ZeRO stage. 1 = optimizer state sharded, 2 = + gradients, 3 = + parameters. AdaLomo needs 3."""
+    offload_optimizer: bool = False
+    """engine=deepspeed, AdamW: keep the ZeRO optimizer state and its step on the CPU (ZeRO-Offload)."""
+    deepspeed_config: str | None = None
+    """engine=deepspeed: a DeepSpeed JSON file merged into the one built from this config (for DeepSpeed's own tuning
+    keys, e.g. zero_optimization.reduce_bucket_size). A key that this config also sets must agree with it; the
+    optimizer, scheduler and precision stay this config's (trainer/deepspeed_config.py). null = built only."""
 
 
 AdapterMethod = Literal["none", "lora", "relora"]
@@ -210,9 +220,20 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             factorization=cfg.optim.factorization,
             factor_rank=cfg.optim.factor_rank,
             adapter=cfg.adapter.method,
+            fused=t.fused_update,
+            zero_stage=t.zero_stage,
+            offload_optimizer=t.offload_optimizer,
+            update_norm=cfg.optim.update_norm,
         )
         if t.fused_update:
             check_fused_supported(grad_clip=t.max_grad_norm)
+        if t.deepspeed_config is not None and t.engine != "deepspeed":
+            raise ValueError(
+                f"train.deepspeed_config={t.deepspeed_config} applies to train.engine=deepspeed, not {t.engine}; "
+                "remove it or use --train.engine=deepspeed"
+            )
+        if t.engine == "deepspeed" and t.global_batch % world == 0:  # an uneven split gets its own message below
+            deepspeed_config(cfg, world)  # the user's file read and checked now, before any heavy work
         if cfg.optim.projected_backward:
             check_projected_backward_supported(world_size=world, compile=t.compile)
     except ValueError as e:
@@ -242,6 +263,21 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be at least 1 (the latest checkpoint is always kept)")
     _check_adapter(cfg)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON of this run on `world_size` ranks (trainer/deepspeed_config.py); ValueError on a bad
+    train.deepspeed_config file."""
+    t = cfg.train
+    return build_deepspeed_config(
+        global_batch=t.global_batch,
+        micro_batch=micro_batch_per_rank(t, world_size),
+        world_size=world_size,
+        max_grad_norm=t.max_grad_norm,
+        zero_stage=t.zero_stage,
+        offload_optimizer=t.offload_optimizer,
+        user_file=t.deepspeed_config,
+    )
 
 
 def micro_batch_per_rank(t: TrainConfig, world_size: int) -> int:

@@ -23,6 +23,7 @@ tensor; DCP fills them in place (without a process group in one process).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -73,6 +74,42 @@ def _as_saved(value: torch.Tensor, p: torch.Tensor, dim: int | None) -> torch.Te
     return DTensor.from_local(value, p.device_mesh, [Shard(dim)], run_check=False, shape=full, stride=stride)
 
 
+def temp_directory(final: Path, info: DistInfo) -> Path:
+    """A unique temporary directory name next to `final`, the same on every rank (rank 0 picks it)."""
+    names = [str(unique_temp_path(final)) if info.is_main else ""]
+    if info.enabled:
+        dist.broadcast_object_list(names, src=0)
+    return Path(names[0])
+
+
+@contextlib.contextmanager
+def committed_directory(tmp: Path, final: Path, extras: dict[str, Any], info: DistInfo) -> Iterator[None]:
+    """Every rank writes its part into `tmp` inside the block; then (after a barrier) rank 0 writes
+    `extras` as extras.pt, fsyncs and renames `tmp` to `final`: the atomic commit of the module docstring.
+    On any error the temporary directory is removed."""
+    try:
+        yield
+        barrier(info)
+        if info.is_main:
+            with open(tmp / EXTRAS, "wb") as f:
+                torch.save(extras, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # the same step saved again (e.g. a stop request right after a save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier(info)
+
+
 def save_sharded(
     directory: Path,
     step: int,
@@ -83,10 +120,7 @@ def save_sharded(
 ) -> Path:
     """Write `step`'s checkpoint (every rank calls it); returns its final path."""
     final = directory / f"step_{step:08d}"
-    names = [str(unique_temp_path(final)) if info.is_main else ""]
-    if info.enabled:
-        dist.broadcast_object_list(names, src=0)
-    tmp = Path(names[0])
+    tmp = temp_directory(final, info)
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     scalars: dict[str, Any] = {}
     for name, p, opt, group in param_states(optimizers):
@@ -96,27 +130,8 @@ def save_sharded(
                 tensors[f"optim.{name}.{key}"] = _as_saved(value, p, dim)
             else:
                 scalars[f"{name}.{key}"] = value
-    try:
+    with committed_directory(tmp, final, {**extras, "optim_scalars": scalars}, info):
         dcp.save(tensors, checkpoint_id=tmp)
-        barrier(info)
-        if info.is_main:
-            with open(tmp / EXTRAS, "wb") as f:
-                torch.save({**extras, "optim_scalars": scalars}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():  # the same step saved again (e.g. a stop request right after a save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except BaseException:
-        if info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    barrier(info)
     return final
 
 

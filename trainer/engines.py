@@ -6,11 +6,11 @@ Engines (one process: no wrapper, whatever the engine):
 - fsdp2: torch `fully_shard` per transformer block and on the root: parameters, gradients and
   optimizer state are row-sharded DTensors; the optimizers reduce their statistics over the shards
   (optim/sharding.py).
-- deepspeed: DeepSpeed ZeRO, not built yet: every optimizer is refused with the reason. Its
-  optimizer partitions are flat 1-D slices that cut through matrices, so the shape-aware optimizers
-  can never run there as DeepSpeed's client optimizer; the plan is AdamW under ZeRO-1/2/3 and AdaLomo
-  under ZeRO-3 the LOMO way (DeepSpeed shards the parameters and holds no optimizer; in-backward
-  hooks update each rank's slice from the full gradient).
+- deepspeed: DeepSpeed ZeRO (trainer/deepspeed_engine.py). AdamW is DeepSpeed's client optimizer at
+  ZeRO-1/2/3 (optionally offloaded to the CPU). AdaLomo runs under ZeRO-3 the LOMO way: DeepSpeed
+  shards the parameters and holds no optimizer; in-backward hooks all-reduce each full gradient,
+  update the gathered parameter and keep this rank's slice. ZeRO's optimizer partitions are flat 1-D
+  slices that cut through matrices, so the shape-aware optimizers never run there as its client.
 
 Why each refusal (the message of `check_engine_supported` says it and names the way):
 shape-aware optimizers under flattening ZeRO stages (GaLore issue #2, DeepSpeed #5309).
@@ -38,11 +38,14 @@ _FLAT = (
     "refused: ZeRO hands a client optimizer flat 1-D fp32 partitions that cut through matrices, so {what}; "
     "use --train.engine=fsdp2 (sharded, exact) or ddp"
 )
-_NOT_YET = "not built yet ({what} is open work of issue 11); use --train.engine=fsdp2 (sharded, exact) or ddp"
 TABLE: dict[tuple[str, Engine], Support] = {
     ("adamw", "ddp"): Support("exact", "torch AdamW (fused on CUDA); every rank holds the whole state"),
     ("adamw", "fsdp2"): Support("exact", "torch AdamW on the row shards; state sharded 1/W"),
-    ("adamw", "deepspeed"): Support("refused", _NOT_YET.format(what="the ZeRO-1/2/3 AdamW baseline")),
+    ("adamw", "deepspeed"): Support(
+        "exact",
+        "torch AdamW as DeepSpeed's client optimizer on ZeRO's flat fp32 partitions, train.zero_stage 1/2/3; state "
+        "sharded 1/W (stage 2: + gradients, 3: + parameters); train.offload_optimizer keeps state and step on the CPU",
+    ),
     ("adafactor", "ddp"): Support("exact", "every rank repeats the same update"),
     ("adafactor", "fsdp2"): Support(
         "exact",
@@ -68,7 +71,12 @@ TABLE: dict[tuple[str, Engine], Support] = {
     ("adalomo", "fsdp2"): Support(
         "exact", "as Adafactor (factorization nmf, factor_rank 1); grouped/layerwise/global RMS: scalar all-reduces"
     ),
-    ("adalomo", "deepspeed"): Support("refused", _NOT_YET.format(what="AdaLomo under ZeRO-3 the LOMO way")),
+    ("adalomo", "deepspeed"): Support(
+        "exact",
+        "ZeRO-3 the LOMO way (train.zero_stage=3, train.fused_update=true): DeepSpeed shards the parameters; in "
+        "backward each full gradient is all-reduced and the gathered parameter updated, this rank's slice kept; "
+        "every rank holds the small factored state; update_norm grouped or none",
+    ),
 }
 FUSED: dict[Engine, Support] = {
     "ddp": Support(
@@ -77,7 +85,11 @@ FUSED: dict[Engine, Support] = {
         "is no gradient-memory saving (that needs fsdp2)",
     ),
     "fsdp2": Support("exact", "updates run from post-accumulate-grad hooks after the reduce-scatter; saving kept"),
-    "deepspeed": Support("refused", "see above"),
+    "deepspeed": Support(
+        "exact",
+        "AdaLomo only (ZeRO-3, see above): each gradient is all-reduced, used and freed in its hook, so no full set "
+        "of gradients is held; AdamW steps after backward (ZeRO-2/3 shard its gradients instead)",
+    ),
 }
 
 
@@ -98,6 +110,10 @@ def check_engine_supported(
     factorization: str = "nmf",
     factor_rank: int = 1,
     adapter: str = "none",
+    fused: bool = False,
+    zero_stage: int = 2,
+    offload_optimizer: bool = False,
+    update_norm: str = "grouped",
 ) -> None:
     """ValueError naming the problem and the way, for every combination the table refuses."""
     if engine not in ENGINES:
@@ -116,6 +132,39 @@ def check_engine_supported(
         raise ValueError(
             f"adapter.method={adapter} with train.engine={engine}: the LoRA/ReLoRA baselines run on ddp "
             "(their memory is already small); use --train.engine=ddp"
+        )
+    if engine != "deepspeed":
+        if offload_optimizer:
+            raise ValueError(
+                f"train.offload_optimizer=true applies to train.engine=deepspeed (ZeRO-Offload), not {engine}; "
+                "remove it or use --train.engine=deepspeed"
+            )
+        return
+    if optimizer == "adamw":
+        if fused:
+            raise ValueError(
+                "train.fused_update=true with optim.name=adamw under train.engine=deepspeed: DeepSpeed's ZeRO "
+                "optimizer steps after backward (ZeRO-2/3 shard the gradients instead); use "
+                "--train.fused_update=false, or --train.engine=fsdp2 for fused AdamW"
+            )
+        return
+    # adalomo: ZeRO-3 the LOMO way
+    if zero_stage != 3 or not fused:
+        raise ValueError(
+            f"optim.name=adalomo with train.engine=deepspeed runs under ZeRO-3 with fused updates (the LOMO way: "
+            f"DeepSpeed holds no optimizer), got train.zero_stage={zero_stage}, train.fused_update={fused}; use "
+            "--train.zero_stage=3 --train.fused_update=true --train.max_grad_norm=0"
+        )
+    if offload_optimizer:
+        raise ValueError(
+            "train.offload_optimizer=true with optim.name=adalomo: DeepSpeed holds no optimizer state to offload "
+            "(AdaLomo's factored state is m + n floats per matrix); remove it"
+        )
+    if update_norm not in ("grouped", "none"):
+        raise ValueError(
+            f"optim.update_norm={update_norm} with train.engine=deepspeed: a {update_norm} update waits for other "
+            "tensors' gradients, and by then DeepSpeed has re-partitioned the parameter; use --optim.update_norm="
+            "grouped (AdaLomo's own) or none, or --train.engine=fsdp2 / ddp for the ablation"
         )
 
 

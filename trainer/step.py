@@ -9,7 +9,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from trainer.distributed import DistInfo, all_reduce_sum
 
@@ -33,6 +32,7 @@ def forward_backward(
     autocast,
     sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
     before_backward: Callable[[bool], None] | None = None,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> torch.Tensor:
     """Accumulate gradients of sum(CE) / loss_denominator over the micro-batches.
 
@@ -41,7 +41,8 @@ def forward_backward(
     mean token loss over the global batch, whatever the micro-batch split. `sync(is_last)` (the
     engine's: trainer.parallelize.grad_sync) skips the gradient reduction on all but the last
     micro-batch; `before_backward(is_last)` lets an in-backward optimizer arm itself for the last
-    one. Returns this rank's mean token loss (detached).
+    one; `backward(loss)` is the update strategy's (DeepSpeed's engine runs it). Returns this rank's mean token
+    loss (detached).
     """
     total = torch.zeros((), device=micro_batches[0][0].device)
     for i, (x, y) in enumerate(micro_batches):
@@ -50,7 +51,7 @@ def forward_backward(
             before_backward(last)
         with contextlib.nullcontext() if sync is None else sync(last):
             loss = token_loss_sum(model, x, y, autocast) / loss_denominator
-            loss.backward()
+            backward(loss)
         total += loss.detach()
     return total
 
@@ -76,8 +77,8 @@ def evaluate(
             x, y = (t.to(info.device, non_blocking=True) for t in mine[i])
             loss_sum += token_loss_sum(model, x, y, autocast).double()
             count += y.numel()
-        elif isinstance(model, FSDPModule):
-            # FSDP2 all-gathers each block's parameters in forward, a collective: a rank left without a
+        elif info.enabled:
+            # FSDP2 and ZeRO-3 all-gather each block's parameters in forward, a collective: a rank left without a
             # batch in the last round still runs one forward (its loss is not counted), or the others hang.
             x, y = (t.to(info.device, non_blocking=True) for t in batches[0])
             token_loss_sum(model, x, y, autocast)

@@ -29,19 +29,28 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import TrainBatches, validation_batches
 from model import Transformer, param_counts
-from optim import optimizer_keys, optimizer_spec
+from optim import OptimizerSpec, optimizer_keys, optimizer_spec
 from optim.projected_backward import install_projected_backward
 from optim.state_bytes import measured_state_bytes
 from trainer.checkpoint import (
     Checkpointer,
     RNGState,
+    ShardedBackend,
     ShardedParts,
     TrainProgress,
+    check_checkpoint_fits,
     latest_checkpoint,
     load_checkpoint,
 )
-from trainer.config import Config, ConfigError, micro_batch_per_rank, save_config, validate
+from trainer.config import Config, ConfigError, deepspeed_config, micro_batch_per_rank, save_config, validate
 from trainer.ddp_fused import install_fused_comm_hook
+from trainer.deepspeed_engine import (
+    DeepSpeedCheckpoints,
+    GatheredModelState,
+    StepInDeepSpeed,
+    initialize_deepspeed,
+    install_lomo_zero3,
+)
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
 from trainer.flop_budget import config_flops, resolve_max_steps
 from trainer.full_state import ModelState
@@ -140,13 +149,13 @@ class Trainer:
             self.run_dir / "checkpoints",
             {
                 "progress": self.progress,
-                "model": ModelState(self.model),  # a single file loads into FSDP2 shards too (trainer/full_state.py)
+                "model": self.model_state,
                 "optimizer": self.updater,
                 "data": self.data,
                 "rng": RNGState(),
             },
             keep_last=cfg.checkpoint.keep_last,
-            sharded=ShardedParts(self.model, self.updater.optimizers, info),  # several ranks: DCP
+            sharded=self.checkpoint_parts,
         )
         self.restore()
         self.autocast = autocast_context(cfg.train.precision, info.device)
@@ -173,22 +182,55 @@ class Trainer:
         self._check_vocab()
 
     def _build_model_and_updater(self) -> None:
-        cfg = self.cfg
+        cfg, info = self.cfg, self.info
         torch.manual_seed(cfg.run.seed)
-        self.model = Transformer(cfg.model).to(self.info.device)
+        self.model = Transformer(cfg.model).to(info.device)
         apply_adapters(self.model, cfg.adapter, seed=cfg.run.seed)  # adapter.method=none: nothing
+        self.trainable_params = parameter_counts(self.model)["trainable"]  # before ZeRO-3 empties the parameters
         # Before the optimizer is built: fully_shard replaces the parameters by sharded DTensors.
-        self.wrapped_model = parallelize(self.model, cfg.train, self.info)
+        self.wrapped_model = parallelize(self.model, cfg.train, info)
         params = [p for p in self.model.parameters() if p.requires_grad]
         spec = optimizer_spec(self.model, cfg.optim)
-        self.updater = build_update_strategy(
-            spec, params, fused=cfg.train.fused_update, max_grad_norm=cfg.train.max_grad_norm
-        )
+        # How checkpoints hold the model and optimizer (trainer/checkpoint.py): several ranks write DCP directories.
+        self.model_state: Any = ModelState(self.model)  # a single file loads into FSDP2 shards too
+        self.checkpoint_parts: ShardedBackend | None = ShardedParts(self.model, lambda: self.updater.optimizers(), info)
+        if cfg.train.engine == "deepspeed" and info.enabled:
+            self._build_deepspeed(spec)
+        else:
+            self.updater = build_update_strategy(
+                spec, params, fused=cfg.train.fused_update, max_grad_norm=cfg.train.max_grad_norm
+            )
         if isinstance(self.wrapped_model, DistributedDataParallel) and isinstance(self.updater, UpdateInBackward):
             install_fused_comm_hook(self.wrapped_model, self.updater.optimizer)  # update after the all-reduce
         if cfg.optim.projected_backward:  # GaLore's low-rank linears compute their projected gradient in backward
             install_projected_backward(self.model, self.updater.optimizer)
         self.adapters = build_adapter_schedule(self.model, self.updater, cfg.adapter, cfg.run.seed)
+
+    def _build_deepspeed(self, spec: OptimizerSpec) -> None:
+        """DeepSpeed's engine over the model (trainer/deepspeed_engine.py): AdamW as its client optimizer, or
+        AdaLomo's fused updates on ZeRO-3 partitions (the config check allows only these)."""
+        config = deepspeed_config(self.cfg, self.info.world_size)
+        if self.cfg.optim.name == "adamw":
+            client = spec.build()
+            engine = initialize_deepspeed(self.model, config, self.info, optimizer=client)
+            self.wrapped_model = engine
+            self.updater = StepInDeepSpeed(engine, client)
+            self.checkpoint_parts = DeepSpeedCheckpoints(engine, self.info)
+            return
+        self.deepspeed_engine = initialize_deepspeed(self.model, config, self.info)  # partitions the parameters
+        self.updater = UpdateInBackward(spec)
+        install_lomo_zero3(self.updater, self.info)
+        self.wrapped_model = self.model  # the module itself: see trainer/deepspeed_engine.py
+        self.model_state = GatheredModelState(self.model, self.info)
+        self.checkpoint_parts = None  # single files, gathered
+
+    def _checkpoint_layout(self) -> str:
+        """How this run saves (trainer.checkpoint.check_checkpoint_fits)."""
+        if not self.info.enabled:
+            return "file"
+        if self.cfg.train.engine == "deepspeed":
+            return "deepspeed" if self.cfg.optim.name == "adamw" else "gathered"
+        return "dcp"
 
     def _check_vocab(self) -> None:
         data_vocab = self.data.manifest["tokenizer"]["vocab_size"]
@@ -205,6 +247,15 @@ class Trainer:
         if latest is None:
             return None, None, {}
         state = load_checkpoint(latest)
+        t = self.cfg.train
+        check_checkpoint_fits(
+            state,
+            latest,
+            engine=t.engine,
+            world_size=self.info.world_size,
+            layout=self._checkpoint_layout(),
+            zero_stage=t.zero_stage,
+        )
         return latest, state, check_resume_compatible(state.get("config", {}), self.cfg.to_dict(), latest)
 
     def restore(self) -> None:
@@ -216,7 +267,7 @@ class Trainer:
     def _print_run_header(self) -> None:
         cfg, info = self.cfg, self.info
         counts = param_counts(cfg.model)
-        trainable = parameter_counts(self.model)["trainable"]
+        trainable = self.trainable_params
         self.log.print(
             f"model {cfg.model.flavor}: {counts['total'] / 1e6:.1f}M parameters "
             f"({counts['non_embedding'] / 1e6:.1f}M non-embedding, {trainable / 1e6:.1f}M trainable), "
@@ -269,6 +320,7 @@ class Trainer:
             autocast=self.autocast,
             sync=functools.partial(grad_sync, self.wrapped_model),
             before_backward=self.updater.before_backward,
+            backward=self.updater.backward,
         )
         grad_norm = self.updater.finish_backward().item()
         # Each rank's loss is its tokens' summed CE over (global tokens / ranks): the global mean

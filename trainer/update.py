@@ -4,7 +4,7 @@ The loop is the same for both (in the spirit of torchtitan's optimizers-in-backw
 whose `step()` is a no-op):
 
     updater.set_lr_factor(f)                      the schedule's multiplier of each peak lr
-    for each micro-batch: updater.before_backward(is_last); loss.backward()
+    for each micro-batch: updater.before_backward(is_last); updater.backward(loss)
     norm = updater.finish_backward()              global gradient norm (0-d tensor, inf if non-finite)
     ... the loop checks the loss and the norm; on divergence it stops here ...
     updater.commit()
@@ -17,6 +17,9 @@ whose `step()` is a no-op):
   `before_backward(True)`); `finish_backward` completes the updates it had to defer and returns
   the norm of the gradients it saw; `commit` has nothing left to do. Clipping is refused when the
   config loads (the global norm is known only after the updates): see check_fused_supported.
+
+DeepSpeed's AdamW (trainer/deepspeed_engine.StepInDeepSpeed) is a third: backward through its engine,
+and ZeRO's step in `finish_backward`.
 
 Both own `state_dict` / `load_state_dict` (the optimizer's state as the checkpoint stores it) and
 `counters()` (cumulative optimizer counters for the logs), and `state_of(p)` (one parameter's
@@ -61,6 +64,10 @@ class UpdateStrategy(ABC):
 
     def before_backward(self, last_micro_batch: bool) -> None:  # noqa: B027  (an optional hook, not abstract)
         """Called before each micro-batch's backward; the ordinary strategy needs nothing here."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """One micro-batch's backward; an engine that owns it (DeepSpeed) overrides this."""
+        loss.backward()
 
     @abstractmethod
     def finish_backward(self) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from trainer.checkpoint import checkpoint_path, load_checkpoint
 from trainer.config import Config, load_config
-from trainer.dist_checkpoint import read_full_tensors
+from trainer.dist_checkpoint import read_extras, read_full_tensors
 from trainer.metrics import read_metrics
 from trainer.trainer import TrainResult, train
 
@@ -51,6 +51,11 @@ def final_model(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     """The model of `step`'s checkpoint in `run_dir`: a single file (one process) or a sharded directory
     (several ranks: trainer/dist_checkpoint.py), read whole."""
     sharded = run_dir / "checkpoints" / f"step_{step:08d}"
+    if sharded.is_dir() and read_extras(sharded).get("layout") == "deepspeed":
+        # DeepSpeed's own converter: the fp32 weights from every rank's ZeRO partitions (stage 1, 2 or 3).
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(sharded.parent), tag=sharded.name))
     if sharded.is_dir():
         return {k.removeprefix("model."): v for k, v in read_full_tensors(sharded, "model.").items()}
     return load_checkpoint(checkpoint_path(run_dir / "checkpoints", step))["model"]
