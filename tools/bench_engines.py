@@ -20,6 +20,16 @@ torch.chunk share, ceil(x / W)):
             prefetched one) + gradients: ordinary path chunk(all gradients) + one unsharded block's
             before its reduce-scatter; fused path the largest unsharded gradient only (each is
             freed by its update right after the reduce-scatter)
+    deepspeed (W > 1; ZeRO keeps a flat fp32 copy of its weight partition for its optimizer even when the
+            model is fp32, counted with the state; its gradient bucket, reduce_bucket_size = 5e8 elements
+            by default, is counted as min(bucket, all gradients)):
+            AdamW ZeRO-1 (ds-z1): weights + all gradients + bucket + chunk(fp32 copy + state)
+                  ZeRO-2 (ds-z2): weights + chunk(gradients) + bucket + chunk(fp32 copy + state)
+                  ZeRO-3 (ds-z3): chunk(weights) + 2 gathered blocks + chunk(gradients) + bucket
+                                  + chunk(fp32 copy + state)
+                  +offload: the fp32 copy and the state live in CPU memory (0 on the GPU)
+            AdaLomo ZeRO-3 the LOMO way (fused): chunk(weights) + 2 gathered blocks + the largest full
+                  gradient (each is all-reduced, used and freed in its hook) + the whole (small) state
 
 The formula column is the plain sum weights + gradients + state + activations on one rank (the
 unsharded step), for comparison. No GPU here: nothing is measured with torch.cuda; on a GPU the
@@ -95,6 +105,27 @@ def per_rank(engine: str, world: int, fused: bool, m: dict[str, int], layout: di
     )
 
 
+DS_BUCKET_BYTES = 500_000_000 * 4  # DeepSpeed's default reduce_bucket_size, in fp32 elements
+
+
+def per_rank_deepspeed(engine: str, world: int, m: dict[str, int], layout: dict[str, int]) -> dict[str, int]:
+    """per_rank's figures under DeepSpeed (`engine`: ds-z1, ds-z2, ds-z3, ds-z3+offload, or ds-z3-lomo for
+    AdaLomo's fused updates): the module docstring's formulas."""
+    w, gathered = m["weights"], 2 * layout["block"]
+    if engine == "ds-z3-lomo":
+        weights, grads, state, transient = chunk(w, world), layout["largest"], m["state"], gathered + m["deferred"]
+    else:
+        stage, offload = int(engine[4]), engine.endswith("+offload")
+        weights = chunk(w, world) if stage == 3 else w
+        grads = (w if stage == 1 else chunk(w, world)) + min(DS_BUCKET_BYTES, w)
+        state = 0 if offload else chunk(w, world) + chunk(m["state"], world)
+        transient = gathered if stage == 3 else 0
+    total = weights + grads + state + m["activations"] + transient
+    return dict(
+        weights=weights, grads=grads, state=state, activations=m["activations"], transient=transient, total=total
+    )
+
+
 def rows(flavors: list[str], ranks: list[int], micro_batch: int | None, seq_len: int) -> list[dict[str, Any]]:
     out = []
     for flavor in flavors:
@@ -107,14 +138,25 @@ def rows(flavors: list[str], ranks: list[int], micro_batch: int | None, seq_len:
             for fused in (False, True) if kw["name"] in ("adalomo", "adafactor") else (False,):
                 for world in ranks:
                     m = measure(model_cfg, optim_cfg, fused, mb, seq_len, "meta", shard_ranks=world)
-                    for engine in ("ddp", "fsdp2") if world > 1 else ("ddp",):
-                        if support(kw["name"], engine).status == "refused":
-                            continue
-                        r = per_rank(engine, world, fused, m, layout)
+                    for engine in _engines(kw["name"], fused) if world > 1 else ("ddp",):
+                        if engine.startswith("ds-"):
+                            r = per_rank_deepspeed(engine, world, m, layout)
+                        else:
+                            r = per_rank(engine, world, fused, m, layout)
                         out.append(
                             dict(flavor=flavor, optimizer=label, fused=fused, engine=engine if world > 1 else "-")
                             | dict(ranks=world, micro_batch=mb, formula=m["formula"], **r)
                         )
+    return out
+
+
+def _engines(optimizer: str, fused: bool) -> list[str]:
+    """The multi-rank engines (and DeepSpeed set-ups) that run `optimizer` (trainer/engines.py)."""
+    out = [e for e in ("ddp", "fsdp2") if support(optimizer, e).status != "refused"]
+    if optimizer == "adamw" and not fused:
+        out += ["ds-z1", "ds-z2", "ds-z3", "ds-z3+offload"]
+    if optimizer == "adalomo" and fused:
+        out.append("ds-z3-lomo")
     return out
 
 

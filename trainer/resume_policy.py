@@ -37,6 +37,10 @@ MAY_CHANGE_ON_RESUME = (
     "train.device",
     "train.compile",
     "train.engine",  # ddp <-> fsdp2: checkpoints hold full tensors (trainer/full_state.py), any rank count
+    # DeepSpeed's own checkpoints are tied to their engine, ranks and stage: trainer.checkpoint.check_checkpoint_fits
+    # says so; AdaLomo's gathered single files and DeepSpeed's tuning keys move freely.
+    "train.zero_stage",
+    "train.deepspeed_config",
     "data.prepared_dir",
     "data.tokenizer",
     "data.num_workers",

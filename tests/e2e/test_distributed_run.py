@@ -154,3 +154,25 @@ def test_fsdp2_through_torchrun_trains_and_saves_a_sharded_checkpoint(tmp_path, 
             "__1_0.distcp",
         ]
     )
+
+
+def test_deepspeed_through_torchrun_trains_and_saves_its_checkpoint(tmp_path, sample_tokens):
+    """The documented launch: `torchrun ... train.py CONFIG --train.engine=deepspeed`, AdamW at ZeRO-3."""
+    run_dir = tmp_path / "deepspeed"
+    overrides = tiny_overrides(
+        run_dir,
+        sample_tokens,
+        **{"train.max_steps": 2, "eval.interval": 2, "train.micro_batch": 1, "checkpoint.interval": 2},
+    )
+    cmd = launched("torch.distributed.run", 2, *overrides, "--train.engine=deepspeed", "--train.zero_stage=3")
+    out = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 rank(s) (deepspeed)" in out.stdout
+    saved = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert saved is not None and saved.name == "step_00000002"
+    assert sorted(p.name for p in saved.glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]

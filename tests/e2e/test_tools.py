@@ -74,3 +74,9 @@ def test_bench_engines_prints_the_per_rank_table_at_a_tiny_size():
     )
     one = next(r for r in table if r["optimizer"] == "adamw" and r["ranks"] == 1)
     assert row["total"] < one["total"]  # sharding pays at 2 ranks already
+    # DeepSpeed's rows: ZeRO-3 AdamW (its fp32 partition copy counted with the state), AdaLomo the LOMO way.
+    z3 = next(r for r in table if r["optimizer"] == "adamw" and r["engine"] == "ds-z3")
+    assert z3["state"] == half + -(-m["state"] // 2) and z3["grads"] == half + m["weights"]  # bucket >= all grads here
+    offload = next(r for r in table if r["engine"] == "ds-z3+offload")
+    assert offload["state"] == 0 and offload["total"] < z3["total"]
+    assert {r["optimizer"] for r in table if r["engine"] == "ds-z3-lomo"} == {"adalomo"}

@@ -13,7 +13,9 @@ import torch
 from tests.helpers.gloo import run_ranks
 from tests.helpers.runs import final_model, losses, run, tiny_overrides
 from tests.trainer.test_engines import _max_rel, _train_as_rank
+from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, deepspeed_config, load_config
+from trainer.dist_checkpoint import read_extras
 
 STEPS = 4
 COMMON = {"train.max_steps": STEPS, "checkpoint.interval": 2, "eval.interval": 2, "train.micro_batch": 1}
@@ -55,16 +57,149 @@ def test_deepspeed_on_two_ranks_trains_like_one_process_and_resumes_exactly(tmp_
     for name, extra in CASES.items():
         overrides = tiny_overrides(tmp_path / f"ds_{name}", sample_tokens, **COMMON, **extra)
         jobs.append((next_store(), [*overrides, "--train.engine=deepspeed"]))
+    # 2 -> 2 from DeepSpeed's own checkpoint (ZeRO-3 partitions of AdamW) and from AdaLomo's gathered file:
+    # stopped at step 2 and started again, the same bits as without the stop.
+    for name in ("adamw_zero3", "adalomo_zero3"):
+        overrides = [*tiny_overrides(tmp_path / f"stop_{name}", sample_tokens, **COMMON, **CASES[name])]
+        overrides.append("--train.engine=deepspeed")
+        jobs += [(next_store(), [*overrides, "--train.max_steps=2"]), (next_store(), overrides)]
+    # AdaLomo's single files cross rank counts: 1 -> 2 (one process to step 2, two ZeRO-3 ranks on) and
+    # 2 -> 1 (two ranks to step 2; one process on, below).
+    lomo = {**COMMON, **CASES["adalomo_zero3"]}
+    run(tmp_path, sample_tokens, "one_then_two", **{**_reference(lomo), "train.max_steps": 2})
+    jobs.append(
+        (next_store(), [*tiny_overrides(tmp_path / "one_then_two", sample_tokens, **lomo), "--train.engine=deepspeed"])
+    )
+    two_then_one = tiny_overrides(tmp_path / "two_then_one", sample_tokens, **lomo)
+    jobs.append((next_store(), [*two_then_one, "--train.engine=deepspeed", "--train.max_steps=2"]))
     run_ranks(_deepspeed_jobs_on_ranks, 2, jobs)
+
     figures = {}
     for name, extra in CASES.items():
         run(tmp_path, sample_tokens, f"one_{name}", **COMMON, **_reference(extra))
         one, two = losses(tmp_path / f"one_{name}"), losses(tmp_path / f"ds_{name}")
-        assert sorted(two) == list(range(1, STEPS + 1)), name
+        assert sorted(one) == sorted(two) == list(range(1, STEPS + 1)), name
         for step in one:
             assert two[step] == pytest.approx(one[step], rel=1e-5), (name, step)
         figures[name] = _max_rel(
             final_model(tmp_path / f"ds_{name}", STEPS), final_model(tmp_path / f"one_{name}", STEPS)
         )
     print("max relative parameter difference, 2 deepspeed ranks vs 1 process:", figures)
+    # As under fsdp2 (tests/trainer/test_engines.py): fp32 summation order, amplified by Adam on tiny gradients.
     assert max(figures.values()) < 5e-5, figures
+    assert figures["adalomo_zero3"] < 2e-6, figures
+
+    stage3 = tmp_path / "stop_adamw_zero3" / "checkpoints" / "step_00000002"
+    assert read_extras(stage3)["layout"] == "deepspeed"  # DeepSpeed wrote each rank's partitions:
+    assert (stage3 / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    assert (tmp_path / "stop_adalomo_zero3" / "checkpoints" / "step_00000002.pt").is_file()  # gathered single file
+    for name in ("adamw_zero3", "adalomo_zero3"):
+        assert losses(tmp_path / f"stop_{name}") == losses(tmp_path / f"ds_{name}"), name  # bit for bit
+        stopped, straight = final_model(tmp_path / f"stop_{name}", STEPS), final_model(tmp_path / f"ds_{name}", STEPS)
+        for key, value in straight.items():
+            assert torch.equal(stopped[key], value), (name, key)
+
+    run(tmp_path, sample_tokens, "two_then_one", **_reference(lomo))
+    reference = losses(tmp_path / "one_adalomo_zero3")
+    for resumed in ("one_then_two", "two_then_one"):
+        got = losses(tmp_path / resumed)
+        assert sorted(got) == sorted(reference), resumed
+        for step in reference:
+            assert got[step] == pytest.approx(reference[step], rel=1e-5), (resumed, step)
+        moved = _max_rel(final_model(tmp_path / resumed, STEPS), final_model(tmp_path / "one_adalomo_zero3", STEPS))
+        print(f"AdaLomo {resumed} vs one process, max relative parameter difference: {moved:.1e}")
+        assert moved < 2e-6, resumed
+
+
+def _config(tmp_path, *overrides: str, world: int = 2):
+    cfg = load_config("configs/tiny.yaml", ["--train.global_batch=8", "--train.micro_batch=2", *overrides])
+    return deepspeed_config(cfg, world)
+
+
+def test_the_deepspeed_json_is_built_from_the_config_and_a_users_file_merged(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    built = _config(tmp_path, "--train.engine=deepspeed", "--train.zero_stage=3", "--train.max_grad_norm=0.5")
+    assert built["train_batch_size"] == 8 and built["train_micro_batch_size_per_gpu"] == 2
+    assert built["gradient_accumulation_steps"] == 2  # 4 sequences per rank in micro-batches of 2
+    assert built["gradient_clipping"] == 0.5 and built["zero_optimization"] == {"stage": 3}
+    assert built["managed_gradient_accumulation"] is False  # the trainer accumulates; engine.step() is the boundary
+    assert "optimizer" not in built and "bf16" not in built  # the client optimizer; fp32 weights + our autocast
+    offload = _config(tmp_path, "--train.engine=deepspeed", "--train.offload_optimizer=true")
+    assert offload["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    user = tmp_path / "ds.json"
+    user.write_text(
+        json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "prescale_gradients": True})
+    )
+    merged = _config(tmp_path, "--train.engine=deepspeed", f"--train.deepspeed_config={user}")
+    assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000} and merged["prescale_gradients"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"optimizer": {"type": "Adam"}}', "the optimizer is optim.name's"),
+        ('{"bf16": {"enabled": true}}', "parameters stay fp32"),
+        ('{"zero_optimization": {"stage": 3}}', r"zero_optimization.stage=3.*gives 2.*train.zero_stage"),
+        ('{"train_batch_size": 16}', r"train_batch_size=16.*train.global_batch"),
+    ],
+)
+def test_a_bad_deepspeed_config_file_is_refused_at_config_load(tmp_path, monkeypatch, content, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        _config(tmp_path, "--train.engine=deepspeed", f"--train.deepspeed_config={path}")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--optim.name=galore_adamw"], "SVD of a partition is meaningless"),
+        (["--optim.name=adalomo", "--train.fused_update=true", "--train.max_grad_norm=0"], "zero_stage=3"),
+        (["--optim.name=adalomo", "--train.zero_stage=3"], "train.fused_update=true"),
+        (
+            ["--optim.name=adalomo", "--train.zero_stage=3", "--train.fused_update=true", "--train.max_grad_norm=0"]
+            + ["--optim.update_norm=layerwise"],
+            "re-partitioned",
+        ),
+        (["--train.fused_update=true", "--train.max_grad_norm=0"], "steps after backward"),
+        (["--adapter.method=lora"], "run on ddp"),
+    ],
+)
+def test_unsupported_deepspeed_combinations_are_refused_at_config_load(overrides, message, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny.yaml", ["--train.global_batch=8", "--train.engine=deepspeed", *overrides])
+
+
+@pytest.mark.parametrize(
+    "overrides", [["--train.offload_optimizer=true"], ["--train.deepspeed_config=ds.json"]], ids=["offload", "json"]
+)
+def test_deepspeed_keys_under_another_engine_are_refused(overrides):
+    with pytest.raises(ConfigError, match="applies to train.engine=deepspeed"):
+        load_config("configs/tiny.yaml", ["--train.engine=fsdp2", *overrides])
+
+
+def test_a_deepspeed_checkpoint_resumes_only_on_its_engine_ranks_and_stage(tmp_path):
+    directory = tmp_path / "checkpoints" / "step_00000002"
+    directory.mkdir(parents=True)
+    state = {"layout": "deepspeed", "world_size": 2, "config": {"train": {"zero_stage": 3}}}
+    fits = dict(engine="deepspeed", world_size=2, layout="deepspeed", zero_stage=3)
+    ckpt.check_checkpoint_fits(state, directory, **fits)  # the same setup: fine
+    for change, message in (
+        ({"engine": "fsdp2", "layout": "dcp"}, "resume only there"),
+        ({"world_size": 4}, "on 2 ranks"),
+        ({"zero_stage": 2}, "--train.zero_stage=3"),
+    ):
+        with pytest.raises(ckpt.CheckpointError, match=message):
+            ckpt.check_checkpoint_fits(state, directory, **{**fits, **change})
+    single = tmp_path / "step_00000002.pt"
+    with pytest.raises(ckpt.CheckpointError, match="ZeRO optimizer cannot load it"):
+        ckpt.check_checkpoint_fits({}, single, **fits)
+    with pytest.raises(ckpt.CheckpointError, match="reads single files"):
+        ckpt.check_checkpoint_fits({"layout": "dcp"}, directory, **{**fits, "layout": "gathered"})
+    ckpt.check_checkpoint_fits({}, single, **{**fits, "layout": "gathered"})  # AdaLomo's files go anywhere

@@ -147,7 +147,6 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["--train.engine=deepspeed"], "not built yet"),
         (["--train.engine=deepspeed", "--optim.name=adamem"], "SVD of a partition is meaningless"),
         (["--train.engine=deepspeed", "--optim.name=adafactor"], "cut through matrices"),
         (["--train.engine=fsdp2", "--adapter.method=lora"], "run on ddp"),
