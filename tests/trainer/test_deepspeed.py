@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -188,13 +189,14 @@ def test_a_deepspeed_checkpoint_resumes_only_on_its_engine_ranks_and_stage(tmp_p
     directory = tmp_path / "checkpoints" / "step_00000002"
     directory.mkdir(parents=True)
     state = {"layout": "deepspeed", "world_size": 2, "config": {"train": {"zero_stage": 3}}}
-    fits = dict(engine="deepspeed", world_size=2, layout="deepspeed", zero_stage=3)
+    fits: dict[str, Any] = dict(engine="deepspeed", world_size=2, layout="deepspeed", zero_stage=3)
     ckpt.check_checkpoint_fits(state, directory, **fits)  # the same setup: fine
-    for change, message in (
+    changes: list[tuple[dict[str, Any], str]] = [
         ({"engine": "fsdp2", "layout": "dcp"}, "resume only there"),
         ({"world_size": 4}, "on 2 ranks"),
         ({"zero_stage": 2}, "--train.zero_stage=3"),
-    ):
+    ]
+    for change, message in changes:
         with pytest.raises(ckpt.CheckpointError, match=message):
             ckpt.check_checkpoint_fits(state, directory, **{**fits, **change})
     single = tmp_path / "step_00000002.pt"
