@@ -35,7 +35,7 @@ class Support:
 
 
 _FLAT = (
-    "refused: ZeRO hands a client optimizer flat 1-D fp32 partitions that cut through matrices, so {what}; "
+    "ZeRO hands a client optimizer flat 1-D fp32 partitions that cut through matrices, so {what}; "
     "use --train.engine=fsdp2 (sharded, exact) or ddp"
 )
 TABLE: dict[tuple[str, Engine], Support] = {

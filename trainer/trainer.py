@@ -224,6 +224,12 @@ class Trainer:
         self.model_state = GatheredModelState(self.model, self.info)
         self.checkpoint_parts = None  # single files, gathered
 
+    def _engine_label(self) -> str:
+        t = self.cfg.train
+        if t.engine != "deepspeed":
+            return t.engine
+        return f"deepspeed ZeRO-{t.zero_stage}{' + CPU offload' if t.offload_optimizer else ''}"
+
     def _checkpoint_layout(self) -> str:
         """How this run saves (trainer.checkpoint.check_checkpoint_fits)."""
         if not self.info.enabled:
@@ -274,7 +280,7 @@ class Trainer:
             f"{self.flops.per_token / 1e6:.1f} training MFLOPs/token | "
             f"optimizer {cfg.optim.name}{' (fused in backward)' if cfg.train.fused_update else ''} | "
             f"adapters: {self.adapters.describe()} | "
-            f"{info.world_size} rank(s){f' ({cfg.train.engine})' if info.enabled else ''} on {info.device.type} | "
+            f"{info.world_size} rank(s){f' ({self._engine_label()})' if info.enabled else ''} on {info.device.type} | "
             f"{cfg.train.global_batch} x {cfg.data.seq_len} "
             f"tokens/step, micro-batch {self.micro_batch} | data: {self.data.n_windows} windows/epoch"
         )

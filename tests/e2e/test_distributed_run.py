@@ -169,7 +169,7 @@ def test_deepspeed_through_torchrun_trains_and_saves_its_checkpoint(tmp_path, sa
         cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "2 rank(s) (deepspeed)" in out.stdout
+    assert "2 rank(s) (deepspeed ZeRO-3)" in out.stdout
     saved = ckpt.latest_checkpoint(run_dir / "checkpoints")
     assert saved is not None and saved.name == "step_00000002"
     assert sorted(p.name for p in saved.glob("*optim_states.pt")) == [
