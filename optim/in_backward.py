@@ -48,12 +48,14 @@ gradient arrives projected in its carrier (optim/projected_grads.py) is updated 
 post-accumulate-grad hook instead of its own (same code path, same freeing); this class answers the
 projected backward's questions (`projection_for`, `grad_carrier`) through the weight's optimizer.
 
-Non-finite gradients: each gradient's squared sum is checked in its hook (one host sync per
-parameter); a parameter whose gradient is non-finite is not updated (nor is its state touched)
-and is listed in `nonfinite`. Parameters updated earlier in the same backward stay updated,
-so after a failure the in-memory model is a mix of two steps: the trainer must stop and the
-last checkpoint saved before this step is the consistent state to resume from (it predates
-the partial update, which it never contains since checkpoints are taken between steps).
+Non-finite gradients, without a host sync: each gradient's squared sum stays a device tensor
+(`grad_sq`, per parameter, of the armed backward) and the update is applied whatever it holds; the
+trainer reads the step's norm (`grad_norm()`: inf or nan when any gradient was non-finite) with its
+other metrics at its next check and stops there, without saving, naming the step
+(`nonfinite_names()` lists the parameters, one sync, for that message). A non-finite gradient turns
+its parameter (and, for a coupled group, the group) into NaN: the last checkpoint, saved before this
+step after a check that passed, is the consistent state to resume from. A per-parameter decision on
+the host would stall the GPU once per parameter; a decision on the device cannot undo an update.
 """
 
 from __future__ import annotations
@@ -107,14 +109,15 @@ class InBackwardOptimizer:
         # before the update; save the updated parameter after it.
         self.reduce_grad: Callable[[torch.Tensor], None] | None = None
         self.after_update: Callable[[torch.Tensor], None] | None = None
-        self.nonfinite: list[str] = []
-        self._grad_sq: list[torch.Tensor] = []  # 0-d tensors of the armed backward, summed lazily (grad_sq_sum)
+        self.grad_sq: dict[
+            str, torch.Tensor
+        ] = {}  # name -> its gradient's squared sum (0-d, device) in the armed backward
         # Coupled update statistics: key -> member names in spec order; name -> key.
         self._members: dict[str, list[str]] = {}
         self._key_of: dict[str, str] = {}
         self._two_phase: dict[str, TwoPhaseUpdates] = {}  # name -> its optimizer, for coupled members
         # key -> member name -> (U, sum U^2) from `prepare`, or None for a non-finite gradient.
-        self._pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self._pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.deferred_bytes = 0
         self.peak_deferred_bytes = 0
         for group in spec.param_groups:
@@ -159,40 +162,29 @@ class InBackwardOptimizer:
         assert grad is not None  # post-accumulate-grad hooks run once the gradient exists
         if self.reduce_grad is not None:
             self.reduce_grad(grad)
-        if grad.is_meta:  # shape-only runs (trainer/memory_accounting.py): no values to check
-            finite = True
-        else:
-            # Under FSDP2 the squared sum of the full gradient (one scalar all-reduce): every rank takes
-            # the same finite / non-finite decision, or one would skip an update whose collectives the
-            # others enter.
-            sq = sharding_of(p).sum_all(torch.linalg.vector_norm(local(grad), dtype=torch.float32).square())
-            finite = bool(torch.isfinite(sq))
-            if finite:
-                self._grad_sq.append(sq)
+        if not grad.is_meta:  # shape-only runs (trainer/memory_accounting.py) have no values to sum
+            # Under FSDP2 the squared sum of the full gradient (one scalar all-reduce, not a host sync).
+            self.grad_sq[name] = sharding_of(p).sum_all(
+                torch.linalg.vector_norm(local(grad), dtype=torch.float32).square()
+            )
         key = self._key_of.get(name)
-        if not finite:
-            self.nonfinite.append(name)
-        elif key is None:
+        if key is None:
             self.optimizers[name].step()
             if self.after_update is not None:
                 self.after_update(p)
-        if key is not None:
-            pending = self._pending.setdefault(key, {})
-            if finite:
-                u, usq = self._two_phase[name].prepare(p)
-                pending[name] = (u, usq)
-                self.deferred_bytes += u.nbytes
-                self.peak_deferred_bytes = max(self.peak_deferred_bytes, self.deferred_bytes)
-            else:
-                pending[name] = None
+        else:
+            u, usq = self._two_phase[name].prepare(p)
+            self._pending.setdefault(key, {})[name] = (u, usq)
+            self.deferred_bytes += u.nbytes
+            self.peak_deferred_bytes = max(self.peak_deferred_bytes, self.deferred_bytes)
         holder.grad = None  # freed (the optimizer's step already took a carrier's)
         if key is not None and len(self._pending[key]) == len(self._members[key]):
             self._flush(key)
 
     def _flush(self, key: str) -> None:
         pending = self._pending.pop(key, {})
-        # The members with a finite gradient, in spec order (the ordinary path's summation order).
-        ready = {n: entry for n in self._members[key] if (entry := pending.get(n)) is not None}
+        # The members that got a gradient, in spec order (the ordinary path's summation order).
+        ready = {n: pending[n] for n in self._members[key] if n in pending}
         del pending
         if not ready:
             return
@@ -209,10 +201,18 @@ class InBackwardOptimizer:
             self.deferred_bytes -= u.nbytes
         del ready
 
-    @property
-    def grad_sq_sum(self) -> float:
-        """Sum of squared entries of the armed backward's finite gradients."""
-        return float(torch.stack(self._grad_sq).sum()) if self._grad_sq else 0.0
+    def grad_norm(self) -> torch.Tensor:
+        """The norm of the armed backward's gradients (0-d, on the device; inf or nan if any was non-finite)."""
+        if not self.grad_sq:
+            return torch.zeros(())
+        return torch.stack(list(self.grad_sq.values())).sum().sqrt()
+
+    def nonfinite_names(self) -> list[str]:
+        """The parameters whose gradient was non-finite in the armed backward (one host sync: for messages)."""
+        if not self.grad_sq:
+            return []
+        finite = torch.isfinite(torch.stack(list(self.grad_sq.values()))).tolist()
+        return [name for name, ok in zip(self.grad_sq, finite, strict=True) if not ok]
 
     def arm(self, armed: bool) -> None:
         """Arm before the backward of the last micro-batch of a step."""
@@ -223,8 +223,7 @@ class InBackwardOptimizer:
                     f"deferred updates of {sorted(self._pending)[:3]} are still pending from the previous armed "
                     "backward (some members got no gradient): call InBackwardOptimizer.step() after each armed backward"
                 )
-            self.nonfinite = []
-            self._grad_sq = []
+            self.grad_sq = {}
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:

@@ -78,7 +78,7 @@ class StepInDeepSpeed(UpdateStrategy):
                 "DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm=false in "
                 "train.deepspeed_config?); remove that key: the trainer logs and checks the norm every step"
             )
-        return torch.as_tensor(float(norm))
+        return norm if torch.is_tensor(norm) else torch.tensor(norm)  # ZeRO hands a float or a 0-d tensor
 
     def commit(self) -> None:
         pass  # engine.step() updated the parameters and cleared the gradients

@@ -81,8 +81,11 @@ class TrainResult:
 
 @dataclass
 class StepOutput:
-    loss: float  # global mean token loss
-    grad_norm: float  # before clipping
+    """One step's metrics, on the device until the loop's next check reads them (one host sync for all
+    the steps since the last check: no GPU stall inside a step)."""
+
+    loss: torch.Tensor  # 0-d: global mean token loss
+    grad_norm: torch.Tensor  # 0-d: before clipping
     lr_factor: float  # the schedule's multiplier of the peak lr
 
 
@@ -164,6 +167,7 @@ class Trainer:
         )
         self._print_run_header()
         self.step_times: list[float] = []
+        self.unchecked: list[tuple[int, StepOutput]] = []  # steps whose metrics are still on the device
         self.result = TrainResult(final_step=self.progress.step)
         self.stop = StopFlag()
         self.stop.install()  # restored when fit() ends
@@ -328,14 +332,30 @@ class Trainer:
             before_backward=self.updater.before_backward,
             backward=self.updater.backward,
         )
-        grad_norm = self.updater.finish_backward().item()
+        grad_norm = self.updater.finish_backward()
         # Each rank's loss is its tokens' summed CE over (global tokens / ranks): the global mean
-        # token loss is the average over ranks.
-        loss_value = all_reduce_sum(loss, info).item() / info.world_size
-        self._check_finite(step + 1, loss_value, grad_norm)
+        # token loss is the average over ranks (a collective on the device, not a host read).
+        loss = all_reduce_sum(loss, info) / info.world_size
         self.updater.commit()
         self.adapters.after_commit(step + 1)  # ReLoRA's merge and restart; nothing otherwise
-        return StepOutput(loss_value, grad_norm, factor)
+        return StepOutput(loss.detach(), grad_norm.detach(), factor)
+
+    def check_steps(self) -> tuple[float, float] | None:
+        """Read the losses and norms of the steps since the last check (one host sync) and stop the run at
+        the first non-finite one (TrainingDiverged, nothing saved). Called before every log line, evaluation
+        and checkpoint, so a checkpoint never holds a step after a non-finite one. The last step's (loss, norm),
+        or None when no step is unchecked."""
+        if not self.unchecked:
+            return None
+        rows = torch.stack(
+            [torch.stack([o.loss.float(), o.grad_norm.float().to(o.loss.device)]) for _, o in self.unchecked]
+        )
+        values = rows.tolist()
+        steps = [step for step, _ in self.unchecked]
+        self.unchecked = []
+        for step, (loss, norm) in zip(steps, values, strict=True):
+            self._check_finite(step, loss, norm)
+        return values[-1][0], values[-1][1]
 
     def _check_finite(self, step: int, loss: float, grad_norm: float) -> None:
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -367,15 +387,18 @@ class Trainer:
         self.log.log(step, {"val/loss": loss, "val/ppl": ppl})
         self.log.print(f"step {step:>6}/{self.cfg.train.max_steps} | val loss {loss:.4f} | val ppl {ppl:.2f}")
 
-    def log_step(self, done: int, out: StepOutput, data_seconds: float, elapsed: float) -> None:
+    def log_step(
+        self, done: int, out: StepOutput, checked: tuple[float, float], data_seconds: float, elapsed: float
+    ) -> None:
+        """`checked`: this step's (loss, grad norm) as check_steps read them."""
         max_steps, interval = self.cfg.train.max_steps, self.cfg.log.interval
         recent = self.step_times[-interval:]
         avg = sum(recent) / len(recent)
         tok_s = self.tokens_per_step / avg
         values = {
-            "train/loss": out.loss,
+            "train/loss": checked[0],
             "train/lr": self.cfg.optim.lr * out.lr_factor,
-            "train/grad_norm": out.grad_norm,
+            "train/grad_norm": checked[1],
             "throughput/tokens_per_s": tok_s,
             "throughput/data_wait_frac": data_seconds / self.step_times[-1],
             "memory/peak_bytes": float(peak_memory_bytes(self.info.device)),
@@ -396,7 +419,9 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint the current step: several ranks each write their part of a sharded directory, one
-        process writes a single file; every rank waits for it. The path on the main rank."""
+        process writes a single file; every rank waits for it. The path on the main rank. The steps since
+        the last check are checked first: a non-finite one stops the run before anything is written."""
+        self.check_steps()
         path = self.checkpointer.save_on_every_rank(self.progress.step, {"config": self.cfg.to_dict()}, self.info)
         barrier(self.info)
         return path
@@ -440,19 +465,32 @@ class Trainer:
             inputs, targets = next(batches)
             data_seconds = time.perf_counter() - t0
             out = self.train_step(step, inputs, targets)
+            self.unchecked.append((step + 1, out))
+            # Inside a step nothing waits for the device; the check points below read the metrics, and only
+            # there is a step's time real on a GPU (the host ran ahead of the device before).
             self.step_times.append(time.perf_counter() - t0)
             self.progress.step = done = step + 1
             self.progress.tokens_seen += self.tokens_per_step
             result.final_step = done
-            if done % cfg.log.interval == 0 or done == cfg.train.max_steps:
-                self.log_step(done, out, data_seconds, time.perf_counter() - t_start)
-            if (cfg.eval.interval and done % cfg.eval.interval == 0) or done == cfg.train.max_steps:
+            log_due = done % cfg.log.interval == 0 or done == cfg.train.max_steps
+            eval_due = (cfg.eval.interval and done % cfg.eval.interval == 0) or done == cfg.train.max_steps
+            save_due = done % cfg.checkpoint.interval == 0 or done == cfg.train.max_steps
+            checked = self.check_steps() if log_due or eval_due or save_due else None
+            if log_due:
+                assert checked is not None
+                self.log_step(done, out, checked, data_seconds, time.perf_counter() - t_start)
+            if eval_due:
                 self.evaluate(done)
-            if any_rank(stop.requested, self.info):
+            # One process reads its own flag; several ranks agree on it with a collective and a host read, at
+            # the check points only (a SIGTERM waits at most log.interval steps).
+            asked = (
+                stop.requested if not self.info.enabled else checked is not None and any_rank(stop.requested, self.info)
+            )
+            if asked:
                 result.checkpoint, result.stopped_by_signal = self.save(), True
                 self.log.print(f"stop requested: saved {result.checkpoint or 'checkpoint'} at step {done}; exiting")
                 return
-            if done % cfg.checkpoint.interval == 0 or done == cfg.train.max_steps:
+            if save_due:
                 result.checkpoint = self.save()
 
 

@@ -6,12 +6,13 @@ whose `step()` is a no-op):
     updater.set_lr_factor(f)                      the schedule's multiplier of each peak lr
     for each micro-batch: updater.before_backward(is_last); updater.backward(loss)
     norm = updater.finish_backward()              global gradient norm (0-d tensor, inf if non-finite)
-    ... the loop checks the loss and the norm; on divergence it stops here ...
     updater.commit()
+    ... at its next check (log, eval, checkpoint steps) the loop reads the losses and norms of the steps
+    since the last one, in one host sync; a non-finite one stops the run there, without saving ...
 
 - `StepAfterBackward` (the ordinary path): gradients accumulate in `.grad`; `finish_backward`
   measures their global norm and clips them to `max_grad_norm`; `commit` runs the optimizer's
-  `step()` and frees the gradients. A non-finite step is never applied.
+  `step()` and frees the gradients.
 - `UpdateInBackward` (`train.fused_update`): optim.in_backward.InBackwardOptimizer updates every
   parameter from its post-accumulate-grad hook during the last micro-batch's backward (armed by
   `before_backward(True)`); `finish_backward` completes the updates it had to defer and returns
@@ -29,7 +30,6 @@ config, never from a checkpoint, so `--optim.lr` may change on resume.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -171,9 +171,7 @@ class UpdateInBackward(UpdateStrategy):
         # DDP writes its reduced buckets back into .grad after the comm hook has used them
         # (trainer/ddp_fused.py): drop them, or the next step would accumulate onto them.
         self.optimizer.zero_grad(set_to_none=True)
-        if self.optimizer.nonfinite:
-            return torch.tensor(math.inf)
-        return torch.tensor(math.sqrt(self.optimizer.grad_sq_sum))
+        return self.optimizer.grad_norm()  # on the device: inf / nan when a gradient was not finite
 
     def commit(self) -> None:
         pass  # every parameter was updated, and its gradient freed, inside backward
