@@ -310,7 +310,14 @@ class Trainer:
     # ----- one step ------------------------------------------------------------------------------
     def train_step(self, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         """One optimizer step (`step` is 0-based) on this rank's share of the global batch."""
-        cfg, info = self.cfg, self.info
+        factor = self.set_lr(step)
+        loss = self.compute_gradients(inputs, targets)
+        grad_norm = self.apply_update(step)
+        return StepOutput(loss, grad_norm, factor)
+
+    def set_lr(self, step: int) -> float:
+        """The schedule's multiplier of the peak learning rates for 0-based `step`, set on the optimizer."""
+        cfg = self.cfg
         factor = lr_factor(
             step,
             warmup_steps=cfg.scheduler.warmup_steps,
@@ -318,6 +325,12 @@ class Trainer:
             final_lr_ratio=cfg.scheduler.final_lr_ratio,
         ) * self.adapters.lr_multiplier(step)
         self.updater.set_lr_factor(factor)
+        return factor
+
+    def compute_gradients(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and backward over the micro-batches (fused updates happen in there); the global mean token
+        loss, a 0-d device tensor."""
+        info = self.info
         loss = forward_backward(
             self.wrapped_model,
             split_micro_batches(
@@ -332,13 +345,17 @@ class Trainer:
             before_backward=self.updater.before_backward,
             backward=self.updater.backward,
         )
-        grad_norm = self.updater.finish_backward()
         # Each rank's loss is its tokens' summed CE over (global tokens / ranks): the global mean
         # token loss is the average over ranks (a collective on the device, not a host read).
-        loss = all_reduce_sum(loss, info) / info.world_size
+        return (all_reduce_sum(loss, info) / info.world_size).detach()
+
+    def apply_update(self, step: int) -> torch.Tensor:
+        """The rest of the update after backward (ZeRO's or the optimizer's step; nothing left when fused);
+        the gradient norm before clipping, a 0-d device tensor."""
+        grad_norm = self.updater.finish_backward()
         self.updater.commit()
         self.adapters.after_commit(step + 1)  # ReLoRA's merge and restart; nothing otherwise
-        return StepOutput(loss.detach(), grad_norm.detach(), factor)
+        return grad_norm.detach()
 
     def check_steps(self) -> tuple[float, float] | None:
         """Read the losses and norms of the steps since the last check (one host sync) and stop the run at

@@ -5,7 +5,7 @@ import sys
 from model import ModelConfig
 from optim import OptimConfig
 from tests.helpers.runs import REPO
-from tools import bench_engines
+from tools import bench_engines, bench_step
 from trainer.memory_accounting import measure
 
 
@@ -80,3 +80,17 @@ def test_bench_engines_prints_the_per_rank_table_at_a_tiny_size():
     offload = next(r for r in table if r["engine"] == "ds-z3+offload")
     assert offload["state"] == 0 and offload["total"] < z3["total"]
     assert {r["optimizer"] for r in table if r["engine"] == "ds-z3-lomo"} == {"adalomo"}
+
+
+def test_bench_step_prints_the_table_with_adamw_as_the_unit(capsys, sample_tokens):
+    """tools/bench_step.py at a tiny size: it runs the trainer's steps for each optimizer, prints one row each
+    with the ratio to AdamW first, and counts no host syncs in a steady step (no timing asserts)."""
+    args = ["--flavor", "tiny", "--seq-len", "32", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
+    rows = bench_step.main([*args, "--optim", "adamw", "galore_adamw", "adalomo", "--data", str(sample_tokens)])
+    out = capsys.readouterr().out
+    assert [r["optimizer"] for r in rows] == ["adamw", "galore_adamw", "adalomo (fused)"]
+    assert "| 1.000x | adamw |" in out and "| vs adamw | optimizer | tokens/s |" in out
+    assert all(r["syncs"] == 0 for r in rows), [r["sync_sites"] for r in rows]
+    galore = rows[1]
+    assert galore["amortised"] > galore["step"] * (1 - 1e-9)  # the refresh (an SVD per matrix) costs more
+    assert all(0 < r["accounted"] <= r["formula"] for r in rows)

@@ -1,0 +1,214 @@
+"""Whole training steps per optimizer, side by side with AdamW in the same process: what each method
+costs where users run it.
+
+    python tools/bench_step.py --flavor 210m --optim adamw galore_adamw adamem adafactor adalomo   # GPU
+    python tools/bench_step.py --flavor tiny --seq-len 128 --micro-batch 8                         # CPU
+    python tools/bench_step.py --flavor 550m --compile --micro-batch 32 --steps 20
+
+Each optimizer trains the real trainer (trainer.Trainer: the sample corpus, the model, the update
+strategy, bf16 autocast on CUDA) for `--warmup` steps, then `--steps` timed steps; a step is timed in
+three parts with a device synchronisation between them (the trainer itself never synchronises inside a
+step): data wait (the next batch), forward + backward (fused updates happen inside it), and the rest
+of the update (clip + step; ZeRO's step). Per optimizer it prints, as a markdown table whose first
+column is the step time relative to AdamW's:
+- tokens/s and MFU (GPU: the trainer's FLOP count over the bf16 dense peak);
+- the median step time and its three parts;
+- GaLore / AdaMeM: the step time with the SVD amortised at T = optim.update_proj_gap (a refresh step is
+  timed separately: `--steps` steady steps use T = 10**9);
+- peak memory: measured (`torch.cuda.max_memory_allocated`; on CPU none is measured), accounted by
+  trainer/memory_accounting.py on the meta device (fp32 activations: under bf16 autocast the measured
+  activations are about half) and the naive formula (weights + gradients + state + activations);
+- host syncs per steady step (trainer/host_syncs.py; the target is 0).
+Optimizers run with the paper configs' settings: GaLore / AdaMeM at rank d/4 (GaLore's LLaMA runs),
+AdaLomo fused in backward (its method), the others ordinary; `--fused` names more to fuse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from data.paths import sample_tokens_dir
+from model import ModelConfig
+from optim import OptimConfig
+from trainer.config import Config, load_config
+from trainer.distributed import DistInfo
+from trainer.hardware import device_peak_flops
+from trainer.host_syncs import count_host_syncs
+from trainer.memory_accounting import measure
+from trainer.trainer import Trainer
+
+GiB = 2**30
+OPTIMIZERS = ("adamw", "adafactor", "galore_adamw", "adamem", "adalomo")
+LOW_RANK = ("galore_adamw", "galore_adafactor", "adamem")
+PAPER_T = 200  # GaLore's and AdaMeM's update_proj_gap in the paper configs
+
+
+def bench_config(args: argparse.Namespace, optimizer: str, run_dir: Path, gap: int) -> Config:
+    """The trainer's config for one optimizer: one micro-batch per step, no evaluation, no checkpoints."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    width = ModelConfig.from_flavor(args.flavor).d_model
+    fused = optimizer == "adalomo" or optimizer in args.fused
+    overrides = {
+        "run.dir": run_dir,
+        "model.flavor": args.flavor,
+        "data.prepared_dir": args.data,
+        "data.seq_len": args.seq_len,
+        "data.val_tokens": 4 * args.seq_len,  # the trainer loads them; the benchmark never evaluates
+        "model.max_seq_len": args.seq_len,
+        "train.global_batch": args.micro_batch,
+        "train.micro_batch": args.micro_batch,
+        "train.max_steps": 10**6,
+        "train.device": args.device,
+        "train.compile": args.compile,
+        "train.fused_update": fused,
+        "train.max_grad_norm": 0 if fused else 1.0,
+        "optim.name": optimizer,
+        "eval.interval": 0,
+        "log.tensorboard": False,
+        "checkpoint.resume": False,
+        "scheduler.warmup_steps": 0,
+    }
+    if optimizer in LOW_RANK:
+        overrides |= {"optim.rank": max(1, width // 4), "optim.update_proj_gap": gap}
+    if optimizer == "adalomo":
+        overrides |= {"optim.lr": 1e-3}
+    return load_config(None, [f"--{k}={v}" for k, v in overrides.items()])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(trainer: Trainer, steps: int, first: int) -> dict[str, float]:
+    """Median seconds per step of its three parts over `steps` steps from step `first`."""
+    device = trainer.info.device
+    batches = trainer.data.batches(first)
+    parts: dict[str, list[float]] = {"data": [], "fwd_bwd": [], "update": [], "step": []}
+    for step in range(first, first + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        inputs, targets = next(batches)
+        t1 = time.perf_counter()
+        trainer.set_lr(step)
+        trainer.compute_gradients(inputs, targets)
+        _sync(device)
+        t2 = time.perf_counter()
+        trainer.apply_update(step)
+        _sync(device)
+        t3 = time.perf_counter()
+        for key, value in (("data", t1 - t0), ("fwd_bwd", t2 - t1), ("update", t3 - t2), ("step", t3 - t0)):
+            parts[key].append(value)
+    return {k: statistics.median(v) for k, v in parts.items()}
+
+
+def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path) -> dict[str, Any]:
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    info = DistInfo(0, 1, 0, device)
+    cfg = bench_config(args, optimizer, tmp / optimizer, gap=10**9)
+    trainer = Trainer(cfg, info)
+    batches = trainer.data.batches(0)
+    for step in range(args.warmup):  # state, the first projector, compilation
+        trainer.train_step(step, *next(batches))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_steps(trainer, args.steps, args.warmup)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    with count_host_syncs(device) as syncs:
+        trainer.train_step(args.warmup + args.steps, *next(trainer.data.batches(args.warmup + args.steps)))
+    amortised = times["step"]
+    if optimizer in LOW_RANK:  # a refresh step (an SVD per matrix), amortised over T steps
+        gap = args.proj_gap
+        refresh_trainer = Trainer(bench_config(args, optimizer, tmp / f"{optimizer}_refresh", gap=1), info)
+        refresh_batches = refresh_trainer.data.batches(0)
+        for step in range(args.warmup):
+            refresh_trainer.train_step(step, *next(refresh_batches))
+        refresh = time_steps(refresh_trainer, max(1, args.steps // 2), args.warmup)["step"]
+        amortised = (refresh + (gap - 1) * times["step"]) / gap
+    optim_cfg = OptimConfig(name=optimizer, **_optim_extra(cfg))
+    accounted = measure(cfg.model, optim_cfg, cfg.train.fused_update, args.micro_batch, args.seq_len, "meta")
+    flops = trainer.flops.cumulative(1)  # one steady step (no refresh at T = 10**9)
+    peak_flops = device_peak_flops(device)
+    return dict(
+        optimizer=optimizer + (" (fused)" if cfg.train.fused_update else ""),
+        amortised=amortised,
+        tokens_per_s=trainer.tokens_per_step / amortised,
+        mfu=flops / (times["step"] * peak_flops) if peak_flops else None,
+        **times,
+        peak=peak,
+        accounted=accounted["peak"],
+        formula=accounted["formula"],
+        syncs=syncs.total,
+        sync_sites=dict(syncs.sites),
+    )
+
+
+def _optim_extra(cfg: Config) -> dict[str, Any]:
+    o = cfg.optim
+    return {"rank": o.rank, "update_proj_gap": o.update_proj_gap, "lr": o.lr} if o.name in LOW_RANK else {"lr": o.lr}
+
+
+def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, device: str) -> None:
+    base = next((r["amortised"] for r in rows if r["optimizer"].startswith("adamw")), rows[0]["amortised"])
+    print(
+        f"{args.flavor}, seq {args.seq_len}, micro-batch {args.micro_batch}, {device}"
+        f"{', compiled blocks' if args.compile else ''}; median of {args.steps} steps after {args.warmup}; "
+        f"SVD amortised at T = {args.proj_gap}; memory in GiB"
+    )
+    print(
+        "| vs adamw | optimizer | tokens/s | MFU | step ms | fwd+bwd ms | update ms | data ms | peak measured | "
+        "peak accounted | formula | host syncs/step |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        peak = f"{r['peak'] / GiB:.2f}" if r["peak"] is not None else "-"
+        print(
+            f"| {r['amortised'] / base:.3f}x | {r['optimizer']} | {r['tokens_per_s']:,.0f} | {mfu} | "
+            f"{1e3 * r['amortised']:.1f} | {1e3 * r['fwd_bwd']:.1f} | {1e3 * r['update']:.1f} | "
+            f"{1e3 * r['data']:.2f} | {peak} | {r['accounted'] / GiB:.2f} | {r['formula'] / GiB:.2f} | {r['syncs']} |"
+        )
+    for r in rows:
+        if r["syncs"]:
+            print(f"host syncs of {r['optimizer']}: {r['sync_sites']}")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--flavor", default="tiny")
+    ap.add_argument("--optim", nargs="+", default=list(OPTIMIZERS), help=f"default: {' '.join(OPTIMIZERS)}")
+    ap.add_argument("--fused", nargs="*", default=[], help="optimizers to run fused in backward (adalomo always is)")
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--proj-gap", type=int, default=PAPER_T, help="T for the amortised SVD of GaLore / AdaMeM")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--data", default=str(sample_tokens_dir()), help="prepared tokens (default: the sample corpus)")
+    args = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for optimizer in args.optim:
+            rows.append(bench_one(args, optimizer, Path(tmp)))
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    print_table(
+        rows, args, torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
