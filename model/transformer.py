@@ -30,6 +30,7 @@ from torch import nn
 
 from model.config import HEAD_DIM, ModelConfig
 from model.llama import LlamaBlock
+from model.loss import linear_cross_entropy_sum
 from model.rms_norm import RMSNorm
 from model.rope import apply_rope, rope_tables
 
@@ -107,8 +108,14 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (batch, seq) int64 -> logits (batch, seq, vocab_size)."""
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk_tokens: int = 0
+    ) -> torch.Tensor:
+        """tokens: (batch, seq) int64 -> logits (batch, seq, vocab_size); with `targets` (batch, seq) the summed
+        token cross-entropy instead (fp32, 0-d): `loss_chunk_tokens` > 0 computes it with the output layer
+        chunk by chunk, never holding the full logits (model/loss.py), 0 from the full logits. The loss is
+        part of forward so that engines which gather parameters around it (FSDP2, ZeRO-3) see the output
+        layer used."""
         t = tokens.shape[1]
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -116,4 +123,11 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        # A replaced lm_head.forward (GaLore's projected backward: optim/projected_backward.py) must run.
+        if loss_chunk_tokens > 0 and "forward" not in vars(self.lm_head):
+            return linear_cross_entropy_sum(x, self.lm_head.weight, targets, loss_chunk_tokens)
+        logits = self.lm_head(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from model import ModelConfig, Transformer
+from model import DEFAULT_CHUNK_TOKENS, ModelConfig, Transformer
 from optim import REGISTRY, OptimConfig, optimizer_keys, optimizer_spec
 from optim.in_backward import InBackwardOptimizer
 from trainer.config import AdapterConfig
@@ -95,7 +95,7 @@ def time_steps(
         t0 = time.perf_counter()
         if isinstance(opt, InBackwardOptimizer):
             opt.arm(True)
-        token_loss_sum(model, tokens[:, :-1], tokens[:, 1:], contextlib.nullcontext()).backward()
+        token_loss_sum(model, tokens[:, :-1], tokens[:, 1:], contextlib.nullcontext(), DEFAULT_CHUNK_TOKENS).backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)

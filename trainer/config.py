@@ -20,7 +20,7 @@ from typing import Literal
 import yaml
 
 from data import DataConfig
-from model import FLAVORS, ModelConfig
+from model import DEFAULT_CHUNK_TOKENS, FLAVORS, ModelConfig
 from optim import OptimConfig, optimizer_keys, validate_optim_config
 from optim.in_backward import check_fused_supported
 from optim.projected_backward import check_projected_backward_supported
@@ -83,6 +83,9 @@ class TrainConfig:
     """Update each parameter inside backward and free its gradient at once (optim/in_backward.py)."""
     compile: bool = False
     """torch.compile every transformer block."""
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    """The output layer and cross-entropy run this many tokens at a time, never holding the full logits (model/loss.py;
+    at 64 x 512 tokens and the T5 vocabulary that saves GBs); 0 = the plain full-logits loss."""
     engine: Engine = "ddp"
     """Multi-rank engine (one process: no wrapper): ddp = DistributedDataParallel; fsdp2 = fully_shard per block and
     root (parameters, gradients and optimizer state row-sharded); deepspeed = DeepSpeed ZeRO (AdamW at zero_stage
@@ -252,6 +255,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"of train.micro_batch={t.micro_batch}"
         )
     _check_rank_fits_the_model(cfg)
+    if t.loss_chunk_tokens < 0:
+        raise ConfigError(f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0 = the full-logits loss)")
     if t.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
     if cfg.scheduler.warmup_steps < 0 or not 0 <= cfg.scheduler.final_lr_ratio <= 1:

@@ -18,7 +18,9 @@ graph (tests/optim/test_in_backward_memory.py checks meta == CPU on a small mode
 The formula is the naive sum weights + gradients + state + activations (all gradients for the
 ordinary path, the largest one for the fused path): it overestimates the ordinary path slightly,
 because activations are freed during backward while gradients appear.
-The loss is the trainer's (`trainer.step.token_loss_sum`), without autocast: all tensors are
+The loss is the trainer's (`trainer.step.token_loss_sum`, chunked as train.loss_chunk_tokens: the
+chunk's logits are a transient inside one autograd node, not counted; the hidden states' and the output
+weight's gradients, which it keeps from forward to backward, are), without autocast: all tensors are
 fp32 (the trainer's weights and optimizer state); under bf16 autocast the activations are
 roughly half.
 """
@@ -34,7 +36,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, Transformer
+from model import DEFAULT_CHUNK_TOKENS, ModelConfig, Transformer
 from optim import OptimConfig, optimizer_spec
 from optim.in_backward import InBackwardOptimizer
 from optim.state_bytes import measured_state_bytes, state_bytes_per_rank
@@ -163,6 +165,7 @@ def measure(
     seed: int = 0,
     adapter: AdapterConfig | None = None,
     shard_ranks: int = 1,
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> dict[str, int]:
     """Bytes of one training step (the second: the first allocates the optimizer state) of a
     `model_cfg` model with `optim_cfg`'s optimizer, fused in backward or not, on `micro_batch` x
@@ -191,7 +194,7 @@ def measure(
             if in_backward is not None:
                 in_backward.arm(True)
             with tracker.hooks():
-                loss = token_loss_sum(model, tokens[:, :-1], tokens[:, 1:], contextlib.nullcontext())
+                loss = token_loss_sum(model, tokens[:, :-1], tokens[:, 1:], contextlib.nullcontext(), loss_chunk_tokens)
             act_at_forward_end = tracker.act_bytes
             loss.backward()
             del loss

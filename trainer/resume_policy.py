@@ -36,6 +36,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.precision",
     "train.device",
     "train.compile",
+    "train.loss_chunk_tokens",
     "train.engine",  # ddp <-> fsdp2: checkpoints hold full tensors (trainer/full_state.py), any rank count
     # DeepSpeed's own checkpoints are tied to their engine, ranks and stage: trainer.checkpoint.check_checkpoint_fits
     # says so; AdaLomo's gathered single files and DeepSpeed's tuning keys move freely.

@@ -344,6 +344,7 @@ class Trainer:
             sync=functools.partial(grad_sync, self.wrapped_model),
             before_backward=self.updater.before_backward,
             backward=self.updater.backward,
+            loss_chunk_tokens=self.cfg.train.loss_chunk_tokens,
         )
         # Each rank's loss is its tokens' summed CE over (global tokens / ranks): the global mean
         # token loss is the average over ranks (a collective on the device, not a host read).
@@ -391,7 +392,14 @@ class Trainer:
     # ----- evaluate, log, save -------------------------------------------------------------------
     def evaluate(self, step: int) -> None:
         """Evaluate at `step`; a stop request abandons it (marked pending: it runs first on resume)."""
-        out = evaluate(self.model, self.val_batches, self.info, self.autocast, should_stop=self._stop_requested)
+        out = evaluate(
+            self.model,
+            self.val_batches,
+            self.info,
+            self.autocast,
+            should_stop=self._stop_requested,
+            loss_chunk_tokens=self.cfg.train.loss_chunk_tokens,
+        )
         self.progress.eval_pending = out is None
         if out is None:
             self.log.print(

@@ -1,0 +1,77 @@
+"""The output layer and the summed token cross-entropy in one pass over chunks of tokens, without the full
+logits tensor: `linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens)`.
+
+The plain loss materialises the logits of every token (micro-batch x seq x vocab: 64 x 512 x 32128 fp32 is
+4.2 GB), their fp32 copy and, in backward, their gradient. Here the forward walks the tokens `chunk_tokens`
+at a time: logits of the chunk (in the autocast dtype, as `nn.Linear` under autocast), fp32 log-softmax,
+the chunk's loss, and at once the chunk's gradients (softmax - one-hot), turned into the gradients of
+the hidden states and of the weight; only those are kept for backward, which scales them by the
+incoming gradient. Peak memory of the loss: one chunk's logits (a few hundred MB at 4096 tokens) plus
+the two gradients the plain backward produces anyway; no recomputation, the same FLOPs (Liger-Kernel's
+fused linear cross-entropy does the same in Triton; this is plain torch, so it runs on CPU and GPU).
+
+Numerics: every op is the plain path's, in the same dtypes (bf16 matmuls under autocast with fp32
+log-softmax; the weight's gradient accumulated in fp32 over chunks); fp32 results equal the plain loss
+up to the summation order over chunks (tests/model/test_loss.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_TOKENS = 4096  # train.loss_chunk_tokens: 4096 x 32128 fp32 logits are 0.5 GB
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, needs_grad: bool
+    ) -> torch.Tensor:
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = targets.reshape(-1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(h) if needs_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        for start in range(0, h.shape[0], chunk):
+            h_c, y_c = h[start : start + chunk], y[start : start + chunk]
+            logits = F.linear(h_c, weight)  # the autocast dtype under autocast, as the plain nn.Linear
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            total += F.nll_loss(logp, y_c, reduction="sum")
+            if not needs_grad:
+                continue
+            # d(sum CE)/d logits = softmax - one-hot (fp32), then cast like the plain path's gradient.
+            d = logp.exp_()
+            d[torch.arange(len(y_c), device=d.device), y_c] -= 1.0
+            d = d.to(logits.dtype)
+            del logits, logp
+            w = weight.to(d.dtype)
+            assert grad_h is not None and grad_w is not None
+            grad_h[start : start + chunk] = (d @ w).to(grad_h.dtype)
+            grad_w += (d.t() @ h_c.to(d.dtype)).float()
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        # In place: these are the only references, so the weight's gradient is handed on without a second
+        # vocab x d copy (AccumulateGrad keeps it as .grad).
+        grad_h.mul_(grad_out.to(grad_h.dtype))
+        grad_w.mul_(grad_out)
+        return grad_h.reshape(ctx.hidden_shape), grad_w.to(ctx.weight_dtype), None, None, None
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """sum over tokens of cross_entropy(hidden @ weight.T, targets), fp32 0-d, `chunk_tokens` tokens at a time
+    (see the module docstring). hidden: (..., d); weight: (vocab, d); targets: (...) int64."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_tokens, needs_grad)
