@@ -10,6 +10,16 @@ import torch.nn.functional as F
 from model import ModelConfig, Transformer, linear_cross_entropy_sum
 
 
+def _grads(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor's gradient (taken off it, for the next backward)."""
+    out = []
+    for t in tensors:
+        assert t.grad is not None
+        out.append(t.grad)
+        t.grad = None
+    return out
+
+
 def _plain(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(F.linear(h, w).float().flatten(0, 1), y.flatten(), reduction="sum")
 
@@ -22,14 +32,14 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_loss(chunk):
     y = torch.randint(0, 50, (4, 8), generator=g)
     want = _plain(h, w, y)
     (want * 0.37).backward()
-    want_h, want_w = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
+    want_h, want_w = _grads(h, w)
     got = linear_cross_entropy_sum(h, w, y, chunk)
     (got * 0.37).backward()
+    got_h, got_w = _grads(h, w)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     # fp32 rounding: another summation order over the chunks (and a matrix-vector kernel at chunk 1).
-    torch.testing.assert_close(h.grad, want_h, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w.grad, want_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
 
 
 def test_under_bf16_autocast_it_follows_the_plain_path_to_bf16_precision():
@@ -40,16 +50,16 @@ def test_under_bf16_autocast_it_follows_the_plain_path_to_bf16_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = _plain(h, w, y)
     want.backward()
-    want_h, want_w = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
+    want_h, want_w = _grads(h, w)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = linear_cross_entropy_sum(h, w, y, 40)
     got.backward()
-    assert got.dtype == torch.float32 and w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    got_h, got_w = _grads(h, w)
+    assert got.dtype == got_w.dtype == got_h.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
     # bf16 rounding (8 bits): the plain path rounds the weight gradient's one matmul to bf16 once, the chunked
     # path each chunk's; errors are relative to the gradient's scale.
-    for got_g, want_g in ((h.grad, want_h), (w.grad, want_w)):
+    for got_g, want_g in ((got_h, want_h), (got_w, want_w)):
         torch.testing.assert_close(got_g, want_g, rtol=2e-2, atol=1e-2 * float(want_g.abs().max()))
 
 
