@@ -178,3 +178,33 @@ def test_a_sharded_save_killed_before_its_commit_leaves_no_checkpoint(tmp_path):
     unfinished.mkdir()
     assert ckpt.list_checkpoints(checkpoints) == []
     assert remove_stale_temp_files(checkpoints) == [partial] and not partial.exists()
+
+
+def _compiled_jobs(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> None:
+    """As _cases_on_ranks, with each block compiled by dynamo + AOT autograd (the parts of torch.compile that
+    meet DDP's hooks and the fused path's post-accumulate-grad hooks) and no C++ code generation, which would
+    take a minute per rank on CPU."""
+    from trainer import parallelize
+
+    def compile_blocks(model) -> None:
+        for block in model.blocks:
+            block.compile(backend="aot_eager")
+
+    parallelize.compile_blocks = compile_blocks
+    _cases_on_ranks(rank, world, jobs)
+
+
+def test_compiled_blocks_train_under_ddp_fused_and_not(tmp_path, sample_tokens):
+    common = {"train.max_steps": 3, "eval.interval": 0, "checkpoint.interval": 3, "train.compile": True}
+    cases = {"adamw": {"optim.name": "adamw"}, "adalomo_fused": CASES["adalomo_fused"]}
+    jobs = [
+        (str(tmp_path / f"store_{name}"), tiny_overrides(tmp_path / f"ddp_{name}", sample_tokens, **common, **extra))
+        for name, extra in cases.items()
+    ]
+    run_ranks(_compiled_jobs, 2, jobs)
+    for name, extra in cases.items():
+        run(tmp_path, sample_tokens, f"one_{name}", **{**common, "train.compile": False}, **extra)
+        one, two = losses(tmp_path / f"one_{name}"), losses(tmp_path / f"ddp_{name}")
+        assert sorted(two) == [1, 2, 3], name
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-5), (name, step)

@@ -234,3 +234,18 @@ def test_a_stop_during_evaluation_saves_at_once_and_the_evaluation_runs_on_resum
     _, resumed = run(tmp_path, sample_tokens)
     assert [s for s, _ in resumed.val_losses] == [3, 6]  # the pending evaluation first, then as usual
     assert resumed.final_step == 6 and not resumed.stopped_by_signal
+
+
+def test_bf16_autocast_follows_the_fp32_loss_curve_to_bf16_precision(tmp_path, sample_tokens):
+    """bf16 autocast with fp32 master weights and optimizer state (train.precision=bf16) trains like fp32: the
+    same loss curve to bf16 precision over a short run, through the chunked loss."""
+    common = {"train.max_steps": 6, "eval.interval": 0, "checkpoint.interval": 6}
+    run(tmp_path, sample_tokens, "fp32", **common)
+    _, result = run(tmp_path, sample_tokens, "bf16", **common, **{"train.precision": "bf16"})
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert sorted(bf16) == sorted(fp32) == list(range(1, 7))
+    for step, loss in fp32.items():
+        assert bf16[step] == pytest.approx(loss, rel=1e-2), step
+    assert bf16 != fp32  # bf16 compute really ran
+    state = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "bf16" / "checkpoints", 6))
+    assert all(t.dtype == torch.float32 for t in state["model"].values())  # fp32 master weights
