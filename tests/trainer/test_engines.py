@@ -196,7 +196,7 @@ def _compiled_jobs(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> 
 
 def test_compiled_blocks_train_under_ddp_fused_and_not(tmp_path, sample_tokens):
     common = {"train.max_steps": 3, "eval.interval": 0, "checkpoint.interval": 3, "train.compile": True}
-    cases = {"adamw": {"optim.name": "adamw"}, "adalomo_fused": CASES["adalomo_fused"]}
+    cases: dict[str, dict[str, object]] = {"adamw": {"optim.name": "adamw"}, "adalomo_fused": CASES["adalomo_fused"]}
     jobs = [
         (str(tmp_path / f"store_{name}"), tiny_overrides(tmp_path / f"ddp_{name}", sample_tokens, **common, **extra))
         for name, extra in cases.items()
