@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optim import factored_kernels as kernels
 from optim.config import MomentumStyle, OptimConfig
 from optim.fp32_state import FP32StateOptimizer
 from optim.param_groups import DECAY_GROUP_KEYS, decay_split_groups
@@ -184,7 +185,12 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         one_sided: bool = False,
         weight_decay: float = 0.0,
         momentum_style: str = "adam",
+        fast: bool = True,
     ):
+        """`fast`: whole fp32 matrices with the "adam" momentum style and two-sided factored statistics take
+        optim/factored_kernels.py's path (the same update in fewer passes, equal to fp32 rounding); False runs
+        this module's reference code for every parameter."""
+        self.fast = fast
         if momentum_style not in MOMENTUM_STYLES:
             raise ValueError(f"momentum_style must be one of {MOMENTUM_STYLES}, got {momentum_style!r}")
         if beta1 is not None and not 0.0 <= beta1 < 1.0:
@@ -264,8 +270,52 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         t = state["step"]
         lr_t = step_size(group, t, p)
         assert p.grad is not None  # step() skips parameters without a gradient
+        if self._takes_fast_path(p, group):
+            self._step_factored_fast(p, p.grad.float(), state, group, t, lr_t)
+            return
         delta = self.adafactor_delta(local(p.grad).float(), state, group, t, lr_t, sh=sharding_of(p))
         self.apply_delta(local(p), delta, lr_t, group["weight_decay"])
+
+    def _takes_fast_path(self, p: torch.Tensor, group: dict) -> bool:
+        return (
+            self.fast
+            and group["momentum_style"] == "adam"
+            and p.dim() == 2
+            and not group["one_sided"]
+            and p.dtype == torch.float32
+            and sharding_of(p) is WHOLE
+        )
+
+    @staticmethod
+    def _step_factored_fast(
+        p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, t: int, lr_t: float | torch.Tensor
+    ) -> None:
+        """The "adam"-style factored update of the module docstring, through optim/factored_kernels.py:
+        W <- W (1 - lr_t wd) - lr_t u, u = clip(x D) with x = G or m / (1 - beta1^t). Scalars fold: the bias
+        correction and the clip divide one 0-d scale (RMS(c x) = c RMS(x))."""
+        beta1 = group["beta1"]
+        beta2_t, bias2 = beta2_at(group, t)
+        rows, cols = kernels.mean_sq_stats(g, group["eps1"])
+        if "exp_avg_sq_row" not in state:
+            state["exp_avg_sq_row"], state["exp_avg_sq_col"] = torch.zeros_like(rows), torch.zeros_like(cols)
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        kernels.ema_(row, rows, beta2_t)
+        kernels.ema_(col, cols, beta2_t)
+        x, bias1 = g, 1.0
+        if beta1 is not None:
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(g)
+            x, bias1 = state["exp_avg"].lerp_(g, 1.0 - beta1), 1.0 - beta1**t
+        u = kernels.workspace(g)
+        torch.outer((row / (row.mean() * bias2)).sqrt_(), col.sqrt(), out=u)  # sqrt(V_hat)
+        if group["eps"]:
+            u.add_(group["eps"])
+        torch.div(x, u, out=u)  # u = x D, before the bias correction
+        scale = lr_t / bias1
+        if group["clip_threshold"] is not None:
+            scale = scale / (kernels.rms(u) / (bias1 * group["clip_threshold"])).clamp_(min=1.0)
+        decay = lr_t * group["weight_decay"] if group["weight_decay"] else None
+        kernels.apply_scaled(p, u, scale, decay)
 
     def state_shard_dim(self, p: torch.Tensor, group: dict, key: str, full_shape: Sequence[int]) -> int | None:
         """optim.sharding.ShardedState: the moments and the row statistic follow p's rows; the column

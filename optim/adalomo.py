@@ -62,12 +62,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from optim import factored_kernels as kernels
 from optim import factorization as fac
 from optim.config import OptimConfig, UpdateNorm
 from optim.fp32_state import FP32StateOptimizer
 from optim.param_groups import DECAY_GROUP_KEYS, decay_split_groups
 from optim.registry import OptimizerSpec, register
-from optim.sharding import Sharding, local, sharding_of
+from optim.sharding import WHOLE, Sharding, local, sharding_of
 
 UPDATE_NORMS: tuple[UpdateNorm, ...] = typing.get_args(UpdateNorm)
 DEFAULT_CLIP_THRESHOLD = 1.0  # optim.clip_threshold null
@@ -89,7 +90,12 @@ class AdaLomo(FP32StateOptimizer):
         factorization: str = "nmf",
         factor_rank: int = 1,
         factor_iters: int = 1,
+        fast: bool = True,
     ):
+        """`fast`: whole fp32 matrices with nmf-1 and a per-tensor normalisation (grouped / none) take
+        optim/factored_kernels.py's path (the same update in fewer passes, equal to fp32 rounding); False runs
+        this module's reference code for every parameter."""
+        self.fast = fast
         if update_norm not in UPDATE_NORMS:
             raise ValueError(f"optim.update_norm={update_norm!r}: expected one of {UPDATE_NORMS}")
         if factorization not in fac.FACTORIZATIONS:
@@ -255,8 +261,45 @@ class AdaLomo(FP32StateOptimizer):
         return sh.rms(u).div_(group["clip_threshold"]).clamp_(min=1.0)
 
     def _step_alone(self, p: torch.Tensor, group: dict) -> None:
+        if self._takes_fast_path(p, group):
+            self._step_fast(p, group)
+            return
         u = self._direction(p, self._fold(p, group))
         self._apply(p, u, self._own_divisor(u, group, sharding_of(p)), group)
+
+    def _takes_fast_path(self, p: torch.Tensor, group: dict) -> bool:
+        return (
+            self.fast
+            and p.dim() == 2
+            and group["factorization"] == "nmf"
+            and group["factor_rank"] == 1
+            and p.dtype == torch.float32
+            and sharding_of(p) is WHOLE
+        )
+
+    @torch.no_grad()
+    def _step_fast(self, p: torch.Tensor, group: dict) -> None:
+        """_fold + _direction + _apply for nmf-1 (grouped / none), through optim/factored_kernels.py:
+        theta <- theta (1 - eta wd) - (eta / divisor) U, U = g rsqrt(r / mean(r)) rsqrt(c)."""
+        assert p.grad is not None
+        g = p.grad.float()
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = 0
+            fac.init_state(state, tuple(g.shape), "nmf", 1, g.device)
+        state["step"] += 1
+        beta = 1.0 - math.pow(state["step"], group["decay_rate"])
+        rows, cols = kernels.mean_sq_stats(g, group["eps1"])
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        kernels.ema_(row, rows, beta)
+        kernels.ema_(col, cols, beta)
+        u = kernels.workspace(g)
+        torch.outer((row / row.mean()).rsqrt_(), col.rsqrt(), out=u).mul_(g)
+        eta = kernels.rms(p).clamp_(min=group["eps2"]).mul_(group["lr"])  # RMS(theta) before the update
+        scale = eta
+        if group["update_norm"] == "grouped":
+            scale = eta / kernels.rms(u).div_(group["clip_threshold"]).clamp_(min=1.0)
+        kernels.apply_scaled(p, u, scale, eta * group["weight_decay"] if group["weight_decay"] else None)
 
     @torch.no_grad()
     def step(self, closure=None):

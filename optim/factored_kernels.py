@@ -1,0 +1,68 @@
+"""The fast path of the rank-1 factored optimizers (Adafactor, AdaLomo) on a whole fp32 matrix: the same
+update as their readable reference code, in fewer passes over the matrix and without fresh m x n
+temporaries (tested against the references to fp32 rounding: tests/optim/test_factored_kernels.py).
+
+Why: the reference code (optim/adafactor.py, optim/adalomo.py + optim/factorization.py) states the
+update op by op, as the papers and HF write it, and allocates about five m x n temporaries per matrix
+per step (g^2, the outer product, the quotient, the clipped and the scaled update). On a GPU the caching
+allocator makes those cheap but each is a kernel launch and a pass over memory; on CPU a fresh large
+tensor also costs its page faults, which dominate (a 1024 x 4096 fp32 temporary: ~8 ms to allocate and
+fill, ~1 ms for an in-place op over an existing one, 1 thread). Here:
+- row and column statistics come from norms of g (mean(g^2 + eps1) = ||g||^2 / n + eps1): two reduction
+  passes, no g^2 matrix;
+- the direction is built in one m x n buffer (the outer product of the row and column factors, then
+  the division or product by g in place); on CPU the buffer is reused across steps and parameters of the
+  same shape (`workspace`), on CUDA it is a fresh tensor from the caching allocator;
+- the RMS clip, the bias correction and the learning rate fold into one 0-d scale, and the parameter is
+  updated by one `addcmul_` (weight decay: one more in-place pass).
+Everything stays on the device: no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_WORKSPACE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def workspace(like: torch.Tensor) -> torch.Tensor:
+    """An fp32 buffer shaped like `like`, for one update's direction. CPU: one per (shape, device), reused (its
+    contents are overwritten; the caller must be done with it before the next update of that shape);
+    elsewhere a new tensor (the caching allocator reuses the memory)."""
+    if like.device.type != "cpu":
+        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    key = (tuple(like.shape), like.device)
+    buf = _WORKSPACE.get(key)
+    if buf is None:
+        buf = _WORKSPACE[key] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    return buf
+
+
+def mean_sq_stats(g: torch.Tensor, eps1: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over columns, mean over rows) of g^2 + eps1, without forming g^2."""
+    m, n = g.shape
+    rows = torch.linalg.vector_norm(g, dim=-1).square_().div_(n).add_(eps1)
+    cols = torch.linalg.vector_norm(g, dim=-2).square_().div_(m).add_(eps1)
+    return rows, cols
+
+
+def ema_(stat: torch.Tensor, value: torch.Tensor, beta: float) -> None:
+    stat.mul_(beta).add_(value, alpha=1.0 - beta)
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
+
+
+def apply_scaled(
+    p: torch.Tensor, u: torch.Tensor, scale: torch.Tensor | float, decay: torch.Tensor | float | None
+) -> None:
+    """p <- p * (1 - decay) - scale * u, in place (`decay` None or 0: no decay)."""
+    if decay is not None and not (isinstance(decay, float) and decay == 0.0):
+        p.mul_(1.0 - decay)
+    if torch.is_tensor(scale):
+        p.addcmul_(u, scale, value=-1.0)
+    else:
+        p.add_(u, alpha=-scale)

@@ -1,0 +1,83 @@
+"""The fast path of Adafactor and AdaLomo (optim/factored_kernels.py) against their readable reference code
+(`fast=False`): the same parameters and state to fp32 rounding, over several steps, for every switch the fast
+path takes; the rest (one-sided, hf momentum, rank-r factorizations, coupled normalisation) stays on the
+reference code, bit for bit."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from optim import Adafactor
+from optim.adalomo import AdaLomo
+
+SHAPES = [(48, 32), (16, 80), (1, 40), (40,)]  # tall, wide, a single row, a vector (always the reference code)
+
+
+def _train(make, steps: int = 6) -> tuple[list[torch.Tensor], dict]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in SHAPES]
+    opt = make(params)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * (0.1 if step % 2 else 3.0)  # changing scales
+        opt.step()
+    return [p.detach() for p in params], opt.state
+
+
+def _close(fast, ref, exact: bool) -> None:
+    for a, b in zip(fast[0], ref[0], strict=True):
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+    for sa, sb in zip(fast[1].values(), ref[1].values(), strict=True):
+        assert sa.keys() == sb.keys()  # the same state layout: checkpoints move between the two
+        for k in sa:
+            if torch.is_tensor(sa[k]):  # entries near zero (a momentum that cancels) differ on the tensor's scale
+                torch.testing.assert_close(sa[k], sb[k], rtol=2e-6, atol=1e-6 * float(sb[k].abs().max()))
+
+
+ADAFACTOR = [
+    dict(beta1=beta1, clip_threshold=clip, eps=eps, weight_decay=wd, scale_parameter=sp, relative_step=rs)
+    for beta1, clip, eps, wd, (sp, rs) in itertools.product(
+        (None, 0.9), (None, 1.0), (0.0, 1e-8), (0.0, 0.1), ((False, False), (True, True))
+    )
+]
+
+
+@pytest.mark.parametrize("kw", ADAFACTOR, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_adafactor_fast_path_equals_the_reference(kw):
+    fast = _train(lambda ps: Adafactor(ps, lr=1e-2, beta2_decay=-0.8, **kw))
+    ref = _train(lambda ps: Adafactor(ps, lr=1e-2, beta2_decay=-0.8, fast=False, **kw))
+    _close(fast, ref, exact=False)
+
+
+@pytest.mark.parametrize("kw", [dict(one_sided=True), dict(momentum_style="hf", beta1=0.9)], ids=["one_sided", "hf"])
+def test_adafactor_switches_off_the_fast_path_run_the_reference_bit_for_bit(kw):
+    _close(
+        _train(lambda ps: Adafactor(ps, lr=1e-2, **kw)),
+        _train(lambda ps: Adafactor(ps, lr=1e-2, fast=False, **kw)),
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(weight_decay=0.1), dict(update_norm="none"), dict(clip_threshold=0.5, eps2=1e-2)],
+    ids=["default", "decay", "no_norm", "clip"],
+)
+def test_adalomo_fast_path_equals_the_reference(kw):
+    fast = _train(lambda ps: AdaLomo(ps, lr=1e-2, **kw))
+    ref = _train(lambda ps: AdaLomo(ps, lr=1e-2, fast=False, **kw))
+    _close(fast, ref, exact=False)
+
+
+@pytest.mark.parametrize("kw", [dict(update_norm="layerwise"), dict(factorization="svd", factor_rank=2)])
+def test_adalomo_modes_off_the_fast_path_run_the_reference_bit_for_bit(kw):
+    _close(
+        _train(lambda ps: AdaLomo(ps, lr=1e-2, **kw)), _train(lambda ps: AdaLomo(ps, lr=1e-2, fast=False, **kw)), True
+    )
