@@ -295,7 +295,8 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         correction and the clip divide one 0-d scale (RMS(c x) = c RMS(x))."""
         beta1 = group["beta1"]
         beta2_t, bias2 = beta2_at(group, t)
-        rows, cols = kernels.mean_sq_stats(g, group["eps1"])
+        u = kernels.workspace(g)
+        rows, cols = kernels.mean_sq_stats(g, group["eps1"], u)
         if "exp_avg_sq_row" not in state:
             state["exp_avg_sq_row"], state["exp_avg_sq_col"] = torch.zeros_like(rows), torch.zeros_like(cols)
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
@@ -306,10 +307,9 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(g)
             x, bias1 = state["exp_avg"].lerp_(g, 1.0 - beta1), 1.0 - beta1**t
-        u = kernels.workspace(g)
         torch.outer((row / (row.mean() * bias2)).sqrt_(), col.sqrt(), out=u)  # sqrt(V_hat)
         if group["eps"]:
-            u.add_(group["eps"])
+            u.add_(group["eps"])  # (torch.addr(eps, ...) would fold this pass in, but runs slower on CPU)
         torch.div(x, u, out=u)  # u = x D, before the bias correction
         scale = lr_t / bias1
         if group["clip_threshold"] is not None:

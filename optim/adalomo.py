@@ -289,11 +289,11 @@ class AdaLomo(FP32StateOptimizer):
             fac.init_state(state, tuple(g.shape), "nmf", 1, g.device)
         state["step"] += 1
         beta = 1.0 - math.pow(state["step"], group["decay_rate"])
-        rows, cols = kernels.mean_sq_stats(g, group["eps1"])
+        u = kernels.workspace(g)
+        rows, cols = kernels.mean_sq_stats(g, group["eps1"], u)
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         kernels.ema_(row, rows, beta)
         kernels.ema_(col, cols, beta)
-        u = kernels.workspace(g)
         torch.outer((row / row.mean()).rsqrt_(), col.rsqrt(), out=u).mul_(g)
         eta = kernels.rms(p).clamp_(min=group["eps2"]).mul_(group["lr"])  # RMS(theta) before the update
         scale = eta
