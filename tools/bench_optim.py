@@ -6,7 +6,9 @@ Method: step() is a loop over parameters whose per-parameter cost depends only o
 the group options, so each distinct (shape, group) is timed with a single-parameter optimizer built
 from the registry's spec (fp32, random gradients), and the model's step time is the sum over
 parameters (count x time). This keeps 550m-sized benchmarks to a few minutes of CPU.
-Per optimizer it prints: the step time without an SVD (median of `repeats` steps after the
+Adafactor and AdaLomo are timed twice: their fast path (optim/factored_kernels.py, what the trainer
+runs) and their readable reference code (`[reference code]`). Per optimizer it prints: the step time
+without an SVD (median of `repeats` steps after the
 first), the step time of a projector-refresh step (SVD; `update_proj_gap=1`), both relative to
 fused AdamW, and the SVD's amortised share of the average step at T = 200, for the exact SVD and
 the randomized one (`svd_method: randomized`), with the subspace difference between the two
@@ -73,11 +75,14 @@ def _time_single_parameter(
     return times[0], statistics.median(times[1:]), opt.state[p]
 
 
-def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen: torch.Generator) -> dict[str, Any]:
-    """Model step time (s): plain step, and refresh (SVD) step when low-rank."""
+def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen: torch.Generator, fast: bool = True) -> dict[str, Any]:
+    """Model step time (s): plain step, and refresh (SVD) step when low-rank. `fast=False`: Adafactor's and
+    AdaLomo's reference code instead of their fast path (optim/factored_kernels.py)."""
     spec = optimizer_spec(model, cfg)
     if cfg.name == "adamw":
         spec.kwargs.update(fused=True, foreach=None)
+    if not fast:
+        spec.kwargs.update(fast=False)
     kinds, examples = _kinds(spec)
     plain = svd = 0.0
     bases: list[tuple[tuple[int, ...], dict[str, torch.Tensor]]] = []
@@ -135,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         ("adamw (fused)", replace(base, name="adamw")),
         ("adafactor", replace(base, name="adafactor", beta1=None)),
         ("adafactor+momentum", replace(base, name="adafactor", beta1=0.9)),
+        ("adalomo", replace(base, name="adalomo")),
         ("galore_adamw", replace(base, name="galore_adamw")),
         ("galore_adafactor", replace(base, name="galore_adafactor")),
         ("adamem", replace(base, name="adamem")),
@@ -147,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for label, cfg in rows:
         results[label] = bench(model, cfg, args.repeats, gen)
+        if cfg.name in ("adafactor", "adalomo"):  # the readable reference code, which the fast path replaces
+            results[label + " [reference code]"] = bench(model, cfg, args.repeats, gen, fast=False)
         if cfg.rank and cfg.name in ("galore_adamw", "galore_adafactor", "adamem"):
             results[label + " [randomized SVD]"] = bench(
                 model, replace(cfg, svd_method="randomized"), args.repeats, gen
