@@ -104,6 +104,46 @@ def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen: torch.Generator
     return {"plain": plain, "svd": svd, "bases": bases}
 
 
+# aten ops that launch no kernel on a GPU (views, metadata, allocation): not counted as launches.
+_NO_KERNEL = {
+    "aten::view", "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::expand_as", "aten::t", "aten::transpose",
+    "aten::reshape", "aten::as_strided", "aten::select", "aten::slice", "aten::detach", "aten::alias",
+    "aten::lift_fresh", "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resize_", "aten::item",
+    "aten::_local_scalar_dense", "aten::result_type", "aten::is_nonzero", "aten::size", "aten::stride",
+}  # fmt: skip
+
+
+def op_counts(flavor: str, configs: list[tuple[str, OptimConfig]]) -> dict[str, tuple[int, int]]:
+    """{label: (aten ops, of them kernel-launching)} of one whole-model step() (the third: state exists and
+    GaLore's projector is fixed), counting the ops called from Python (not those nested inside other aten
+    ops): on a GPU each kernel-launching one is at least one kernel launch. CPU, real tensors."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_flavor(flavor))
+    out = {}
+    for label, cfg in configs:
+        fast = "[reference code]" not in label
+        spec = optimizer_spec(model, cfg)
+        if cfg.name == "adamw":
+            spec.kwargs.update(fused=True, foreach=None)
+        if not fast:
+            spec.kwargs.update(fast=False)
+        opt = spec.build()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        with torch.no_grad():
+            opt.step()
+            opt.step()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                opt.step()
+        top = [
+            e.name
+            for e in prof.events()
+            if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+        ]
+        out[label] = (len(top), sum(1 for n in top if n not in _NO_KERNEL))
+    return out
+
+
 def _subspace_gap(shapes: list[tuple[int, ...]], rank: int, gen: torch.Generator) -> tuple[float, float]:
     """Mean subspace distance randomized vs exact, on random gradients with a flat spectrum (worst
     case) and with a power-law spectrum s_i = 1/i (closer to real gradients)."""
@@ -131,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default="blocks", choices=["blocks", "all"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--ops-flavor", default="tiny", help="count the aten ops of a whole-model step on this model ('' = skip)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     with torch.device("meta"):
@@ -159,6 +202,15 @@ def main(argv: list[str] | None = None) -> int:
             results[label + " [randomized SVD]"] = bench(
                 model, replace(cfg, svd_method="randomized"), args.repeats, gen
             )
+    if args.ops_flavor:
+        model_params = sum(1 for _ in Transformer(ModelConfig.from_flavor(args.ops_flavor)).parameters())
+        configs = [(label, cfg) for label, cfg in rows]
+        configs += [(f"{label} [reference code]", cfg) for label, cfg in rows if cfg.name in ("adafactor", "adalomo")]
+        counts = op_counts(args.ops_flavor, configs)
+        print(f"aten ops per whole-model step() on the {args.ops_flavor} model ({model_params} parameters):")
+        print(f"{'optimizer':<36} {'ops':>6} {'kernel-launching':>17} {'per parameter':>14}")
+        for label, (ops, kernels) in counts.items():
+            print(f"{label:<36} {ops:6d} {kernels:17d} {kernels / model_params:14.1f}")
     ref = results["adamw (fused)"]["plain"]
     print(f"fused AdamW step: {ref * 1e3:.0f} ms")
     print(
