@@ -169,8 +169,7 @@ class Trainer:
         self.step_times: list[float] = []
         self.unchecked: list[tuple[int, StepOutput]] = []  # steps whose metrics are still on the device
         self.result = TrainResult(final_step=self.progress.step)
-        self.stop = StopFlag()
-        self.stop.install()  # restored when fit() ends
+        self.stop = StopFlag()  # its signal handlers are installed by fit(), for as long as it runs
 
     # ----- build -------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -459,6 +458,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg, result = self.cfg, self.result
         stop = self.stop
+        stop.install()  # restored when fit() ends
         try:
             if self.progress.step >= cfg.train.max_steps and self.progress.eval_pending:
                 self._record_start()
