@@ -20,19 +20,22 @@ Everything stays on the device: no host sync.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
-_WORKSPACE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+_WORKSPACE: dict[tuple[tuple[int, ...], torch.device, int], torch.Tensor] = {}
 
 
 def workspace(like: torch.Tensor) -> torch.Tensor:
-    """An fp32 buffer shaped like `like`, for one update's direction. CPU: one per (shape, device), reused (its
-    contents are overwritten; the caller must be done with it before the next update of that shape);
-    elsewhere a new tensor (the caching allocator reuses the memory)."""
+    """An fp32 buffer shaped like `like`, for one update's direction. CPU: one per (shape, device, thread),
+    reused (its contents are overwritten; the caller must be done with it before its thread's next update of
+    that shape). Per thread because updates may run concurrently: under DDP the fused updates run in the
+    callbacks of the buckets' all-reduce futures (trainer/ddp_fused.py), on gloo's threads. Elsewhere a new
+    tensor (the caching allocator reuses the memory)."""
     if like.device.type != "cpu":
         return torch.empty(like.shape, dtype=torch.float32, device=like.device)
-    key = (tuple(like.shape), like.device)
+    key = (tuple(like.shape), like.device, threading.get_ident())
     buf = _WORKSPACE.get(key)
     if buf is None:
         buf = _WORKSPACE[key] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
