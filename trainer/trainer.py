@@ -3,14 +3,17 @@
 Holds no model code (model/) and no optimizer math (optim/): it wires them together in named
 phases, each readable at once:
 
-    Trainer(cfg, info)   build: data (checked first: it fails fastest), model, update strategy,
-                         checkpointer, then restore() the latest checkpoint, then wrap the model
-    fit()                evaluate at step 0, then train_step() / log / evaluate / save until max_steps
-                         or a stop signal
-    train_step(step)     lr -> forward/backward over micro-batches -> finish_backward -> check -> commit
+    Trainer(cfg, info)   build: data (checked first: it fails fastest), model wrapped by its engine,
+                         update strategy, checkpointer, then restore() the latest checkpoint
+    fit()                evaluate at step 0, then train_step() / check / log / evaluate / save until
+                         max_steps or a stop signal
+    train_step(step)     set_lr -> compute_gradients (forward/backward over micro-batches) ->
+                         apply_update (finish_backward, commit); nothing read on the host
+    check_steps()        at log, eval and checkpoint steps: read the unchecked steps' losses and norms
+                         in one host sync; a non-finite one stops the run before anything is saved
 
-Every update strategy (ordinary or fused in backward, trainer/update.py) goes through the same
-loop: no branch on train.fused_update here.
+Every update strategy (ordinary, fused in backward, DeepSpeed's: trainer/update.py) goes through the
+same loop: no branch on train.fused_update or the engine here.
 """
 
 from __future__ import annotations
