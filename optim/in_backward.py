@@ -109,14 +109,13 @@ class InBackwardOptimizer:
         # before the update; save the updated parameter after it.
         self.reduce_grad: Callable[[torch.Tensor], None] | None = None
         self.after_update: Callable[[torch.Tensor], None] | None = None
-        self.grad_sq: dict[
-            str, torch.Tensor
-        ] = {}  # name -> its gradient's squared sum (0-d, device) in the armed backward
+        # name -> its gradient's squared sum in the armed backward (0-d, on the device: never read in a hook).
+        self.grad_sq: dict[str, torch.Tensor] = {}
         # Coupled update statistics: key -> member names in spec order; name -> key.
         self._members: dict[str, list[str]] = {}
         self._key_of: dict[str, str] = {}
         self._two_phase: dict[str, TwoPhaseUpdates] = {}  # name -> its optimizer, for coupled members
-        # key -> member name -> (U, sum U^2) from `prepare`, or None for a non-finite gradient.
+        # key -> member name -> (U, sum U^2) from `prepare`.
         self._pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.deferred_bytes = 0
         self.peak_deferred_bytes = 0
