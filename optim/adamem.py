@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optim import factored_kernels as kernels
 from optim.adafactor import (
     ADAFACTOR_KEYS,
     Adafactor,
@@ -70,7 +71,7 @@ from optim.config import AdamemVariant, OptimConfig, SecondMomentSource
 from optim.param_groups import LOWRANK_GROUP_KEYS, lowrank_split_groups, name_in_group
 from optim.projector import PROJECTOR_DEFAULTS, is_lowrank, project, projected_sharding, refresh_projector
 from optim.registry import OptimizerSpec, register
-from optim.sharding import local, sharding_of
+from optim.sharding import WHOLE, local, sharding_of
 
 VARIANTS: tuple[AdamemVariant, ...] = typing.get_args(AdamemVariant)
 SECOND_MOMENT_FROM: tuple[SecondMomentSource, ...] = typing.get_args(SecondMomentSource)
@@ -134,6 +135,9 @@ class AdaMeM(Adafactor):
         state["moment_step"] += 1
         t, t_m = state["step"], state["moment_step"]
         P = state["proj_left"]  # FSDP2 with g's rows split: this rank's rows of P
+        if self.fast and group["variant"] == "adamem" and p.dtype == torch.float32 and sharding_of(p) is WHOLE:
+            self._step_adamem_fast(p, g, P, state, group, t, t_m, transposed)
+            return
         R = project(g, state, sh)  # P^T g: all-reduced when g's rows are split
         r_sh = projected_sharding(sh, "left")  # R's (and M's) split: none, or g's columns
         # rank >= min(m, n): the residual is zero in exact arithmetic; make it exactly zero, or the
@@ -168,6 +172,53 @@ class AdaMeM(Adafactor):
             U = U.T
         lr_t = step_size(group, t, p)
         self.apply_delta(local(p), U * lr_t, lr_t, group["weight_decay"])
+
+    def _step_adamem_fast(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        P: torch.Tensor,
+        state: dict,
+        group: dict,
+        t: int,
+        t_m: int,
+        transposed: bool,
+    ) -> None:
+        """Steps 2-6 of the module docstring (variant adamem, whole fp32 matrix) in two m x n workspaces
+        (optim/factored_kernels.py): S = g - P R in place, its column statistic from S^2, N2 in place over S,
+        U = delta N2 + P N1 in one addmm, and the clip and lr folded into one scale. The r x n part is the
+        reference code's (small). Equal to the reference code to fp32 rounding
+        (tests/optim/test_factored_kernels.py)."""
+        R = P.T @ g
+        a, b = kernels.workspace(g, 0), kernels.workspace(g, 1)
+        if P.shape[1] >= g.shape[0]:  # the residual is exactly zero (see _step_param)
+            a.zero_()
+        else:
+            torch.sub(g, torch.matmul(P, R, out=a), out=a)  # S
+        beta1 = group["beta1"] or 0.0
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(R)
+        M = state["exp_avg"].mul_(beta1).add_(R, alpha=1.0 - beta1)
+        M_hat = M / (1.0 - beta1**t_m)
+        eps, eps1 = group["eps"], group["eps1"]
+        src = M_hat if group["second_moment_from"] == "momentum" else R
+        beta2_t, bias2 = beta2_at(group, t_m)
+        update_second_moment(state, "lr_", src * src + eps1, "factored", beta2_t)
+        N1 = divide_by_second_moment(state, "lr_", M_hat, "factored", bias2, eps)
+        beta2_t, bias2 = beta2_at(group, t)
+        cols = torch.mul(a, a, out=b).mean(dim=-2).add_(eps1)  # mean over rows of S^2 + eps1
+        if "res_exp_avg_sq_col" not in state:
+            state["res_exp_avg_sq_col"] = torch.zeros_like(cols)
+        col = state["res_exp_avg_sq_col"]
+        kernels.ema_(col, cols, beta2_t)
+        a.div_((col / bias2).sqrt_().add_(eps))  # N2 = S D3, over S
+        U = torch.addmm(a, P, N1, beta=group["delta"], out=b)  # delta N2 + P N1
+        lr_t = step_size(group, t, p)
+        scale = lr_t
+        if group["clip_threshold"] is not None:
+            scale = lr_t / (kernels.rms(U) / group["clip_threshold"]).clamp_(min=1.0)
+        decay = lr_t * group["weight_decay"] if group["weight_decay"] else None
+        kernels.apply_scaled(p, U.T if transposed else U, scale, decay)
 
     def state_shard_dim(self, p: torch.Tensor, group: dict, key: str, full_shape: Sequence[int]) -> int | None:
         """optim.sharding.ShardedState. A low-rank W (m x n) works on g = G (m <= n) or G^T (m > n), whose

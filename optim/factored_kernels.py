@@ -1,5 +1,5 @@
-"""The fast path of the rank-1 factored optimizers (Adafactor, AdaLomo) on a whole fp32 matrix: the same
-update as their readable reference code, in fewer passes over the matrix and without fresh m x n
+"""The fast path of the rank-1 factored optimizers (Adafactor, AdaLomo, AdaMeM's full-space part) on a whole
+fp32 matrix: the same update as their readable reference code, in fewer passes over the matrix and without fresh m x n
 temporaries (tested against the references to fp32 rounding: tests/optim/test_factored_kernels.py).
 
 Why: the reference code (optim/adafactor.py, optim/adalomo.py + optim/factorization.py) states the
@@ -24,18 +24,19 @@ import threading
 
 import torch
 
-_WORKSPACE: dict[tuple[tuple[int, ...], torch.device, int], torch.Tensor] = {}
+_WORKSPACE: dict[tuple[tuple[int, ...], torch.device, int, int], torch.Tensor] = {}
 
 
-def workspace(like: torch.Tensor) -> torch.Tensor:
-    """An fp32 buffer shaped like `like`, for one update's direction. CPU: one per (shape, device, thread),
-    reused (its contents are overwritten; the caller must be done with it before its thread's next update of
-    that shape). Per thread because updates may run concurrently: under DDP the fused updates run in the
-    callbacks of the buckets' all-reduce futures (trainer/ddp_fused.py), on gloo's threads. Elsewhere a new
-    tensor (the caching allocator reuses the memory)."""
+def workspace(like: torch.Tensor, slot: int = 0) -> torch.Tensor:
+    """An fp32 buffer shaped like `like`, for one update's direction. CPU: one per (shape, device, thread,
+    slot), reused: its contents are overwritten, so the caller must be done with it before its thread's next
+    update of that shape (`slot` tells apart two buffers of one update). Per thread because updates may run
+    concurrently: under DDP the fused updates run in the callbacks of the buckets' all-reduce futures
+    (trainer/ddp_fused.py), on gloo's threads. Elsewhere a new tensor (the caching allocator reuses the
+    memory)."""
     if like.device.type != "cpu":
         return torch.empty(like.shape, dtype=torch.float32, device=like.device)
-    key = (tuple(like.shape), like.device, threading.get_ident())
+    key = (tuple(like.shape), like.device, threading.get_ident(), slot)
     buf = _WORKSPACE.get(key)
     if buf is None:
         buf = _WORKSPACE[key] = torch.empty(like.shape, dtype=torch.float32, device=like.device)

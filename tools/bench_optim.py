@@ -12,7 +12,9 @@ without an SVD (median of `repeats` steps after the
 first), the step time of a projector-refresh step (SVD; `update_proj_gap=1`), both relative to
 fused AdamW, and the SVD's amortised share of the average step at T = 200, for the exact SVD and
 the randomized one (`svd_method: randomized`), with the subspace difference between the two
-(mean over matrices of || P_exact P_exact^T - P_rand P_rand^T ||_F / sqrt(2 r)).
+(mean over matrices of || P_exact P_exact^T - P_rand P_rand^T ||_F / sqrt(2 r)). Low-rank methods also
+get their floor (the issue's: their projection matmuls timed alone plus an elementwise step like
+Adafactor's; `lowrank_floor`) and their step time over it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 
 from data.paths import sample_tokens_dir
 from model import ModelConfig, Transformer
-from optim import OptimConfig, optimizer_spec
+from optim import Adafactor, OptimConfig, optimizer_spec
 from optim.param_groups import group_options
 from optim.projector import compute_bases
 from optim.registry import OptimizerSpec
@@ -85,7 +87,7 @@ def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen: torch.Generator
     if not fast:
         spec.kwargs.update(fast=False)
     kinds, examples = _kinds(spec)
-    plain = svd = 0.0
+    plain = svd = floor = 0.0
     bases: list[tuple[tuple[int, ...], dict[str, torch.Tensor]]] = []
     for key, count in kinds.items():
         shape, _ = key
@@ -93,6 +95,7 @@ def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen: torch.Generator
         lowrank = options.get("rank") is not None and len(shape) == 2
         first, later, _ = _time_single_parameter(spec.cls, options, spec.kwargs, shape, repeats, gen)
         plain += count * later
+        floor += count * (lowrank_floor(cfg.name, shape, options["rank"], repeats, gen) if lowrank else later)
         if lowrank:
             # a refresh on every step: median of `repeats` SVD steps (not the first: allocation)
             _, refresh, state = _time_single_parameter(
@@ -102,7 +105,50 @@ def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen: torch.Generator
             bases.append((shape, {k: state[k] for k in ("proj_left", "proj_right") if k in state}))
         else:
             svd += count * later
-    return {"plain": plain, "svd": svd, "bases": bases}
+    return {"plain": plain, "svd": svd, "bases": bases, "floor": floor}
+
+
+def _median_time(fn: Any, repeats: int) -> float:
+    fn()  # allocation, first touch
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def lowrank_floor(name: str, shape: tuple[int, ...], rank: int, repeats: int, gen: torch.Generator) -> float:
+    """The issue's floor of one low-rank matrix's step: its projection matmuls timed alone (GaLore: P^T G and
+    P N; AdaMeM: also P R for the residual) plus an elementwise step like Adafactor's: fused AdamW
+    (GaLore-AdamW) or Adafactor's fast path (the others) on the r x n projected gradient, and one pass over the
+    m x n weights (GaLore) or Adafactor's fast path on the m x n residual (AdaMeM)."""
+    m, n = sorted(shape)  # both methods project the smaller side
+    g = torch.randn(m, n, generator=gen)
+    basis = torch.linalg.qr(torch.randn(m, rank, generator=gen)).Q
+    low = torch.randn(rank, n, generator=gen)
+    w = torch.randn(m, n, generator=gen)
+    matmuls = _median_time(lambda: basis.T @ g, repeats) + _median_time(lambda: basis @ low, repeats)
+    if name == "adamem":
+        matmuls += _median_time(lambda: basis @ low, repeats)
+
+    def one_step(make: Any, rows: int) -> float:
+        p = nn.Parameter(torch.randn(rows, n, generator=gen))
+        p.grad = torch.randn(rows, n, generator=gen)
+        opt = make([p])
+        return _median_time(opt.step, repeats)
+
+    if name == "galore_adamw":
+        small = one_step(lambda ps: torch.optim.AdamW(ps, fused=True), rank)
+        full = _median_time(lambda: w.add_(g, alpha=-1e-3), repeats)
+    else:
+        small = one_step(lambda ps: Adafactor(ps, lr=1e-3, beta1=0.9), rank)
+        full = (
+            one_step(lambda ps: Adafactor(ps, lr=1e-3), m)
+            if name == "adamem"
+            else _median_time(lambda: w.add_(g, alpha=-1e-3), repeats)
+        )
+    return matmuls + small + full
 
 
 # aten ops that launch no kernel on a GPU (views, metadata, allocation): not counted as launches.
@@ -244,15 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fused AdamW step: {ref * 1e3:.0f} ms")
     print(
         f"{'optimizer':<36} {'step ms':>8} {'x AdamW':>8} {'SVD-step ms':>12} {'x AdamW':>8} "
-        f"{'avg@T=200 x':>12} {'SVD share':>10}"
+        f"{'avg@T=200 x':>12} {'SVD share':>10} {'floor x AdamW':>14} {'step / floor':>13}"
     )
     for label, r in results.items():
         svd_extra = r["svd"] - r["plain"]
         avg = r["plain"] + svd_extra / T_PAPER
         share = (svd_extra / T_PAPER) / avg if r["bases"] else 0.0
+        floor = f"{r['floor'] / ref:14.2f} {r['plain'] / r['floor']:13.2f}" if r["bases"] else f"{'-':>14} {'-':>13}"
         print(
             f"{label:<36} {r['plain'] * 1e3:8.0f} {r['plain'] / ref:8.2f} {r['svd'] * 1e3:12.0f} "
-            f"{r['svd'] / ref:8.2f} {avg / ref:12.2f} {share:10.1%}"
+            f"{r['svd'] / ref:8.2f} {avg / ref:12.2f} {share:10.1%} {floor}"
         )
     shapes = sorted({tuple(sorted(sh)) for sh, _ in results["adamem"]["bases"]})
     flat, decayed = _subspace_gap(shapes, args.rank, gen)

@@ -81,3 +81,34 @@ def test_adalomo_modes_off_the_fast_path_run_the_reference_bit_for_bit(kw):
     _close(
         _train(lambda ps: AdaLomo(ps, lr=1e-2, **kw)), _train(lambda ps: AdaLomo(ps, lr=1e-2, fast=False, **kw)), True
     )
+
+
+ADAMEM_SHAPES = [(16, 48), (48, 16), (8, 40), (4, 12)]  # wide, tall (transposed), rank < m, rank >= m (S = 0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(clip_threshold=1.0, weight_decay=0.1),
+        dict(scale_parameter=True, relative_step=True, beta2_decay=-0.8),
+        dict(second_moment_from="gradient", beta1=None, moments_on_proj_change="reset"),
+    ],
+    ids=["default", "clip_decay", "relative", "gradient_reset"],
+)
+def test_adamem_fast_path_equals_the_reference(kw):
+    from optim.adamem import AdaMeM
+
+    def train(fast: bool) -> tuple[list[torch.Tensor], dict]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in ADAMEM_SHAPES]
+        group = {"params": params, "rank": 6, "update_proj_gap": 3, "names": [f"w{i}" for i in range(len(params))]}
+        opt = AdaMeM([group], lr=1e-2, fast=fast, **{"beta1": 0.9, **kw})
+        g = torch.Generator().manual_seed(1)
+        for step in range(7):  # projector refreshes at steps 1, 4, 7
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g) * (0.1 if step % 2 else 3.0)
+            opt.step()
+        return [p.detach() for p in params], opt.state
+
+    _close(train(True), train(False), exact=False)
