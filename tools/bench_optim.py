@@ -6,7 +6,7 @@ Method: step() is a loop over parameters whose per-parameter cost depends only o
 the group options, so each distinct (shape, group) is timed with a single-parameter optimizer built
 from the registry's spec (fp32, random gradients), and the model's step time is the sum over
 parameters (count x time). This keeps 550m-sized benchmarks to a few minutes of CPU.
-Adafactor and AdaLomo are timed twice: their fast path (optim/factored_kernels.py, what the trainer
+Adafactor, AdaLomo and AdaMeM are timed twice: their fast path (optim/factored_kernels.py, what the trainer
 runs) and their readable reference code (`[reference code]`). Per optimizer it prints: the step time
 without an SVD (median of `repeats` steps after the
 first), the step time of a projector-refresh step (SVD; `update_proj_gap=1`), both relative to
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for label, cfg in rows:
         results[label] = bench(model, cfg, args.repeats, gen)
-        if cfg.name in ("adafactor", "adalomo"):  # the readable reference code, which the fast path replaces
+        if cfg.name in ("adafactor", "adalomo", "adamem"):  # the readable reference code the fast path replaces
             results[label + " [reference code]"] = bench(model, cfg, args.repeats, gen, fast=False)
         if cfg.rank and cfg.name in ("galore_adamw", "galore_adafactor", "adamem"):
             results[label + " [randomized SVD]"] = bench(
@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ops_flavor:
         model_params = sum(1 for _ in Transformer(ModelConfig.from_flavor(args.ops_flavor)).parameters())
         configs = [(label, cfg) for label, cfg in rows]
-        configs += [(f"{label} [reference code]", cfg) for label, cfg in rows if cfg.name in ("adafactor", "adalomo")]
+        configs += [
+            (f"{label} [reference code]", cfg) for label, cfg in rows if cfg.name in ("adafactor", "adalomo", "adamem")
+        ]
         counts = op_counts(args.ops_flavor, configs)
         print(f"aten ops per whole-model step() on the {args.ops_flavor} model ({model_params} parameters):")
         print(f"{'optimizer':<36} {'ops':>6} {'kernel-launching':>17} {'per parameter':>14}")
