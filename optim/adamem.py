@@ -71,7 +71,7 @@ from optim.config import AdamemVariant, OptimConfig, SecondMomentSource
 from optim.param_groups import LOWRANK_GROUP_KEYS, lowrank_split_groups, name_in_group
 from optim.projector import PROJECTOR_DEFAULTS, is_lowrank, project, projected_sharding, refresh_projector
 from optim.registry import OptimizerSpec, register
-from optim.sharding import WHOLE, local, sharding_of
+from optim.sharding import WHOLE, Sharding, local, sharding_of
 
 VARIANTS: tuple[AdamemVariant, ...] = typing.get_args(AdamemVariant)
 SECOND_MOMENT_FROM: tuple[SecondMomentSource, ...] = typing.get_args(SecondMomentSource)
@@ -144,11 +144,7 @@ class AdaMeM(Adafactor):
         # one-sided normaliser would blow its rounding noise (~1e-7 |G|) up to O(1) updates.
         S = torch.zeros_like(g) if P.shape[1] >= sh.full_shape(g)[0] else g - P @ R
         delta = group["delta"]
-        beta1 = group["beta1"] or 0.0
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(R)
-        M = state["exp_avg"].mul_(beta1).add_(R, alpha=1.0 - beta1)
-        M_hat = M / (1.0 - beta1**t_m)
+        M_hat = self._momentum(state, R, group, t_m)
         eps, eps1 = group["eps"], group["eps1"]
         if group["variant"] == "variant1":
             X = P @ M_hat
@@ -157,10 +153,7 @@ class AdaMeM(Adafactor):
             update_second_moment(state, "", X * X + eps1, "factored", beta2_t, sh)
             U = divide_by_second_moment(state, "", X, "factored", bias2, eps, sh)
         else:
-            src = M_hat if group["second_moment_from"] == "momentum" else R
-            beta2_t, bias2 = beta2_at(group, t_m)
-            update_second_moment(state, "lr_", src * src + eps1, "factored", beta2_t, r_sh)
-            N1 = divide_by_second_moment(state, "lr_", M_hat, "factored", bias2, eps, r_sh)
+            N1 = self._lowrank_direction(state, R, M_hat, group, t_m, r_sh)
             mode = "cols" if group["variant"] == "adamem" else "factored"
             beta2_t, bias2 = beta2_at(group, t)
             update_second_moment(state, "res_", S * S + eps1, mode, beta2_t, sh)
@@ -172,6 +165,25 @@ class AdaMeM(Adafactor):
             U = U.T
         lr_t = step_size(group, t, p)
         self.apply_delta(local(p), U * lr_t, lr_t, group["weight_decay"])
+
+    @staticmethod
+    def _momentum(state: dict, R: torch.Tensor, group: dict, t_m: int) -> torch.Tensor:
+        """Step 3: M = b1 M + (1 - b1) R in the state; returns M_hat."""
+        beta1 = group["beta1"] or 0.0
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(R)
+        M = state["exp_avg"].mul_(beta1).add_(R, alpha=1.0 - beta1)
+        return M / (1.0 - beta1**t_m)
+
+    @staticmethod
+    def _lowrank_direction(
+        state: dict, R: torch.Tensor, M_hat: torch.Tensor, group: dict, t_m: int, r_sh: Sharding
+    ) -> torch.Tensor:
+        """Step 4: N1, two-sided Adafactor on M_hat in the low-rank space (statistics of M_hat or R)."""
+        src = M_hat if group["second_moment_from"] == "momentum" else R
+        beta2_t, bias2 = beta2_at(group, t_m)
+        update_second_moment(state, "lr_", src * src + group["eps1"], "factored", beta2_t, r_sh)
+        return divide_by_second_moment(state, "lr_", M_hat, "factored", bias2, group["eps"], r_sh)
 
     def _step_adamem_fast(
         self,
@@ -195,16 +207,9 @@ class AdaMeM(Adafactor):
             a.zero_()
         else:
             torch.sub(g, torch.matmul(P, R, out=a), out=a)  # S
-        beta1 = group["beta1"] or 0.0
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(R)
-        M = state["exp_avg"].mul_(beta1).add_(R, alpha=1.0 - beta1)
-        M_hat = M / (1.0 - beta1**t_m)
+        M_hat = self._momentum(state, R, group, t_m)
+        N1 = self._lowrank_direction(state, R, M_hat, group, t_m, WHOLE)
         eps, eps1 = group["eps"], group["eps1"]
-        src = M_hat if group["second_moment_from"] == "momentum" else R
-        beta2_t, bias2 = beta2_at(group, t_m)
-        update_second_moment(state, "lr_", src * src + eps1, "factored", beta2_t)
-        N1 = divide_by_second_moment(state, "lr_", M_hat, "factored", bias2, eps)
         beta2_t, bias2 = beta2_at(group, t)
         cols = torch.mul(a, a, out=b).mean(dim=-2).add_(eps1)  # mean over rows of S^2 + eps1
         if "res_exp_avg_sq_col" not in state:
