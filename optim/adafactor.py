@@ -60,6 +60,7 @@ from optim.fp32_state import FP32StateOptimizer
 from optim.param_groups import DECAY_GROUP_KEYS, decay_split_groups
 from optim.projector import ProjectorCounters
 from optim.registry import OptimizerSpec, register
+from optim.rms import rms
 from optim.sharding import WHOLE, Sharding, local, sharding_of
 
 MOMENTUM_STYLES: tuple[MomentumStyle, ...] = typing.get_args(MomentumStyle)
@@ -313,7 +314,7 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         torch.div(x, u, out=u)  # u = x D, before the bias correction
         scale = lr_t / bias1
         if group["clip_threshold"] is not None:
-            scale = scale / (kernels.rms(u) / (bias1 * group["clip_threshold"])).clamp_(min=1.0)
+            scale = scale / (rms(u) / (bias1 * group["clip_threshold"])).clamp_(min=1.0)
         decay = lr_t * group["weight_decay"] if group["weight_decay"] else None
         kernels.apply_scaled(p, u, scale, decay)
 

@@ -68,6 +68,7 @@ from optim.config import OptimConfig, UpdateNorm
 from optim.fp32_state import FP32StateOptimizer
 from optim.param_groups import DECAY_GROUP_KEYS, decay_split_groups
 from optim.registry import OptimizerSpec, register
+from optim.rms import rms
 from optim.sharding import WHOLE, Sharding, local, sharding_of
 
 UPDATE_NORMS: tuple[UpdateNorm, ...] = typing.get_args(UpdateNorm)
@@ -295,10 +296,10 @@ class AdaLomo(FP32StateOptimizer):
         kernels.ema_(row, rows, beta)
         kernels.ema_(col, cols, beta)
         torch.outer((row / row.mean()).rsqrt_(), col.rsqrt(), out=u).mul_(g)
-        eta = kernels.rms(p).clamp_(min=group["eps2"]).mul_(group["lr"])  # RMS(theta) before the update
+        eta = rms(p).clamp_(min=group["eps2"]).mul_(group["lr"])  # RMS(theta) before the update
         scale = eta
         if group["update_norm"] == "grouped":
-            scale = eta / kernels.rms(u).div_(group["clip_threshold"]).clamp_(min=1.0)
+            scale = eta / rms(u).div_(group["clip_threshold"]).clamp_(min=1.0)
         kernels.apply_scaled(p, u, scale, eta * group["weight_decay"] if group["weight_decay"] else None)
 
     @torch.no_grad()

@@ -71,6 +71,7 @@ from optim.config import AdamemVariant, OptimConfig, SecondMomentSource
 from optim.param_groups import LOWRANK_GROUP_KEYS, lowrank_split_groups, name_in_group
 from optim.projector import PROJECTOR_DEFAULTS, is_lowrank, project, projected_sharding, refresh_projector
 from optim.registry import OptimizerSpec, register
+from optim.rms import rms
 from optim.sharding import WHOLE, Sharding, local, sharding_of
 
 VARIANTS: tuple[AdamemVariant, ...] = typing.get_args(AdamemVariant)
@@ -221,7 +222,7 @@ class AdaMeM(Adafactor):
         lr_t = step_size(group, t, p)
         scale = lr_t
         if group["clip_threshold"] is not None:
-            scale = lr_t / (kernels.rms(U) / group["clip_threshold"]).clamp_(min=1.0)
+            scale = lr_t / (rms(U) / group["clip_threshold"]).clamp_(min=1.0)
         decay = lr_t * group["weight_decay"] if group["weight_decay"] else None
         kernels.apply_scaled(p, U.T if transposed else U, scale, decay)
 

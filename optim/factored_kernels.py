@@ -19,7 +19,6 @@ Everything stays on the device: no host sync.
 
 from __future__ import annotations
 
-import math
 import threading
 
 import torch
@@ -54,15 +53,11 @@ def ema_(stat: torch.Tensor, value: torch.Tensor, beta: float) -> None:
     stat.mul_(beta).add_(value, alpha=1.0 - beta)
 
 
-def rms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
-
-
 def apply_scaled(
     p: torch.Tensor, u: torch.Tensor, scale: torch.Tensor | float, decay: torch.Tensor | float | None
 ) -> None:
-    """p <- p * (1 - decay) - scale * u, in place (`decay` None or 0: no decay)."""
-    if decay is not None and not (isinstance(decay, float) and decay == 0.0):
+    """p <- p * (1 - decay) - scale * u, in place (`decay` None: no decay)."""
+    if decay is not None:
         p.mul_(1.0 - decay)
     if torch.is_tensor(scale):
         p.addcmul_(u, scale, value=-1.0)

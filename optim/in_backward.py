@@ -52,10 +52,11 @@ Non-finite gradients, without a host sync: each gradient's squared sum stays a d
 (`grad_sq`, per parameter, of the armed backward) and the update is applied whatever it holds; the
 trainer reads the step's norm (`grad_norm()`: inf or nan when any gradient was non-finite) with its
 other metrics at its next check and stops there, without saving, naming the step
-(`nonfinite_names()` lists the parameters, one sync, for that message). A non-finite gradient turns
-its parameter (and, for a coupled group, the group) into NaN: the last checkpoint, saved before this
-step after a check that passed, is the consistent state to resume from. A per-parameter decision on
-the host would stall the GPU once per parameter; a decision on the device cannot undo an update.
+(`nonfinite_names()` lists the last armed backward's offending parameters, one sync, for diagnosis).
+A non-finite gradient turns its parameter (and, for a coupled group, the group) into NaN: the last
+checkpoint, saved before this step after a check that passed, is the consistent state to resume from.
+A per-parameter decision on the host would stall the GPU once per parameter; a decision on the device
+cannot undo an update.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ class InBackwardOptimizer:
         return torch.stack(list(self.grad_sq.values())).sum().sqrt()
 
     def nonfinite_names(self) -> list[str]:
-        """The parameters whose gradient was non-finite in the armed backward (one host sync: for messages)."""
+        """The parameters whose gradient was non-finite in the last armed backward (one host sync: for diagnosis)."""
         if not self.grad_sq:
             return []
         finite = torch.isfinite(torch.stack(list(self.grad_sq.values()))).tolist()

@@ -39,7 +39,6 @@ import torch
 
 from data.paths import sample_tokens_dir
 from model import ModelConfig
-from optim import OptimConfig
 from trainer.config import Config, load_config
 from trainer.distributed import DistInfo
 from trainer.hardware import device_peak_flops
@@ -112,16 +111,25 @@ def time_steps(trainer: Trainer, steps: int, first: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in parts.items()}
 
 
-def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path) -> dict[str, Any]:
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-    info = DistInfo(0, 1, 0, device)
-    cfg = bench_config(args, optimizer, tmp / optimizer, gap=10**9)
+def resolve_device(choice: str) -> torch.device:
+    """--device: auto = CUDA when visible, as train.device."""
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def warmed_trainer(cfg: Config, info: DistInfo, warmup: int) -> Trainer:
+    """The trainer of `cfg` after `warmup` steps (the optimizer state, the first projector, compilation)."""
     trainer = Trainer(cfg, info)
     batches = trainer.data.batches(0)
-    for step in range(args.warmup):  # state, the first projector, compilation
+    for step in range(warmup):
         trainer.train_step(step, *next(batches))
+    return trainer
+
+
+def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    info = DistInfo(0, 1, 0, device)
+    cfg = bench_config(args, optimizer, tmp / optimizer, gap=10**9)
+    trainer = warmed_trainer(cfg, info, args.warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = time_steps(trainer, args.steps, args.warmup)
@@ -131,14 +139,12 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path) -> dict[str, 
     amortised = times["step"]
     if optimizer in LOW_RANK:  # a refresh step (an SVD per matrix), amortised over T steps
         gap = args.proj_gap
-        refresh_trainer = Trainer(bench_config(args, optimizer, tmp / f"{optimizer}_refresh", gap=1), info)
-        refresh_batches = refresh_trainer.data.batches(0)
-        for step in range(args.warmup):
-            refresh_trainer.train_step(step, *next(refresh_batches))
+        refresh_trainer = warmed_trainer(
+            bench_config(args, optimizer, tmp / f"{optimizer}_refresh", gap=1), info, args.warmup
+        )
         refresh = time_steps(refresh_trainer, max(1, args.steps // 2), args.warmup)["step"]
         amortised = (refresh + (gap - 1) * times["step"]) / gap
-    optim_cfg = OptimConfig(name=optimizer, **_optim_extra(cfg))
-    accounted = measure(cfg.model, optim_cfg, cfg.train.fused_update, args.micro_batch, args.seq_len, "meta")
+    accounted = measure(cfg.model, cfg.optim, cfg.train.fused_update, args.micro_batch, args.seq_len, "meta")
     flops = trainer.flops.cumulative(1)  # one steady step (no refresh at T = 10**9)
     peak_flops = device_peak_flops(device)
     return dict(
@@ -153,11 +159,6 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path) -> dict[str, 
         syncs=syncs.total,
         sync_sites=dict(syncs.sites),
     )
-
-
-def _optim_extra(cfg: Config) -> dict[str, Any]:
-    o = cfg.optim
-    return {"rank": o.rank, "update_proj_gap": o.update_proj_gap, "lr": o.lr} if o.name in LOW_RANK else {"lr": o.lr}
 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, device: str) -> None:
@@ -203,10 +204,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         for optimizer in args.optim:
             rows.append(bench_one(args, optimizer, Path(tmp)))
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    print_table(
-        rows, args, torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    )
+    cuda = resolve_device(args.device).type == "cuda"
+    print_table(rows, args, torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads")
     return rows
 
 

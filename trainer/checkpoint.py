@@ -340,16 +340,20 @@ class Checkpointer:
                 for old in list_checkpoints(self.directory)[: -self.keep_last]:
                     remove_checkpoint(old)
             return path if info.is_main else None
-        state = {name: component.state_dict() for name, component in self.components.items()}
-        return save_checkpoint(self.directory, step, {**metadata, **state}, self.keep_last) if info.is_main else None
+        if not info.is_main:
+            self.state_dicts()  # a component may gather its state (a collective): every rank takes part
+            return None
+        return self.save(step, metadata)
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)
 
+    def state_dicts(self) -> dict[str, Any]:
+        return {name: component.state_dict() for name, component in self.components.items()}
+
     def save(self, step: int, metadata: dict[str, Any]) -> Path:
         """Write every component's state (plus `metadata`, e.g. the config) as `step`'s checkpoint file."""
-        state = {name: component.state_dict() for name, component in self.components.items()}
-        return save_checkpoint(self.directory, step, {**metadata, **state}, self.keep_last)
+        return save_checkpoint(self.directory, step, {**metadata, **self.state_dicts()}, self.keep_last)
 
     def restore(self, path: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
         """Load `path` (or `state`, already loaded from it) into every component; returns the whole

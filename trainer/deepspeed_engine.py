@@ -140,11 +140,16 @@ def write_own_slice(p: Any, rank: int) -> None:
     """Copy rank `rank`'s flat slice of the gathered parameter `p` into its ZeRO-3 partition (ZeRO-3 splits
     the flattened tensor into equal parts of ceil(numel / W), the last padded)."""
     _check_gathered(p)
+    copy_own_slice(p, p.data, rank)
+
+
+def copy_own_slice(p: Any, full: torch.Tensor, rank: int) -> None:
+    """Copy rank `rank`'s flat slice of `full` (p's whole value) into p's ZeRO-3 partition `ds_tensor`."""
     part = p.ds_tensor
     start = part.numel() * rank
     count = max(0, min(part.numel(), p.ds_numel - start))
     if count:
-        part.narrow(0, 0, count).copy_(p.data.reshape(-1).narrow(0, start, count))
+        part.narrow(0, 0, count).copy_(full.reshape(-1).narrow(0, start, count).to(part.device, part.dtype))
 
 
 def _check_gathered(p: Any) -> None:
@@ -192,8 +197,4 @@ class GatheredModelState:
             p = params[name]
             if tuple(full.shape) != tuple(p.ds_shape):
                 raise ValueError(f"{name}: the checkpoint has shape {tuple(full.shape)}, the model {tuple(p.ds_shape)}")
-            part = p.ds_tensor
-            start = part.numel() * self.info.rank
-            count = max(0, min(part.numel(), p.ds_numel - start))
-            if count:
-                part.narrow(0, 0, count).copy_(full.reshape(-1).narrow(0, start, count).to(part.device, part.dtype))
+            copy_own_slice(p, full, self.info.rank)

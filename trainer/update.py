@@ -22,7 +22,7 @@ whose `step()` is a no-op):
 DeepSpeed's AdamW (trainer/deepspeed_engine.StepInDeepSpeed) is a third: backward through its engine,
 and ZeRO's step in `finish_backward`.
 
-Both own `state_dict` / `load_state_dict` (the optimizer's state as the checkpoint stores it) and
+The first two own `state_dict` / `load_state_dict` (the optimizer's state as the checkpoint stores it) and
 `counters()` (cumulative optimizer counters for the logs), and `state_of(p)` (one parameter's
 optimizer state, which ReLoRA's restarts prune: trainer/relora.py). The peak learning rates come from the
 config, never from a checkpoint, so `--optim.lr` may change on resume.
