@@ -129,21 +129,33 @@ def test_a_dying_rank_takes_the_job_down_within_seconds(tmp_path, sample_tokens)
             os.killpg(job.pid, signal.SIGKILL)
 
 
+def two_step_job_on_two_ranks(run_dir, tokens, *engine_args: str) -> str:
+    """torchrun with 2 ranks: 2 steps of the tiny config in `run_dir`, checkpointed at step 2; its stdout."""
+    overrides = tiny_overrides(
+        run_dir, tokens, **{"train.max_steps": 2, "eval.interval": 2, "train.micro_batch": 1, "checkpoint.interval": 2}
+    )
+    out = subprocess.run(
+        launched("torch.distributed.run", 2, *overrides, *engine_args),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
 def test_fsdp2_through_torchrun_trains_and_saves_a_sharded_checkpoint(tmp_path, sample_tokens):
     """The documented launch: `torchrun ... train.py CONFIG --train.engine=fsdp2`, fused AdaLomo."""
     run_dir = tmp_path / "fsdp2"
-    overrides = tiny_overrides(
+    stdout = two_step_job_on_two_ranks(
         run_dir,
         sample_tokens,
-        **{"train.max_steps": 2, "eval.interval": 2, "train.micro_batch": 1, "checkpoint.interval": 2},
+        *["--train.engine=fsdp2", "--optim.name=adalomo", "--optim.lr=1e-3", "--train.fused_update=true"],
+        "--train.max_grad_norm=0",
     )
-    cmd = launched("torch.distributed.run", 2, *overrides, "--train.engine=fsdp2", "--optim.name=adalomo")
-    cmd += ["--optim.lr=1e-3", "--train.fused_update=true", "--train.max_grad_norm=0"]
-    out = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "(fused in backward)" in out.stdout and "2 rank(s)" in out.stdout
+    assert "(fused in backward)" in stdout and "2 rank(s)" in stdout
     saved = ckpt.latest_checkpoint(run_dir / "checkpoints")
     assert (
         saved is not None
@@ -159,17 +171,8 @@ def test_fsdp2_through_torchrun_trains_and_saves_a_sharded_checkpoint(tmp_path, 
 def test_deepspeed_through_torchrun_trains_and_saves_its_checkpoint(tmp_path, sample_tokens):
     """The documented launch: `torchrun ... train.py CONFIG --train.engine=deepspeed`, AdamW at ZeRO-3."""
     run_dir = tmp_path / "deepspeed"
-    overrides = tiny_overrides(
-        run_dir,
-        sample_tokens,
-        **{"train.max_steps": 2, "eval.interval": 2, "train.micro_batch": 1, "checkpoint.interval": 2},
-    )
-    cmd = launched("torch.distributed.run", 2, *overrides, "--train.engine=deepspeed", "--train.zero_stage=3")
-    out = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "2 rank(s) (deepspeed ZeRO-3)" in out.stdout
+    stdout = two_step_job_on_two_ranks(run_dir, sample_tokens, "--train.engine=deepspeed", "--train.zero_stage=3")
+    assert "2 rank(s) (deepspeed ZeRO-3)" in stdout
     saved = ckpt.latest_checkpoint(run_dir / "checkpoints")
     assert saved is not None and saved.name == "step_00000002"
     assert sorted(p.name for p in saved.glob("*optim_states.pt")) == [

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+import torch.distributed as dist
 
 from trainer.checkpoint import checkpoint_path, load_checkpoint
 from trainer.config import Config, load_config
@@ -64,6 +67,43 @@ def final_model(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 def losses(run_dir: Path) -> dict[int, float]:
     """{step: train loss} from a run's metrics.jsonl."""
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r}
+
+
+def max_rel_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max over tensors of ||a - b|| / ||b||: the relative difference of each parameter."""
+    return max(float(torch.linalg.vector_norm(a[k] - b[k]) / torch.linalg.vector_norm(b[k])) for k in b)
+
+
+def follows_reference(run_dir: Path, reference_dir: Path, steps: int) -> float:
+    """Assert that `run_dir` logged the loss of steps 1..`steps` as `reference_dir` did, to 1e-5 relative;
+    return the max relative parameter difference of their step-`steps` models (max_rel_difference)."""
+    got, want = losses(run_dir), losses(reference_dir)
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1)), run_dir.name
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (run_dir.name, step)
+    return max_rel_difference(final_model(run_dir, steps), final_model(reference_dir, steps))
+
+
+def assert_identical_runs(run_dir: Path, reference_dir: Path, step: int) -> None:
+    """The same losses and, bit for bit, the same step-`step` model."""
+    assert losses(run_dir) == losses(reference_dir), run_dir.name
+    got = final_model(run_dir, step)
+    for key, value in final_model(reference_dir, step).items():
+        assert torch.equal(got[key], value), (run_dir.name, key)
+
+
+def train_as_rank(rank: int, world: int, store: str, overrides: list[str]) -> None:
+    """The trainer (configs/tiny.yaml + `overrides`) on this rank, as torchrun would start it. Its process
+    group comes from a file store (`store`, one per job), not a TCP port: a port picked in advance may be
+    taken by then (gloo's own connections use ephemeral ports), and a rank that fails to bind would leave the
+    other waiting. The trainer finds the group initialised, uses it, and ends it when it returns."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
+    train(load_config("configs/tiny.yaml", overrides))
 
 
 def run(tmp_path: Path, tokens: Path, name: str = "run", /, **extra: Any) -> tuple[Config, TrainResult]:

@@ -9,11 +9,9 @@ import json
 from typing import Any
 
 import pytest
-import torch
 
 from tests.helpers.gloo import run_ranks
-from tests.helpers.runs import final_model, losses, run, tiny_overrides
-from tests.trainer.test_engines import _max_rel, _train_as_rank
+from tests.helpers.runs import assert_identical_runs, follows_reference, run, tiny_overrides, train_as_rank
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, deepspeed_config, load_config
 from trainer.dist_checkpoint import read_extras
@@ -45,7 +43,7 @@ def _deepspeed_jobs_on_ranks(rank: int, world: int, jobs: list[tuple[str, list[s
 
     for store, overrides in jobs:
         importlib.reload(deepspeed.utils.groups)
-        _train_as_rank(rank, world, store, overrides)
+        train_as_rank(rank, world, store, overrides)
 
 
 def _reference(extra: dict[str, object]) -> dict[str, object]:
@@ -78,13 +76,7 @@ def test_deepspeed_on_two_ranks_trains_like_one_process_and_resumes_exactly(tmp_
     figures = {}
     for name, extra in CASES.items():
         run(tmp_path, sample_tokens, f"one_{name}", **COMMON, **_reference(extra))
-        one, two = losses(tmp_path / f"one_{name}"), losses(tmp_path / f"ds_{name}")
-        assert sorted(one) == sorted(two) == list(range(1, STEPS + 1)), name
-        for step in one:
-            assert two[step] == pytest.approx(one[step], rel=1e-5), (name, step)
-        figures[name] = _max_rel(
-            final_model(tmp_path / f"ds_{name}", STEPS), final_model(tmp_path / f"one_{name}", STEPS)
-        )
+        figures[name] = follows_reference(tmp_path / f"ds_{name}", tmp_path / f"one_{name}", STEPS)
     print("max relative parameter difference, 2 deepspeed ranks vs 1 process:", figures)
     # As under fsdp2 (tests/trainer/test_engines.py): fp32 summation order, amplified by Adam on tiny gradients.
     assert max(figures.values()) < 5e-5, figures
@@ -95,19 +87,11 @@ def test_deepspeed_on_two_ranks_trains_like_one_process_and_resumes_exactly(tmp_
     assert (stage3 / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
     assert (tmp_path / "stop_adalomo_zero3" / "checkpoints" / "step_00000002.pt").is_file()  # gathered single file
     for name in ("adamw_zero3", "adalomo_zero3"):
-        assert losses(tmp_path / f"stop_{name}") == losses(tmp_path / f"ds_{name}"), name  # bit for bit
-        stopped, straight = final_model(tmp_path / f"stop_{name}", STEPS), final_model(tmp_path / f"ds_{name}", STEPS)
-        for key, value in straight.items():
-            assert torch.equal(stopped[key], value), (name, key)
+        assert_identical_runs(tmp_path / f"stop_{name}", tmp_path / f"ds_{name}", STEPS)
 
     run(tmp_path, sample_tokens, "two_then_one", **_reference(lomo))
-    reference = losses(tmp_path / "one_adalomo_zero3")
     for resumed in ("one_then_two", "two_then_one"):
-        got = losses(tmp_path / resumed)
-        assert sorted(got) == sorted(reference), resumed
-        for step in reference:
-            assert got[step] == pytest.approx(reference[step], rel=1e-5), (resumed, step)
-        moved = _max_rel(final_model(tmp_path / resumed, STEPS), final_model(tmp_path / "one_adalomo_zero3", STEPS))
+        moved = follows_reference(tmp_path / resumed, tmp_path / "one_adalomo_zero3", STEPS)
         print(f"AdaLomo {resumed} vs one process, max relative parameter difference: {moved:.1e}")
         assert moved < 2e-6, resumed
 

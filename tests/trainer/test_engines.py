@@ -5,21 +5,23 @@ another number of ranks; the engine table refuses what is not supported, with it
 from __future__ import annotations
 
 import itertools
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
-import torch.distributed as dist
 
 from tests.helpers.gloo import run_ranks
-from tests.helpers.runs import final_model, losses, run, tiny_overrides
+from tests.helpers.runs import (
+    assert_identical_runs,
+    follows_reference,
+    losses,
+    run,
+    tiny_overrides,
+    train_as_rank,
+)
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
 from trainer.engines import support_table_markdown
 from trainer.run_lock import remove_stale_temp_files
-from trainer.trainer import train
 
 # (name, overrides): every optimizer that runs under fsdp2, ordinary and fused, clipping on (the
 # ordinary path's default) and off (fused), accumulation of 2 micro-batches per rank.
@@ -48,28 +50,9 @@ CASES: dict[str, dict[str, object]] = {
 STEPS = 4
 
 
-def _train_as_rank(rank: int, world: int, store: str, overrides: list[str]) -> None:
-    """The trainer on this rank, as torchrun would start it. Its process group comes from a file store
-    (`store`, one per job), not a TCP port: a port picked in advance may be taken by then (gloo's own
-    connections use ephemeral ports), and a rank that fails to bind would leave the other waiting. The
-    trainer finds the group initialised, uses it, and ends it when it returns."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world, timeout=timedelta(seconds=120)
-    )
-    train(load_config("configs/tiny.yaml", overrides))
-
-
 def _cases_on_ranks(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> None:
     for store, overrides in jobs:
-        _train_as_rank(rank, world, store, overrides)
-
-
-def _max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """max over tensors of ||a - b|| / ||b||: the relative difference of each parameter."""
-    return max(float(torch.linalg.vector_norm(a[k] - b[k]) / torch.linalg.vector_norm(b[k])) for k in b)
+        train_as_rank(rank, world, store, overrides)
 
 
 def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_count(tmp_path, sample_tokens):
@@ -107,29 +90,18 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
             jobs.append((next_store(), tiny_overrides(tmp_path / f"ddp_{name}_{fused}", sample_tokens, **extra)))
     run_ranks(_cases_on_ranks, 2, jobs)
     for name in ("adalomo", "adamw"):
-        plain, fused_run = tmp_path / f"ddp_{name}_False", tmp_path / f"ddp_{name}_True"
-        assert losses(fused_run) == losses(plain), name  # bit for bit
-        for key, value in final_model(plain, STEPS).items():
-            assert torch.equal(final_model(fused_run, STEPS)[key], value), (name, key)
+        assert_identical_runs(tmp_path / f"ddp_{name}_True", tmp_path / f"ddp_{name}_False", STEPS)
     run(tmp_path, sample_tokens, "two_then_one", **two_then_one)
 
     run(tmp_path, sample_tokens, "one_bf16", **bf16)
     for step, loss in losses(tmp_path / "one_bf16").items():  # the same curve to bf16 precision
         assert losses(tmp_path / "two_bf16")[step] == pytest.approx(loss, rel=1e-2), step
     assert (tmp_path / "two_then_two" / "checkpoints" / "step_00000002" / "extras.pt").is_file()  # sharded
-    assert losses(tmp_path / "two_then_two") == losses(tmp_path / "two_adamem_fused")  # exact resume
-    for key, value in final_model(tmp_path / "two_adamem_fused", STEPS).items():
-        assert torch.equal(final_model(tmp_path / "two_then_two", STEPS)[key], value), key
+    assert_identical_runs(tmp_path / "two_then_two", tmp_path / "two_adamem_fused", STEPS)  # exact resume
     figures = {}
     for name, extra in CASES.items():
         run(tmp_path, sample_tokens, f"one_{name}", **common, **extra)
-        one, two = losses(tmp_path / f"one_{name}"), losses(tmp_path / f"two_{name}")
-        assert sorted(one) == sorted(two) == list(range(1, STEPS + 1)), name
-        for step in one:
-            assert two[step] == pytest.approx(one[step], rel=1e-5), (name, step)
-        figures[name] = _max_rel(
-            final_model(tmp_path / f"two_{name}", STEPS), final_model(tmp_path / f"one_{name}", STEPS)
-        )
+        figures[name] = follows_reference(tmp_path / f"two_{name}", tmp_path / f"one_{name}", STEPS)
     print("max relative parameter difference, 2 fsdp2 ranks vs 1 process:", figures)
     # fp32 summation order (a reduce-scatter of two half-batch gradients vs one sum) is amplified by Adam's
     # m / (sqrt(v) + eps) on near-zero gradients: ~1e-5 for the Adam-type optimizers, depending on thread
@@ -137,11 +109,7 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
     assert max(figures.values()) < 5e-5, figures
     assert max(figures[k] for k in ("adalomo_fused", "adalomo_layerwise_fused", "adafactor_fused")) < 2e-6, figures
     for resumed, reference in (("one_then_two", "one_adafactor_momentum"), ("two_then_one", "one_galore_adamw")):
-        got, want = losses(tmp_path / resumed), losses(tmp_path / reference)
-        assert sorted(got) == sorted(want), resumed
-        for step in want:
-            assert got[step] == pytest.approx(want[step], rel=1e-5), (resumed, step)
-        assert _max_rel(final_model(tmp_path / resumed, STEPS), final_model(tmp_path / reference, STEPS)) < 5e-5
+        assert follows_reference(tmp_path / resumed, tmp_path / reference, STEPS) < 5e-5, resumed
 
 
 @pytest.mark.parametrize(
