@@ -78,6 +78,8 @@ def test_base_inheritance(tmp_path):
         (["--optim.name=adamw", "--optim.beta1=null"], r"optim\.beta1"),
         (["--train.fused_update=true"], r"max_grad_norm=0"),
         (["--train.max_grad_norm=-1"], r"train\.max_grad_norm=-1\.0 must be >= 0"),
+        (["--train.loss_chunk_tokens=-1"], r"train\.loss_chunk_tokens=-1 must be >= 0 \(0 = the full-logits loss\)"),
+        (["--train.zero_stage=4"], r"train\.zero_stage=4 is not one of 1, 2, 3"),
         (["optim.lr=1"], r"use --section\.key=value"),
     ],
 )
