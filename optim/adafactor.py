@@ -293,7 +293,8 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
     ) -> None:
         """The "adam"-style factored update of the module docstring, through optim/factored_kernels.py:
         W <- W (1 - lr_t wd) - lr_t u, u = clip(x D) with x = G or m / (1 - beta1^t). Scalars fold: the bias
-        correction and the clip divide one 0-d scale (RMS(c x) = c RMS(x))."""
+        correction and the clip divide one 0-d scale (RMS(c x) = c RMS(x)); without a clip that scale goes
+        into the direction itself and the weights take one lerp (kernels.apply_folded)."""
         beta1 = group["beta1"]
         beta2_t, bias2 = beta2_at(group, t)
         u = kernels.workspace(g)
@@ -308,14 +309,22 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(g)
             x, bias1 = state["exp_avg"].lerp_(g, 1.0 - beta1), 1.0 - beta1**t
-        torch.outer((row / (row.mean() * bias2)).sqrt_(), col.sqrt(), out=u)  # sqrt(V_hat)
-        if group["eps"]:
-            u.add_(group["eps"])  # (torch.addr(eps, ...) would fold this pass in, but runs slower on CPU)
-        torch.div(x, u, out=u)  # u = x D, before the bias correction
         scale = lr_t / bias1
+        decay = kernels.decay_of(lr_t, group["weight_decay"])
+        # Without a clip the scale is known now: build c u directly (c from folded_scale, through the
+        # denominator: x / ((sqrt(V_hat) + eps) / c)) and finish with one lerp over the weights.
+        fold = group["clip_threshold"] is None and kernels.folds(group["weight_decay"])
+        c = kernels.folded_scale(scale, decay) if fold else 1.0
+        row_f = (row / (row.mean() * bias2)).sqrt_()
+        torch.outer(row_f.div_(c) if fold else row_f, col.sqrt(), out=u)  # sqrt(V_hat) / c
+        if group["eps"]:
+            u.add_(group["eps"] / c)  # (torch.addr(eps, ...) would fold this pass in, but runs slower on CPU)
+        torch.div(x, u, out=u)  # folded: the whole update c x D; else u = x D, before the bias correction
+        if fold:
+            kernels.apply_folded(p, u, decay)
+            return
         if group["clip_threshold"] is not None:
             scale = scale / (rms(u) / (bias1 * group["clip_threshold"])).clamp_(min=1.0)
-        decay = lr_t * group["weight_decay"] if group["weight_decay"] else None
         kernels.apply_scaled(p, u, scale, decay)
 
     def state_shard_dim(self, p: torch.Tensor, group: dict, key: str, full_shape: Sequence[int]) -> int | None:

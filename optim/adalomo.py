@@ -281,7 +281,8 @@ class AdaLomo(FP32StateOptimizer):
     @torch.no_grad()
     def _step_fast(self, p: torch.Tensor, group: dict) -> None:
         """_fold + _direction + _apply for nmf-1 (grouped / none), through optim/factored_kernels.py:
-        theta <- theta (1 - eta wd) - (eta / divisor) U, U = g rsqrt(r / mean(r)) rsqrt(c)."""
+        theta <- theta (1 - eta wd) - (eta / divisor) U, U = g rsqrt(r / mean(r)) rsqrt(c). The divisor comes from
+        the statistics before U is built, so U is built already scaled and the weights take one lerp."""
         assert p.grad is not None
         g = p.grad.float()
         state = self.state[p]
@@ -295,12 +296,21 @@ class AdaLomo(FP32StateOptimizer):
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         kernels.ema_(row, rows, beta)
         kernels.ema_(col, cols, beta)
-        torch.outer((row / row.mean()).rsqrt_(), col.rsqrt(), out=u).mul_(g)
+        a, b = (row / row.mean()).rsqrt_(), col.rsqrt()  # U = g a b^T
         eta = rms(p).clamp_(min=group["eps2"]).mul_(group["lr"])  # RMS(theta) before the update
         scale = eta
         if group["update_norm"] == "grouped":
-            scale = eta / rms(u).div_(group["clip_threshold"]).clamp_(min=1.0)
-        kernels.apply_scaled(p, u, scale, eta * group["weight_decay"] if group["weight_decay"] else None)
+            # RMS(U) before U exists: sum U^2 = sum_ij g_ij^2 a_i^2 b_j^2 = (a^2) . (g^2 b^2), with g^2 still in
+            # the workspace (one read instead of building U first), so the scale is known when U is built.
+            u_rms = torch.mv(u, b * b).dot(a * a).div_(g.numel()).sqrt_()
+            scale = eta / u_rms.div_(group["clip_threshold"]).clamp_(min=1.0)
+        decay = kernels.decay_of(eta, group["weight_decay"])
+        if kernels.folds(group["weight_decay"]):  # c U built at once, and one lerp over the weights
+            torch.outer(a.mul_(kernels.folded_scale(scale, decay)), b, out=u).mul_(g)
+            kernels.apply_folded(p, u, decay)
+        else:
+            torch.outer(a, b, out=u).mul_(g)
+            kernels.apply_scaled(p, u, scale, decay)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -199,15 +199,20 @@ class AdaMeM(Adafactor):
     ) -> None:
         """Steps 2-6 of the module docstring (variant adamem, whole fp32 matrix) in two m x n workspaces
         (optim/factored_kernels.py): S = g - P R in place, its column statistic from S^2, N2 in place over S,
-        U = delta N2 + P N1 in one addmm, and the clip and lr folded into one scale. The r x n part is the
+        U = delta N2 + P N1 by one in-place addmm over N2, and the clip and lr folded into one scale (without
+        a clip, into N1 and D3, and the weights take one lerp). The r x n part is the
         reference code's (small). Equal to the reference code to fp32 rounding
         (tests/optim/test_factored_kernels.py)."""
         R = P.T @ g
-        a, b = kernels.workspace(g, 0), kernels.workspace(g, 1)
+        # The workspaces A, B are laid out as W (m x n); with g = G^T they are used as a = A^T, b = B^T, so every
+        # m x n pass walks memory in order and the update lands in W's layout (not a strided U^T: 2.6x slower).
+        A, B = kernels.workspace(p, 0), kernels.workspace(p, 1)
+        a, b = (A.T, B.T) if transposed else (A, B)
         if P.shape[1] >= g.shape[0]:  # the residual is exactly zero (see _step_param)
             a.zero_()
         else:
-            torch.sub(g, torch.matmul(P, R, out=a), out=a)  # S
+            torch.matmul(R.T, P.T, out=A) if transposed else torch.matmul(P, R, out=A)  # P R, as a
+            torch.sub(g, a, out=a)  # S
         M_hat = self._momentum(state, R, group, t_m)
         N1 = self._lowrank_direction(state, R, M_hat, group, t_m, WHOLE)
         eps, eps1 = group["eps"], group["eps1"]
@@ -217,14 +222,24 @@ class AdaMeM(Adafactor):
             state["res_exp_avg_sq_col"] = torch.zeros_like(cols)
         col = state["res_exp_avg_sq_col"]
         kernels.ema_(col, cols, beta2_t)
-        a.div_((col / bias2).sqrt_().add_(eps))  # N2 = S D3, over S
-        U = torch.addmm(a, P, N1, beta=group["delta"], out=b)  # delta N2 + P N1
-        lr_t = step_size(group, t, p)
+        lr_t = step_size(group, t, p)  # RMS(W) before the update
+        decay = kernels.decay_of(lr_t, group["weight_decay"])
+        # Without a clip the scale is known now: N2 and N1 are built already multiplied by c (folded_scale;
+        # for N2 through D3's vector), so addmm gives c U and one lerp over the weights finishes.
+        fold = group["clip_threshold"] is None and kernels.folds(group["weight_decay"])
+        c = kernels.folded_scale(lr_t, decay) if fold else 1.0
+        d3_inv = (col / bias2).sqrt_().add_(eps)  # 1 / D3
+        a.div_(d3_inv.div_(c) if fold else d3_inv)  # (c) N2 = S D3, over S
+        N1 = N1 * c if fold else N1
+        # (c) (delta N2 + P N1) over N2, in W's layout: U = A (transposed: U^T = delta N2^T + N1^T P^T)
+        U = A.addmm_(N1.T, P.T, beta=group["delta"]) if transposed else A.addmm_(P, N1, beta=group["delta"])
+        if fold:
+            kernels.apply_folded(p, U, decay)
+            return
         scale = lr_t
         if group["clip_threshold"] is not None:
             scale = lr_t / (rms(U) / group["clip_threshold"]).clamp_(min=1.0)
-        decay = lr_t * group["weight_decay"] if group["weight_decay"] else None
-        kernels.apply_scaled(p, U.T if transposed else U, scale, decay)
+        kernels.apply_scaled(p, U, scale, decay)
 
     def state_shard_dim(self, p: torch.Tensor, group: dict, key: str, full_shape: Sequence[int]) -> int | None:
         """optim.sharding.ShardedState. A low-rank W (m x n) works on g = G (m <= n) or G^T (m > n), whose

@@ -12,8 +12,10 @@ fill, ~1 ms for an in-place op over an existing one, 1 thread). Here:
 - the direction is built in one m x n buffer (the outer product of the row and column factors, then
   the division or product by g in place); on CPU the buffer is reused across steps and parameters of the
   same shape (`workspace`), on CUDA it is a fresh tensor from the caching allocator;
-- the RMS clip, the bias correction and the learning rate fold into one 0-d scale, and the parameter is
-  updated by one `addcmul_` (weight decay: one more in-place pass).
+- the RMS clip, the bias correction and the learning rate fold into one 0-d scale; where that scale is
+  known before the direction is built (no clip, or a clip computed from the statistics), the direction is
+  built already multiplied by `folded_scale`'s factor and the decayed update is one `lerp_` over the
+  parameter (`apply_folded`), else a decay pass plus one `addcmul_` (`apply_scaled`).
 Everything stays on the device: no host sync.
 """
 
@@ -50,7 +52,40 @@ def mean_sq_stats(g: torch.Tensor, eps1: float, buf: torch.Tensor) -> tuple[torc
 
 
 def ema_(stat: torch.Tensor, value: torch.Tensor, beta: float) -> None:
-    stat.mul_(beta).add_(value, alpha=1.0 - beta)
+    """stat <- beta stat + (1 - beta) value, as one lerp (one kernel instead of two)."""
+    stat.lerp_(value, 1.0 - beta)
+
+
+# Below this weight decay the update is not folded into a lerp: its factor -1/weight_decay (`folded_scale`)
+# would leave the fp32 range for a large direction. Any decay a run uses is far above it.
+MIN_FOLDED_WEIGHT_DECAY = 1e-12
+
+
+def decay_of(rate: torch.Tensor | float, weight_decay: float) -> torch.Tensor | float | None:
+    """The decoupled decay factor rate * weight_decay of one step, None without weight decay."""
+    return rate * weight_decay if weight_decay else None
+
+
+def folds(weight_decay: float) -> bool:
+    """Whether `apply_folded` may finish an update with this weight decay (see MIN_FOLDED_WEIGHT_DECAY)."""
+    return weight_decay == 0.0 or weight_decay >= MIN_FOLDED_WEIGHT_DECAY
+
+
+def folded_scale(scale: torch.Tensor | float, decay: torch.Tensor | float | None) -> torch.Tensor | float:
+    """The factor c to build the direction u with, as w = c u, for `apply_folded`:
+    p (1 - decay) - scale u = p + decay (w - p) = lerp(p, w, decay) with c = -scale / decay, and
+    p - scale u = p + w with c = -scale. Rounding: lerp's w - p is exact to one ulp of c u, and decay
+    times it to one ulp of scale u: the update's own rounding, whatever the decay."""
+    return -scale if decay is None else -scale / decay
+
+
+def apply_folded(p: torch.Tensor, w: torch.Tensor, decay: torch.Tensor | float | None) -> None:
+    """p <- lerp(p, w, decay) (p + w without decay), in place: one pass over p for a decayed update whose
+    direction w was built with `folded_scale`'s factor."""
+    if decay is None:
+        p.add_(w)
+    else:
+        p.lerp_(w, decay)
 
 
 def apply_scaled(

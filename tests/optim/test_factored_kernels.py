@@ -44,7 +44,7 @@ def _close(fast, ref, exact: bool) -> None:
 ADAFACTOR = [
     dict(beta1=beta1, clip_threshold=clip, eps=eps, weight_decay=wd, scale_parameter=sp, relative_step=rs)
     for beta1, clip, eps, wd, (sp, rs) in itertools.product(
-        (None, 0.9), (None, 1.0), (0.0, 1e-8), (0.0, 0.1), ((False, False), (True, True))
+        (None, 0.9), (None, 1.0), (0.0, 1e-8), (0.0, 0.1, 1e-13), ((False, False), (True, True))
     )
 ]
 
@@ -67,8 +67,14 @@ def test_adafactor_switches_off_the_fast_path_run_the_reference_bit_for_bit(kw):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(), dict(weight_decay=0.1), dict(update_norm="none"), dict(clip_threshold=0.5, eps2=1e-2)],
-    ids=["default", "decay", "no_norm", "clip"],
+    [
+        dict(),
+        dict(weight_decay=0.1),
+        dict(weight_decay=1e-13),  # below MIN_FOLDED_WEIGHT_DECAY: decay pass + addcmul, not the lerp
+        dict(update_norm="none", weight_decay=0.1),
+        dict(clip_threshold=0.5, eps2=1e-2),
+    ],
+    ids=["default", "decay", "tiny_decay", "no_norm", "clip"],
 )
 def test_adalomo_fast_path_equals_the_reference(kw):
     fast = _train(lambda ps: AdaLomo(ps, lr=1e-2, **kw))
@@ -91,10 +97,12 @@ ADAMEM_SHAPES = [(16, 48), (48, 16), (8, 40), (4, 12)]  # wide, tall (transposed
     [
         dict(),
         dict(clip_threshold=1.0, weight_decay=0.1),
-        dict(scale_parameter=True, relative_step=True, beta2_decay=-0.8),
+        dict(weight_decay=0.1),  # no clip: c U built at once, one lerp
+        dict(weight_decay=1e-13),  # below MIN_FOLDED_WEIGHT_DECAY
+        dict(scale_parameter=True, relative_step=True, beta2_decay=-0.8, weight_decay=0.1),  # 0-d tensor scales
         dict(second_moment_from="gradient", beta1=None, moments_on_proj_change="reset"),
     ],
-    ids=["default", "clip_decay", "relative", "gradient_reset"],
+    ids=["default", "clip_decay", "decay", "tiny_decay", "relative", "gradient_reset"],
 )
 def test_adamem_fast_path_equals_the_reference(kw):
     from optim.adamem import AdaMeM
