@@ -58,6 +58,7 @@ from optim.projected_grads import ProjectedGrads, check_projected_step
 from optim.projector import (
     PROJECTOR_DEFAULTS,
     ProjectorCounters,
+    add_projected_back_,
     is_lowrank,
     project,
     project_back,
@@ -181,9 +182,13 @@ class GaLoreAdamW(ProjectedGrads, ProjectorCounters, FP32StateOptimizer):
                 if group["correct_bias"]:
                     lr_t = lr_t * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
                 n = exp_avg / denom
+                mine = local(p)  # FSDP2: this rank's rows, updated in place
+                # W <- (W - lr_t scale back(N)) (1 - lr wd): for a low-rank W one addmm_ into W does all of it
+                keep = 1.0 - group["lr"] * group["weight_decay"] if group["weight_decay"] > 0.0 else 1.0
+                if lowrank and add_projected_back_(mine, n, state, keep, -lr_t * group["scale"] * keep):
+                    continue
                 if lowrank:
                     n = project_back(n, state) * group["scale"]
-                mine = local(p)  # FSDP2: this rank's rows, updated in place
                 mine.add_(n.to(mine.dtype), alpha=-lr_t)
                 if group["weight_decay"] > 0.0:
                     mine.add_(mine, alpha=-group["lr"] * group["weight_decay"])
@@ -243,6 +248,10 @@ class GaLoreAdafactor(ProjectedGrads, Adafactor):
         sh = sharding_of(p)
         r_sh = projected_sharding(sh, projection_side(p.shape, group["proj_type"]))  # p.shape: the full one
         delta = self.adafactor_delta(g, state, group, state["moment_step"], lr_t, sh=r_sh)
+        # W <- W (1 - lr_t wd) - scale back(Delta): one addmm_ into W where the projection is one-sided
+        keep = 1.0 - lr_t * group["weight_decay"] if group["weight_decay"] else 1.0
+        if add_projected_back_(local(p), delta, state, keep, -group["scale"]):
+            return
         delta = project_back(delta, state) * group["scale"]
         self.apply_delta(local(p), delta, lr_t, group["weight_decay"])
 

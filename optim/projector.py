@@ -199,6 +199,25 @@ def project_back(low: torch.Tensor, bases: dict) -> torch.Tensor:
     return out
 
 
+def add_projected_back_(
+    w: torch.Tensor, low: torch.Tensor, bases: dict, beta: float | torch.Tensor, alpha: float
+) -> bool:
+    """w <- beta w + alpha project_back(low), in place, as one addmm_ into w (no m x n temporary: the
+    back-projection, its scaling and the weights' update are one matmul pass), for a one-sided projection
+    (P X or X Q) of an fp32 w; a 0-d tensor beta takes one in-place pass first. Returns False, doing nothing,
+    for a two-sided projection or another dtype (the caller then uses project_back)."""
+    if ("proj_left" in bases) == ("proj_right" in bases) or w.dtype != torch.float32 or low.dtype != torch.float32:
+        return False
+    if torch.is_tensor(beta):
+        w.mul_(beta)
+        beta = 1.0
+    if "proj_left" in bases:
+        w.addmm_(bases["proj_left"], low, beta=beta, alpha=alpha)
+    else:
+        w.addmm_(low, bases["proj_right"], beta=beta, alpha=alpha)
+    return True
+
+
 def refresh_projector(
     state: dict,
     grad: torch.Tensor,
