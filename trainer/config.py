@@ -227,14 +227,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             zero_stage=t.zero_stage,
             offload_optimizer=t.offload_optimizer,
             update_norm=cfg.optim.update_norm,
+            deepspeed_config=t.deepspeed_config,
         )
         if t.fused_update:
             check_fused_supported(grad_clip=t.max_grad_norm)
-        if t.deepspeed_config is not None and t.engine != "deepspeed":
-            raise ValueError(
-                f"train.deepspeed_config={t.deepspeed_config} applies to train.engine=deepspeed, not {t.engine}; "
-                "remove it or use --train.engine=deepspeed"
-            )
         if t.engine == "deepspeed" and t.global_batch % world == 0:  # an uneven split gets its own message below
             deepspeed_config(cfg, world)  # the user's file read and checked now, before any heavy work
         if cfg.optim.projected_backward:

@@ -58,8 +58,8 @@ def build_deepspeed_config(
         "zero_optimization": zero,
         # The client optimizer is torch's AdamW (the same one every engine runs), not one of DeepSpeed's.
         "zero_allow_untested_optimizer": True,
-        # ZeRO-Offload with that client optimizer: torch AdamW steps the CPU partitions (DeepSpeedCPUAdam would
-        # need a JIT-built C++ op; see docs/engines.md).
+        # ZeRO-Offload with that client optimizer: torch AdamW steps the CPU partitions (DeepSpeedCPUAdam is a C++
+        # op built on first use, with its own Adam arithmetic; see docs/engines.md).
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,  # the trainer logs
         "wall_clock_breakdown": False,

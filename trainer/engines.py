@@ -114,6 +114,7 @@ def check_engine_supported(
     zero_stage: int = 2,
     offload_optimizer: bool = False,
     update_norm: str = "grouped",
+    deepspeed_config: str | None = None,
 ) -> None:
     """ValueError naming the problem and the way, for every combination the table refuses."""
     if engine not in ENGINES:
@@ -134,11 +135,15 @@ def check_engine_supported(
             "(their memory is already small); use --train.engine=ddp"
         )
     if engine != "deepspeed":
-        if offload_optimizer:
-            raise ValueError(
-                f"train.offload_optimizer=true applies to train.engine=deepspeed (ZeRO-Offload), not {engine}; "
-                "remove it or use --train.engine=deepspeed"
-            )
+        deepspeed_only = {
+            "train.offload_optimizer=true (ZeRO-Offload)": offload_optimizer,
+            f"train.deepspeed_config={deepspeed_config}": deepspeed_config is not None,
+        }
+        for key, given in deepspeed_only.items():
+            if given:
+                raise ValueError(
+                    f"{key} applies to train.engine=deepspeed, not {engine}; remove it or use --train.engine=deepspeed"
+                )
         return
     if optimizer == "adamw":
         if fused:

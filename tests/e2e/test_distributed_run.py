@@ -29,12 +29,8 @@ def launched(launcher: str, nproc: int, *args: str) -> list[str]:
     ]
 
 
-def run(run_dir, tokens, nproc):
-    overrides = tiny_overrides(run_dir, tokens, **{"train.max_steps": 4, "eval.interval": 2, "train.micro_batch": 1})
-    if nproc == 1:
-        cmd = [sys.executable, "train.py", "configs/tiny.yaml", *overrides]
-    else:
-        cmd = launched("torch.distributed.run", nproc, *overrides)
+def succeeded(cmd: list[str]) -> str:
+    """Run `cmd` from the repository root (one thread per process) and assert it exits 0; its stdout."""
     out = subprocess.run(
         cmd,
         cwd=REPO,
@@ -44,6 +40,16 @@ def run(run_dir, tokens, nproc):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def run(run_dir, tokens, nproc):
+    overrides = tiny_overrides(run_dir, tokens, **{"train.max_steps": 4, "eval.interval": 2, "train.micro_batch": 1})
+    if nproc == 1:
+        cmd = [sys.executable, "train.py", "configs/tiny.yaml", *overrides]
+    else:
+        cmd = launched("torch.distributed.run", nproc, *overrides)
+    succeeded(cmd)
     records = read_metrics(run_dir / "metrics.jsonl")
     return (
         {r["step"]: r["train/loss"] for r in records if "train/loss" in r},
@@ -101,11 +107,8 @@ def test_tiny_config_runs_as_written_on_two_ranks(tmp_path, sample_tokens):
         "--log.interval=1",
         "--log.tensorboard=false",
     )
-    out = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "2 rank(s) (ddp) on cpu | 8 x 256 tokens/step, micro-batch 4" in out.stdout
+    stdout = succeeded(cmd)
+    assert "2 rank(s) (ddp) on cpu | 8 x 256 tokens/step, micro-batch 4" in stdout
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]  # each step logged once
 
@@ -134,16 +137,7 @@ def two_step_job_on_two_ranks(run_dir, tokens, *engine_args: str) -> str:
     overrides = tiny_overrides(
         run_dir, tokens, **{"train.max_steps": 2, "eval.interval": 2, "train.micro_batch": 1, "checkpoint.interval": 2}
     )
-    out = subprocess.run(
-        launched("torch.distributed.run", 2, *overrides, *engine_args),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
+    return succeeded(launched("torch.distributed.run", 2, *overrides, *engine_args))
 
 
 def test_fsdp2_through_torchrun_trains_and_saves_a_sharded_checkpoint(tmp_path, sample_tokens):
