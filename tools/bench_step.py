@@ -40,7 +40,7 @@ import torch
 from data.paths import sample_tokens_dir
 from model import ModelConfig
 from trainer.config import Config, load_config
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, init_distributed
 from trainer.hardware import device_peak_flops
 from trainer.host_syncs import count_host_syncs
 from trainer.memory_accounting import measure
@@ -111,11 +111,6 @@ def time_steps(trainer: Trainer, steps: int, first: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in parts.items()}
 
 
-def resolve_device(choice: str) -> torch.device:
-    """--device: auto = CUDA when visible, as train.device."""
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def warmed_trainer(cfg: Config, info: DistInfo, warmup: int) -> Trainer:
     """The trainer of `cfg` after `warmup` steps (the optimizer state, the first projector, compilation)."""
     trainer = Trainer(cfg, info)
@@ -125,9 +120,8 @@ def warmed_trainer(cfg: Config, info: DistInfo, warmup: int) -> Trainer:
     return trainer
 
 
-def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path) -> dict[str, Any]:
-    device = resolve_device(args.device)
-    info = DistInfo(0, 1, 0, device)
+def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInfo) -> dict[str, Any]:
+    device = info.device
     cfg = bench_config(args, optimizer, tmp / optimizer, gap=10**9)
     trainer = warmed_trainer(cfg, info, args.warmup)
     if device.type == "cuda":
@@ -200,11 +194,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--data", default=str(sample_tokens_dir()), help="prepared tokens (default: the sample corpus)")
     args = ap.parse_args(argv)
+    info = init_distributed(args.device)  # one process: --device resolved as train.device (auto = CUDA if visible)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for optimizer in args.optim:
-            rows.append(bench_one(args, optimizer, Path(tmp)))
-    cuda = resolve_device(args.device).type == "cuda"
+            rows.append(bench_one(args, optimizer, Path(tmp), info))
+    cuda = info.device.type == "cuda"
     print_table(rows, args, torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads")
     return rows
 
