@@ -34,13 +34,14 @@ import torch
 from torch import nn
 
 from data.paths import sample_tokens_dir
-from model import ModelConfig, Transformer
+from model import DEFAULT_CHUNK_TOKENS, ModelConfig, Transformer
 from optim import Adafactor, OptimConfig, optimizer_spec
 from optim.param_groups import group_options
 from optim.projector import compute_bases
 from optim.registry import OptimizerSpec
 
 T_PAPER = 200
+FAST_PATH = ("adafactor", "adalomo", "adamem")  # optimizers with a fast path and a reference code (`fast`)
 Kind = tuple[tuple[int, ...], str]  # (shape, the group options' repr)
 
 
@@ -74,7 +75,6 @@ def _time_single_parameter(
     opt = cls([{**options, "params": [p]}], **kwargs)
     q = nn.Parameter(p.detach().clone())
     adamw = torch.optim.AdamW([q], fused=True)
-    p.grad, q.grad = grads[0], grads[0]
     times: list[float] = []
     adamw_times: list[float] = []
 
@@ -91,14 +91,20 @@ def _time_single_parameter(
     return times[0], statistics.median(times[1:]), opt.state[p], statistics.median(adamw_times[1:])
 
 
-def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen: torch.Generator, fast: bool = True) -> dict[str, Any]:
-    """Model step time (s): plain step, and refresh (SVD) step when low-rank. `fast=False`: Adafactor's and
-    AdaLomo's reference code instead of their fast path (optim/factored_kernels.py)."""
+def _spec(model: nn.Module, cfg: OptimConfig, fast: bool) -> OptimizerSpec:
+    """The registry's spec of `cfg`, with AdamW fused and, `fast=False`, the reference code of the
+    FAST_PATH optimizers instead of their fast path (optim/factored_kernels.py)."""
     spec = optimizer_spec(model, cfg)
     if cfg.name == "adamw":
         spec.kwargs.update(fused=True, foreach=None)
     if not fast:
         spec.kwargs.update(fast=False)
+    return spec
+
+
+def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen: torch.Generator, fast: bool = True) -> dict[str, Any]:
+    """Model step time (s): plain step, and refresh (SVD) step when low-rank (`fast`: see _spec)."""
+    spec = _spec(model, cfg, fast)
     kinds, examples = _kinds(spec)
     plain = svd = floor = adamw = 0.0
     bases: list[tuple[tuple[int, ...], dict[str, torch.Tensor]]] = []
@@ -174,21 +180,16 @@ _NO_KERNEL = {
 }  # fmt: skip
 
 
-def op_counts(flavor: str, configs: list[tuple[str, OptimConfig]]) -> dict[str, tuple[int, int]]:
+def op_counts(flavor: str, configs: list[tuple[str, OptimConfig, bool]]) -> dict[str, tuple[int, int]]:
     """{label: (aten ops, of them kernel-launching)} of one whole-model step() (the third: state exists and
-    GaLore's projector is fixed), counting the ops called from Python (not those nested inside other aten
-    ops): on a GPU each kernel-launching one is at least one kernel launch. CPU, real tensors."""
+    GaLore's projector is fixed) for each (label, config, fast: see _spec), counting the ops called from
+    Python (not those nested inside other aten ops): on a GPU each kernel-launching one is at least one
+    kernel launch. CPU, real tensors."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_flavor(flavor))
     out = {}
-    for label, cfg in configs:
-        fast = "[reference code]" not in label
-        spec = optimizer_spec(model, cfg)
-        if cfg.name == "adamw":
-            spec.kwargs.update(fused=True, foreach=None)
-        if not fast:
-            spec.kwargs.update(fast=False)
-        opt = spec.build()
+    for label, cfg, fast in configs:
+        opt = _spec(model, cfg, fast).build()
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         with torch.no_grad():
@@ -215,7 +216,7 @@ def real_gradient_gap(flavor: str, rank: int, tokens: str, batch: int = 4, seq_l
     model = Transformer(ModelConfig.from_flavor(flavor, max_seq_len=seq_len))
     data = TrainBatches(DataConfig(prepared_dir=tokens, seq_len=seq_len, val_tokens=0), global_batch=batch)
     inputs, targets = next(data.batches(0))
-    model(inputs, targets=targets, loss_chunk_tokens=4096).backward()
+    model(inputs, targets=targets, loss_chunk_tokens=DEFAULT_CHUNK_TOKENS).backward()
     out: dict[str, float] = {}
     for name, p in model.named_parameters():
         key = "x".join(map(str, p.shape))
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for label, cfg in rows:
         results[label] = bench(model, cfg, args.repeats, gen)
-        if cfg.name in ("adafactor", "adalomo", "adamem"):  # the readable reference code the fast path replaces
+        if cfg.name in FAST_PATH:  # the readable reference code the fast path replaces
             results[label + " [reference code]"] = bench(model, cfg, args.repeats, gen, fast=False)
         if cfg.rank and cfg.name in ("galore_adamw", "galore_adafactor", "adamem"):
             results[label + " [randomized SVD]"] = bench(
@@ -293,10 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.ops_flavor:
         model_params = sum(1 for _ in Transformer(ModelConfig.from_flavor(args.ops_flavor)).parameters())
-        configs = [(label, cfg) for label, cfg in rows]
-        configs += [
-            (f"{label} [reference code]", cfg) for label, cfg in rows if cfg.name in ("adafactor", "adalomo", "adamem")
-        ]
+        configs = [(label, cfg, True) for label, cfg in rows]
+        configs += [(f"{label} [reference code]", cfg, False) for label, cfg in rows if cfg.name in FAST_PATH]
         counts = op_counts(args.ops_flavor, configs)
         print(f"aten ops per whole-model step() on the {args.ops_flavor} model ({model_params} parameters):")
         print(f"{'optimizer':<36} {'ops':>6} {'kernel-launching':>17} {'per parameter':>14}")

@@ -94,3 +94,24 @@ def test_bench_step_prints_the_table_with_adamw_as_the_unit(capsys, sample_token
     galore = rows[1]
     assert galore["amortised"] > galore["step"] * (1 - 1e-9)  # the refresh (an SVD per matrix) costs more
     assert all(0 < r["accounted"] <= r["formula"] for r in rows)
+
+
+def test_bench_optim_prints_every_optimizer_against_fused_adamw():
+    """tools/bench_optim.py at a tiny size: a row per optimizer (fast path, reference code, randomized SVD),
+    the op counts, and fewer kernel launches on Adafactor's and AdaMeM's fast paths than on their reference
+    code (no timing asserts). AdaLomo's fast path makes more small-vector launches than its reference (RMS(U)
+    from the statistics: mv, dot) in exchange for fewer passes over the matrix, so it is not compared."""
+    out = run_tool("tools/bench_optim.py", "--flavor", "tiny", "--rank", "8", "--repeats", "1", "--real-gradients", "")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    launches = {}
+    for line in lines[lines.index(next(x for x in lines if x.startswith("optimizer") and "ops" in x)) + 1 :]:
+        if line.startswith("fused AdamW step"):
+            break
+        label, counts = line.rsplit(maxsplit=3)[0], line.split()[-3:]
+        launches[label.strip()] = int(counts[1])
+    for name in ("adafactor", "adafactor+momentum", "adamem"):
+        assert launches[name] < launches[f"{name} [reference code]"], launches
+    timed = {line.split("  ")[0] for line in lines[lines.index(next(x for x in lines if "step ms" in x)) + 1 :]}
+    assert {"adamw (fused)", "galore_adamw [randomized SVD]", "adamem [reference code]"} <= timed
+    assert "randomized vs exact SVD subspace distance" in out.stdout
