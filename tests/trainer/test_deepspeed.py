@@ -96,26 +96,26 @@ def test_deepspeed_on_two_ranks_trains_like_one_process_and_resumes_exactly(tmp_
         assert moved < 2e-6, resumed
 
 
-def _config(tmp_path, *overrides: str, world: int = 2):
+def _config(*overrides: str, world: int = 2):
     cfg = load_config("configs/tiny.yaml", ["--train.global_batch=8", "--train.micro_batch=2", *overrides])
     return deepspeed_config(cfg, world)
 
 
 def test_the_deepspeed_json_is_built_from_the_config_and_a_users_file_merged(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    built = _config(tmp_path, "--train.engine=deepspeed", "--train.zero_stage=3", "--train.max_grad_norm=0.5")
+    built = _config("--train.engine=deepspeed", "--train.zero_stage=3", "--train.max_grad_norm=0.5")
     assert built["train_batch_size"] == 8 and built["train_micro_batch_size_per_gpu"] == 2
     assert built["gradient_accumulation_steps"] == 2  # 4 sequences per rank in micro-batches of 2
     assert built["gradient_clipping"] == 0.5 and built["zero_optimization"] == {"stage": 3}
     assert built["managed_gradient_accumulation"] is False  # the trainer accumulates; engine.step() is the boundary
     assert "optimizer" not in built and "bf16" not in built  # the client optimizer; fp32 weights + our autocast
-    offload = _config(tmp_path, "--train.engine=deepspeed", "--train.offload_optimizer=true")
+    offload = _config("--train.engine=deepspeed", "--train.offload_optimizer=true")
     assert offload["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
     user = tmp_path / "ds.json"
     user.write_text(
         json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "prescale_gradients": True})
     )
-    merged = _config(tmp_path, "--train.engine=deepspeed", f"--train.deepspeed_config={user}")
+    merged = _config("--train.engine=deepspeed", f"--train.deepspeed_config={user}")
     assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000} and merged["prescale_gradients"]
 
 
@@ -137,7 +137,7 @@ def test_a_bad_deepspeed_config_file_is_refused_at_config_load(tmp_path, monkeyp
     if content is not None:
         path.write_text(content)
     with pytest.raises(ConfigError, match=message):
-        _config(tmp_path, "--train.engine=deepspeed", f"--train.deepspeed_config={path}")
+        _config("--train.engine=deepspeed", f"--train.deepspeed_config={path}")
 
 
 @pytest.mark.parametrize(
