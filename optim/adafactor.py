@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optim import compiled_steps
 from optim import factored_kernels as kernels
 from optim.config import MomentumStyle, OptimConfig
 from optim.fp32_state import FP32StateOptimizer
@@ -79,6 +80,7 @@ ADAFACTOR_KEYS = (
     "warmup_init",
     "one_sided",
     "momentum_style",
+    "compile",
 )
 
 
@@ -187,11 +189,14 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         weight_decay: float = 0.0,
         momentum_style: str = "adam",
         fast: bool = True,
+        compiled: bool = False,
     ):
         """`fast`: whole fp32 matrices with the "adam" momentum style and two-sided factored statistics take
         optim/factored_kernels.py's path (the same update in fewer passes, equal to fp32 rounding); False runs
-        this module's reference code for every parameter."""
+        this module's reference code for every parameter. `compiled` (optim.compile): that path's update as
+        optim/compiled_steps.py's two compiled functions (only where `fast` applies)."""
         self.fast = fast
+        self.compiled = compiled
         if momentum_style not in MOMENTUM_STYLES:
             raise ValueError(f"momentum_style must be one of {MOMENTUM_STYLES}, got {momentum_style!r}")
         if beta1 is not None and not 0.0 <= beta1 < 1.0:
@@ -272,7 +277,8 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         lr_t = step_size(group, t, p)
         assert p.grad is not None  # step() skips parameters without a gradient
         if self._takes_fast_path(p, group):
-            self._step_factored_fast(p, p.grad.float(), state, group, t, lr_t)
+            fast_step = self._step_factored_compiled if self.compiled else self._step_factored_fast
+            fast_step(p, p.grad.float(), state, group, t, lr_t)
             return
         delta = self.adafactor_delta(local(p.grad).float(), state, group, t, lr_t, sh=sharding_of(p))
         self.apply_delta(local(p), delta, lr_t, group["weight_decay"])
@@ -327,6 +333,39 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
             scale = scale / (rms(u) / (bias1 * group["clip_threshold"])).clamp_(min=1.0)
         kernels.apply_scaled(p, u, scale, decay)
 
+    @staticmethod
+    def _step_factored_compiled(
+        p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, t: int, lr_t: float | torch.Tensor
+    ) -> None:
+        """`_step_factored_fast`'s update through optim/compiled_steps.py: the statistics and factors in one
+        compiled function, the (momentum and) weight update in another. The bias correction folds into the
+        scale and the clip threshold (RMS(x / c1) = RMS(x) / c1)."""
+        beta1 = group["beta1"]
+        beta2_t, bias2 = beta2_at(group, t)
+        if "exp_avg_sq_row" not in state:
+            state["exp_avg_sq_row"] = g.new_zeros(g.shape[0])
+            state["exp_avg_sq_col"] = g.new_zeros(g.shape[1])
+            if beta1 is not None:
+                state["exp_avg"] = torch.zeros_like(g)
+        row_f, col_f = compiled_steps.adafactor_factors(
+            g, state["exp_avg_sq_row"], state["exp_avg_sq_col"], 1.0 - beta2_t, group["eps1"], bias2
+        )
+        bias1 = 1.0 if beta1 is None else 1.0 - beta1**t
+        decay = kernels.decay_of(lr_t, group["weight_decay"])
+        clip = group["clip_threshold"]
+        compiled_steps.adafactor_update(
+            p.detach(),  # a plain tensor: Dynamo compiles nn.Parameter shapes statically, one graph per shape
+            g,
+            state.get("exp_avg"),
+            1.0 - (beta1 or 0.0),
+            row_f,
+            col_f,
+            group["eps"],
+            lr_t / bias1,
+            0.0 if decay is None else decay,
+            None if clip is None else clip * bias1,
+        )
+
     def state_shard_dim(self, p: torch.Tensor, group: dict, key: str, full_shape: Sequence[int]) -> int | None:
         """optim.sharding.ShardedState: the moments and the row statistic follow p's rows; the column
         statistic (and a one-sided column statistic) is whole on every rank."""
@@ -367,6 +406,7 @@ def adafactor_kwargs(cfg: OptimConfig, momentum_style: MomentumStyle) -> dict[st
         warmup_init=cfg.warmup_init,
         one_sided=cfg.one_sided,
         momentum_style=cfg.momentum_style or momentum_style,
+        compiled=cfg.compile,
     )
 
 

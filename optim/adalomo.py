@@ -62,6 +62,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from optim import compiled_steps
 from optim import factored_kernels as kernels
 from optim import factorization as fac
 from optim.config import OptimConfig, UpdateNorm
@@ -92,11 +93,14 @@ class AdaLomo(FP32StateOptimizer):
         factor_rank: int = 1,
         factor_iters: int = 1,
         fast: bool = True,
+        compiled: bool = False,
     ):
         """`fast`: whole fp32 matrices with nmf-1 and a per-tensor normalisation (grouped / none) take
         optim/factored_kernels.py's path (the same update in fewer passes, equal to fp32 rounding); False runs
-        this module's reference code for every parameter."""
+        this module's reference code for every parameter. `compiled` (optim.compile): that path's update as
+        optim/compiled_steps.py's two compiled functions (only where `fast` applies)."""
         self.fast = fast
+        self.compiled = compiled
         if update_norm not in UPDATE_NORMS:
             raise ValueError(f"optim.update_norm={update_norm!r}: expected one of {UPDATE_NORMS}")
         if factorization not in fac.FACTORIZATIONS:
@@ -263,7 +267,10 @@ class AdaLomo(FP32StateOptimizer):
 
     def _step_alone(self, p: torch.Tensor, group: dict) -> None:
         if self._takes_fast_path(p, group):
-            self._step_fast(p, group)
+            if self.compiled:
+                self._step_compiled(p, group)
+            else:
+                self._step_fast(p, group)
             return
         u = self._direction(p, self._fold(p, group))
         self._apply(p, u, self._own_divisor(u, group, sharding_of(p)), group)
@@ -313,6 +320,24 @@ class AdaLomo(FP32StateOptimizer):
             kernels.apply_scaled(p, u, scale, decay)
 
     @torch.no_grad()
+    def _step_compiled(self, p: torch.Tensor, group: dict) -> None:
+        """`_step_fast`'s update through optim/compiled_steps.py: the statistics, factors and RMS(theta) in one
+        compiled function, the normalised, decayed update in another."""
+        assert p.grad is not None
+        g = p.grad.float()
+        w = p.detach()  # a plain tensor: Dynamo compiles nn.Parameter shapes statically, one graph per shape
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = 0
+            fac.init_state(state, tuple(g.shape), "nmf", 1, g.device)
+        state["step"] += 1
+        beta = 1.0 - math.pow(state["step"], group["decay_rate"])
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        a, b = compiled_steps.adalomo_factors(g, row, col, 1.0 - beta, group["eps1"])
+        clip = group["clip_threshold"] if group["update_norm"] == "grouped" else None
+        compiled_steps.adalomo_update(w, g, a, b, group["lr"], group["eps2"], group["weight_decay"], clip)
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
@@ -351,6 +376,7 @@ ADALOMO_KEYS = (
     "factorization",
     "factor_rank",
     "factor_iters",
+    "compile",
 )
 
 
@@ -382,5 +408,6 @@ def build_adalomo(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
         factorization=cfg.factorization,
         factor_rank=cfg.factor_rank,
         factor_iters=cfg.factor_iters,
+        compiled=cfg.compile,
     )
     return OptimizerSpec(AdaLomo, decay_split_groups(model, cfg), kwargs)

@@ -6,9 +6,10 @@ Method: step() is a loop over parameters whose per-parameter cost depends only o
 the group options, so each distinct (shape, group) is timed with a single-parameter optimizer built
 from the registry's spec (fp32, random gradients), and the model's step time is the sum over
 parameters (count x time). This keeps 550m-sized benchmarks to a few minutes of CPU.
-Adafactor, AdaLomo and AdaMeM are timed twice: their fast path (optim/factored_kernels.py, what the trainer
-runs) and their readable reference code (`[reference code]`). Per optimizer it prints: the step time
-without an SVD (median of `repeats` steps after the first) and the step time of a projector-refresh step
+Adafactor, AdaLomo and AdaMeM are timed three times: their fast path (optim/factored_kernels.py, what the trainer
+runs by default), the same path compiled (`[compiled]`, optim.compile: optim/compiled_steps.py; the first step,
+which compiles, is not timed) and their readable reference code (`[reference code]`). Per optimizer it prints: the
+step time without an SVD (median of `repeats` steps after the first) and the step time of a projector-refresh step
 (SVD; `update_proj_gap=1`), both relative to fused AdamW (timed in turns with the first, on the same
 shapes), and the SVD's amortised share of the average step at T = 200, for the exact SVD and
 the randomized one (`svd_method: randomized`), with the subspace difference between the two
@@ -41,7 +42,7 @@ from optim.projector import compute_bases
 from optim.registry import OptimizerSpec
 
 T_PAPER = 200
-FAST_PATH = ("adafactor", "adalomo", "adamem")  # optimizers with a fast path and a reference code (`fast`)
+FAST_PATH = ("adafactor", "adalomo", "adamem")  # optimizers with a fast path, its compiled form and a reference code
 Kind = tuple[tuple[int, ...], str]  # (shape, the group options' repr)
 
 
@@ -180,29 +181,48 @@ _NO_KERNEL = {
 }  # fmt: skip
 
 
+def _inside(event: Any, prefix: str) -> bool:
+    """Whether a profiler event runs inside one whose name starts with `prefix`."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(prefix):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def op_counts(flavor: str, configs: list[tuple[str, OptimConfig, bool]]) -> dict[str, tuple[int, int]]:
-    """{label: (aten ops, of them kernel-launching)} of one whole-model step() (the third: state exists and
-    GaLore's projector is fixed) for each (label, config, fast: see _spec), counting the ops called from
-    Python (not those nested inside other aten ops): on a GPU each kernel-launching one is at least one
-    kernel launch. CPU, real tensors."""
+    """{label: (ops, of them kernel-launching)} of one whole-model step() (the third: state exists and
+    GaLore's projector is fixed) for each (label, config, fast: see _spec). Ops: the aten ops called from Python
+    (not those nested inside other aten ops): on a GPU each kernel-launching one is at least one kernel launch;
+    inside a compiled function (optim.compile), the kernels Inductor generated instead (one launch each), and not
+    the host-side wrapping of its float arguments. CPU, real tensors."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_flavor(flavor))
     out = {}
-    for label, cfg, fast in configs:
-        opt = _spec(model, cfg, fast).build()
-        for p in model.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
-        with torch.no_grad():
-            opt.step()
-            opt.step()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    # Inductor's CPU kernels appear in the profile only when compiled with this on: compile afresh.
+    torch._dynamo.reset()
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        for label, cfg, fast in configs:
+            opt = _spec(model, cfg, fast).build()
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) * 1e-3
+            with torch.no_grad():
                 opt.step()
-        top = [
-            e.name
-            for e in prof.events()
-            if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-        ]
-        out[label] = (len(top), sum(1 for n in top if n not in _NO_KERNEL))
+                opt.step()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    opt.step()
+            events = prof.events()
+            top = [
+                e.name
+                for e in events
+                if e.name.startswith("aten::")
+                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+                and not _inside(e, "Torch-Compiled Region")
+            ]
+            generated = sum(1 for e in events if e.cpu_parent is not None and e.cpu_parent.name.startswith("## Call"))
+            launching = sum(1 for n in top if n not in _NO_KERNEL) + generated
+            out[label] = (len(top) + generated, launching)
     return out
 
 
@@ -286,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for label, cfg in rows:
         results[label] = bench(model, cfg, args.repeats, gen)
-        if cfg.name in FAST_PATH:  # the readable reference code the fast path replaces
+        if cfg.name in FAST_PATH:  # the fast path compiled, and the readable reference code the fast path replaces
+            results[label + " [compiled]"] = bench(model, replace(cfg, compile=True), args.repeats, gen)
             results[label + " [reference code]"] = bench(model, cfg, args.repeats, gen, fast=False)
         if cfg.rank and cfg.name in ("galore_adamw", "galore_adafactor", "adamem"):
             results[label + " [randomized SVD]"] = bench(
@@ -294,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.ops_flavor:
         model_params = sum(1 for _ in Transformer(ModelConfig.from_flavor(args.ops_flavor)).parameters())
+        fast_rows = [(label, cfg) for label, cfg in rows if cfg.name in FAST_PATH]
         configs = [(label, cfg, True) for label, cfg in rows]
-        configs += [(f"{label} [reference code]", cfg, False) for label, cfg in rows if cfg.name in FAST_PATH]
+        configs += [(f"{label} [compiled]", replace(cfg, compile=True), True) for label, cfg in fast_rows]
+        configs += [(f"{label} [reference code]", cfg, False) for label, cfg in fast_rows]
         counts = op_counts(args.ops_flavor, configs)
         print(f"aten ops per whole-model step() on the {args.ops_flavor} model ({model_params} parameters):")
         print(f"{'optimizer':<36} {'ops':>6} {'kernel-launching':>17} {'per parameter':>14}")

@@ -3,7 +3,7 @@ costs where users run it.
 
     python tools/bench_step.py --flavor 210m --optim adamw galore_adamw adamem adafactor adalomo   # GPU
     python tools/bench_step.py --flavor tiny --seq-len 128 --micro-batch 8                         # CPU
-    python tools/bench_step.py --flavor 550m --compile --micro-batch 32 --steps 20
+    python tools/bench_step.py --flavor 550m --compile --compile-optim --micro-batch 32 --steps 20
 
 Each optimizer trains the real trainer (trainer.Trainer: the sample corpus, the model, the update
 strategy, bf16 autocast on CUDA) for `--warmup` steps, then `--steps` timed steps; a step is timed in
@@ -20,7 +20,9 @@ column is the step time relative to AdamW's:
   activations are about half) and the naive formula (weights + gradients + state + activations);
 - host syncs per steady step (trainer/host_syncs.py; the target is 0).
 Optimizers run with the paper configs' settings: GaLore / AdaMeM at rank d/4 (GaLore's LLaMA runs),
-AdaLomo fused in backward (its method), the others ordinary; `--fused` names more to fuse.
+AdaLomo fused in backward (its method), the others ordinary; `--fused` names more to fuse. `--compile`
+compiles the blocks (train.compile), `--compile-optim` the updates of the optimizers that read optim.compile
+(Adafactor, AdaLomo, AdaMeM's full-space matrices: optim/compiled_steps.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 
 from data.paths import sample_tokens_dir
 from model import ModelConfig
+from optim.registry import optimizer_keys
 from trainer.config import Config, load_config
 from trainer.distributed import DistInfo, init_distributed
 from trainer.hardware import device_peak_flops
@@ -81,6 +84,8 @@ def bench_config(args: argparse.Namespace, optimizer: str, run_dir: Path, gap: i
         overrides |= {"optim.rank": max(1, width // 4), "optim.update_proj_gap": gap}
     if optimizer == "adalomo":
         overrides |= {"optim.lr": 1e-3}
+    if args.compile_optim and "compile" in optimizer_keys(optimizer):
+        overrides |= {"optim.compile": True}
     return load_config(None, [f"--{k}={v}" for k, v in overrides.items()])
 
 
@@ -157,9 +162,10 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInf
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, device: str) -> None:
     base = next((r["amortised"] for r in rows if r["optimizer"].startswith("adamw")), rows[0]["amortised"])
+    compiled = (", compiled blocks" if args.compile else "") + (", compiled updates" if args.compile_optim else "")
     print(
-        f"{args.flavor}, seq {args.seq_len}, micro-batch {args.micro_batch}, {device}"
-        f"{', compiled blocks' if args.compile else ''}; median of {args.steps} steps after {args.warmup}; "
+        f"{args.flavor}, seq {args.seq_len}, micro-batch {args.micro_batch}, {device}{compiled}; "
+        f"median of {args.steps} steps after {args.warmup}; "
         f"SVD amortised at T = {args.proj_gap}; memory in GiB"
     )
     print(
@@ -190,7 +196,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--proj-gap", type=int, default=PAPER_T, help="T for the amortised SVD of GaLore / AdaMeM")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="compile the blocks (train.compile)")
+    ap.add_argument(
+        "--compile-optim", action="store_true", help="compile the updates of the optimizers that read optim.compile"
+    )
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--data", default=str(sample_tokens_dir()), help="prepared tokens (default: the sample corpus)")
     args = ap.parse_args(argv)

@@ -84,12 +84,15 @@ def test_bench_engines_prints_the_per_rank_table_at_a_tiny_size():
 
 def test_bench_step_prints_the_table_with_adamw_as_the_unit(capsys, sample_tokens):
     """tools/bench_step.py at a tiny size: it runs the trainer's steps for each optimizer, prints one row each
-    with the ratio to AdamW first, and counts no host syncs in a steady step (no timing asserts)."""
+    with the ratio to AdamW first, and counts no host syncs in a steady step (no timing asserts). AdaLomo's
+    updates compiled (--compile-optim: optim.compile, inside the fused backward); the others do not read it."""
     args = ["--flavor", "tiny", "--seq-len", "32", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
-    rows = bench_step.main([*args, "--optim", "adamw", "galore_adamw", "adalomo", "--data", str(sample_tokens)])
+    optimizers = ["--optim", "adamw", "galore_adamw", "adalomo", "--compile-optim"]
+    rows = bench_step.main([*args, *optimizers, "--data", str(sample_tokens)])
     out = capsys.readouterr().out
     assert [r["optimizer"] for r in rows] == ["adamw", "galore_adamw", "adalomo (fused)"]
     assert "| 1.000x | adamw |" in out and "| vs adamw | optimizer | tokens/s |" in out
+    assert ", compiled updates;" in out
     assert all(r["syncs"] == 0 for r in rows), [r["sync_sites"] for r in rows]
     galore = rows[1]
     assert galore["amortised"] > galore["step"] * (1 - 1e-9)  # the refresh (an SVD per matrix) costs more
@@ -97,10 +100,11 @@ def test_bench_step_prints_the_table_with_adamw_as_the_unit(capsys, sample_token
 
 
 def test_bench_optim_prints_every_optimizer_against_fused_adamw():
-    """tools/bench_optim.py at a tiny size: a row per optimizer (fast path, reference code, randomized SVD),
-    the op counts, and fewer kernel launches on Adafactor's and AdaMeM's fast paths than on their reference
-    code (no timing asserts). AdaLomo's fast path makes more small-vector launches than its reference (RMS(U)
-    from the statistics: mv, dot) in exchange for fewer passes over the matrix, so it is not compared."""
+    """tools/bench_optim.py at a tiny size: a row per optimizer (fast path, compiled, reference code, randomized
+    SVD), the op counts, and fewer kernel launches on Adafactor's and AdaMeM's fast paths than on their reference
+    code, and fewer again compiled (no timing asserts). AdaLomo's fast path makes more small-vector launches than
+    its reference (RMS(U) from the statistics: mv, dot) in exchange for fewer passes over the matrix, so only its
+    compiled form is compared."""
     out = run_tool("tools/bench_optim.py", "--flavor", "tiny", "--rank", "8", "--repeats", "1", "--real-gradients", "")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -112,6 +116,8 @@ def test_bench_optim_prints_every_optimizer_against_fused_adamw():
         launches[label.strip()] = int(counts[1])
     for name in ("adafactor", "adafactor+momentum", "adamem"):
         assert launches[name] < launches[f"{name} [reference code]"], launches
+    for name in ("adafactor", "adafactor+momentum", "adalomo"):
+        assert launches[f"{name} [compiled]"] < launches[name] / 2, launches
     timed = {line.split("  ")[0] for line in lines[lines.index(next(x for x in lines if "step ms" in x)) + 1 :]}
-    assert {"adamw (fused)", "galore_adamw [randomized SVD]", "adamem [reference code]"} <= timed
+    assert {"adamw (fused)", "galore_adamw [randomized SVD]", "adamem [reference code]", "adalomo [compiled]"} <= timed
     assert "randomized vs exact SVD subspace distance" in out.stdout

@@ -1,0 +1,127 @@
+"""`optim.compile`: the fast path of Adafactor and AdaLomo on a whole fp32 matrix as two torch.compile'd
+functions per matrix and step: the same update as optim/factored_kernels.py's eager path (and as the readable
+reference code), equal to fp32 rounding (tests/optim/test_compiled_steps.py).
+
+Why: the eager fast path is six to nine separate ops per matrix (g^2, its two means, the outer product, + eps,
+the division, momentum, the update of W), each a kernel launch on a GPU and a pass over memory on any device.
+Inductor fuses them into two functions:
+- the statistics: one read of G for both means of G^2, the EMAs of the row and column statistics, and the
+  factors of the denominator (two vectors);
+- the update: one pass over G (or the momentum), W and, with momentum, the EMA written back, plus one reduction
+  pass first where the RMS clip needs RMS(U).
+The factors are the first function's outputs, not recomputed inside the second: Inductor inlines pointwise
+producers into their consumers, so a square root of a vector written inside the update would run once per
+matrix entry instead of once per row or column (measured: that made a single compiled step no faster than the
+eager path on CPU).
+
+Measured on the CPU (tools/bench_optim.py, docs/speed.md); on a GPU the launches per matrix drop from 16-27 to
+two or three, unmeasured.
+
+Shapes are dynamic (`dynamic=True`): one graph serves every matrix shape, and the changing scalars (bias
+corrections, beta2_t, the learning rate) are graph inputs, so steps do not recompile. Python branches (momentum
+or not, clip or not, a tensor or a float learning rate) give one graph each, a handful per run. Compilation
+takes a few seconds per graph on first use, and needs a C compiler on CPU (as train.compile).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import torch
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def compiled_on_first_use(fn: Callable[P, R]) -> Callable[P, R]:
+    """fn, torch.compile'd when first called: importing the compiler costs seconds, which runs without
+    optim.compile never pay. The uncompiled function stays at `.__wrapped__`."""
+    compiled: Callable[P, R] | None = None
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True)
+        return compiled(*args, **kwargs)
+
+    return call
+
+
+def _ema_(stat: torch.Tensor, value: torch.Tensor, weight: float) -> torch.Tensor:
+    """stat <- stat + weight (value - stat), in place; returns stat. Arithmetic, not `lerp_`: a float weight of
+    `lerp_` is specialised into the graph (one recompile per value, i.e. per step), a float in arithmetic is
+    a graph input."""
+    return stat.add_((value - stat) * weight)
+
+
+@compiled_on_first_use
+def adafactor_factors(
+    g: torch.Tensor, row: torch.Tensor, col: torch.Tensor, one_minus_beta2: float, eps1: float, bias2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EMAs of mean(g^2 + eps1) over columns into `row` and over rows into `col`, in place; returns the factors
+    of sqrt(V_hat) = sqrt(row / (mean(row) bias2)) sqrt(col)^T."""
+    sq = g * g
+    _ema_(row, sq.mean(dim=-1) + eps1, one_minus_beta2)
+    _ema_(col, sq.mean(dim=-2) + eps1, one_minus_beta2)
+    return (row / (row.mean() * bias2)).sqrt(), col.sqrt()
+
+
+@compiled_on_first_use
+def adafactor_update(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    exp_avg: torch.Tensor | None,
+    one_minus_beta1: float,
+    row_f: torch.Tensor,
+    col_f: torch.Tensor,
+    eps: float,
+    scale: float | torch.Tensor,
+    decay: float | torch.Tensor,
+    clip_threshold: float | None,
+) -> None:
+    """p <- p (1 - decay) - s u, u = x / (row_f col_f^T + eps), x = g or the momentum after its EMA (in place);
+    s = scale, divided by max(1, RMS(u) / clip_threshold) when clip_threshold is set."""
+    x = g if exp_avg is None else _ema_(exp_avg, g, one_minus_beta1)
+    u = x / (row_f[:, None] * col_f[None, :] + eps)
+    if clip_threshold is not None:
+        scale = scale / (u.square().mean().sqrt() / clip_threshold).clamp(min=1.0)
+    p.mul_(1.0 - decay).sub_(u * scale)
+
+
+@compiled_on_first_use
+def adalomo_factors(
+    g: torch.Tensor, row: torch.Tensor, col: torch.Tensor, one_minus_beta: float, eps1: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EMAs as `adafactor_factors`; returns the factors of U = g a b^T, a = rsqrt(row / mean(row)),
+    b = rsqrt(col)."""
+    sq = g * g
+    _ema_(row, sq.mean(dim=-1) + eps1, one_minus_beta)
+    _ema_(col, sq.mean(dim=-2) + eps1, one_minus_beta)
+    return (row / row.mean()).rsqrt(), col.rsqrt()
+
+
+@compiled_on_first_use
+def adalomo_update(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    lr: float,
+    eps2: float,
+    weight_decay: float,
+    clip_threshold: float | None,
+) -> None:
+    """p <- p (1 - eta wd) - s U, U = g a b^T, eta = lr max(eps2, RMS(p)) (before the update); s = eta, divided
+    by max(1, RMS(U) / clip_threshold) when clip_threshold is set. RMS(p) and RMS(U) are full reductions over the
+    same entries, computed in one loop."""
+    u = g * a[:, None] * b[None, :]
+    n = p.numel()
+    # Row sums first: reductions over the same (rows, columns) loop nest, which Inductor fuses into one pass.
+    eta = (p.square().sum(dim=-1).sum() / n).sqrt().clamp(min=eps2) * lr
+    scale = eta
+    if clip_threshold is not None:
+        scale = eta / ((u.square().sum(dim=-1).sum() / n).sqrt() / clip_threshold).clamp(min=1.0)
+    p.mul_(1.0 - eta * weight_decay).sub_(u * scale)
