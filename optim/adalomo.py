@@ -321,8 +321,8 @@ class AdaLomo(FP32StateOptimizer):
 
     @torch.no_grad()
     def _step_compiled(self, p: torch.Tensor, group: dict) -> None:
-        """`_step_fast`'s update through optim/compiled_steps.py: the statistics, factors and RMS(theta) in one
-        compiled function, the normalised, decayed update in another."""
+        """`_step_fast`'s update through optim/compiled_steps.py: the statistics and factors in one compiled
+        function, RMS(theta), the normalisation and the decayed update in another."""
         assert p.grad is not None
         g = p.grad.float()
         w = p.detach()  # a plain tensor: Dynamo compiles nn.Parameter shapes statically, one graph per shape

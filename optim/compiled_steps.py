@@ -14,13 +14,15 @@ producers into their consumers, so a square root of a vector written inside the 
 matrix entry instead of once per row or column (measured: that made a single compiled step no faster than the
 eager path on CPU).
 
-Measured on the CPU (tools/bench_optim.py, docs/speed.md); on a GPU the launches per matrix drop from 16-27 to
-two or three, unmeasured.
+Measured on the CPU (tools/bench_optim.py, docs/speed.md); on a GPU the launches per matrix should drop from
+16-27 to about four to six (Triton splits a function at each reduction), unmeasured.
 
-Shapes are dynamic (`dynamic=True`): one graph serves every matrix shape, and the changing scalars (bias
-corrections, beta2_t, the learning rate) are graph inputs, so steps do not recompile. Python branches (momentum
-or not, clip or not, a tensor or a float learning rate) give one graph each, a handful per run. Compilation
-takes a few seconds per graph on first use, and needs a C compiler on CPU (as train.compile).
+Shapes are dynamic (`dynamic=True`): one graph serves every matrix shape (plus Inductor's own size classes:
+1-row matrices, more than 4096 rows), and the changing scalars (bias corrections, beta2_t, the learning rate)
+are graph inputs, so steps do not recompile. Python branches (momentum or not, clip or not, a tensor or a float
+learning rate) give one graph each, a handful per run. Past Dynamo's recompile limit a function would run
+uncompiled, still correct. Compilation takes a few seconds per graph on first use, and needs a C compiler on
+CPU (as train.compile).
 """
 
 from __future__ import annotations
@@ -57,15 +59,21 @@ def _ema_(stat: torch.Tensor, value: torch.Tensor, weight: float) -> torch.Tenso
     return stat.add_((value - stat) * weight)
 
 
+def _factored_stats_(g: torch.Tensor, row: torch.Tensor, col: torch.Tensor, weight: float, eps1: float) -> None:
+    """EMAs of mean(g^2 + eps1) over columns into `row` and over rows into `col` (weight = 1 - beta), in place
+    (mean(g^2) + eps1: the eps1 is added to the two vectors, not to every entry)."""
+    sq = g * g
+    _ema_(row, sq.mean(dim=-1) + eps1, weight)
+    _ema_(col, sq.mean(dim=-2) + eps1, weight)
+
+
 @compiled_on_first_use
 def adafactor_factors(
     g: torch.Tensor, row: torch.Tensor, col: torch.Tensor, one_minus_beta2: float, eps1: float, bias2: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EMAs of mean(g^2 + eps1) over columns into `row` and over rows into `col`, in place; returns the factors
-    of sqrt(V_hat) = sqrt(row / (mean(row) bias2)) sqrt(col)^T."""
-    sq = g * g
-    _ema_(row, sq.mean(dim=-1) + eps1, one_minus_beta2)
-    _ema_(col, sq.mean(dim=-2) + eps1, one_minus_beta2)
+    """The statistics' EMAs (`_factored_stats_`); returns the factors of
+    sqrt(V_hat) = sqrt(row / (mean(row) bias2)) sqrt(col)^T."""
+    _factored_stats_(g, row, col, one_minus_beta2, eps1)
     return (row / (row.mean() * bias2)).sqrt(), col.sqrt()
 
 
@@ -95,11 +103,9 @@ def adafactor_update(
 def adalomo_factors(
     g: torch.Tensor, row: torch.Tensor, col: torch.Tensor, one_minus_beta: float, eps1: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EMAs as `adafactor_factors`; returns the factors of U = g a b^T, a = rsqrt(row / mean(row)),
+    """The statistics' EMAs (`_factored_stats_`); returns the factors of U = g a b^T, a = rsqrt(row / mean(row)),
     b = rsqrt(col)."""
-    sq = g * g
-    _ema_(row, sq.mean(dim=-1) + eps1, one_minus_beta)
-    _ema_(col, sq.mean(dim=-2) + eps1, one_minus_beta)
+    _factored_stats_(g, row, col, one_minus_beta, eps1)
     return (row / row.mean()).rsqrt(), col.rsqrt()
 
 

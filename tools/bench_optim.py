@@ -201,7 +201,7 @@ def op_counts(flavor: str, configs: list[tuple[str, OptimConfig, bool]]) -> dict
     model = Transformer(ModelConfig.from_flavor(flavor))
     out = {}
     # Inductor's CPU kernels appear in the profile only when compiled with this on: compile afresh.
-    torch._dynamo.reset()
+    torch.compiler.reset()
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
         for label, cfg, fast in configs:
             opt = _spec(model, cfg, fast).build()

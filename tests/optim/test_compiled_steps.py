@@ -17,7 +17,7 @@ from optim.adalomo import AdaLomo
 from optim.in_backward import InBackwardOptimizer
 from optim.validation import validate_optim_config
 from tests.helpers.tiny_lm import batch, loss_of, tiny_model
-from tests.optim.test_factored_kernels import SHAPES, _close
+from tests.optim.test_factored_kernels import SHAPES, assert_close_to_reference
 
 torch.set_num_threads(1)
 
@@ -26,10 +26,10 @@ torch.set_num_threads(1)
 def fresh_compiler():
     """Each test compiles from scratch: its graph counts are its own, and no test runs into the recompile limit
     (past it, Dynamo would quietly run the functions uncompiled)."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     yield
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def _graphs() -> int:
@@ -77,7 +77,7 @@ def test_compiled_adafactor_equals_the_reference(kw):
     compiled = _train(lambda ps: Adafactor(ps, compiled=True, **kw), graphs_after=graphs)
     _assert_compiled_once(graphs)
     ref = _train(lambda ps: Adafactor(ps, fast=False, **kw))
-    _close(compiled, ref, exact=False)
+    assert_close_to_reference(compiled, ref, exact=False)
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_compiled_adalomo_equals_the_reference(kw):
     graphs: list[int] = []
     compiled = _train(lambda ps: AdaLomo(ps, compiled=True, **kw), graphs_after=graphs)
     _assert_compiled_once(graphs)
-    _close(compiled, _train(lambda ps: AdaLomo(ps, fast=False, **kw)), exact=False)
+    assert_close_to_reference(compiled, _train(lambda ps: AdaLomo(ps, fast=False, **kw)), exact=False)
 
 
 def test_compiled_updates_run_from_another_thread():
@@ -98,7 +98,7 @@ def test_compiled_updates_run_from_another_thread():
     worker = threading.Thread(target=lambda: out.append(_train(lambda ps: Adafactor(ps, beta1=0.9, compiled=True))))
     worker.start()
     worker.join()
-    _close(out[0], _train(lambda ps: Adafactor(ps, beta1=0.9, fast=False)), exact=False)
+    assert_close_to_reference(out[0], _train(lambda ps: Adafactor(ps, beta1=0.9, fast=False)), exact=False)
     assert _graphs() > 0
 
 

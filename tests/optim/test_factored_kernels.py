@@ -28,7 +28,7 @@ def _train(make, steps: int = 6) -> tuple[list[torch.Tensor], dict]:
     return [p.detach() for p in params], opt.state
 
 
-def _close(fast, ref, exact: bool) -> None:
+def assert_close_to_reference(fast, ref, exact: bool) -> None:
     for a, b in zip(fast[0], ref[0], strict=True):
         if exact:
             assert torch.equal(a, b)
@@ -53,12 +53,12 @@ ADAFACTOR = [
 def test_adafactor_fast_path_equals_the_reference(kw):
     fast = _train(lambda ps: Adafactor(ps, lr=1e-2, beta2_decay=-0.8, **kw))
     ref = _train(lambda ps: Adafactor(ps, lr=1e-2, beta2_decay=-0.8, fast=False, **kw))
-    _close(fast, ref, exact=False)
+    assert_close_to_reference(fast, ref, exact=False)
 
 
 @pytest.mark.parametrize("kw", [dict(one_sided=True), dict(momentum_style="hf", beta1=0.9)], ids=["one_sided", "hf"])
 def test_adafactor_switches_off_the_fast_path_run_the_reference_bit_for_bit(kw):
-    _close(
+    assert_close_to_reference(
         _train(lambda ps: Adafactor(ps, lr=1e-2, **kw)),
         _train(lambda ps: Adafactor(ps, lr=1e-2, fast=False, **kw)),
         True,
@@ -79,12 +79,12 @@ def test_adafactor_switches_off_the_fast_path_run_the_reference_bit_for_bit(kw):
 def test_adalomo_fast_path_equals_the_reference(kw):
     fast = _train(lambda ps: AdaLomo(ps, lr=1e-2, **kw))
     ref = _train(lambda ps: AdaLomo(ps, lr=1e-2, fast=False, **kw))
-    _close(fast, ref, exact=False)
+    assert_close_to_reference(fast, ref, exact=False)
 
 
 @pytest.mark.parametrize("kw", [dict(update_norm="layerwise"), dict(factorization="svd", factor_rank=2)])
 def test_adalomo_modes_off_the_fast_path_run_the_reference_bit_for_bit(kw):
-    _close(
+    assert_close_to_reference(
         _train(lambda ps: AdaLomo(ps, lr=1e-2, **kw)), _train(lambda ps: AdaLomo(ps, lr=1e-2, fast=False, **kw)), True
     )
 
@@ -119,4 +119,4 @@ def test_adamem_fast_path_equals_the_reference(kw):
             opt.step()
         return [p.detach() for p in params], opt.state
 
-    _close(train(True), train(False), exact=False)
+    assert_close_to_reference(train(True), train(False), exact=False)
