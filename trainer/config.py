@@ -82,7 +82,7 @@ class TrainConfig:
     fused_update: bool = False
     """Update each parameter inside backward and free its gradient at once (optim/in_backward.py)."""
     compile: bool = False
-    """torch.compile every transformer block."""
+    """torch.compile every transformer block (needs a C++ compiler on CPU, a C compiler on CUDA: checked at start)."""
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     """The output layer and cross-entropy run this many tokens at a time, never holding the full logits (model/loss.py;
     at 64 x 512 tokens and the T5 vocabulary that saves GBs); 0 = the plain full-logits loss."""

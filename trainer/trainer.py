@@ -45,6 +45,7 @@ from trainer.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
 )
+from trainer.compile_toolchain import missing_compiler
 from trainer.config import Config, ConfigError, deepspeed_config, micro_batch_per_rank, save_config, validate
 from trainer.ddp_fused import install_fused_comm_hook
 from trainer.deepspeed_engine import (
@@ -121,6 +122,10 @@ def train(cfg: Config) -> TrainResult:
     info = init_distributed(cfg.train.device)
     run_dir = Path(cfg.run.dir)
     try:
+        if cfg.train.compile or cfg.optim.compile:
+            problem = missing_compiler(info.device)
+            if problem:
+                raise ConfigError(problem)
         # Before anything reads or writes the run directory: a second trainer stops here.
         with lock_run_dir(run_dir) if info.is_main else contextlib.nullcontext():
             if info.is_main:

@@ -48,3 +48,18 @@ def test_missing_config_file_and_no_arguments(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: config file not found")
     assert train.main([]) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["--optim.compile=true", "--train.compile=true"])
+def test_compile_without_a_compiler_is_one_error_line(tmp_path, sample_tokens, capsys, monkeypatch, key):
+    """torch.compile builds its kernels with a C/C++ compiler: with none on PATH the run stops before any work with
+    the fix, not at the first step with a traceback from inside Inductor."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_overrides(run_dir, sample_tokens), "--optim.name=adafactor", key]
+    assert train.main(["configs/tiny.yaml", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.compile / optim.compile need a C++ compiler on cpu"), err
+    assert "apt-get install g++" in err and not run_dir.exists()
