@@ -1,6 +1,7 @@
 """`optim.compile`: the fast path of Adafactor and AdaLomo on a whole fp32 matrix as two torch.compile'd
 functions per matrix and step: the same update as optim/factored_kernels.py's eager path (and as the readable
-reference code), equal to fp32 rounding (tests/optim/test_compiled_steps.py).
+reference code), equal to fp32 rounding (tests/optim/test_compiled_steps.py). AdaMeM's full-space matrices
+(embedding, output layer) run Adafactor's.
 
 Why: the eager fast path is six to nine separate ops per matrix (g^2, its two means, the outer product, + eps,
 the division, momentum, the update of W), each a kernel launch on a GPU and a pass over memory on any device.
@@ -14,6 +15,10 @@ producers into their consumers, so a square root of a vector written inside the 
 matrix entry instead of once per row or column (measured: that made a single compiled step no faster than the
 eager path on CPU).
 
+AdaMeM's low-rank matrices keep their eager fast path: compiled as one function around its three matmuls, their
+step measured 10-25% slower on CPU (Inductor folded P N1 + delta N2 into an addmm with a materialised m x n bias,
+and the matmuls dominate), so only a GPU measurement could justify it.
+
 Measured on the CPU (tools/bench_optim.py, docs/speed.md); on a GPU the launches per matrix should drop from
 16-27 to about four to six (Triton splits a function at each reduction), unmeasured.
 
@@ -21,8 +26,8 @@ Shapes are dynamic (`dynamic=True`): one graph serves every matrix shape (plus I
 1-row matrices, more than 4096 rows), and the changing scalars (bias corrections, beta2_t, the learning rate)
 are graph inputs, so steps do not recompile. Python branches (momentum or not, clip or not, a tensor or a float
 learning rate) give one graph each, a handful per run. Past Dynamo's recompile limit a function would run
-uncompiled, still correct. Compilation takes a few seconds per graph on first use, and needs a C compiler on
-CPU (as train.compile).
+uncompiled, still correct. Compilation takes a few seconds per graph on first use, and needs a C/C++ compiler
+(as train.compile; trainer/compile_toolchain.py checks for it when a run starts).
 """
 
 from __future__ import annotations

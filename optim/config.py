@@ -45,9 +45,10 @@ class OptimConfig:
     fused: bool | None = None
     """torch.optim.AdamW implementation: null = fused on CUDA, foreach elsewhere."""
     compile: bool = False
-    """Adafactor family and AdaLomo: run each fp32 matrix's update as two torch.compile'd functions (statistics,
-    then the fused update; optim/compiled_steps.py) instead of the eager fast path. Compiles on first use (seconds)
-    and needs a C compiler on CPU, as train.compile."""
+    """adafactor, adalomo, and the full-space matrices of adamem (galore_adafactor's with momentum_style adam): run
+    each whole fp32 matrix's update as two torch.compile'd functions (statistics, then the fused update;
+    optim/compiled_steps.py) instead of the eager fast path. Compiles on first use (seconds) and needs a C/C++
+    compiler, as train.compile."""
 
     # --- Adafactor family (adafactor, galore_adafactor, adamem, adalomo) ---
     beta2_decay: float | None = None
