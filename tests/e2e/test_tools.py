@@ -1,6 +1,8 @@
 import json
+import os
 import subprocess
 import sys
+import tarfile
 
 from model import ModelConfig
 from optim import OptimConfig
@@ -121,3 +123,36 @@ def test_bench_optim_prints_every_optimizer_against_fused_adamw():
     timed = {line.split("  ")[0] for line in lines[lines.index(next(x for x in lines if "step ms" in x)) + 1 :]}
     assert {"adamw (fused)", "galore_adamw [randomized SVD]", "adamem [reference code]", "adalomo [compiled]"} <= timed
     assert "randomized vs exact SVD subspace distance" in out.stdout
+
+
+def test_gpu_checks_script_runs_its_stages_at_the_tiny_size(tmp_path):
+    """tools/gpu_checks.sh, the prepared script for a lent GPU, on the CPU at the tiny size (GPU_CHECKS_TINY=1): the
+    bench_step table and a short train.py run land in one report, the TensorBoard logs in one archive (without
+    checkpoints: the machine returns few, small files); an unknown stage is refused."""
+    env = {**os.environ, "GPU_CHECKS_TINY": "1", "PYTHON": sys.executable}
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", "tools/gpu_checks.sh", str(out), "steps", "tensorboard"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = (out / "report.md").read_text()
+    assert "| 1.000x | adamw |" in report and "| adalomo (fused) |" in report, report
+    assert "validation loss:" in report and "(stopped" not in report, report
+    with tarfile.open(out / "tensorboard.tgz") as tgz:
+        names = tgz.getnames()
+    assert any("events.out.tfevents" in n for n in names) and not any("checkpoints" in n for n in names), names
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "report.md", "tensorboard.tgz"]
+    bad = subprocess.run(
+        ["bash", "tools/gpu_checks.sh", str(tmp_path / "bad"), "mfu"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "error: unknown stage mfu" in bad.stderr
