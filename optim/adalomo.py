@@ -285,6 +285,16 @@ class AdaLomo(FP32StateOptimizer):
             and sharding_of(p) is WHOLE
         )
 
+    def _nmf1_step(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> tuple[dict, float]:
+        """The fast paths' bookkeeping: p's state (the nmf-1 statistics created at zero on its first step) with
+        its step counted, and this step's beta2_t = 1 - t^decay_rate."""
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = 0
+            fac.init_state(state, tuple(g.shape), "nmf", 1, g.device)
+        state["step"] += 1
+        return state, 1.0 - math.pow(state["step"], group["decay_rate"])
+
     @torch.no_grad()
     def _step_fast(self, p: torch.Tensor, group: dict) -> None:
         """_fold + _direction + _apply for nmf-1 (grouped / none), through optim/factored_kernels.py:
@@ -292,12 +302,7 @@ class AdaLomo(FP32StateOptimizer):
         the statistics before U is built, so U is built already scaled and the weights take one lerp."""
         assert p.grad is not None
         g = p.grad.float()
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = 0
-            fac.init_state(state, tuple(g.shape), "nmf", 1, g.device)
-        state["step"] += 1
-        beta = 1.0 - math.pow(state["step"], group["decay_rate"])
+        state, beta = self._nmf1_step(p, g, group)
         u = kernels.workspace(g)
         rows, cols = kernels.mean_sq_stats(g, group["eps1"], u)
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
@@ -326,12 +331,7 @@ class AdaLomo(FP32StateOptimizer):
         assert p.grad is not None
         g = p.grad.float()
         w = p.detach()  # a plain tensor: Dynamo compiles nn.Parameter shapes statically, one graph per shape
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = 0
-            fac.init_state(state, tuple(g.shape), "nmf", 1, g.device)
-        state["step"] += 1
-        beta = 1.0 - math.pow(state["step"], group["decay_rate"])
+        state, beta = self._nmf1_step(p, g, group)
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         a, b = compiled_steps.adalomo_factors(g, row, col, 1.0 - beta, group["eps1"])
         clip = group["clip_threshold"] if group["update_norm"] == "grouped" else None
