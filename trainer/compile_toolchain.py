@@ -24,5 +24,5 @@ def missing_compiler(device: torch.device) -> str | None:
     return (
         f"train.compile / optim.compile need a {language} compiler on {device.type} (torch.compile builds its "
         f"kernels with one: ${env} or {' / '.join(names)}) and none is on PATH; install one (Debian: apt-get "
-        f"install g++) or set --train.compile=false --optim.compile=false"
+        f"install gcc g++) or set --train.compile=false --optim.compile=false"
     )

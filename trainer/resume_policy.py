@@ -27,6 +27,7 @@ from trainer.config_parsing import ConfigError
 MAY_CHANGE_ON_RESUME = (
     "run.*",
     "optim.lr",
+    "optim.compile",  # the same update to fp32 rounding and the same state (optim/compiled_steps.py)
     "scheduler.*",
     "train.max_steps",
     "train.flop_budget",

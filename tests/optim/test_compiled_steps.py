@@ -18,6 +18,7 @@ from optim.in_backward import InBackwardOptimizer
 from optim.validation import validate_optim_config
 from tests.helpers.tiny_lm import batch, loss_of, tiny_model
 from tests.optim.test_factored_kernels import SHAPES, assert_close_to_reference
+from trainer.resume_policy import may_change
 
 torch.set_num_threads(1)
 
@@ -90,6 +91,30 @@ def test_compiled_adalomo_equals_the_reference(kw):
     compiled = _train(lambda ps: AdaLomo(ps, compiled=True, **kw), graphs_after=graphs)
     _assert_compiled_once(graphs)
     assert_close_to_reference(compiled, _train(lambda ps: AdaLomo(ps, fast=False, **kw)), exact=False)
+
+
+def test_a_run_may_switch_optim_compile_on_resume():
+    """The compiled and the eager path keep the same state: an eager run's optimizer state goes on compiled (and
+    the resume policy lets optim.compile change) to fp32 rounding of the eager run."""
+    assert may_change("optim.compile")
+
+    def run(compiled_after: int | None) -> tuple[list[torch.Tensor], dict]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in SHAPES]
+        opt = Adafactor(params, beta1=0.9, weight_decay=0.1)
+        g = torch.Generator().manual_seed(1)
+        for step in range(6):
+            if step == compiled_after:  # "resume": a new optimizer, compiled, from the saved state
+                saved = opt.state_dict()
+                opt = Adafactor(params, beta1=0.9, weight_decay=0.1, compiled=True)
+                opt.load_state_dict(saved)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return [p.detach() for p in params], opt.state
+
+    assert_close_to_reference(run(compiled_after=3), run(compiled_after=None), exact=False)
+    assert _graphs() > 0
 
 
 def test_compiled_updates_run_from_another_thread():

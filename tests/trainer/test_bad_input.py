@@ -62,4 +62,4 @@ def test_compile_without_a_compiler_is_one_error_line(tmp_path, sample_tokens, c
     assert train.main(["configs/tiny.yaml", *overrides]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: train.compile / optim.compile need a C++ compiler on cpu"), err
-    assert "apt-get install g++" in err and not run_dir.exists()
+    assert "apt-get install gcc g++" in err and not run_dir.exists()
