@@ -42,7 +42,15 @@ def test_the_count_sees_host_reads_and_nothing_else():
         {"optim.name": "galore_adamw", "optim.rank": 8, "optim.update_proj_gap": 200},
         {"optim.name": "adamem", "optim.rank": 8, "optim.update_proj_gap": 200},
     ],
-    ids=["adamw", "adafactor", "adafactor_compiled", "adalomo_fused", "adalomo_layerwise_fused", "galore_adamw", "adamem"],
+    ids=[
+        "adamw",
+        "adafactor",
+        "adafactor_compiled",
+        "adalomo_fused",
+        "adalomo_layerwise_fused",
+        "galore_adamw",
+        "adamem",
+    ],
 )
 def test_a_training_step_reads_nothing_on_the_host(tmp_path, sample_tokens, extra):
     cfg = load_config("configs/tiny.yaml", tiny_overrides(tmp_path / "run", sample_tokens, **extra))
