@@ -10,7 +10,8 @@ strategy, bf16 autocast on CUDA) for `--warmup` steps, then `--steps` timed step
 three parts with a device synchronisation between them (the trainer itself never synchronises inside a
 step): data wait (the next batch), forward + backward (fused updates happen inside it), and the rest
 of the update (clip + step; ZeRO's step). Per optimizer it prints, as a markdown table whose first
-column is the step time relative to AdamW's:
+column is the step time relative to AdamW's (a row as soon as each optimizer is measured; list AdamW first; the
+trainers' own lines go to stderr):
 - tokens/s and MFU (GPU: the trainer's FLOP count over the bf16 dense peak);
 - the median step time and its three parts;
 - GaLore / AdaMeM: the step time with the SVD amortised at T = optim.update_proj_gap (a refresh step is
@@ -28,6 +29,7 @@ compiles the blocks (train.compile), `--compile-optim` the updates of the optimi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -117,8 +119,10 @@ def time_steps(trainer: Trainer, steps: int, first: int) -> dict[str, float]:
 
 
 def warmed_trainer(cfg: Config, info: DistInfo, warmup: int) -> Trainer:
-    """The trainer of `cfg` after `warmup` steps (the optimizer state, the first projector, compilation)."""
-    trainer = Trainer(cfg, info)
+    """The trainer of `cfg` after `warmup` steps (the optimizer state, the first projector, compilation). Its
+    header goes to stderr: stdout holds the table alone."""
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer = Trainer(cfg, info)
     batches = trainer.data.batches(0)
     for step in range(warmup):
         trainer.train_step(step, *next(batches))
@@ -160,8 +164,7 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInf
     )
 
 
-def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, device: str) -> None:
-    base = next((r["amortised"] for r in rows if r["optimizer"].startswith("adamw")), rows[0]["amortised"])
+def print_header(args: argparse.Namespace, device: str) -> None:
     compiled = (", compiled blocks" if args.compile else "") + (", compiled updates" if args.compile_optim else "")
     print(
         f"{args.flavor}, seq {args.seq_len}, micro-batch {args.micro_batch}, {device}{compiled}; "
@@ -172,18 +175,19 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, device: st
         "| vs adamw | optimizer | tokens/s | MFU | step ms | fwd+bwd ms | update ms | data ms | peak measured | "
         "peak accounted | formula | host syncs/step |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        peak = f"{r['peak'] / GiB:.2f}" if r["peak"] is not None else "-"
-        print(
-            f"| {r['amortised'] / base:.3f}x | {r['optimizer']} | {r['tokens_per_s']:,.0f} | {mfu} | "
-            f"{1e3 * r['amortised']:.1f} | {1e3 * r['fwd_bwd']:.1f} | {1e3 * r['update']:.1f} | "
-            f"{1e3 * r['data']:.2f} | {peak} | {r['accounted'] / GiB:.2f} | {r['formula'] / GiB:.2f} | {r['syncs']} |"
-        )
-    for r in rows:
-        if r["syncs"]:
-            print(f"host syncs of {r['optimizer']}: {r['sync_sites']}")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+
+
+def print_row(r: dict[str, Any], base: float) -> None:
+    """One optimizer's row, printed as soon as it is measured (a run cut short keeps the rows it finished)."""
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    peak = f"{r['peak'] / GiB:.2f}" if r["peak"] is not None else "-"
+    print(
+        f"| {r['amortised'] / base:.3f}x | {r['optimizer']} | {r['tokens_per_s']:,.0f} | {mfu} | "
+        f"{1e3 * r['amortised']:.1f} | {1e3 * r['fwd_bwd']:.1f} | {1e3 * r['update']:.1f} | "
+        f"{1e3 * r['data']:.2f} | {peak} | {r['accounted'] / GiB:.2f} | {r['formula'] / GiB:.2f} | {r['syncs']} |",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -204,12 +208,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--data", default=str(sample_tokens_dir()), help="prepared tokens (default: the sample corpus)")
     args = ap.parse_args(argv)
     info = init_distributed(args.device)  # one process: --device resolved as train.device (auto = CUDA if visible)
-    rows = []
+    cuda = info.device.type == "cuda"
+    print_header(args, torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads")
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for optimizer in args.optim:
             rows.append(bench_one(args, optimizer, Path(tmp), info))
-    cuda = info.device.type == "cuda"
-    print_table(rows, args, torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads")
+            # the unit: AdamW's step (list it first), else the first optimizer's
+            base = next((r["amortised"] for r in rows if r["optimizer"].startswith("adamw")), rows[0]["amortised"])
+            print_row(rows[-1], base)
+    for r in rows:
+        if r["syncs"]:
+            print(f"host syncs of {r['optimizer']}: {r['sync_sites']}")
     return rows
 
 

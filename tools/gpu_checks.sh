@@ -11,9 +11,10 @@
 #   compile     the same table with compiled blocks and compiled optimizer updates (train.compile, optim.compile)
 #   fused       the optimizers fused in backward: their peak memory against the steps stage's (fused vs plain)
 #   tensorboard a short train.py run of each model config with TensorBoard logs, packed into OUT_DIR/tensorboard.tgz
-# Every stage appends its tables to OUT_DIR/report.md (its log to OUT_DIR/log.txt) and is cut at STAGE_TIMEOUT
-# seconds (default 150), so one call returns what finished. GPU_CHECKS_TINY=1 runs the same commands at the tiny
-# size on the CPU (its test: tests/e2e/test_tools.py).
+# Every stage appends its tables to OUT_DIR/report.md (its log to OUT_DIR/log.txt), each table row as soon as it is
+# measured, and each command is cut at STAGE_TIMEOUT seconds (default 150), so one call returns what finished.
+# All stages take longer than one 10-minute call: name the stages of each call (steps and microbatch first).
+# GPU_CHECKS_TINY=1 runs the same commands at the tiny size on the CPU (its test: tests/e2e/test_tools.py).
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_checks.sh OUT_DIR [STAGE ...]}
 shift
