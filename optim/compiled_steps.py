@@ -42,17 +42,32 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+@functools.lru_cache(maxsize=4096)
+def _scalar(position: int, value: float) -> torch.Tensor:
+    """`value` as a 0-d fp32 CPU tensor, the same one for the same argument position and value (read-only). fp32,
+    the updates' precision: as float64, Inductor computed the scalar terms in double and drifted further from the
+    reference code's rounding. Per position: two arguments of one call never share a tensor, which Dynamo would
+    guard on (and recompile when two equal values, e.g. 1 - beta2 and its bias correction on step 1, later
+    differ)."""
+    return torch.tensor(value, dtype=torch.float32)
+
+
 def compiled_on_first_use(fn: Callable[P, R]) -> Callable[P, R]:
     """fn, torch.compile'd when first called: importing the compiler costs seconds, which runs without
-    optim.compile never pay. The uncompiled function stays at `.__wrapped__`."""
-    compiled: Callable[P, R] | None = None
+    optim.compile never pay. The uncompiled function stays at `.__wrapped__`.
+
+    Float arguments go in as 0-d CPU tensors, cached by position and value (`_scalar`). Dynamo would wrap each
+    float into such a tensor on every call anyway (a float is a graph input, not a constant); the values repeat
+    across a step's matrices, so the cache saves that host work: 183 -> 135 us per matrix update (both functions)
+    on this project's CPU. On CUDA, Inductor passes 0-d CPU tensors to its kernels as scalar arguments."""
+    compiled: Callable[..., R] | None = None
 
     @functools.wraps(fn)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
         nonlocal compiled
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)
-        return compiled(*args, **kwargs)
+        return compiled(*(_scalar(i, a) if type(a) is float else a for i, a in enumerate(args)), **kwargs)
 
     return call
 

@@ -269,6 +269,27 @@ def _subspace_gap(shapes: list[tuple[int, ...]], rank: int, gen: torch.Generator
     return out[0], out[1]
 
 
+def host_overhead(configs: list[tuple[str, OptimConfig, bool]], n: int = 20, steps: int = 100) -> dict[str, float]:
+    """{label: seconds per matrix of step()} on n 16 x 16 matrices, where the arithmetic is negligible: the host's
+    cost of issuing one matrix's update (eager ops, or the compiled functions' guards and argument wrapping). On a
+    GPU the step runs at the larger of this (times the number of matrices) and the kernels' time."""
+    out = {}
+    for label, cfg, fast in configs:
+        model = nn.ParameterList(nn.Parameter(torch.randn(16, 16)) for _ in range(n))
+        spec = _spec(model, replace(cfg, weight_decay=0.1), fast)
+        opt = spec.build()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        with torch.no_grad():
+            for _ in range(5):
+                opt.step()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+        out[label] = (time.perf_counter() - t0) / steps / n
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flavor", default="210m")
@@ -345,6 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         f"randomized vs exact SVD subspace distance (||PP^T - QQ^T||_F / sqrt(2r); 0 same, 1 orthogonal), "
         f"mean over {shapes}: flat-spectrum random gradients {flat:.3f}, power-law (1/i) spectrum {decayed:.3f}"
     )
+    factored = [row for row in rows if row[1].name in ("adafactor", "adalomo")]
+    overhead = host_overhead(
+        [(label, cfg, True) for label, cfg in factored]
+        + [(f"{label} [compiled]", replace(cfg, compile=True), True) for label, cfg in factored]
+        + [(f"{label} [reference code]", cfg, False) for label, cfg in factored]
+    )
+    print("host time per matrix update (16 x 16 matrices: issuing the work, not doing it), us:")
+    print("  " + ", ".join(f"{label} {1e6 * t:.0f}" for label, t in overhead.items()))
     if args.real_gradients:
         gaps = real_gradient_gap(args.flavor, args.rank, args.real_gradients)
         print(
