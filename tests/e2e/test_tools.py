@@ -123,6 +123,7 @@ def test_bench_optim_prints_every_optimizer_against_fused_adamw():
     timed = {line.split("  ")[0] for line in lines[lines.index(next(x for x in lines if "step ms" in x)) + 1 :]}
     assert {"adamw (fused)", "galore_adamw [randomized SVD]", "adamem [reference code]", "adalomo [compiled]"} <= timed
     assert "randomized vs exact SVD subspace distance" in out.stdout
+    assert "host time per matrix update" in out.stdout and "adalomo [compiled] " in out.stdout
 
 
 def test_gpu_checks_script_runs_its_stages_at_the_tiny_size(tmp_path):
