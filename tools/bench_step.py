@@ -139,7 +139,7 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInf
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     with count_host_syncs(device) as syncs:
         trainer.train_step(args.warmup + args.steps, *next(trainer.data.batches(args.warmup + args.steps)))
-    amortised = times["step"]
+    amortised, refresh = times["step"], None
     if optimizer in LOW_RANK:  # a refresh step (an SVD per matrix), amortised over T steps
         gap = args.proj_gap
         refresh_trainer = warmed_trainer(
@@ -153,6 +153,7 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInf
     return dict(
         optimizer=optimizer + (" (fused)" if cfg.train.fused_update else ""),
         amortised=amortised,
+        refresh=refresh,  # a projector-refresh step's time (GaLore / AdaMeM), else None
         tokens_per_s=trainer.tokens_per_step / amortised,
         mfu=flops / (times["step"] * peak_flops) if peak_flops else None,
         **times,
