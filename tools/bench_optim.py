@@ -269,6 +269,17 @@ def _subspace_gap(shapes: list[tuple[int, ...]], rank: int, gen: torch.Generator
     return out[0], out[1]
 
 
+def _variants(rows: list[tuple[str, OptimConfig]]) -> list[tuple[str, OptimConfig, bool]]:
+    """(label, config, fast: see _spec) of every row's fast path, then, for the FAST_PATH rows, of that path
+    compiled (optim.compile) and of their reference code."""
+    fast_rows = [(label, cfg) for label, cfg in rows if cfg.name in FAST_PATH]
+    return (
+        [(label, cfg, True) for label, cfg in rows]
+        + [(f"{label} [compiled]", replace(cfg, compile=True), True) for label, cfg in fast_rows]
+        + [(f"{label} [reference code]", cfg, False) for label, cfg in fast_rows]
+    )
+
+
 def host_overhead(configs: list[tuple[str, OptimConfig, bool]], n: int = 20, steps: int = 100) -> dict[str, float]:
     """{label: seconds per matrix of step()} on n 16 x 16 matrices, where the arithmetic is negligible: the host's
     cost of issuing one matrix's update (eager ops, or the compiled functions' guards and argument wrapping). On a
@@ -336,11 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.ops_flavor:
         model_params = sum(1 for _ in Transformer(ModelConfig.from_flavor(args.ops_flavor)).parameters())
-        fast_rows = [(label, cfg) for label, cfg in rows if cfg.name in FAST_PATH]
-        configs = [(label, cfg, True) for label, cfg in rows]
-        configs += [(f"{label} [compiled]", replace(cfg, compile=True), True) for label, cfg in fast_rows]
-        configs += [(f"{label} [reference code]", cfg, False) for label, cfg in fast_rows]
-        counts = op_counts(args.ops_flavor, configs)
+        counts = op_counts(args.ops_flavor, _variants(rows))
         print(f"aten ops per whole-model step() on the {args.ops_flavor} model ({model_params} parameters):")
         print(f"{'optimizer':<36} {'ops':>6} {'kernel-launching':>17} {'per parameter':>14}")
         for label, (ops, kernels) in counts.items():
@@ -366,12 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         f"randomized vs exact SVD subspace distance (||PP^T - QQ^T||_F / sqrt(2r); 0 same, 1 orthogonal), "
         f"mean over {shapes}: flat-spectrum random gradients {flat:.3f}, power-law (1/i) spectrum {decayed:.3f}"
     )
-    factored = [row for row in rows if row[1].name in ("adafactor", "adalomo")]
-    overhead = host_overhead(
-        [(label, cfg, True) for label, cfg in factored]
-        + [(f"{label} [compiled]", replace(cfg, compile=True), True) for label, cfg in factored]
-        + [(f"{label} [reference code]", cfg, False) for label, cfg in factored]
-    )
+    overhead = host_overhead(_variants([row for row in rows if row[1].name in ("adafactor", "adalomo")]))
     print("host time per matrix update (16 x 16 matrices: issuing the work, not doing it), us:")
     print("  " + ", ".join(f"{label} {1e6 * t:.0f}" for label, t in overhead.items()))
     if args.real_gradients:
