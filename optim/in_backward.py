@@ -61,6 +61,7 @@ cannot undo an update.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -120,6 +121,9 @@ class InBackwardOptimizer:
         self._pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.deferred_bytes = 0
         self.peak_deferred_bytes = 0
+        # Under DDP the updates run in comm-hook callbacks, which a process group may complete on several
+        # threads at once (gloo's workers): the coupled groups' bookkeeping above is read-modify-write.
+        self._lock = threading.Lock()
         for group in spec.param_groups:
             options = group_options(group)
             for name, p in zip(group["names"], group["params"], strict=True):
@@ -168,21 +172,27 @@ class InBackwardOptimizer:
                 torch.linalg.vector_norm(local(grad), dtype=torch.float32).square()
             )
         key = self._key_of.get(name)
+        complete = False  # the last member of a coupled group: flush it
         if key is None:
             self.optimizers[name].step()
             if self.after_update is not None:
                 self.after_update(p)
         else:
             u, usq = self._two_phase[name].prepare(p)
-            self._pending.setdefault(key, {})[name] = (u, usq)
-            self.deferred_bytes += u.nbytes
-            self.peak_deferred_bytes = max(self.peak_deferred_bytes, self.deferred_bytes)
+            with self._lock:
+                pending = self._pending.setdefault(key, {})
+                pending[name] = (u, usq)
+                self.deferred_bytes += u.nbytes
+                self.peak_deferred_bytes = max(self.peak_deferred_bytes, self.deferred_bytes)
+                complete = len(pending) == len(self._members[key])
         holder.grad = None  # freed (the optimizer's step already took a carrier's)
-        if key is not None and len(self._pending[key]) == len(self._members[key]):
+        if complete:
+            assert key is not None
             self._flush(key)
 
     def _flush(self, key: str) -> None:
-        pending = self._pending.pop(key, {})
+        with self._lock:  # one caller takes the group: the last member's, or step() for unused members
+            pending = self._pending.pop(key, {})
         # The members that got a gradient, in spec order (the ordinary path's summation order).
         ready = {n: pending[n] for n in self._members[key] if n in pending}
         del pending
@@ -198,7 +208,8 @@ class InBackwardOptimizer:
             self._two_phase[n].apply(self._params[n], u, div)
             if self.after_update is not None:
                 self.after_update(self._params[n])
-            self.deferred_bytes -= u.nbytes
+            with self._lock:
+                self.deferred_bytes -= u.nbytes
         del ready
 
     def grad_norm(self) -> torch.Tensor:

@@ -4,6 +4,7 @@ costs where users run it.
     python tools/bench_step.py --flavor 210m --optim adamw galore_adamw adamem adafactor adalomo   # GPU
     python tools/bench_step.py --flavor tiny --seq-len 128 --micro-batch 8                         # CPU
     python tools/bench_step.py --flavor 550m --compile --compile-optim --micro-batch 32 --steps 20
+    python tools/bench_step.py --flavor 210m --micro-batch 64 --accumulate 16    # configs/210m.yaml's global batch
 
 Each optimizer trains the real trainer (trainer.Trainer: the sample corpus, the model, the update
 strategy, bf16 autocast on CUDA) for `--warmup` steps, then `--steps` timed steps; a step is timed in
@@ -24,6 +25,11 @@ Optimizers run with the paper configs' settings: GaLore / AdaMeM at rank d/4 (Ga
 AdaLomo fused in backward (its method), the others ordinary; `--fused` names more to fuse. `--compile`
 compiles the blocks (train.compile), `--compile-optim` the updates of the optimizers that read optim.compile
 (Adafactor, AdaLomo, AdaMeM's full-space matrices: optim/compiled_steps.py).
+A step is one micro-batch unless `--accumulate K` makes it K (train.global_batch = K x micro-batch, as the
+configs' steps are: 16 x 64 for 210m). One micro-batch is the strictest ratio (the update's cost over the least
+computation); K shows what a run with the configs' batch pays. The accounted peak is one micro-batch's, and
+with K > 1 a fused row is accounted as ordinary: the gradients of the first K - 1 micro-batches stay until
+the last one's backward (optim/in_backward.py), so fusing saves no gradient memory there.
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ PAPER_T = 200  # GaLore's and AdaMeM's update_proj_gap in the paper configs
 
 
 def bench_config(args: argparse.Namespace, optimizer: str, run_dir: Path, gap: int) -> Config:
-    """The trainer's config for one optimizer: one micro-batch per step, no evaluation, no checkpoints."""
+    """The trainer's config for one optimizer: `--accumulate` micro-batches per step, no evaluation, no
+    checkpoints."""
     run_dir.mkdir(parents=True, exist_ok=True)
     width = ModelConfig.from_flavor(args.flavor).d_model
     fused = optimizer == "adalomo" or optimizer in args.fused
@@ -69,7 +76,7 @@ def bench_config(args: argparse.Namespace, optimizer: str, run_dir: Path, gap: i
         "data.seq_len": args.seq_len,
         "data.val_tokens": 4 * args.seq_len,  # the trainer loads them; the benchmark never evaluates
         "model.max_seq_len": args.seq_len,
-        "train.global_batch": args.micro_batch,
+        "train.global_batch": args.micro_batch * args.accumulate,
         "train.micro_batch": args.micro_batch,
         "train.max_steps": 10**6,
         "train.device": args.device,
@@ -147,7 +154,8 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInf
         )
         refresh = time_steps(refresh_trainer, max(1, args.steps // 2), args.warmup)["step"]
         amortised = (refresh + (gap - 1) * times["step"]) / gap
-    accounted = measure(cfg.model, cfg.optim, cfg.train.fused_update, args.micro_batch, args.seq_len, "meta")
+    fused_saving = cfg.train.fused_update and args.accumulate == 1  # see the module docstring
+    accounted = measure(cfg.model, cfg.optim, fused_saving, args.micro_batch, args.seq_len, "meta")
     flops = trainer.flops.cumulative(1)  # one steady step (no refresh at T = 10**9)
     peak_flops = device_peak_flops(device)
     return dict(
@@ -167,8 +175,9 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInf
 
 def print_header(args: argparse.Namespace, device: str) -> None:
     compiled = (", compiled blocks" if args.compile else "") + (", compiled updates" if args.compile_optim else "")
+    accumulated = f" x {args.accumulate} per step" if args.accumulate > 1 else ""
     print(
-        f"{args.flavor}, seq {args.seq_len}, micro-batch {args.micro_batch}, {device}{compiled}; "
+        f"{args.flavor}, seq {args.seq_len}, micro-batch {args.micro_batch}{accumulated}, {device}{compiled}; "
         f"median of {args.steps} steps after {args.warmup}; "
         f"SVD amortised at T = {args.proj_gap}; memory in GiB"
     )
@@ -197,6 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--optim", nargs="+", default=list(OPTIMIZERS), help=f"default: {' '.join(OPTIMIZERS)}")
     ap.add_argument("--fused", nargs="*", default=[], help="optimizers to run fused in backward (adalomo always is)")
     ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -208,6 +218,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--data", default=str(sample_tokens_dir()), help="prepared tokens (default: the sample corpus)")
     args = ap.parse_args(argv)
+    for flag in ("micro_batch", "accumulate", "seq_len", "steps"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     info = init_distributed(args.device)  # one process: --device resolved as train.device (auto = CUDA if visible)
     cuda = info.device.type == "cuda"
     print_header(args, torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads")

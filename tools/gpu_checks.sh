@@ -8,6 +8,8 @@
 #   steps       tools/bench_step.py per optimizer on 210m (micro-batch 64) and 550m (32): tokens/s, MFU, the step
 #               split, torch.cuda.max_memory_allocated against the accounting, data wait, host syncs
 #   microbatch  AdamW's MFU at other micro-batches (the configs' choice)
+#   accumulate  every optimizer on 210m at configs/210m.yaml's global batch (16 micro-batches of 64 per step): the
+#               step ratios a run with the configs pays (the steps stage's one micro-batch is the strictest case)
 #   compile     the same table with compiled blocks and compiled optimizer updates (train.compile, optim.compile)
 #   fused       the optimizers fused in backward: their peak memory against the steps stage's (fused vs plain)
 #   tensorboard a short train.py run of each model config with TensorBoard logs, packed into OUT_DIR/tensorboard.tgz
@@ -15,18 +17,19 @@
 # measured, and each command is cut at STAGE_TIMEOUT seconds (default 150), so one call returns what finished.
 # All stages take longer than one 10-minute call: name the stages of each call (steps and microbatch first).
 # GPU_CHECKS_TINY=1 runs the same commands at the tiny size on the CPU (its test: tests/e2e/test_tools.py).
+# The lent machines' python3 has torch 2.11, not the pinned 2.13: the test suite passes with both (docs/speed.md).
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_checks.sh OUT_DIR [STAGE ...]}
 shift
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(steps microbatch compile fused tensorboard)
+[[ ${#stages[@]} -gt 0 ]] || stages=(steps microbatch accumulate compile fused tensorboard)
 py=${PYTHON:-python3}
 limit=${STAGE_TIMEOUT:-150}
 if [[ ${GPU_CHECKS_TINY:-0} == 1 ]]; then
-    runs=("tiny 2") mbs=(1 4) optims=(adamw adalomo) train_steps=2 configs=(configs/tiny.yaml)
+    runs=("tiny 2") mbs=(1 4) accumulate=2 optims=(adamw adalomo) train_steps=2 configs=(configs/tiny.yaml)
     common=(--seq-len 32 --steps 2 --warmup 1 --device cpu)
 else
-    runs=("210m 64" "550m 32") mbs=(16 32 96) optims=(adamw adafactor galore_adamw adamem adalomo) train_steps=10
+    runs=("210m 64" "550m 32") mbs=(16 32 96) accumulate=16 optims=(adamw adafactor galore_adamw adamem adalomo) train_steps=10
     common=(--steps 10 --warmup 3 --device cuda) configs=(configs/210m.yaml configs/550m.yaml)
 fi
 mkdir -p "$out"
@@ -67,6 +70,12 @@ for s in "${stages[@]}"; do
             stage "$flavor, AdamW at micro-batch $mb" "$py" tools/bench_step.py --flavor "$flavor" --micro-batch "$mb" \
                 --optim adamw "${common[@]}"
         done ;;
+    accumulate)
+        # A step is ~16x longer here: fewer of them (the last --steps / --warmup win).
+        read -r flavor mb <<<"${runs[0]}"
+        stage "$flavor, every optimizer, $accumulate micro-batches of $mb per step" "$py" tools/bench_step.py \
+            --flavor "$flavor" --micro-batch "$mb" --accumulate "$accumulate" --optim "${optims[@]}" "${common[@]}" \
+            --steps 2 --warmup 1 ;;
     compile)
         for run in "${runs[@]}"; do
             read -r flavor mb <<<"$run"
@@ -89,7 +98,7 @@ for s in "${stages[@]}"; do
         # the event files and metrics, not the checkpoints (GBs)
         tar -czf "$out/tensorboard.tgz" --exclude=checkpoints -C "$out/runs" . && rm -rf "$out/runs" ;;
     *)
-        echo "error: unknown stage $s (steps, microbatch, compile, fused, tensorboard)" >&2
+        echo "error: unknown stage $s (steps, microbatch, accumulate, compile, fused, tensorboard)" >&2
         exit 2 ;;
     esac
 done

@@ -12,8 +12,8 @@ engine (AdaLomo is defined as an in-backward update), not memory.
 
 The callback runs when the bucket's all-reduce completes, possibly on the communication thread while
 autograd computes earlier layers' gradients: a parameter's update touches only that parameter and its
-own optimizer state (and AdaLomo's deferred group statistics, which only this callback writes), and
-DDP waits for every bucket's future before backward returns.
+own optimizer state (AdaLomo's deferred group statistics, shared by a group's members, are kept under
+InBackwardOptimizer's lock), and DDP waits for every bucket's future before backward returns.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at run time

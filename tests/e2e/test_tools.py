@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import subprocess
@@ -104,6 +105,24 @@ def test_bench_step_prints_the_table_with_adamw_as_the_unit(capsys, sample_token
     assert all(0 < r["accounted"] <= r["formula"] for r in rows)
 
 
+def test_bench_step_accumulates_micro_batches_as_the_configs_do(capsys, sample_tokens, tmp_path):
+    """--accumulate K: a step is K micro-batches (the configs' global batch), and a fused row is accounted as
+    ordinary (the first K - 1 micro-batches' gradients stay until the last backward)."""
+    args = ["--flavor", "tiny", "--seq-len", "32", "--micro-batch", "2", "--accumulate", "3", "--steps", "1"]
+    rows = bench_step.main([*args, "--warmup", "1", "--optim", "adamw", "adalomo", "--data", str(sample_tokens)])
+    assert "micro-batch 2 x 3 per step" in capsys.readouterr().out
+    for r in rows:
+        assert r["tokens_per_s"] * r["amortised"] == pytest.approx(3 * 2 * 32)
+    ns = argparse.Namespace(flavor="tiny", data=str(sample_tokens), seq_len=32, micro_batch=2, accumulate=3)
+    ns.__dict__.update(fused=[], device="cpu", compile=False, compile_optim=False)
+    cfg = bench_step.bench_config(ns, "adalomo", tmp_path, gap=1)
+    assert cfg.train.global_batch == 6 and cfg.train.micro_batch == 2 and cfg.train.fused_update
+    ordinary, fused = (measure(cfg.model, cfg.optim, f, 2, 32, "meta")["peak"] for f in (False, True))
+    assert rows[1]["accounted"] == ordinary > fused
+    bad = run_tool("tools/bench_step.py", "--accumulate", "0")
+    assert bad.returncode == 2 and "--accumulate must be at least 1, got 0" in bad.stderr
+
+
 def test_bench_optim_prints_every_optimizer_against_fused_adamw():
     """tools/bench_optim.py at a tiny size: a row per optimizer (fast path, compiled, reference code, randomized
     SVD), the op counts, and fewer kernel launches on Adafactor's and AdaMeM's fast paths than on their reference
@@ -131,12 +150,13 @@ def test_bench_optim_prints_every_optimizer_against_fused_adamw():
 
 def test_gpu_checks_script_runs_its_stages_at_the_tiny_size(tmp_path):
     """tools/gpu_checks.sh, the prepared script for a lent GPU, on the CPU at the tiny size (GPU_CHECKS_TINY=1): the
-    bench_step table and a short train.py run land in one report, the TensorBoard logs in one archive (without
-    checkpoints: the machine returns few, small files); an unknown stage is refused."""
+    bench_step tables (one micro-batch per step, then accumulated) and a short train.py run land in one report, the
+    TensorBoard logs in one archive (without checkpoints: the machine returns few, small files); an unknown stage is
+    refused."""
     env = {**os.environ, "GPU_CHECKS_TINY": "1", "PYTHON": sys.executable}
     out = tmp_path / "out"
     done = subprocess.run(
-        ["bash", "tools/gpu_checks.sh", str(out), "steps", "tensorboard"],
+        ["bash", "tools/gpu_checks.sh", str(out), "steps", "accumulate", "tensorboard"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -146,6 +166,7 @@ def test_gpu_checks_script_runs_its_stages_at_the_tiny_size(tmp_path):
     assert done.returncode == 0, done.stderr
     report = (out / "report.md").read_text()
     assert "| 1.000x | adamw |" in report and "| adalomo (fused) |" in report, report
+    assert report.count("| 1.000x | adamw |") == 2 and "micro-batch 2 x 2 per step" in report, report
     assert "validation loss:" in report and "(stopped" not in report, report
     with tarfile.open(out / "tensorboard.tgz") as tgz:
         names = tgz.getnames()
