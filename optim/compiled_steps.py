@@ -26,7 +26,8 @@ Shapes are dynamic (`dynamic=True`): one graph serves every matrix shape (plus I
 1-row matrices, more than 4096 rows), and the changing scalars (bias corrections, beta2_t, the learning rate)
 are graph inputs, so steps do not recompile. Python branches (momentum or not, clip or not, a tensor or a float
 learning rate) give one graph each, a handful per run. Past Dynamo's recompile limit a function would run
-uncompiled, still correct. Compilation takes a few seconds per graph on first use, and needs a C/C++ compiler
+uncompiled, still correct, on a GPU too: the cached scalars only meet CUDA tensors in binary ops, which accept a
+0-d CPU tensor. Compilation takes a few seconds per graph on first use, and needs a C/C++ compiler
 (as train.compile; trainer/compile_toolchain.py checks for it when a run starts).
 """
 
@@ -146,7 +147,9 @@ def adalomo_update(
     u = g * a[:, None] * b[None, :]
     n = p.numel()
     # Row sums first: reductions over the same (rows, columns) loop nest, which Inductor fuses into one pass.
-    eta = (p.square().sum(dim=-1).sum() / n).sqrt().clamp(min=eps2) * lr
+    # maximum, not clamp(min=eps2): eps2 comes in as a 0-d CPU tensor, which binary ops take beside CUDA tensors
+    # and clamp does not (it would fail on a GPU if the function ever ran uncompiled: see the module docstring).
+    eta = torch.maximum((p.square().sum(dim=-1).sum() / n).sqrt(), torch.as_tensor(eps2)) * lr
     scale = eta
     if clip_threshold is not None:
         scale = eta / ((u.square().sum(dim=-1).sum() / n).sqrt() / clip_threshold).clamp(min=1.0)

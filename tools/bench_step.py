@@ -16,8 +16,9 @@ trainers' own lines go to stderr):
 - tokens/s and MFU (GPU: the trainer's FLOP count over the bf16 dense peak);
 - the median step time and its three parts;
 - GaLore / AdaMeM: the step time with the SVD amortised at T = optim.update_proj_gap (a refresh step is
-  timed separately: `--steps` steady steps use T = 10**9);
-- peak memory: measured (`torch.cuda.max_memory_allocated`; on CPU none is measured), accounted by
+  timed separately, the median of up to 3 after 1: `--steps` steady steps use T = 10**9);
+- peak memory: measured (`torch.cuda.max_memory_allocated`, with the trainers measured before freed; on CPU
+  none is measured), accounted by
   trainer/memory_accounting.py on the meta device (fp32 activations: under bf16 autocast the measured
   activations are about half) and the naive formula (weights + gradients + state + activations);
 - host syncs per steady step (trainer/host_syncs.py; the target is 0).
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import statistics
 import sys
 import tempfile
@@ -136,9 +138,19 @@ def warmed_trainer(cfg: Config, info: DistInfo, warmup: int) -> Trainer:
     return trainer
 
 
+def release_trainers(device: torch.device) -> None:
+    """Free the trainers measured before. A Trainer sits in reference cycles (hooks and callbacks that hold it),
+    which only the cycle collector frees, at a time of its choosing: a previous optimizer's weights and state
+    would otherwise still be allocated when the next one's peak memory is measured."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInfo) -> dict[str, Any]:
     device = info.device
     cfg = bench_config(args, optimizer, tmp / optimizer, gap=10**9)
+    release_trainers(device)
     trainer = warmed_trainer(cfg, info, args.warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -146,23 +158,28 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInf
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     with count_host_syncs(device) as syncs:
         trainer.train_step(args.warmup + args.steps, *next(trainer.data.batches(args.warmup + args.steps)))
+    flops = trainer.flops.cumulative(1)  # one steady step (no refresh at T = 10**9)
+    tokens_per_step = trainer.tokens_per_step
+    del trainer
     amortised, refresh = times["step"], None
     if optimizer in LOW_RANK:  # a refresh step (an SVD per matrix), amortised over T steps
         gap = args.proj_gap
-        refresh_trainer = warmed_trainer(
-            bench_config(args, optimizer, tmp / f"{optimizer}_refresh", gap=1), info, args.warmup
-        )
-        refresh = time_steps(refresh_trainer, max(1, args.steps // 2), args.warmup)["step"]
+        release_trainers(device)
+        # One warm-up step (the first SVD's setup) and a few timed: every step here runs an SVD per matrix.
+        refresh_cfg = bench_config(args, optimizer, tmp / f"{optimizer}_refresh", gap=1)
+        warmup = min(args.warmup, 1)
+        refresh_trainer = warmed_trainer(refresh_cfg, info, warmup)
+        refresh = time_steps(refresh_trainer, min(3, max(1, args.steps // 2)), warmup)["step"]
+        del refresh_trainer
         amortised = (refresh + (gap - 1) * times["step"]) / gap
     fused_saving = cfg.train.fused_update and args.accumulate == 1  # see the module docstring
     accounted = measure(cfg.model, cfg.optim, fused_saving, args.micro_batch, args.seq_len, "meta")
-    flops = trainer.flops.cumulative(1)  # one steady step (no refresh at T = 10**9)
     peak_flops = device_peak_flops(device)
     return dict(
         optimizer=optimizer + (" (fused)" if cfg.train.fused_update else ""),
         amortised=amortised,
         refresh=refresh,  # a projector-refresh step's time (GaLore / AdaMeM), else None
-        tokens_per_s=trainer.tokens_per_step / amortised,
+        tokens_per_s=tokens_per_step / amortised,
         mfu=flops / (times["step"] * peak_flops) if peak_flops else None,
         **times,
         peak=peak,

@@ -68,6 +68,7 @@ from trainer.run_lock import lock_run_dir, remove_stale_temp_files
 from trainer.run_outcome import clear_diverged, mark_diverged
 from trainer.schedule import lr_factor
 from trainer.step import evaluate, forward_backward, split_micro_batches
+from trainer.throughput_window import ThroughputWindow
 from trainer.update import UpdateInBackward, build_update_strategy
 
 
@@ -174,7 +175,6 @@ class Trainer:
             self.run_dir, enabled=info.is_main, tensorboard=cfg.log.tensorboard, resume_step=self.progress.step
         )
         self._print_run_header()
-        self.step_times: list[float] = []
         self.unchecked: list[tuple[int, StepOutput]] = []  # steps whose metrics are still on the device
         self.result = TrainResult(final_step=self.progress.step)
         self.stop = StopFlag()  # its signal handlers are installed by fit(), for as long as it runs
@@ -420,19 +420,18 @@ class Trainer:
         self.log.print(f"step {step:>6}/{self.cfg.train.max_steps} | val loss {loss:.4f} | val ppl {ppl:.2f}")
 
     def log_step(
-        self, done: int, out: StepOutput, checked: tuple[float, float], data_seconds: float, elapsed: float
+        self, done: int, out: StepOutput, checked: tuple[float, float], window: ThroughputWindow, elapsed: float
     ) -> None:
-        """`checked`: this step's (loss, grad norm) as check_steps read them."""
-        max_steps, interval = self.cfg.train.max_steps, self.cfg.log.interval
-        recent = self.step_times[-interval:]
-        avg = sum(recent) / len(recent)
-        tok_s = self.tokens_per_step / avg
+        """`checked`: this step's (loss, grad norm) as check_steps read them, just now; `window`: the steps since
+        the device was last drained, which that read closed (trainer/throughput_window.py)."""
+        seconds, steps = window.seconds(), window.steps(done)
+        tok_s = self.tokens_per_step * steps / seconds
         values = {
             "train/loss": checked[0],
             "train/lr": self.cfg.optim.lr * out.lr_factor,
             "train/grad_norm": checked[1],
             "throughput/tokens_per_s": tok_s,
-            "throughput/data_wait_frac": data_seconds / self.step_times[-1],
+            "throughput/data_wait_frac": window.data_seconds / seconds,
             "memory/peak_bytes": float(peak_memory_bytes(self.info.device)),
             "tokens_seen": float(self.progress.tokens_seen),
             "flops_seen": float(self.flops.cumulative(done)),
@@ -443,11 +442,12 @@ class Trainer:
         if peak is not None:
             # The FLOPs these steps executed (the projected backward and adapters count less; projector refreshes
             # the full backward), not the plain model's count, so MFU is not overstated for those runs.
-            executed = self.flops.cumulative(done) - self.flops.cumulative(done - len(recent))
-            values["throughput/mfu"] = executed / (sum(recent) * peak * self.info.world_size)
+            executed = self.flops.cumulative(done) - self.flops.cumulative(window.first_step)
+            values["throughput/mfu"] = executed / (seconds * peak * self.info.world_size)
         values.update(self.updater.counters())
         self.log.log(done, values)
-        self.log.console(done, max_steps, values, elapsed, avg * (max_steps - done))
+        max_steps = self.cfg.train.max_steps
+        self.log.console(done, max_steps, values, elapsed, seconds / steps * (max_steps - done))
 
     def save(self) -> Path | None:
         """Checkpoint the current step: several ranks each write their part of a sharded directory, one
@@ -493,15 +493,15 @@ class Trainer:
         cfg, result = self.cfg, self.result
         batches = self.data.batches(self.progress.step)
         t_start = time.perf_counter()
+        # Inside a step nothing waits for the device; the check points below read the metrics, and only there
+        # is the time real on a GPU (the host ran ahead of the device before): throughput is timed between them.
+        window = ThroughputWindow(self.progress.step)
         for step in range(self.progress.step, cfg.train.max_steps):
             t0 = time.perf_counter()
             inputs, targets = next(batches)
-            data_seconds = time.perf_counter() - t0
+            window.data_seconds += time.perf_counter() - t0
             out = self.train_step(step, inputs, targets)
             self.unchecked.append((step + 1, out))
-            # Inside a step nothing waits for the device; the check points below read the metrics, and only
-            # there is a step's time real on a GPU (the host ran ahead of the device before).
-            self.step_times.append(time.perf_counter() - t0)
             self.progress.step = done = step + 1
             self.progress.tokens_seen += self.tokens_per_step
             result.final_step = done
@@ -511,7 +511,7 @@ class Trainer:
             checked = self.check_steps() if log_due or eval_due or save_due else None
             if log_due:
                 assert checked is not None
-                self.log_step(done, out, checked, data_seconds, time.perf_counter() - t_start)
+                self.log_step(done, out, checked, window, time.perf_counter() - t_start)
             if eval_due:
                 self.evaluate(done)
             # One process reads its own flag; several ranks agree on it with a collective and a host read, at
@@ -525,6 +525,8 @@ class Trainer:
                 return
             if save_due:
                 result.checkpoint = self.save()
+            if checked is not None:  # the read drained the device: the next window starts now, after eval and save
+                window = ThroughputWindow(done)
 
 
 def divergence_causes(cfg: Config, step: int, device: torch.device) -> list[str]:

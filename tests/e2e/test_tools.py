@@ -1,4 +1,5 @@
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from optim import OptimConfig
 from tests.helpers.runs import REPO
 from tools import bench_engines, bench_step
 from trainer.memory_accounting import measure
+from trainer.trainer import Trainer
 
 
 def run_tool(*args):
@@ -87,13 +89,23 @@ def test_bench_engines_prints_the_per_rank_table_at_a_tiny_size():
     assert {r["optimizer"] for r in table if r["engine"] == "ds-z3-lomo"} == {"adalomo"}
 
 
-def test_bench_step_prints_the_table_with_adamw_as_the_unit(capsys, sample_tokens):
+def test_bench_step_prints_the_table_with_adamw_as_the_unit(capsys, monkeypatch, sample_tokens):
     """tools/bench_step.py at a tiny size: it runs the trainer's steps for each optimizer, prints one row each
     with the ratio to AdamW first, and counts no host syncs in a steady step (no timing asserts). AdaLomo's
-    updates compiled (--compile-optim: optim.compile, inside the fused backward); the others do not read it."""
+    updates compiled (--compile-optim: optim.compile, inside the fused backward); the others do not read it. The
+    trainers measured before are freed when the next is timed."""
     args = ["--flavor", "tiny", "--seq-len", "32", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
     optimizers = ["--optim", "adamw", "galore_adamw", "adalomo", "--compile-optim"]
+    live = []  # Trainers alive while one is timed: its peak memory must be its own
+
+    def time_steps(trainer, *a):
+        live.append(sum(type(o) is Trainer for o in gc.get_objects()))  # type(): weak proxies too
+        return timed(trainer, *a)
+
+    timed = bench_step.time_steps
+    monkeypatch.setattr(bench_step, "time_steps", time_steps)
     rows = bench_step.main([*args, *optimizers, "--data", str(sample_tokens)])
+    assert live == [1, 1, 1, 1], live  # adamw, galore_adamw (steady, then refresh), adalomo
     out = capsys.readouterr().out
     assert [r["optimizer"] for r in rows] == ["adamw", "galore_adamw", "adalomo (fused)"]
     assert "| 1.000x | adamw |" in out and "| vs adamw | optimizer | tokens/s |" in out
@@ -168,10 +180,10 @@ def test_gpu_checks_script_runs_its_stages_at_the_tiny_size(tmp_path):
     assert "| 1.000x | adamw |" in report and "| adalomo (fused) |" in report, report
     assert report.count("| 1.000x | adamw |") == 2 and "micro-batch 2 x 2 per step" in report, report
     assert "validation loss:" in report and "(stopped" not in report, report
-    with tarfile.open(out / "tensorboard.tgz") as tgz:
-        names = tgz.getnames()
+    with tarfile.open(out / "tensorboard.tar") as tar:
+        names = tar.getnames()
     assert any("events.out.tfevents" in n for n in names) and not any("checkpoints" in n for n in names), names
-    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "report.md", "tensorboard.tgz"]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "report.md", "tensorboard.tar"]
     bad = subprocess.run(
         ["bash", "tools/gpu_checks.sh", str(tmp_path / "bad"), "mfu"],
         cwd=REPO,

@@ -8,6 +8,8 @@ import torch
 
 from tests.helpers.runs import losses, run, tiny_overrides
 from trainer import checkpoint as ckpt
+from trainer import throughput_window
+from trainer import trainer as trainer_module
 from trainer.config import ConfigError, load_config
 from trainer.metrics import read_metrics
 from trainer.trainer import TrainingDiverged
@@ -249,3 +251,56 @@ def test_bf16_autocast_follows_the_fp32_loss_curve_to_bf16_precision(tmp_path, s
     assert bf16 != fp32  # bf16 compute really ran
     state = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "bf16" / "checkpoints", 6))
     assert all(t.dtype == torch.float32 for t in state["model"].values())  # fp32 master weights
+
+
+class FakeClock:
+    """time.perf_counter for the trainer: it moves only when the test says."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_throughput_is_timed_between_device_reads_without_eval_and_save(tmp_path, sample_tokens, monkeypatch):
+    """On a GPU a step's host time leaves out the queued device work that the next check point's read waits for:
+    tokens/s, MFU and the data-wait fraction are timed from one read to the next log's read, that wait included,
+    and the evaluations and checkpoints between them left out (trainer/throughput_window.py). A fake clock: each
+    step takes 0.1 s on the host, each read 1 s (the device's queue), each evaluation and checkpoint 100 s, and each
+    batch 0.05 s to arrive."""
+    clock = FakeClock()
+    monkeypatch.setattr(trainer_module, "time", clock)
+    monkeypatch.setattr(throughput_window, "time", clock)
+
+    def taking(seconds, method):
+        def timed(self, *args):
+            clock.now += seconds
+            return method(self, *args)
+
+        return timed
+
+    T = trainer_module.Trainer
+    for name, seconds in (("train_step", 0.1), ("check_steps", 1.0), ("evaluate", 100.0), ("save", 100.0)):
+        monkeypatch.setattr(T, name, taking(seconds, getattr(T, name)))
+    original_init = T.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        source = self.data.batches
+
+        def slow(step):
+            for batch in source(step):
+                clock.now += 0.05
+                yield batch
+
+        self.data.batches = slow
+
+    monkeypatch.setattr(T, "__init__", init)
+    overrides = {"train.max_steps": 6, "log.interval": 2, "eval.interval": 2, "checkpoint.interval": 4}
+    run(tmp_path, sample_tokens, **overrides)
+    logged = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r}
+    assert sorted(logged) == [2, 4, 6]
+    for r in logged.values():  # 2 steps of 4 x 32 tokens over 2 x (0.05 + 0.1) + 1 s: no evaluation, no save
+        assert r["throughput/tokens_per_s"] == pytest.approx(2 * 4 * 32 / 1.3)
+        assert r["throughput/data_wait_frac"] == pytest.approx(0.1 / 1.3)
