@@ -7,16 +7,17 @@ costs where users run it.
     python tools/bench_step.py --flavor 210m --micro-batch 64 --accumulate 16    # configs/210m.yaml's global batch
 
 Each optimizer trains the real trainer (trainer.Trainer: the sample corpus, the model, the update
-strategy, bf16 autocast on CUDA) for `--warmup` steps, then `--steps` timed steps; a step is timed in
-three parts with a device synchronisation between them (the trainer itself never synchronises inside a
-step): data wait (the next batch), forward + backward (fused updates happen inside it), and the rest
-of the update (clip + step; ZeRO's step). Per optimizer it prints, as a markdown table whose first
-column is the step time relative to AdamW's (a row as soon as each optimizer is measured; list AdamW first; the
-trainers' own lines go to stderr):
+strategy, bf16 autocast on CUDA) for `--warmup` steps, then `--steps` timed steps as the trainer runs them (no
+device synchronisation inside a step, so on a GPU the host's work overlaps the device's: the step time users
+get), then `--steps` more, each timed in three parts with a device synchronisation between them: data wait (the
+next batch), forward + backward (fused updates happen inside it), and the rest of the update (clip + step;
+ZeRO's step). The parts add up to the serial time, which can exceed the step time on a GPU. Per optimizer it
+prints, as a markdown table whose first column is the step time relative to AdamW's (a row as soon as each
+optimizer is measured; list AdamW first; the trainers' own lines go to stderr):
 - tokens/s and MFU (GPU: the trainer's FLOP count over the bf16 dense peak);
-- the median step time and its three parts;
+- the mean step time and the median of its three parts;
 - GaLore / AdaMeM: the step time with the SVD amortised at T = optim.update_proj_gap (a refresh step is
-  timed separately, the median of up to 3 after 1: `--steps` steady steps use T = 10**9);
+  timed separately, the mean of up to 3 after 1: `--steps` steady steps use T = 10**9);
 - peak memory: measured (`torch.cuda.max_memory_allocated`, with the trainers measured before freed; on CPU
   none is measured), accounted by
   trainer/memory_accounting.py on the meta device (fp32 activations: under bf16 autocast the measured
@@ -105,12 +106,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(trainer: Trainer, steps: int, first: int) -> dict[str, float]:
-    """Median seconds per step of its three parts over `steps` steps from step `first`."""
+def time_steps(trainer: Trainer, steps: int, first: int, split: bool = True) -> dict[str, float]:
+    """Seconds per step over `steps` steps from step `first`, run as the trainer runs them: no device
+    synchronisation inside, one at each end (`step`: on a GPU the host queues the next kernels while the device
+    runs, so host-side work such as an optimizer's launches can hide behind the device's). With `split`, `steps`
+    more, split into their three parts by a synchronisation between them: the median data wait, forward +
+    backward and update. The parts add up to the serial time, which can exceed `step` on a GPU."""
     device = trainer.info.device
     batches = trainer.data.batches(first)
-    parts: dict[str, list[float]] = {"data": [], "fwd_bwd": [], "update": [], "step": []}
+    _sync(device)
+    start = time.perf_counter()
     for step in range(first, first + steps):
+        trainer.train_step(step, *next(batches))
+    _sync(device)
+    step_time = (time.perf_counter() - start) / steps
+    if not split:
+        return {"step": step_time}
+    parts: dict[str, list[float]] = {"data": [], "fwd_bwd": [], "update": []}
+    for step in range(first + steps, first + 2 * steps):
         _sync(device)
         t0 = time.perf_counter()
         inputs, targets = next(batches)
@@ -122,9 +135,9 @@ def time_steps(trainer: Trainer, steps: int, first: int) -> dict[str, float]:
         trainer.apply_update(step)
         _sync(device)
         t3 = time.perf_counter()
-        for key, value in (("data", t1 - t0), ("fwd_bwd", t2 - t1), ("update", t3 - t2), ("step", t3 - t0)):
+        for key, value in (("data", t1 - t0), ("fwd_bwd", t2 - t1), ("update", t3 - t2)):
             parts[key].append(value)
-    return {k: statistics.median(v) for k, v in parts.items()}
+    return {"step": step_time, **{k: statistics.median(v) for k, v in parts.items()}}
 
 
 def warmed_trainer(cfg: Config, info: DistInfo, warmup: int) -> Trainer:
@@ -156,8 +169,9 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInf
         torch.cuda.reset_peak_memory_stats(device)
     times = time_steps(trainer, args.steps, args.warmup)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    after = args.warmup + 2 * args.steps  # the steps time_steps ran
     with count_host_syncs(device) as syncs:
-        trainer.train_step(args.warmup + args.steps, *next(trainer.data.batches(args.warmup + args.steps)))
+        trainer.train_step(after, *next(trainer.data.batches(after)))
     flops = trainer.flops.cumulative(1)  # one steady step (no refresh at T = 10**9)
     tokens_per_step = trainer.tokens_per_step
     del trainer
@@ -169,7 +183,7 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInf
         refresh_cfg = bench_config(args, optimizer, tmp / f"{optimizer}_refresh", gap=1)
         warmup = min(args.warmup, 1)
         refresh_trainer = warmed_trainer(refresh_cfg, info, warmup)
-        refresh = time_steps(refresh_trainer, min(3, max(1, args.steps // 2)), warmup)["step"]
+        refresh = time_steps(refresh_trainer, min(3, max(1, args.steps // 2)), warmup, split=False)["step"]
         del refresh_trainer
         amortised = (refresh + (gap - 1) * times["step"]) / gap
     fused_saving = cfg.train.fused_update and args.accumulate == 1  # see the module docstring
@@ -195,7 +209,7 @@ def print_header(args: argparse.Namespace, device: str) -> None:
     accumulated = f" x {args.accumulate} per step" if args.accumulate > 1 else ""
     print(
         f"{args.flavor}, seq {args.seq_len}, micro-batch {args.micro_batch}{accumulated}, {device}{compiled}; "
-        f"median of {args.steps} steps after {args.warmup}; "
+        f"{args.steps} steps after {args.warmup}, then {args.steps} split in parts (medians); "
         f"SVD amortised at T = {args.proj_gap}; memory in GiB"
     )
     print(

@@ -98,9 +98,9 @@ def test_bench_step_prints_the_table_with_adamw_as_the_unit(capsys, monkeypatch,
     optimizers = ["--optim", "adamw", "galore_adamw", "adalomo", "--compile-optim"]
     live = []  # Trainers alive while one is timed: its peak memory must be its own
 
-    def time_steps(trainer, *a):
+    def time_steps(trainer, *args, **kwargs):
         live.append(sum(type(o) is Trainer for o in gc.get_objects()))  # type(): weak proxies too
-        return timed(trainer, *a)
+        return timed(trainer, *args, **kwargs)
 
     timed = bench_step.time_steps
     monkeypatch.setattr(bench_step, "time_steps", time_steps)
