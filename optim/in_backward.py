@@ -172,7 +172,7 @@ class InBackwardOptimizer:
                 torch.linalg.vector_norm(local(grad), dtype=torch.float32).square()
             )
         key = self._key_of.get(name)
-        complete = False  # the last member of a coupled group: flush it
+        full_group = None  # the coupled group this parameter completed: flushed once its gradient is freed
         if key is None:
             self.optimizers[name].step()
             if self.after_update is not None:
@@ -184,11 +184,11 @@ class InBackwardOptimizer:
                 pending[name] = (u, usq)
                 self.deferred_bytes += u.nbytes
                 self.peak_deferred_bytes = max(self.peak_deferred_bytes, self.deferred_bytes)
-                complete = len(pending) == len(self._members[key])
+                if len(pending) == len(self._members[key]):
+                    full_group = key
         holder.grad = None  # freed (the optimizer's step already took a carrier's)
-        if complete:
-            assert key is not None
-            self._flush(key)
+        if full_group is not None:
+            self._flush(full_group)
 
     def _flush(self, key: str) -> None:
         with self._lock:  # one caller takes the group: the last member's, or step() for unused members

@@ -125,8 +125,17 @@ def test_bench_step_accumulates_micro_batches_as_the_configs_do(capsys, sample_t
     assert "micro-batch 2 x 3 per step" in capsys.readouterr().out
     for r in rows:
         assert r["tokens_per_s"] * r["amortised"] == pytest.approx(3 * 2 * 32)
-    ns = argparse.Namespace(flavor="tiny", data=str(sample_tokens), seq_len=32, micro_batch=2, accumulate=3)
-    ns.__dict__.update(fused=[], device="cpu", compile=False, compile_optim=False)
+    ns = argparse.Namespace(
+        flavor="tiny",
+        data=str(sample_tokens),
+        seq_len=32,
+        micro_batch=2,
+        accumulate=3,
+        fused=[],
+        device="cpu",
+        compile=False,
+        compile_optim=False,
+    )
     cfg = bench_step.bench_config(ns, "adalomo", tmp_path, gap=1)
     assert cfg.train.global_batch == 6 and cfg.train.micro_batch == 2 and cfg.train.fused_update
     ordinary, fused = (measure(cfg.model, cfg.optim, f, 2, 32, "meta")["peak"] for f in (False, True))
