@@ -68,4 +68,6 @@ def _data_warning_printer(
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from trainer.console import exit_quietly_on_closed_stdout  # a light module: --help stays fast
+
+    sys.exit(exit_quietly_on_closed_stdout(main, sys.argv[1:]))

@@ -40,6 +40,7 @@ from study.runner import (
 )
 from study.spec import Study, load_study
 from trainer.config import ConfigError
+from trainer.console import exit_quietly_on_closed_stdout
 
 CWD = Path.cwd()  # where the user started the tool: the printed resume command works from there
 STATUSES = ("complete", "diverged", "failed", "incomplete", "pending")
@@ -186,4 +187,4 @@ def describe_arm(arm: results.ArmSummary) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(exit_quietly_on_closed_stdout(main, sys.argv[1:]))

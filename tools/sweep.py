@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.config import ConfigError
+from trainer.console import exit_quietly_on_closed_stdout
 from trainer.sweep import expand_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,4 +49,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(exit_quietly_on_closed_stdout(main, sys.argv[1:]))

@@ -29,6 +29,7 @@ from trainer.config_parsing import (
     build_section,
     describe_type,
     field_docs,
+    field_types,
     merge,
     parse_overrides,
     read_yaml,
@@ -176,8 +177,7 @@ class Config:
 
 def section_classes() -> dict[str, type]:
     """{section name: its dataclass}, in the order of Config's fields."""
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+    return dict(field_types(Config))  # a copy: the cached mapping is shared
 
 
 def build_config(raw: dict) -> Config:
@@ -309,7 +309,7 @@ def help_text() -> str:
     for section, cls in section_classes().items():
         lines.append(f"\n{section}:")
         docs = field_docs(cls)
-        hints = typing.get_type_hints(cls)
+        hints = field_types(cls)
         defaults = cls()
         for f in dataclasses.fields(cls):
             default = getattr(defaults, f.name)

@@ -10,6 +10,11 @@ A crash during a write can leave an incomplete last line (no newline): `read_met
 out and the next resume drops it with a warning. Any other line that is not a record is damage
 that no crash of this writer makes: a MetricsFileError naming the file and the line. An OSError
 while writing (disk full) is a RunDirError; the file keeps every complete record.
+
+When the console's reader goes away (`python train.py ... | head`, a killed `tee`), a print raises
+BrokenPipeError. A crash there would lose the steps since the last checkpoint, so the logger calls
+`on_stdout_closed` instead (the trainer then saves and stops, as on SIGTERM), and its later messages go
+to stderr. The metrics.jsonl and TensorBoard records are unaffected.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.console import silence_closed_stdout
 from trainer.run_lock import RunDirError, os_error_fix, write_file_atomic
 
 
@@ -84,11 +92,22 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        tensorboard: bool,
+        resume_step: int,
+        on_stdout_closed: Callable[[], None] | None = None,
+    ):
         """The main rank's logger (`enabled`; other ranks get one that does nothing). On resume at
         `resume_step`, later records are dropped; at 0 (a fresh start), all are. A damaged
-        metrics.jsonl is repaired (an incomplete last line, with a warning) or a MetricsFileError."""
+        metrics.jsonl is repaired (an incomplete last line, with a warning) or a MetricsFileError.
+        `on_stdout_closed` is called once if the standard output's reader goes away."""
         self.enabled = enabled
+        self.on_stdout_closed = on_stdout_closed
+        self.stdout_closed = False
         self.path = run_dir / "metrics.jsonl"
         self.tb_dir = run_dir / "tensorboard"
         self.writer = None
@@ -166,11 +185,32 @@ class MetricsLogger:
         parts.append(f"elapsed {_fmt_duration(elapsed)}")
         if eta is not None:
             parts.append(f"eta {_fmt_duration(eta)}")
-        print(" | ".join(parts), flush=True)
+        if not self.stdout_closed:  # step lines are not moved to stderr: the records keep them
+            self._print_to_stdout(" | ".join(parts))
 
     def print(self, message: str) -> None:
-        if self.enabled:
-            print(message, flush=True)
+        """A message to the console: stdout, or stderr once stdout's reader has gone away."""
+        if not self.enabled:
+            return
+        if self.stdout_closed:
+            print(message, file=sys.stderr, flush=True)
+        else:
+            self._print_to_stdout(message)
+
+    def _print_to_stdout(self, text: str) -> None:
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            self.stdout_closed = True
+            silence_closed_stdout()  # later writes, and the last flush, would raise again
+            print(
+                "warning: the standard output was closed (its reader exited, e.g. `| head`): the run saves a "
+                "checkpoint and stops; re-run the same command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            if self.on_stdout_closed is not None:
+                self.on_stdout_closed()
 
     def close(self) -> None:
         if not self.enabled:

@@ -95,7 +95,7 @@ class StepOutput:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes the current step, saves and exits cleanly."""
+    """Set by SIGTERM/SIGINT (or `request()`); the loop finishes the current step, saves and exits cleanly."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -111,6 +111,10 @@ class StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once, without saving
+        self.requested = True
+
+    def request(self) -> None:
+        """Stop as on SIGTERM (e.g. the console's reader went away)."""
         self.requested = True
 
     def restore(self) -> None:
@@ -171,13 +175,17 @@ class Trainer:
         )
         self.restore()
         self.autocast = autocast_context(cfg.train.precision, info.device)
+        self.stop = StopFlag()  # its signal handlers are installed by fit(), for as long as it runs
         self.log = MetricsLogger(
-            self.run_dir, enabled=info.is_main, tensorboard=cfg.log.tensorboard, resume_step=self.progress.step
+            self.run_dir,
+            enabled=info.is_main,
+            tensorboard=cfg.log.tensorboard,
+            resume_step=self.progress.step,
+            on_stdout_closed=self.stop.request,  # a closed console must not crash the run: save and stop
         )
         self._print_run_header()
         self.unchecked: list[tuple[int, StepOutput]] = []  # steps whose metrics are still on the device
         self.result = TrainResult(final_step=self.progress.step)
-        self.stop = StopFlag()  # its signal handlers are installed by fit(), for as long as it runs
 
     # ----- build -------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -474,10 +482,15 @@ class Trainer:
                 result.checkpoint = self.save()
                 return result
             if self.progress.step >= cfg.train.max_steps:
+                # With a budget, max_steps is derived from it (a given --train.max_steps is replaced).
+                limit, knob = (
+                    (f"train.flop_budget={cfg.train.flop_budget:.4g}", "--train.flop_budget")
+                    if cfg.train.flop_budget is not None
+                    else (f"train.max_steps={cfg.train.max_steps}", "--train.max_steps")
+                )
                 self.log.print(
-                    f"run already complete at step {self.progress.step} (train.max_steps={cfg.train.max_steps}); "
-                    f"to train longer raise --train.max_steps, to start over use another --run.dir or delete "
-                    f"{self.run_dir}"
+                    f"run already complete at step {self.progress.step} ({limit}); to train longer raise {knob}, "
+                    f"to start over use another --run.dir or delete {self.run_dir}"
                 )
                 return result
             self._record_start()

@@ -5,7 +5,7 @@ import yaml
 
 from tests.helpers.runs import REPO
 from trainer.config import ConfigError, help_text, load_config, parse_overrides, save_config, section_classes
-from trainer.config_parsing import field_docs
+from trainer.config_parsing import YAML_LOADER, field_docs
 
 
 def write(tmp_path, name, content):
@@ -162,3 +162,15 @@ def test_a_config_written_for_one_rank_runs_on_two(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = load_config("configs/tiny.yaml")
     assert micro_batch_per_rank(cfg.train, 2) == 4
+
+
+def test_the_fast_yaml_loader_reads_every_shipped_file_as_pyyaml_does():
+    """Config, sweep and study files go through libyaml's parser (YAML_LOADER); each must read exactly as
+    PyYAML's own safe loader reads it, and so must override scalars."""
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(files) > 50
+    for path in files:
+        text = path.read_text()
+        assert yaml.load(text, Loader=YAML_LOADER) == yaml.safe_load(text), path
+    for value in ["3e-3", "1.0e-3", "null", "~", "true", "no", "[1, 2]", "0x10", "1_000", ".inf", "2024-01-01"]:
+        assert yaml.load(value, Loader=YAML_LOADER) == yaml.safe_load(value), value

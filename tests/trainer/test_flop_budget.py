@@ -318,6 +318,10 @@ def test_trainer_derives_max_steps_and_logs_flops_seen_exactly_per_step(tmp_path
         assert r["flops_seen"] == spent(r["step"]) and r["tokens_seen"] == r["step"] * TOKENS
         previous = r["flops_seen"]
     assert load_config(tmp_path / "run" / "config.yaml") == loaded
+    # Run again: complete, and the advice names the budget (a raised --train.max_steps would be replaced).
+    assert train(loaded).final_step == 7
+    out = capsys.readouterr().out
+    assert "run already complete at step 7 (train.flop_budget=" in out and "raise --train.flop_budget" in out
 
 
 def test_the_meta_model_is_built_once_per_model_config():

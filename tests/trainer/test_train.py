@@ -70,10 +70,13 @@ def test_resume_is_bit_exact(tmp_path, sample_tokens):
         assert torch.equal(tensor, final_b["model"][name]), name
 
 
-def test_rerun_of_a_finished_run_does_nothing(tmp_path, sample_tokens):
+def test_rerun_of_a_finished_run_does_nothing(tmp_path, sample_tokens, capsys):
     run(tmp_path, sample_tokens, **{"train.max_steps": 2})
+    capsys.readouterr()
     _, result = run(tmp_path, sample_tokens, **{"train.max_steps": 2})
     assert result.final_step == 2 and result.val_losses == []
+    out = capsys.readouterr().out
+    assert "run already complete at step 2 (train.max_steps=2); to train longer raise --train.max_steps" in out
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, sample_tokens, monkeypatch):
