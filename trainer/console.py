@@ -14,10 +14,18 @@ from collections.abc import Callable
 
 
 def silence_closed_stdout() -> None:
-    """Send every later write to the standard output to /dev/null."""
+    """Send every later write to the standard output to /dev/null; the standard error's too when it is the
+    same pipe (`2>&1 | head`), where a message to it would meet the closed reader as well."""
     try:
+        out_fd = sys.stdout.fileno()
+        closed = os.fstat(out_fd)
+        fds = [out_fd]
+        err = os.fstat(sys.stderr.fileno())
+        if (err.st_dev, err.st_ino) == (closed.st_dev, closed.st_ino):
+            fds.append(sys.stderr.fileno())
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        for fd in fds:
+            os.dup2(devnull, fd)
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # a replaced sys.stdout without a descriptor (a test's capture)
         pass
