@@ -5,16 +5,20 @@
     python tools/sweep.py SWEEP --launcher "torchrun --nproc_per_node=8"    # how each is started
 
 The sweep file format is described in trainer/sweep.py; every run's config is validated before
-the first command is printed or started.
+the first command is printed or started. With --run, `python` is this interpreter (the project's
+venv, activated or not), and a stop (Ctrl-C, SIGTERM) lets the running trainer save before the sweep
+ends: re-running the same command continues it (finished runs return at once, the stopped one resumes).
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -36,16 +40,49 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    # The printed commands say `python`; the started ones use this interpreter, as the study runner's do.
+    launcher = shlex.split(args.launcher)
+    started = [sys.executable if launcher == ["python"] else launcher[0], *launcher[1:]]
     for config, overrides in runs:
         config_arg = config.relative_to(REPO) if config.is_relative_to(REPO) else config
-        cmd = shlex.split(args.launcher) + ["train.py", str(config_arg), *overrides]
-        print(shlex.join(cmd), flush=True)
+        tail = ["train.py", str(config_arg), *overrides]
+        print(shlex.join(launcher + tail), flush=True)
         if args.run:
-            code = subprocess.call(cmd, cwd=REPO)
+            code, stopped_by = run_to_the_end(started + tail)
+            if stopped_by is not None:
+                print(
+                    f"error: sweep stopped by {signal.Signals(stopped_by).name}: the running trainer saved and exited "
+                    f"with {code}; re-run the same command to continue the sweep",
+                    file=sys.stderr,
+                )
+                return 128 + stopped_by
             if code:
                 print(f"error: run exited with {code}; stopping the sweep", file=sys.stderr)
                 return code
     return 0
+
+
+def run_to_the_end(cmd: list[str]) -> tuple[int, int | None]:
+    """(the exit code of `cmd`, the stop signal that reached this process while it ran, or None).
+
+    Not subprocess.call: on Ctrl-C it kills the child a quarter of a second later, before the trainer has saved.
+    A stop is forwarded as SIGTERM (the trainer's save-and-exit) and the child is waited for; the child shares
+    this process group, so a terminal's Ctrl-C reaches it directly too."""
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    stopped_by: list[int] = []
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        stopped_by.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code, (stopped_by[0] if stopped_by else None)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ class CheckpointConfig:
     keep_last: int = 3
     """Checkpoints kept; older ones are deleted after a successful save."""
     resume: bool = True
-    """Resume from the run directory's latest checkpoint if one exists."""
+    """Resume from the run directory's latest checkpoint if one exists. false: never resume; a run directory that
+    holds checkpoints is then refused (starting over beside them would mix two runs)."""
 
 
 @dataclass

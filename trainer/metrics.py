@@ -141,7 +141,7 @@ class MetricsLogger:
         if step == 0 and dropped:
             self.print(
                 f"warning: {self.path}: dropped {dropped} records of an earlier start: the run starts again at "
-                f"step 0 (no checkpoint to resume from, or checkpoint.resume=false)"
+                f"step 0 (no checkpoint to resume from)"
             )
         if dropped or contents.partial or contents.missing_newline:
             write_file_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())

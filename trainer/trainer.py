@@ -64,7 +64,7 @@ from trainer.metrics import MetricsLogger
 from trainer.parallelize import autocast_context, grad_sync, parallelize, resolve_precision
 from trainer.relora import build_adapter_schedule
 from trainer.resume_policy import check_resume_compatible, record_resume
-from trainer.run_lock import lock_run_dir, remove_stale_temp_files
+from trainer.run_lock import RunDirError, lock_run_dir, remove_stale_temp_files
 from trainer.run_outcome import clear_diverged, mark_diverged
 from trainer.schedule import lr_factor
 from trainer.step import evaluate, forward_backward, split_micro_batches
@@ -268,7 +268,15 @@ class Trainer:
     def _check_resume(self) -> tuple[Path | None, dict[str, Any] | None, dict[str, tuple[Any, Any]]]:
         """(the checkpoint to resume from, its contents, the config changes since it), or Nones for a
         fresh run; a change that the run cannot take (trainer/resume_policy.py) is a ConfigError here."""
-        latest = latest_checkpoint(self.run_dir / "checkpoints") if self.cfg.checkpoint.resume else None
+        latest = latest_checkpoint(self.run_dir / "checkpoints")
+        if latest is not None and not self.cfg.checkpoint.resume:
+            # Starting over beside them would mix two runs: the new run's checkpoints pruned by the old ones'
+            # higher steps, config.yaml describing the new run, and a plain re-run resuming the old checkpoint.
+            raise RunDirError(
+                f"checkpoint.resume=false, but {self.run_dir} holds checkpoints of an earlier start (latest "
+                f"{latest.name}): starting over there would mix two runs. Use another --run.dir, or delete "
+                f"{self.run_dir} (or move it aside) to start this run over"
+            )
         if latest is None:
             return None, None, {}
         state = load_checkpoint(latest)

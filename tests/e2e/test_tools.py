@@ -49,6 +49,46 @@ def test_sweep_expands_the_grid_and_validates(tmp_path):
     assert bad.returncode == 1 and "optim.lrr" in bad.stderr
 
 
+def test_a_stopped_sweep_lets_the_running_trainer_save_and_continues_on_re_run(tmp_path, sample_tokens):
+    """SIGINT to `tools/sweep.py --run`: the trainer saves and exits, the sweep ends (130) without starting the next
+    run, and the same command continues. Started with PATH lacking the venv: `python` is the sweep's interpreter."""
+    import signal
+    import time
+
+    from tests.helpers.runs import losses, tiny_overrides
+    from trainer import checkpoint as ckpt
+
+    overrides = dict(o[2:].split("=", 1) for o in tiny_overrides(tmp_path, sample_tokens, **{"eval.interval": 0}))
+    del overrides["run.dir"], overrides["optim.lr"]  # the sweep's: its run_dir and grid
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        f"config: {REPO / 'configs/tiny.yaml'}\n"
+        "grid: {optim.lr: [1.0e-3, 3.0e-3]}\n"
+        f"run_dir: {tmp_path}/lr{{optim.lr}}\n"
+        f"overrides: {json.dumps({**overrides, 'train.max_steps': 100000, 'checkpoint.interval': 100000})}\n"
+    )
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "tools/sweep.py", str(sweep), "--run"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first, second = tmp_path / "lr0.001", tmp_path / "lr0.003"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(losses(first)) < 3 and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # to the sweep only: it forwards the stop
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "error: sweep stopped by SIGINT" in err and "Traceback" not in err, err
+    saved = ckpt.latest_checkpoint(first / "checkpoints")
+    assert saved is not None and ckpt.load_checkpoint(saved)["progress"]["step"] == max(losses(first))
+    assert not second.exists()
+    # The same command continues: the stopped run resumes (here to a lower max_steps: it is complete at once).
+    step = max(losses(first))
+    sweep.write_text(sweep.read_text().replace('"train.max_steps": 100000', f'"train.max_steps": {step}'))
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"run already complete at step {step}" in done.stdout and max(losses(second)) == step
+
+
 def test_plot_runs_writes_a_png(tmp_path):
     for name, losses in (("a", [5.0, 4.0]), ("b", [5.0, 3.5])):
         run = tmp_path / name

@@ -12,6 +12,7 @@ from trainer import throughput_window
 from trainer import trainer as trainer_module
 from trainer.config import ConfigError, load_config
 from trainer.metrics import read_metrics
+from trainer.run_lock import RunDirError
 from trainer.trainer import TrainingDiverged
 
 
@@ -77,6 +78,18 @@ def test_rerun_of_a_finished_run_does_nothing(tmp_path, sample_tokens, capsys):
     assert result.final_step == 2 and result.val_losses == []
     out = capsys.readouterr().out
     assert "run already complete at step 2 (train.max_steps=2); to train longer raise --train.max_steps" in out
+
+
+def test_resume_false_on_a_directory_with_checkpoints_is_refused_before_any_work(tmp_path, sample_tokens):
+    """Starting over beside an earlier start's checkpoints would mix two runs (the new checkpoints pruned by the
+    old ones' higher steps, config.yaml rewritten): refused, and the directory is left as it was."""
+    run(tmp_path, sample_tokens, **{"train.max_steps": 4, "checkpoint.interval": 2})
+    run_dir = tmp_path / "run"
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(RunDirError, match=r"checkpoint.resume=false, but .* holds checkpoints of an earlier start"):
+        run(tmp_path, sample_tokens, **{"train.max_steps": 2, "optim.name": "adafactor", "checkpoint.resume": False})
+    after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, sample_tokens, monkeypatch):
