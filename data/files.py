@@ -17,6 +17,7 @@ os.replace wins and the file is always one writer's whole file, on disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -101,7 +102,8 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes, *, unique_tmp: bool = Fa
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. a read-only file system: the error to raise is the first one
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -27,6 +27,7 @@ FSDP2 shards: trainer/full_state.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -125,7 +126,8 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep_last
             os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException as e:  # e.g. KeyboardInterrupt: no temporary file is left behind either
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. a read-only file system: the error to report is e
+            tmp.unlink(missing_ok=True)
         os_error = _os_error_behind(e) if isinstance(e, Exception) else None
         if os_error is None:
             raise
@@ -389,8 +391,13 @@ class Checkpointer:
         return state
 
 
+DETAIL_CHARS = 1000  # of a component's error, in a restore failure: whole sentences of our own errors fit
+
+
 def _restore_failed(what: str, path: Path, e: Exception) -> CheckpointError:
-    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(". ")
+    if len(detail) > DETAIL_CHARS:  # e.g. torch's list of every missing and unexpected key
+        detail = detail[:DETAIL_CHARS] + " [...]"
     return CheckpointError(
         f"cannot restore the {what} from {path}: {detail}. Resume with the settings the run was started with "
         f"(see {path.parent.parent / 'config.yaml'}), or start a new run with another --run.dir."

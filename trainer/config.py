@@ -214,6 +214,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Cross-key checks that need no data or device. `world_size` defaults to torchrun's WORLD_SIZE."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     t = cfg.train
+    if not cfg.run.dir.strip():
+        raise ConfigError("run.dir is empty: the run would write into the current directory; set --run.dir=runs/<name>")
     try:
         cfg.model.validate()
         validate_optim_config(cfg.optim)
@@ -243,8 +245,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
             f"raise --model.max_seq_len or lower --data.seq_len"
         )
-    if t.global_batch <= 0 or t.micro_batch <= 0 or t.max_steps < 0:
-        raise ConfigError("train.global_batch and train.micro_batch must be positive, train.max_steps >= 0")
+    for key, value, least in (
+        ("train.global_batch", t.global_batch, 1),
+        ("train.micro_batch", t.micro_batch, 1),
+        ("train.max_steps", t.max_steps, 0),
+        ("log.interval", cfg.log.interval, 1),
+        ("checkpoint.interval", cfg.checkpoint.interval, 1),
+        ("eval.interval", cfg.eval.interval, 0),
+    ):
+        if value < least:
+            raise ConfigError(
+                f"{key}={value} must be {'positive' if least else '>= 0'}"
+                + (" (0 = only at the end)" if key == "eval.interval" else "")
+            )
     per_rank, rem = divmod(t.global_batch, world)
     if rem or per_rank % micro_batch_per_rank(t, world):
         raise ConfigError(
@@ -258,8 +271,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
     if cfg.scheduler.warmup_steps < 0 or not 0 <= cfg.scheduler.final_lr_ratio <= 1:
         raise ConfigError("scheduler.warmup_steps must be >= 0 and scheduler.final_lr_ratio in [0, 1]")
-    if cfg.log.interval <= 0 or cfg.checkpoint.interval <= 0 or cfg.eval.interval < 0:
-        raise ConfigError("log.interval and checkpoint.interval must be positive, eval.interval >= 0")
     if cfg.eval.batch_size <= 0:
         raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} must be positive")
     if cfg.checkpoint.keep_last < 1:

@@ -266,6 +266,12 @@ def lock_run_dir(run_dir: Path, *, warn: Callable[[str], None] | None = None) ->
     rank 0 calls this. Where the filesystem does not support locking, `warn` (default: print to
     stderr) gets a warning and the returned lock has `locked == False`."""
     lock_path = run_dir / LOCK_NAME
+    for path in (run_dir, *run_dir.parents):  # mkdir's "File exists" would not say which is the file
+        if path.exists() and not path.is_dir():
+            raise RunDirError(
+                f"the run directory {run_dir} cannot be created: {path} is a file. Pass another --run.dir "
+                f"(e.g. runs/<name>)"
+            )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)

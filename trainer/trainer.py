@@ -504,11 +504,19 @@ class Trainer:
             self._record_start()
             if (cfg.eval.interval and self.progress.step == 0) or self.progress.eval_pending:
                 self.evaluate(self.progress.step)
+                if self.progress.eval_pending:  # abandoned by a stop request: keep it first for the resume
+                    self._save_and_stop()
+                    return result
             self._train_until_done(stop)
             return result
         finally:
             stop.restore()
             self.log.close()
+
+    def _save_and_stop(self) -> None:
+        result, step = self.result, self.progress.step
+        result.checkpoint, result.stopped_by_signal = self.save(), True
+        self.log.print(f"stop requested: saved {result.checkpoint or 'checkpoint'} at step {step}; exiting")
 
     def _train_until_done(self, stop: StopFlag) -> None:
         cfg, result = self.cfg, self.result
@@ -541,8 +549,7 @@ class Trainer:
                 stop.requested if not self.info.enabled else checked is not None and any_rank(stop.requested, self.info)
             )
             if asked:
-                result.checkpoint, result.stopped_by_signal = self.save(), True
-                self.log.print(f"stop requested: saved {result.checkpoint or 'checkpoint'} at step {done}; exiting")
+                self._save_and_stop()
                 return
             if save_due:
                 result.checkpoint = self.save()

@@ -112,6 +112,29 @@ def test_a_component_that_does_not_fit_names_itself_and_the_file(tmp_path):
         missing.restore(path)
 
 
+class Refusing(Box):
+    def __init__(self, message):
+        super().__init__()
+        self.message = message
+
+    def load_state_dict(self, state):
+        raise ValueError(self.message)
+
+
+def test_a_component_error_is_quoted_whole_up_to_a_limit_then_marked_as_cut(tmp_path):
+    path = ckpt.Checkpointer(tmp_path, {"box": Box()}, keep_last=1).save(1, {})
+    # A DataError of the data component is a few hundred characters and ends with its own fix.
+    own = "the data changed (n_windows: checkpoint 392 != now 7158; seed: checkpoint 1 != now 2). Fix: " + "x" * 300
+    own += "."
+    with pytest.raises(ckpt.CheckpointError) as caught:
+        ckpt.Checkpointer(tmp_path, {"box": Refusing(own)}, keep_last=1).restore(path)
+    assert f"from {path}: {own[:-1]}. Resume with the settings" in str(caught.value)
+    huge = "Missing key(s): " + ", ".join(f"blocks.{i}.weight" for i in range(500))  # torch's style
+    with pytest.raises(ckpt.CheckpointError) as caught:
+        ckpt.Checkpointer(tmp_path, {"box": Refusing(huge)}, keep_last=1).restore(path)
+    assert f"{huge[: ckpt.DETAIL_CHARS]} [...]. Resume with the settings" in str(caught.value)
+
+
 def test_version_1_checkpoints_are_upgraded_on_load(tmp_path):
     """The flat layout written before components (the step in three places) still loads."""
     v1 = {
@@ -160,6 +183,20 @@ def test_a_save_that_fails_removes_its_temporary_file_and_names_the_size(tmp_pat
     assert "Free space there" in message and "--checkpoint.keep_last" in message and "--run.dir" in message
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.pt"]
     assert ckpt.load_checkpoint(previous)["step"] == 1
+
+
+def test_a_read_only_checkpoint_directory_is_a_checkpoint_error_not_the_cleanup_s(tmp_path, monkeypatch):
+    """On a read-only file system even removing the (never created) temporary file fails: that second error must
+    not hide the first one's message."""
+    read_only = OSError(errno.EROFS, "Read-only file system")
+
+    def refuse(*args, **kwargs):
+        raise read_only
+
+    monkeypatch.setattr(torch, "save", refuse)
+    monkeypatch.setattr(ckpt.Path, "unlink", refuse)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot save the step 2 checkpoint in .*: Read-only file system"):
+        ckpt.save_checkpoint(tmp_path, 2, state(2), keep_last=1)
 
 
 def test_state_nbytes_counts_each_storage_once():

@@ -81,6 +81,12 @@ def test_base_inheritance(tmp_path):
         (["--train.loss_chunk_tokens=-1"], r"train\.loss_chunk_tokens=-1 must be >= 0 \(0 = the full-logits loss\)"),
         (["--train.zero_stage=4"], r"train\.zero_stage=4 is not one of 1, 2, 3"),
         (["optim.lr=1"], r"use --section\.key=value"),
+        (["--train.max_steps=-1"], r"train\.max_steps=-1 must be >= 0$"),
+        (["--train.global_batch=0"], r"train\.global_batch=0 must be positive"),
+        (["--eval.interval=-5"], r"eval\.interval=-5 must be >= 0 \(0 = only at the end\)"),
+        (["--log.interval=0"], r"log\.interval=0 must be positive"),
+        (["--checkpoint.interval=0"], r"checkpoint\.interval=0 must be positive"),
+        (["--run.dir="], r"run\.dir is empty: .*--run\.dir=runs/<name>"),
     ],
 )
 def test_bad_config_errors_name_the_key(overrides, match):

@@ -170,3 +170,13 @@ def test_an_atomic_write_on_a_full_disk_leaves_the_file_and_no_temporary(tmp_pat
         filler.unlink()
         run_lock.write_file_atomic(target, b"new\n")
         assert target.read_text() == "new\n"
+
+
+@pytest.mark.parametrize("where", ["run_dir", "parent"])
+def test_a_run_dir_that_is_a_file_names_the_file(tmp_path, where):
+    file = tmp_path / "notes.md"
+    file.write_text("keep me")
+    run_dir = file if where == "run_dir" else file / "run"
+    with pytest.raises(RunDirError, match=rf"cannot be created: {file} is a file\. Pass another --run\.dir"):
+        lock_run_dir(run_dir)
+    assert file.read_text() == "keep me"

@@ -228,7 +228,11 @@ def test_a_finished_run_rerun_with_other_settings_writes_nothing(tmp_path, sampl
     assert not (tmp_path / "run" / "resumes.jsonl").exists()
 
 
-def test_a_stop_during_evaluation_saves_at_once_and_the_evaluation_runs_on_resume(tmp_path, sample_tokens, monkeypatch):
+@pytest.mark.parametrize("interrupted", [0, 3])
+def test_a_stop_during_evaluation_saves_at_once_and_the_evaluation_runs_on_resume(
+    tmp_path, sample_tokens, monkeypatch, interrupted
+):
+    """Also at step 0: the run saves there instead of training a step first, so no step-0 loss is lost."""
     import os
     import signal
 
@@ -236,22 +240,24 @@ def test_a_stop_during_evaluation_saves_at_once_and_the_evaluation_runs_on_resum
 
     real, calls = trainer_module.evaluate, []
 
-    def signalled_during_the_second_evaluation(*args, **kwargs):
+    def signalled_during_an_evaluation(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # the evaluation at step 3: SIGTERM arrives while it runs
+        if len(calls) == 1 + interrupted // 3:  # SIGTERM arrives while the evaluation at `interrupted` runs
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "evaluate", signalled_during_the_second_evaluation)
+    monkeypatch.setattr(trainer_module, "evaluate", signalled_during_an_evaluation)
     _, result = run(tmp_path, sample_tokens)
-    assert result.stopped_by_signal and result.final_step == 3
-    assert [s for s, _ in result.val_losses] == [0]  # the step-3 evaluation was abandoned, not logged
-    state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000003.pt")
-    assert state["progress"]["eval_pending"] is True
+    assert result.stopped_by_signal and result.final_step == interrupted
+    assert [s for s, _ in result.val_losses] == [0, 3][: interrupted // 3]  # the interrupted one is not logged
+    state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{interrupted:08d}.pt")
+    assert state["progress"]["eval_pending"] is True and state["progress"]["step"] == interrupted
     monkeypatch.undo()
     _, resumed = run(tmp_path, sample_tokens)
-    assert [s for s, _ in resumed.val_losses] == [3, 6]  # the pending evaluation first, then as usual
+    assert [s for s, _ in resumed.val_losses] == [0, 3, 6][interrupted // 3 :]  # the pending one first
     assert resumed.final_step == 6 and not resumed.stopped_by_signal
+    val_steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val/loss" in r]
+    assert val_steps == [0, 3, 6]
 
 
 def test_bf16_autocast_follows_the_fp32_loss_curve_to_bf16_precision(tmp_path, sample_tokens):
