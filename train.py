@@ -18,7 +18,7 @@ USAGE = "usage: python train.py CONFIG.yaml [--section.key=value ...]   (e.g. co
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or "-h" in argv or "--help" in argv:
         if not argv:
             print(USAGE, file=sys.stderr)
             return 2

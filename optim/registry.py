@@ -73,8 +73,9 @@ def register(name: str, *, reads: Iterable[str], check: ConfigCheck | None = Non
 
 
 def unknown_name_message(name: str) -> str:
-    close = difflib.get_close_matches(name, REGISTRY, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    by_lower = {n.lower(): n for n in REGISTRY}  # ADAMW -> adamw
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1)
+    hint = f" Did you mean {by_lower[close[0]]!r}?" if close else ""
     return f"unknown optimizer optim.name={name!r}.{hint} Registered: {sorted(REGISTRY)}"
 
 

@@ -12,8 +12,8 @@ device synchronisation inside a step, so on a GPU the host's work overlaps the d
 get), then `--steps` more, each timed in three parts with a device synchronisation between them: data wait (the
 next batch), forward + backward (fused updates happen inside it), and the rest of the update (clip + step;
 ZeRO's step). The parts add up to the serial time, which can exceed the step time on a GPU. Per optimizer it
-prints, as a markdown table whose first column is the step time relative to AdamW's (a row as soon as each
-optimizer is measured; list AdamW first; the trainers' own lines go to stderr):
+prints, as a markdown table whose first column is the step time relative to AdamW's (measured first; without
+AdamW, the first optimizer's), a row as soon as each optimizer is measured (the trainers' own lines go to stderr):
 - tokens/s and MFU (GPU: the trainer's FLOP count over the bf16 dense peak);
 - the mean step time and the median of its three parts;
 - GaLore / AdaMeM: the step time with the SVD amortised at T = optim.update_proj_gap (a refresh step is
@@ -50,10 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from data import DataError
 from data.paths import sample_tokens_dir
 from model import ModelConfig
 from optim.registry import optimizer_keys
-from trainer.config import Config, load_config
+from trainer.config import Config, ConfigError, load_config
 from trainer.distributed import DistInfo, init_distributed
 from trainer.hardware import device_peak_flops
 from trainer.host_syncs import count_host_syncs
@@ -204,7 +205,7 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInf
     )
 
 
-def print_header(args: argparse.Namespace, device: str) -> None:
+def print_header(args: argparse.Namespace, device: str, unit: str) -> None:
     compiled = (", compiled blocks" if args.compile else "") + (", compiled updates" if args.compile_optim else "")
     accumulated = f" x {args.accumulate} per step" if args.accumulate > 1 else ""
     print(
@@ -213,7 +214,7 @@ def print_header(args: argparse.Namespace, device: str) -> None:
         f"SVD amortised at T = {args.proj_gap}; memory in GiB"
     )
     print(
-        "| vs adamw | optimizer | tokens/s | MFU | step ms | fwd+bwd ms | update ms | data ms | peak measured | "
+        f"| vs {unit} | optimizer | tokens/s | MFU | step ms | fwd+bwd ms | update ms | data ms | peak measured | "
         "peak accounted | formula | host syncs/step |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
@@ -252,16 +253,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for flag in ("micro_batch", "accumulate", "seq_len", "steps"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    # The unit of the first column: AdamW's step, measured first; without AdamW, the first optimizer's.
+    unit = next((o for o in args.optim if o.startswith("adamw")), args.optim[0])
+    args.optim = [unit, *(o for o in args.optim if o != unit)]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:  # every optimizer's settings, before anything is timed (a typo in the last one fails now)
+            for optimizer in args.optim:
+                bench_config(args, optimizer, Path(tmp) / optimizer, args.proj_gap)
+        except (ConfigError, ValueError) as e:
+            ap.error(str(e))
     info = init_distributed(args.device)  # one process: --device resolved as train.device (auto = CUDA if visible)
     cuda = info.device.type == "cuda"
-    print_header(args, torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads")
+    print_header(args, torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads", unit)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for optimizer in args.optim:
-            rows.append(bench_one(args, optimizer, Path(tmp), info))
-            # the unit: AdamW's step (list it first), else the first optimizer's
-            base = next((r["amortised"] for r in rows if r["optimizer"].startswith("adamw")), rows[0]["amortised"])
-            print_row(rows[-1], base)
+            try:
+                rows.append(bench_one(args, optimizer, Path(tmp), info))
+            except DataError as e:  # found when the first trainer opens the data
+                ap.error(str(e))
+            print_row(rows[-1], rows[0]["amortised"])
     for r in rows:
         if r["syncs"]:
             print(f"host syncs of {r['optimizer']}: {r['sync_sites']}")

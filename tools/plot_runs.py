@@ -11,30 +11,54 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.metrics import read_metrics
+from trainer.console import exit_quietly_on_closed_stdout
+from trainer.metrics import MetricsFileError, read_metrics
+
+FORMATS = (".png", ".pdf", ".svg")
 
 
-def series(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
-    by_step = {r["step"]: r[metric] for r in read_metrics(run_dir / "metrics.jsonl") if metric in r}
+def series(records: list[dict], metric: str) -> tuple[list[int], list[float]]:
+    by_step = {r["step"]: r[metric] for r in records if metric in r}
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
+
+
+def read_runs(runs: list[Path]) -> dict[Path, list[dict]]:
+    """{run directory: its records}; a ValueError naming the path that is no run directory (a metrics.jsonl passed
+    for its directory is taken as it)."""
+    out = {}
+    for run in runs:
+        run = run.parent if run.name == "metrics.jsonl" else run
+        if not (run / "metrics.jsonl").is_file():
+            what = "does not exist" if not run.exists() else "has no metrics.jsonl"
+            raise ValueError(f"{run} {what}: pass run directories (the --run.dir of train.py), e.g. runs/210m/*")
+        out[run] = read_metrics(run / "metrics.jsonl")
+    return out
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--metric", default="val/loss")
-    parser.add_argument("--out", type=Path, default=Path("runs.png"))
+    parser.add_argument("--out", type=Path, default=Path("runs.png"), help=f"the figure: {', '.join(FORMATS)}")
     parser.add_argument("--logy", action="store_true")
     args = parser.parse_args(argv)
+    if args.out.suffix.lower() not in FORMATS:
+        parser.error(f"--out {args.out}: the figure's name must end in {', '.join(FORMATS)}")
+    if not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: the directory {args.out.parent} does not exist; create it or pick another")
+    try:
+        runs = read_runs(args.runs)
+    except (ValueError, MetricsFileError) as e:  # MetricsFileError: a damaged line, named with its fix
+        parser.error(str(e))
     # A Figure made directly, not through pyplot: no display backend and no global figure state needed.
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     plotted = 0
-    for run in args.runs:
-        steps, values = series(run, args.metric)
+    for run, records in runs.items():
+        steps, values = series(records, args.metric)
         if not steps:
             print(f"{run}: no {args.metric} records", file=sys.stderr)
             continue
@@ -42,7 +66,11 @@ def main(argv: list[str]) -> int:
         print(f"{run}: final {args.metric} {values[-1]:.4f} at step {steps[-1]}")
         plotted += 1
     if not plotted:
-        print(f"error: none of the runs has {args.metric} in metrics.jsonl", file=sys.stderr)
+        logged = sorted({k for records in runs.values() for r in records for k in r} - {"step"})
+        print(
+            f"error: none of the runs has {args.metric} in metrics.jsonl; they log: {', '.join(logged) or 'nothing'}",
+            file=sys.stderr,
+        )
         return 1
     ax.set_xlabel("step")
     ax.set_ylabel(args.metric)
@@ -57,4 +85,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(exit_quietly_on_closed_stdout(main, sys.argv[1:]))

@@ -40,8 +40,9 @@ class ConfigError(ValueError):
 def suggest(name: str, choices: typing.Iterable[str]) -> str:
     """' Did you mean X?' for the closest choice, else the list of valid ones."""
     choices = list(choices)
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f" Did you mean {close[0]!r}?" if close else f" Valid: {', '.join(sorted(choices))}."
+    by_lower = {c.lower(): c for c in choices}  # ADAMW -> adamw: case is the commonest slip
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.5)
+    return f" Did you mean {by_lower[close[0]]!r}?" if close else f" Valid: {', '.join(sorted(choices))}."
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -55,6 +56,8 @@ def merge(base: dict, override: dict) -> dict:
 def read_yaml_mapping(path: Path, kind: str, example: str, holds: str) -> dict:
     """The mapping a YAML file holds (a config, sweep or study file: `kind`); a ConfigError when the
     file is missing (naming `example`), is not YAML, or holds something else than a mapping (of `holds`)."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory. Pass the path of a YAML {kind} file in it, e.g. {example}")
     if not path.is_file():
         raise ConfigError(f"{kind} file not found: {path}. Pass the path of a YAML {kind} file, e.g. {example}")
     try:
@@ -105,8 +108,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         choices = typing.get_args(tp)
         if value in choices and type(value) is type(choices[choices.index(value)]):
             return value
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = suggest(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
+        hint = hint if hint.startswith(" Did you mean") else ""  # the choices are listed already
         raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, choices))}.{hint}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

@@ -179,6 +179,12 @@ def _check_distinct_run_dirs(
     """Two runs in one directory would resume each other (the trainer treats a directory as one run)."""
     shared = [run_dir for run_dir, count in Counter(run_dir_args).items() if count > 1]
     if shared:
+        for key, values in grid.items():
+            repeated = [v for i, v in enumerate(values) if v in values[:i]]
+            if repeated:  # e.g. [1.0e-3, 0.001]: the same run twice, whatever the template
+                raise ConfigError(
+                    f"{source}: grid {key} lists {repeated[0]!r} more than once: {values}; drop the repeat"
+                )
         varying = [key for key, values in {**zipped, **grid}.items() if len(set(map(str, values))) > 1]
         missing = [key for key in varying if "{" + key + "}" not in template]
         raise ConfigError(

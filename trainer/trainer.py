@@ -313,6 +313,13 @@ class Trainer:
         )
         if self.budget is not None:
             self.log.print(self.budget.describe())
+        warmup = cfg.scheduler.warmup_steps
+        if 0 < cfg.train.max_steps <= warmup:
+            self.log.print(
+                f"warning: scheduler.warmup_steps={warmup} >= train.max_steps={cfg.train.max_steps}: the learning rate "
+                f"never reaches optim.lr and never decays; lower --scheduler.warmup_steps (e.g. to "
+                f"{max(1, cfg.train.max_steps // 10)})"
+            )
         if self.resume_from is not None:
             changed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items())
             self.log.print(

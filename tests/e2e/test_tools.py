@@ -2,6 +2,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -102,6 +103,33 @@ def test_plot_runs_writes_a_png(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_runs_refuses_bad_input_with_one_error_line(tmp_path, capsys):
+    from tools import plot_runs
+
+    run = tmp_path / "a"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 5.0}) + "\n")
+    png = str(tmp_path / "p.png")
+    cases = [
+        ([str(run), "--out", str(tmp_path / "p.txt")], r"the figure's name must end in .png, .pdf, .svg"),
+        ([str(run), "--out", str(tmp_path / "no" / "p.png")], rf"the directory {tmp_path / 'no'} does not exist"),
+        ([str(tmp_path / "nope"), "--out", png], rf"{tmp_path / 'nope'} does not exist: pass run directories"),
+        ([str(tmp_path), "--out", png], rf"{tmp_path} has no metrics.jsonl: pass run directories"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exited:
+            plot_runs.main(argv)
+        assert exited.value.code == 2 and re.search("error: .*" + message, capsys.readouterr().err), argv
+    # A metrics.jsonl given for its run; a metric no run logs lists the ones they do.
+    assert plot_runs.main([str(run / "metrics.jsonl"), "--metric", "val/los", "--out", png]) == 1
+    assert "error: none of the runs has val/los in metrics.jsonl; they log: train/loss" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(SystemExit):
+        plot_runs.main([str(run), "--out", png])
+    err = capsys.readouterr().err
+    assert f"error: {run / 'metrics.jsonl'}" in err and "line 2" in err and "Traceback" not in err, err
+
+
 def test_bench_engines_prints_the_per_rank_table_at_a_tiny_size():
     """tools/bench_engines.py at the test's size: every supported optimizer x engine row, and the fsdp2
     row's arithmetic from the accounted one-rank step (no timing asserts)."""
@@ -182,6 +210,34 @@ def test_bench_step_accumulates_micro_batches_as_the_configs_do(capsys, sample_t
     assert rows[1]["accounted"] == ordinary > fused
     bad = run_tool("tools/bench_step.py", "--accumulate", "0")
     assert bad.returncode == 2 and "--accumulate must be at least 1, got 0" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (
+            ["--optim", "adamw", "galore_adamww"],
+            "unknown optimizer optim.name='galore_adamww'. Did you mean 'galore_adamw'",
+        ),
+        (["--flavor", "tinyy"], "unknown model.flavor 'tinyy'. Did you mean 'tiny'"),
+        (["--optim", "adamw", "--data", "/nonexistent"], "prepared data directory missing: /nonexistent"),
+    ],
+)
+def test_bench_step_refuses_bad_input_with_one_error_line_before_timing_anything(capsys, bad, message):
+    with pytest.raises(SystemExit) as exited:
+        bench_step.main(["--steps", "1", "--warmup", "0", *bad])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and "error: " + message in err
+    assert "| 1.000x |" not in out  # nothing was timed
+
+
+def test_bench_step_measures_adamw_first_and_names_the_unit(capsys, sample_tokens):
+    args = ["--flavor", "tiny", "--seq-len", "32", "--micro-batch", "2", "--steps", "1", "--warmup", "0"]
+    rows = bench_step.main([*args, "--optim", "adafactor", "adamw", "--data", str(sample_tokens)])
+    assert [r["optimizer"] for r in rows] == ["adamw", "adafactor"]
+    rows = bench_step.main([*args, "--optim", "adafactor", "--data", str(sample_tokens)])
+    out = capsys.readouterr().out
+    assert "| vs adafactor | optimizer |" in out and "| 1.000x | adafactor |" in out
 
 
 def test_bench_optim_prints_every_optimizer_against_fused_adamw():

@@ -140,8 +140,9 @@ def test_resume_is_bit_exact_across_epoch_boundaries(tmp_path, tiny_prepared):
     assert result.val_losses == [v for v in straight.val_losses if v[0] > 5]
 
 
-def test_help_lists_every_section_and_key():
-    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("args", [["--help"], ["configs/tiny.yaml", "--optim.lr=1e-3", "-h"]])
+def test_help_lists_every_section_and_key(args):
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for key in (
         "--run.dir",

@@ -87,6 +87,9 @@ def test_base_inheritance(tmp_path):
         (["--log.interval=0"], r"log\.interval=0 must be positive"),
         (["--checkpoint.interval=0"], r"checkpoint\.interval=0 must be positive"),
         (["--run.dir="], r"run\.dir is empty: .*--run\.dir=runs/<name>"),
+        (["--optim.name=ADAMW"], r"unknown optimizer optim\.name='ADAMW'.*Did you mean 'adamw'"),
+        (["--train.precision=BF16"], r"train\.precision='BF16' is not one of .*Did you mean 'bf16'"),
+        (["--optim.lR=1"], r"unknown config key optim\.lR\. Did you mean 'lr'"),
     ],
 )
 def test_bad_config_errors_name_the_key(overrides, match):
@@ -102,6 +105,8 @@ def test_unknown_yaml_key(tmp_path):
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=rf"{tmp_path} is a directory\. Pass the path of a YAML config file in it"):
+        load_config(tmp_path)
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "bad.yaml", "train: {max_steps: [\n"))
 

@@ -95,6 +95,10 @@ def test_zipped_values_are_validated_like_any_override(tmp_path):
             "grid: {optim.lr: [1.0e-3, 3.0e-3], optim.weight_decay: [0.0]}\nrun_dir: x/{optim.weight_decay}\n",
             r"several runs share x/0.0; .* add \{optim.lr\}",
         ),
+        (
+            "grid: {optim.lr: [1.0e-3, 0.001]}\nrun_dir: x/{optim.lr}\n",
+            r"grid optim.lr lists 0.001 more than once: \[0.001, 0.001\]; drop the repeat",
+        ),
     ],
 )
 def test_a_malformed_grid_or_zip_is_a_config_error_naming_the_fix(tmp_path, body, match):

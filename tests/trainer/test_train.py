@@ -71,6 +71,14 @@ def test_resume_is_bit_exact(tmp_path, sample_tokens):
         assert torch.equal(tensor, final_b["model"][name]), name
 
 
+def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, sample_tokens, capsys):
+    run(tmp_path, sample_tokens, **{"train.max_steps": 2, "scheduler.warmup_steps": 5})
+    out = capsys.readouterr().out
+    assert "warning: scheduler.warmup_steps=5 >= train.max_steps=2: the learning rate never reaches optim.lr" in out
+    run(tmp_path / "b", sample_tokens, **{"train.max_steps": 6, "scheduler.warmup_steps": 5})
+    assert "warning: scheduler.warmup_steps" not in capsys.readouterr().out
+
+
 def test_rerun_of_a_finished_run_does_nothing(tmp_path, sample_tokens, capsys):
     run(tmp_path, sample_tokens, **{"train.max_steps": 2})
     capsys.readouterr()
