@@ -38,7 +38,7 @@ from typing import TextIO
 # Defined in study/failed_marker.py (study.results reads it, and this module reads results): no import cycle.
 from study.failed_marker import FAILED_FILE as FAILED_FILE
 from study.results import StudyResultsError, run_result
-from study.spec import Study, StudyRun
+from study.spec import SetupStep, Study, StudyRun
 from trainer.run_outcome import read_diverged, write_marker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,6 +67,11 @@ def command(run: StudyRun, launcher: str) -> list[str]:
     config = run.config_path
     config_arg = config.relative_to(REPO) if config.is_absolute() and config.is_relative_to(REPO) else config
     return [*shlex.split(launcher), "train.py", str(config_arg), *run.overrides]
+
+
+def setup_left(study: Study) -> list[SetupStep]:
+    """The setup steps whose `creates` path does not exist yet (a step without one cannot be checked: left out)."""
+    return [step for step in study.setup if step.creates is not None and not (REPO / step.creates).exists()]
 
 
 def run_setup(study: Study, out: TextIO | None = None) -> None:

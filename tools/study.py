@@ -3,6 +3,7 @@
     python tools/study.py configs/studies/mini.yaml                    # status, and the commands left
     python tools/study.py configs/studies/mini.yaml --run              # setup, run what is left, collect
     python tools/study.py STUDY --launcher "torchrun --nproc_per_node=8"          # the commands, started that way
+    python tools/study.py STUDY --setup                                # only the setup steps (before --slurm)
     python tools/study.py STUDY --slurm study.sbatch --slurm-option "--gres=gpu:8" --jobs 16   # a SLURM array
     python tools/study.py STUDY --collect                              # results/, figures/, orderings from the runs
 
@@ -36,6 +37,7 @@ from study.runner import (
     run_local,
     run_setup,
     runs_left,
+    setup_left,
     write_slurm,
 )
 from study.spec import Study, load_study
@@ -50,6 +52,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path)
     parser.add_argument("--run", action="store_true", help="run the setup and what is left here, then --collect")
+    parser.add_argument("--setup", action="store_true", help="run only the setup steps (data, tokenizer) here")
     parser.add_argument(
         "--jobs",
         type=int,
@@ -67,6 +70,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--collect", action="store_true", help="write the result tables, figures and orderings")
     parser.add_argument("--seeds", help="replace the study's seeds, e.g. 0,1")
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs} (leave it out for the default)")
+    if args.slurm is not None and not args.slurm.resolve().parent.is_dir():
+        parser.error(f"--slurm {args.slurm}: the directory {args.slurm.resolve().parent} does not exist")
     started = time.monotonic()
     try:
         seeds = parse_seeds(args.seeds)
@@ -104,7 +111,16 @@ def parse_seeds(text: str | None) -> list[int] | None:
 
 def dispatch(args: argparse.Namespace, study: Study, argv: list[str]) -> int:
     launcher = args.launcher or "python"
+    if args.setup:
+        run_setup(study)
+        return 0
     if args.slurm is not None:
+        pending = setup_left(study)
+        if pending:
+            raise StudyRunError(
+                f"the study's setup has not run here ({', '.join(str(step.creates) for step in pending)} missing), "
+                f"and the array's tasks read what it creates: run `python tools/study.py {args.study} --setup` first"
+            )
         write_slurm(study, runs_left(study), launcher, args.slurm, args.slurm_option, max_parallel=args.jobs)
         return 0
     if args.run:
@@ -129,7 +145,8 @@ def dispatch(args: argparse.Namespace, study: Study, argv: list[str]) -> int:
 
 
 def print_status(study: Study, launcher: str) -> None:
-    """The status counts, then the command of every run left (pending, incomplete or failed)."""
+    """The status counts, the setup steps left (whose `creates` path is missing), then the command of every run
+    left (pending, incomplete or failed)."""
     statuses = [results.run_result(run).status for run in study.runs]
     counts: Counter[str] = Counter(statuses)
     print(
@@ -137,6 +154,11 @@ def print_status(study: Study, launcher: str) -> None:
         + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
         + f"; {sum(counts[s] for s in LEFT_STATUSES)} left"
     )
+    steps = setup_left(study)
+    if steps:
+        print(f"# setup left: run these first (--setup runs them; --run too), from {REPO}:")
+        for step in steps:
+            print(step.run)
     for run, status in zip(study.runs, statuses, strict=True):
         if status in LEFT_STATUSES:
             print(shlex.join(command(run, launcher)))

@@ -40,3 +40,37 @@ def test_slurm_script_covers_only_the_runs_left(tmp_path, monkeypatch, capsys):
     assert "#SBATCH --array=0-0%1" in text
     assert "--optim.lr=0.01" in text and "--optim.lr=0.001" not in text
     assert f"submit with: sbatch {script}" in capsys.readouterr().out
+
+
+def test_bad_counts_and_paths_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    monkeypatch.chdir(REPO)
+    study = str(write_study(tmp_path))
+    for argv, message in (
+        ([study, "--run", "--jobs", "0"], "--jobs must be at least 1, got 0"),
+        ([study, "--slurm", "x.sbatch", "--jobs", "-1"], "--jobs must be at least 1, got -1"),
+        ([study, "--slurm", str(tmp_path / "no" / "x.sbatch")], f"the directory {tmp_path / 'no'} does not exist"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not (tmp_path / "no").exists() and not (tmp_path / "out").exists()
+
+
+def test_setup_steps_left_are_listed_and_refused_for_slurm_until_setup_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    made = tmp_path / "made.txt"  # outside the repo: an absolute `creates` path
+    study = write_study(tmp_path)
+    study.write_text(study.read_text() + f"setup:\n  - {{run: 'echo hi > {made}', creates: {made}}}\n")
+    assert main([str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "# setup left: run these first (--setup runs them; --run too)" in out and f"echo hi > {made}" in out
+    script = tmp_path / "study.sbatch"
+    assert main([str(study), "--slurm", str(script)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: the study's setup has not run here ({made} missing)" in err and "--setup` first" in err
+    assert not script.exists()
+    assert main([str(study), "--setup"]) == 0 and made.read_text() == "hi\n"
+    assert main([str(study), "--slurm", str(script)]) == 0 and script.exists()
+    assert "# setup left" not in capsys.readouterr().out
