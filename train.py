@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 USAGE = "usage: python train.py CONFIG.yaml [--section.key=value ...]   (e.g. configs/tiny.yaml --train.max_steps=200)"
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> int:
     from data import DataError, DataWarning
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError, load_config
+    from trainer.metrics import read_metrics
     from trainer.run_lock import RunDirError
     from trainer.trainer import TrainingDiverged, train
 
@@ -43,9 +45,13 @@ def main(argv: list[str]) -> int:
         return 1
     if main_rank:
         run_dir = cfg.run.dir
-        if result.val_losses:
-            first, last = result.val_losses[0], result.val_losses[-1]
+        # The whole run's, not only this start's: a resumed run's first evaluation is not its first.
+        history = [(r["step"], r["val/loss"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "val/loss" in r]
+        if history:
+            first, last = history[0], history[-1]
             print(f"validation loss: {first[1]:.4f} at step {first[0]} -> {last[1]:.4f} at step {last[0]}")
+        if result.stopped_by_signal:
+            print(f"stopped at step {result.final_step} of {cfg.train.max_steps}: re-run the same command to resume")
         print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")
         print(f"view the curves: tensorboard --logdir {run_dir}/tensorboard   (then open http://localhost:6006)")
     return 0
@@ -70,4 +76,12 @@ def _data_warning_printer(
 if __name__ == "__main__":
     from trainer.console import exit_quietly_on_closed_stdout  # a light module: --help stays fast
 
-    sys.exit(exit_quietly_on_closed_stdout(main, sys.argv[1:]))
+    try:
+        sys.exit(exit_quietly_on_closed_stdout(main, sys.argv[1:]))
+    except KeyboardInterrupt:  # a Ctrl-C before training (imports, data checks) or a second one during it
+        print(
+            "\nerror: interrupted: exited at once, without saving (every checkpoint written before is whole: "
+            "re-run the same command to resume from the latest)",
+            file=sys.stderr,
+        )
+        sys.exit(130)

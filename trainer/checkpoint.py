@@ -37,7 +37,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -128,7 +128,10 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep_last
     except BaseException as e:  # e.g. KeyboardInterrupt: no temporary file is left behind either
         with contextlib.suppress(OSError):  # e.g. a read-only file system: the error to report is e
             tmp.unlink(missing_ok=True)
-        os_error = _os_error_behind(e) if isinstance(e, Exception) else None
+        if _caused_by(e, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
+            # A second Ctrl-C inside torch.save comes out of its zip writer as a RuntimeError ("unexpected pos").
+            raise KeyboardInterrupt from e
+        os_error = _caused_by(e, OSError) if isinstance(e, Exception) else None
         if os_error is None:
             raise
         raise CheckpointError(_save_failed_message(directory, step, state, os_error)) from e
@@ -138,13 +141,17 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep_last
     return final
 
 
-def _os_error_behind(e: BaseException) -> OSError | None:
-    """The OSError that `e` is or that caused it: when a write fails inside torch.save (e.g. disk
-    full), torch's zip writer raises a RuntimeError ("unexpected pos ...") while cleaning up."""
+E = TypeVar("E", bound=BaseException)
+
+
+def _caused_by(e: BaseException, kind: type[E]) -> E | None:
+    """The `kind` exception that `e` is or that caused it: when a write fails inside torch.save (e.g. disk
+    full, or a KeyboardInterrupt), torch's zip writer raises a RuntimeError ("unexpected pos ...") while
+    cleaning up."""
     seen = 0
     current: BaseException | None = e
     while current is not None and seen < 8:
-        if isinstance(current, OSError):
+        if isinstance(current, kind):
             return current
         current, seen = current.__cause__ or current.__context__, seen + 1
     return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -97,8 +98,9 @@ class StepOutput:
 class StopFlag:
     """Set by SIGTERM/SIGINT (or `request()`); the loop finishes the current step, saves and exits cleanly."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
+        self.announce = announce  # the main rank says what happens next; every rank gets the terminal's SIGINT
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -111,6 +113,13 @@ class StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once, without saving
+        if not self.requested and self.announce:
+            # os.write, not print: a handler may run while the main code is inside a print of its own.
+            os.write(
+                2,
+                f"\n{signal.Signals(signum).name}: finishing this step, then saving and exiting"
+                f"{' (Ctrl-C again: exit at once, without saving)' if signum == signal.SIGINT else ''}\n".encode(),
+            )
         self.requested = True
 
     def request(self) -> None:
@@ -175,7 +184,7 @@ class Trainer:
         )
         self.restore()
         self.autocast = autocast_context(cfg.train.precision, info.device)
-        self.stop = StopFlag()  # its signal handlers are installed by fit(), for as long as it runs
+        self.stop = StopFlag(announce=info.is_main)  # its signal handlers are installed by fit(), while it runs
         self.log = MetricsLogger(
             self.run_dir,
             enabled=info.is_main,

@@ -1,9 +1,11 @@
 """End-to-end runs as a user makes them: train.py and tools/prepare_data.py in subprocesses."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -64,6 +66,32 @@ def test_a_closed_console_saves_and_stops_instead_of_crashing(tmp_path, sample_t
     )
     assert resumed.returncode == 0 and f"resumed from {saved}" in resumed.stdout + resumed.stderr, resumed
     assert max(losses(run_dir)) == step + 2
+    # The summary spans the whole run, not only this start.
+    assert re.search(rf"validation loss: \d+\.\d{{4}} at step 0 -> \d+\.\d{{4}} at step {step + 2}\n", resumed.stdout)
+
+
+def test_ctrl_c_says_what_happens_next_and_a_ctrl_c_before_training_is_one_error_line(tmp_path, sample_tokens):
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "configs/tiny.yaml",
+        *tiny_overrides(run_dir, sample_tokens, **{"train.max_steps": 100000}),
+    ]
+    proc = start_training(cmd, run_dir, steps=2, timeout=120)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGINT: finishing this step, then saving and exiting (Ctrl-C again: exit at once, without saving)" in out
+    assert out.count("stop requested: saved") == 1
+    assert re.search(r"stopped at step \d+ of 100000: re-run the same command to resume", out), out
+    # During the imports: no traceback, one error line, 130 as a shell reports Ctrl-C.
+    early = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # past the interpreter's start (it installs the KeyboardInterrupt handler), inside torch's import
+    early.send_signal(signal.SIGINT)
+    _, err = early.communicate(timeout=120)
+    assert early.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().startswith("error: interrupted: exited at once, without saving"), err
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

@@ -199,6 +199,22 @@ def test_a_read_only_checkpoint_directory_is_a_checkpoint_error_not_the_cleanup_
         ckpt.save_checkpoint(tmp_path, 2, state(2), keep_last=1)
 
 
+def test_a_second_ctrl_c_inside_torch_save_is_a_keyboard_interrupt_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    previous = ckpt.save_checkpoint(tmp_path, 1, state(1), keep_last=1)
+
+    def interrupted(obj, f):
+        f.write(b"PK\x03\x04 the first bytes")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:  # what torch's zip writer turns it into while it cleans up
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 36071168 vs 36071060")  # noqa: B904 (implicit __context__, as torch has)
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, state(2), keep_last=1)
+    assert [p.name for p in tmp_path.iterdir()] == [previous.name]
+
+
 def test_state_nbytes_counts_each_storage_once():
     w = torch.zeros(10, 10)
     assert ckpt.state_nbytes({"a": w, "b": [w[0], (w.T, 3)], "c": torch.zeros(5, dtype=torch.bfloat16)}) == 410
