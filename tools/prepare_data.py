@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 plans.append(SplitPlan(split, src, max_tokens=args.val_tokens))
         print(
             f"preparing {', '.join(splits)} from {source} -> {out} (tokenizer {tokenizer_path}, "
-            f"{args.workers} worker(s))"
+            f"{f'{args.workers} worker(s)' if args.workers else 'tokenized in this process'})"
         )
         prepare(
             plans,

@@ -61,9 +61,11 @@ def read_yaml_mapping(path: Path, kind: str, example: str, holds: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{kind} file not found: {path}. Pass the path of a YAML {kind} file, e.g. {example}")
     try:
-        raw = yaml.load(path.read_text(), Loader=YAML_LOADER) or {}
+        raw = yaml.load(path.read_text(), Loader=YAML_LOADER)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if raw is None:  # an empty file would silently mean every default (a 8000-step 210m run, for a config)
+        raise ConfigError(f"{path} is empty: write its {holds}, or pass another file, e.g. {example}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of {holds}, got {type(raw).__name__}")
     return raw

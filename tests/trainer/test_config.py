@@ -107,6 +107,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match=rf"{tmp_path} is a directory\. Pass the path of a YAML config file in it"):
         load_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"empty\.yaml is empty: write its sections, or pass another file"):
+        load_config(write(tmp_path, "empty.yaml", "# nothing yet\n"))
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "bad.yaml", "train: {max_steps: [\n"))
 
