@@ -54,7 +54,7 @@ from data import DataError
 from data.paths import sample_tokens_dir
 from model import ModelConfig
 from optim.registry import optimizer_keys
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, load_config
 from trainer.distributed import DistInfo, init_distributed
 from trainer.hardware import device_peak_flops
 from trainer.host_syncs import count_host_syncs
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         try:  # every optimizer's settings, before anything is timed (a typo in the last one fails now)
             for optimizer in args.optim:
                 bench_config(args, optimizer, Path(tmp) / optimizer, args.proj_gap)
-        except (ConfigError, ValueError) as e:
+        except ValueError as e:  # ConfigError, or an unknown flavour (ModelConfig.from_flavor)
             ap.error(str(e))
     info = init_distributed(args.device)  # one process: --device resolved as train.device (auto = CUDA if visible)
     cuda = info.device.type == "cuda"

@@ -52,7 +52,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path)
     parser.add_argument("--run", action="store_true", help="run the setup and what is left here, then --collect")
-    parser.add_argument("--setup", action="store_true", help="run only the setup steps (data, tokenizer) here")
+    parser.add_argument(
+        "--setup", action="store_true", help="run the setup steps (data, tokenizer) here; alone, only them"
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -113,7 +115,8 @@ def dispatch(args: argparse.Namespace, study: Study, argv: list[str]) -> int:
     launcher = args.launcher or "python"
     if args.setup:
         run_setup(study)
-        return 0
+        if not (args.slurm or args.run or args.collect):
+            return 0
     if args.slurm is not None:
         pending = setup_left(study)
         if pending:

@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    # The printed commands say `python`; the started ones use this interpreter, as the study runner's do.
+    # The printed commands say `python`; the started ones use this interpreter, as `tools/study.py --run` does.
     launcher = shlex.split(args.launcher)
     started = [sys.executable if launcher == ["python"] else launcher[0], *launcher[1:]]
     for config, overrides in runs:
@@ -50,9 +50,10 @@ def main(argv: list[str]) -> int:
         if args.run:
             code, stopped_by = run_to_the_end(started + tail)
             if stopped_by is not None:
+                how = "saved and exited" if code == 0 else f"exited with {code} (its last checkpoint is whole)"
                 print(
-                    f"error: sweep stopped by {signal.Signals(stopped_by).name}: the running trainer saved and exited "
-                    f"with {code}; re-run the same command to continue the sweep",
+                    f"error: sweep stopped by {signal.Signals(stopped_by).name}: the running trainer {how}; re-run "
+                    f"the same command to continue the sweep",
                     file=sys.stderr,
                 )
                 return 128 + stopped_by
@@ -66,18 +67,25 @@ def run_to_the_end(cmd: list[str]) -> tuple[int, int | None]:
     """(the exit code of `cmd`, the stop signal that reached this process while it ran, or None).
 
     Not subprocess.call: on Ctrl-C it kills the child a quarter of a second later, before the trainer has saved.
-    A stop is forwarded as SIGTERM (the trainer's save-and-exit) and the child is waited for; the child shares
-    this process group, so a terminal's Ctrl-C reaches it directly too."""
-    proc = subprocess.Popen(cmd, cwd=REPO)
+    The child runs in its own session, so a terminal's Ctrl-C reaches only this process, which forwards one
+    SIGTERM (the trainer's, and torchrun's, save-and-exit) and waits: two signals would cut torchrun's shutdown."""
     stopped_by: list[int] = []
+    forwarded: list[bool] = []
+    proc: subprocess.Popen | None = None
+
+    def forward_once() -> None:
+        if stopped_by and not forwarded and proc is not None:
+            forwarded.append(True)
+            proc.send_signal(signal.SIGTERM)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         stopped_by.append(signum)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        forward_once()
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}  # before the child
     try:
+        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+        forward_once()  # a stop that came while the child was starting
         code = proc.wait()
     finally:
         for sig, handler in previous.items():

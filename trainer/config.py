@@ -245,19 +245,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
             f"raise --model.max_seq_len or lower --data.seq_len"
         )
-    for key, value, least in (
-        ("train.global_batch", t.global_batch, 1),
-        ("train.micro_batch", t.micro_batch, 1),
-        ("train.max_steps", t.max_steps, 0),
-        ("log.interval", cfg.log.interval, 1),
-        ("checkpoint.interval", cfg.checkpoint.interval, 1),
-        ("eval.interval", cfg.eval.interval, 0),
+    for key, value, least, note in (
+        ("train.global_batch", t.global_batch, 1, ""),
+        ("train.micro_batch", t.micro_batch, 1, ""),
+        ("train.max_steps", t.max_steps, 0, ""),
+        ("log.interval", cfg.log.interval, 1, ""),
+        ("checkpoint.interval", cfg.checkpoint.interval, 1, ""),
+        ("eval.interval", cfg.eval.interval, 0, " (0 = only at the end)"),
     ):
         if value < least:
-            raise ConfigError(
-                f"{key}={value} must be {'positive' if least else '>= 0'}"
-                + (" (0 = only at the end)" if key == "eval.interval" else "")
-            )
+            raise ConfigError(f"{key}={value} must be {'positive' if least else '>= 0'}{note}")
     per_rank, rem = divmod(t.global_batch, world)
     if rem or per_rank % micro_batch_per_rank(t, world):
         raise ConfigError(

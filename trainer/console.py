@@ -9,20 +9,29 @@ work quietly. `exit_quietly_on_closed_stdout` wraps a command-line `main` with i
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Callable
 
 
+def _is_pipe(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 def silence_closed_stdout() -> None:
     """Send every later write to the standard output to /dev/null; the standard error's too when it is the
-    same pipe (`2>&1 | head`), where a message to it would meet the closed reader as well."""
+    same pipe (`2>&1 | head`), where a message to it would meet the closed reader as well. Only a pipe or a
+    socket is redirected (only those break): a terminal or a test's capture file is left alone."""
     try:
         out_fd = sys.stdout.fileno()
+        if out_fd != 1 or not _is_pipe(out_fd):
+            return
         closed = os.fstat(out_fd)
         fds = [out_fd]
-        err = os.fstat(sys.stderr.fileno())
+        err = os.fstat(2)
         if (err.st_dev, err.st_ino) == (closed.st_dev, closed.st_ino):
-            fds.append(sys.stderr.fileno())
+            fds.append(2)
         devnull = os.open(os.devnull, os.O_WRONLY)
         for fd in fds:
             os.dup2(devnull, fd)
@@ -34,7 +43,9 @@ def silence_closed_stdout() -> None:
 def exit_quietly_on_closed_stdout(main: Callable[[list[str]], int], argv: list[str]) -> int:
     """main(argv)'s exit code, or 1 without a traceback when its output's reader went away (Python's docs)."""
     try:
-        return main(argv)
+        code = main(argv)
+        sys.stdout.flush()  # here, not at exit: output that fit the buffer meets the closed reader now
+        return code
     except BrokenPipeError:
         silence_closed_stdout()
         return 1

@@ -28,6 +28,7 @@ full across re-runs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -259,6 +260,15 @@ def _locked_message(run_dir: Path, lock_path: Path, holder: dict[str, Any] | Non
     )
 
 
+def _file_in_the_way(run_dir: Path) -> Path | None:
+    """The run directory or the parent of it that exists as something else than a directory, if any."""
+    for path in (run_dir, *run_dir.parents):
+        with contextlib.suppress(OSError):  # e.g. an unsearchable parent: the caller reports mkdir's error
+            if path.exists() and not path.is_dir():
+                return path
+    return None
+
+
 def lock_run_dir(run_dir: Path, *, warn: Callable[[str], None] | None = None) -> RunLock:
     """Lock `run_dir` (created if needed) for this process; a RunDirLocked naming the holder if
     another process (or this one, through another RunLock) holds it. Use as a context manager or
@@ -266,16 +276,16 @@ def lock_run_dir(run_dir: Path, *, warn: Callable[[str], None] | None = None) ->
     rank 0 calls this. Where the filesystem does not support locking, `warn` (default: print to
     stderr) gets a warning and the returned lock has `locked == False`."""
     lock_path = run_dir / LOCK_NAME
-    for path in (run_dir, *run_dir.parents):  # mkdir's "File exists" would not say which is the file
-        if path.exists() and not path.is_dir():
-            raise RunDirError(
-                f"the run directory {run_dir} cannot be created: {path} is a file. Pass another --run.dir "
-                f"(e.g. runs/<name>)"
-            )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
+        file = _file_in_the_way(run_dir)  # mkdir's "File exists" / "Not a directory" do not say which path
+        if file is not None:
+            raise RunDirError(
+                f"the run directory {run_dir} cannot be created: {file} is a file. Pass another --run.dir "
+                f"(e.g. runs/<name>)"
+            ) from None
         raise RunDirError(
             f"cannot create the run directory's lock file {lock_path}: {e.strerror or e}. {os_error_fix(e, run_dir)}."
         ) from None

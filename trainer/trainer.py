@@ -100,7 +100,8 @@ class StopFlag:
 
     def __init__(self, announce: bool = True) -> None:
         self.requested = False
-        self.announce = announce  # the main rank says what happens next; every rank gets the terminal's SIGINT
+        self.signalled = False  # a second Ctrl-C exits at once; a request() (closed console) is no first one
+        self.announce = announce  # the main rank says what happens next (torchrun forwards the signal to every rank)
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -111,16 +112,18 @@ class StopFlag:
                 pass
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.signalled and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once, without saving
-        if not self.requested and self.announce:
-            # os.write, not print: a handler may run while the main code is inside a print of its own.
-            os.write(
-                2,
-                f"\n{signal.Signals(signum).name}: finishing this step, then saving and exiting"
-                f"{' (Ctrl-C again: exit at once, without saving)' if signum == signal.SIGINT else ''}\n".encode(),
-            )
-        self.requested = True
+        first, self.signalled, self.requested = not self.signalled, True, True  # before a write that may fail
+        if first and self.announce:
+            again = " (Ctrl-C again: exit at once, without saving)" if signum == signal.SIGINT else ""
+            # os.write, not print: a handler may run while the main code is inside a print of its own. Suppressed:
+            # the same Ctrl-C may have ended stderr's reader (`2>&1 | tee log`), and the save must still happen.
+            with contextlib.suppress(OSError):
+                os.write(
+                    2,
+                    f"\n{signal.Signals(signum).name}: finishing this step, then saving and exiting{again}\n".encode(),
+                )
 
     def request(self) -> None:
         """Stop as on SIGTERM (e.g. the console's reader went away)."""
@@ -323,7 +326,7 @@ class Trainer:
         if self.budget is not None:
             self.log.print(self.budget.describe())
         warmup = cfg.scheduler.warmup_steps
-        if 0 < cfg.train.max_steps <= warmup:
+        if 0 < cfg.train.max_steps <= warmup and self.resume_from is None:  # said once, at the start
             self.log.print(
                 f"warning: scheduler.warmup_steps={warmup} >= train.max_steps={cfg.train.max_steps}: the learning rate "
                 f"never reaches optim.lr and never decays; lower --scheduler.warmup_steps (e.g. to "

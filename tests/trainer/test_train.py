@@ -334,3 +334,24 @@ def test_throughput_is_timed_between_device_reads_without_eval_and_save(tmp_path
     for r in logged.values():  # 2 steps of 4 x 32 tokens over 2 x (0.05 + 0.1) + 1 s: no evaluation, no save
         assert r["throughput/tokens_per_s"] == pytest.approx(2 * 4 * 32 / 1.3)
         assert r["throughput/data_wait_frac"] == pytest.approx(0.1 / 1.3)
+
+
+def test_a_closed_console_is_no_first_ctrl_c(capfd):
+    """After request() (the console's reader went away), the user's first Ctrl-C still saves: only a second
+    signalled Ctrl-C exits at once."""
+    import os
+    import signal
+
+    from trainer.trainer import StopFlag
+
+    stop = StopFlag()
+    stop.install()
+    try:
+        stop.request()
+        os.kill(os.getpid(), signal.SIGINT)  # handled at once: a signal to this process, in the main thread
+        assert stop.requested and stop.signalled
+        assert "SIGINT: finishing this step, then saving and exiting (Ctrl-C again" in capfd.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
