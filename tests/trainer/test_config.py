@@ -5,7 +5,7 @@ import yaml
 
 from tests.helpers.runs import REPO
 from trainer.config import ConfigError, help_text, load_config, parse_overrides, save_config, section_classes
-from trainer.config_parsing import YAML_LOADER, field_docs
+from trainer.config_parsing import ConfigYamlLoader, field_docs
 
 
 def write(tmp_path, name, content):
@@ -109,6 +109,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path)
     with pytest.raises(ConfigError, match=r"empty\.yaml is empty: write its sections, or pass another file"):
         load_config(write(tmp_path, "empty.yaml", "# nothing yet\n"))
+    twice = "optim: {lr: 1.0e-3}\ntrain: {max_steps: 3}\noptim: {name: adafactor}\n"  # the second replaced the first
+    with pytest.raises(ConfigError, match=r"(?s)not valid YAML: found the key 'optim' twice in one mapping .*line 3"):
+        load_config(write(tmp_path, "twice.yaml", twice))
+    with pytest.raises(ConfigError, match=r"found the key 'lr' twice"):
+        load_config(write(tmp_path, "twice_inner.yaml", "optim: {lr: 1.0e-3, lr: 3.0e-3}\n"))
+    merged = "base_optim: &o {lr: 1.0e-3, name: adafactor}\n"  # a merge key's keys may be overridden
+    assert yaml.load(merged + "optim: {<<: *o, lr: 3.0e-3}\n", Loader=ConfigYamlLoader)["optim"] == {
+        "lr": 3.0e-3,
+        "name": "adafactor",
+    }
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "bad.yaml", "train: {max_steps: [\n"))
 
@@ -178,12 +188,12 @@ def test_a_config_written_for_one_rank_runs_on_two(monkeypatch):
 
 
 def test_the_fast_yaml_loader_reads_every_shipped_file_as_pyyaml_does():
-    """Config, sweep and study files go through libyaml's parser (YAML_LOADER); each must read exactly as
+    """Config, sweep and study files go through libyaml's parser (ConfigYamlLoader); each must read exactly as
     PyYAML's own safe loader reads it, and so must override scalars."""
     files = sorted((REPO / "configs").rglob("*.yaml"))
     assert len(files) > 50
     for path in files:
         text = path.read_text()
-        assert yaml.load(text, Loader=YAML_LOADER) == yaml.safe_load(text), path
+        assert yaml.load(text, Loader=ConfigYamlLoader) == yaml.safe_load(text), path
     for value in ["3e-3", "1.0e-3", "null", "~", "true", "no", "[1, 2]", "0x10", "1_000", ".inf", "2024-01-01"]:
-        assert yaml.load(value, Loader=YAML_LOADER) == yaml.safe_load(value), value
+        assert yaml.load(value, Loader=ConfigYamlLoader) == yaml.safe_load(value), value
