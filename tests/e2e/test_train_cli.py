@@ -8,23 +8,18 @@ import sys
 
 import pytest
 
-from tests.helpers.runs import REPO, losses, run, start_training, tiny_overrides
+from tests.helpers.runs import REPO, losses, run, start_training, train_command
 from trainer import checkpoint as ckpt
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path, sample_tokens):
     """Preemption signals the whole process group, DataLoader workers included."""
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "configs/tiny.yaml",
-        *tiny_overrides(
-            run_dir,
-            sample_tokens,
-            **{"train.max_steps": 100000, "checkpoint.interval": 100000, "eval.interval": 0, "data.num_workers": 2},
-        ),
-    ]
+    cmd = train_command(
+        run_dir,
+        sample_tokens,
+        **{"train.max_steps": 100000, "checkpoint.interval": 100000, "eval.interval": 0, "data.num_workers": 2},
+    )
     proc = start_training(cmd, run_dir, steps=3, timeout=120, new_session=True)
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -40,8 +35,7 @@ def test_a_closed_console_saves_and_stops_instead_of_crashing(tmp_path, sample_t
     dies): the reader exits, the next print meets a broken pipe. The run saves the step it reached, says so on
     stderr while stderr is read, exits 0, and the same command resumes from there."""
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(run_dir, sample_tokens, **{"train.max_steps": 1000, "log.interval": 1})
-    cmd = [sys.executable, "train.py", "configs/tiny.yaml", *overrides]
+    cmd = train_command(run_dir, sample_tokens, **{"train.max_steps": 1000, "log.interval": 1})
     stderr = subprocess.STDOUT if stderr_to == "stdout" else subprocess.PIPE
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
     assert proc.stdout is not None
@@ -60,7 +54,7 @@ def test_a_closed_console_saves_and_stops_instead_of_crashing(tmp_path, sample_t
     step = ckpt.load_checkpoint(saved)["progress"]["step"]
     assert 1 <= step < 1000 and max(losses(run_dir)) == step  # every logged step is in the checkpoint
     resumed = subprocess.run(
-        [*cmd[: -len(overrides)], *tiny_overrides(run_dir, sample_tokens, **{"train.max_steps": step + 2})],
+        train_command(run_dir, sample_tokens, **{"train.max_steps": step + 2}),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -74,12 +68,7 @@ def test_a_closed_console_saves_and_stops_instead_of_crashing(tmp_path, sample_t
 
 def test_ctrl_c_says_what_happens_next_and_a_ctrl_c_before_training_is_one_error_line(tmp_path, sample_tokens):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "configs/tiny.yaml",
-        *tiny_overrides(run_dir, sample_tokens, **{"train.max_steps": 100000}),
-    ]
+    cmd = train_command(run_dir, sample_tokens, **{"train.max_steps": 100000})
     proc = start_training(cmd, run_dir, steps=2, timeout=120)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
@@ -208,12 +197,12 @@ def test_bad_choices_are_one_error_line_before_any_work(tmp_path, override, mess
 
 def test_a_second_trainer_on_a_busy_run_directory_stops_at_once(tmp_path, sample_tokens):
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(run_dir, sample_tokens, **{"train.max_steps": 100000, "eval.interval": 0})
-    first = start_training([sys.executable, "train.py", "configs/tiny.yaml", *overrides], run_dir, steps=2, timeout=120)
+    cmd = train_command(run_dir, sample_tokens, **{"train.max_steps": 100000, "eval.interval": 0})
+    first = start_training(cmd, run_dir, steps=2, timeout=120)
     try:
         metrics_before = (run_dir / "metrics.jsonl").read_text().count("\n")
         second = subprocess.run(
-            [sys.executable, "train.py", "configs/tiny.yaml", *overrides],
+            cmd,
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -48,6 +49,11 @@ def tiny_overrides(run_dir: Path, tokens: Path, **extra: Any) -> list[str]:
         **extra,
     }
     return [f"--{k}={v}" for k, v in values.items()]
+
+
+def train_command(run_dir: Path, tokens: Path, **extra: Any) -> list[str]:
+    """`python train.py configs/tiny.yaml` with tiny_overrides: the command line of a seconds-long run."""
+    return [sys.executable, "train.py", "configs/tiny.yaml", *tiny_overrides(run_dir, tokens, **extra)]
 
 
 def final_model(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
