@@ -53,12 +53,18 @@ class ConfigError(ValueError):
     """A config problem the user must fix; the message names the key and the fix."""
 
 
+def closest(name: str, choices: typing.Iterable[str]) -> str | None:
+    """The choice closest to `name`, ignoring case (ADAMW -> adamw: the commonest slip), or None."""
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.5)
+    return by_lower[close[0]] if close else None
+
+
 def suggest(name: str, choices: typing.Iterable[str]) -> str:
     """' Did you mean X?' for the closest choice, else the list of valid ones."""
     choices = list(choices)
-    by_lower = {c.lower(): c for c in choices}  # ADAMW -> adamw: case is the commonest slip
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.5)
-    return f" Did you mean {by_lower[close[0]]!r}?" if close else f" Valid: {', '.join(sorted(choices))}."
+    close = closest(name, choices)
+    return f" Did you mean {close!r}?" if close else f" Valid: {', '.join(sorted(choices))}."
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -126,8 +132,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         choices = typing.get_args(tp)
         if value in choices and type(value) is type(choices[choices.index(value)]):
             return value
-        hint = suggest(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
-        hint = hint if hint.startswith(" Did you mean") else ""  # the choices are listed already
+        close = closest(value, [str(c) for c in choices]) if isinstance(value, str) else None
+        hint = f" Did you mean {close!r}?" if close else ""  # the choices are listed already
         raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, choices))}.{hint}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
