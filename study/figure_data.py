@@ -28,11 +28,13 @@ from trainer.flop_budget import config_flops
 
 @dataclass
 class FigureData:
-    """The table behind one figure: `columns` names the keys of every row."""
+    """The table behind one figure: `columns` names the keys of every row; `entries` is the study's entry
+    labels in study order, which give each entry one colour in every figure of the study."""
 
     spec: FigureSpec
     columns: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    entries: list[str] = field(default_factory=list)
 
 
 def _arm_config_value(arm: ArmSummary, key: str, figure: FigureSpec) -> Any:
@@ -90,7 +92,7 @@ def reference_arms(figure: FigureSpec, arms: list[ArmSummary]) -> dict[str, list
     return {label: _selected(figure, arms, entries) for label, entries in figure.references.items()}
 
 
-def _line_row(series: str, role: str, x: Any, arm: ArmSummary | None) -> dict[str, Any]:
+def _line_row(series: str, role: str, x: Any, arm: ArmSummary | None, entry: str) -> dict[str, Any]:
     best = arm.best if arm is not None else None
     losses = list(best.losses.values()) if best is not None else []
     return {
@@ -102,12 +104,13 @@ def _line_row(series: str, role: str, x: Any, arm: ArmSummary | None) -> dict[st
         "loss_max": max(losses) if losses else None,
         "seeds": len(losses),
         "arm": arm.arm if arm is not None else "",
+        "entry": entry,
         "best": tuned_text(best.tuned) if best is not None else "",
     }
 
 
-LINE_COLUMNS = ["series", "role", "x", "loss_mean", "loss_min", "loss_max", "seeds", "arm", "best"]
-CURVES_COLUMNS = ["arm", "seed", "step", "tokens", "flops", "val_loss"]
+LINE_COLUMNS = ["series", "role", "x", "loss_mean", "loss_min", "loss_max", "seeds", "arm", "entry", "best"]
+CURVES_COLUMNS = ["arm", "entry", "seed", "step", "tokens", "flops", "val_loss"]
 PARETO_COLUMNS = [
     "arm",
     "entry",
@@ -124,10 +127,11 @@ def _line_data(figure: FigureSpec, study: Study, arms: list[ArmSummary]) -> Figu
     for series, by_x in series_points(figure, study, arms).items():
         for x, at_x in by_x.items():
             # Several arms of one series at one x (e.g. configs the figure does not filter): the best one.
-            rows.append(_line_row(series, "line", x, best_arm(at_x) or at_x[0]))
+            rows.append(_line_row(series, "line", x, best_arm(at_x) or at_x[0], series))
     for label, ref_arms in reference_arms(figure, arms).items():
-        rows.append(_line_row(label, "reference", None, best_arm(ref_arms)))
-    return FigureData(figure, list(LINE_COLUMNS), rows)
+        best = best_arm(ref_arms)
+        rows.append(_line_row(label, "reference", None, best, best.entry if best is not None else ""))
+    return FigureData(figure, list(LINE_COLUMNS), rows, list(study.entries))
 
 
 def table_column(key: str, value: Any) -> str:
@@ -149,7 +153,7 @@ def _table_data(figure: FigureSpec, study: Study, arms: list[ArmSummary]) -> Fig
             best = best_arm([a for a in selected if a.entry == entry and _arm_config_value(a, key, figure) == value])
             row[table_column(key, value)] = mean_loss(best) if best is not None else None
         rows.append(row)
-    return FigureData(figure, ["entry"] + [table_column(key, v) for v in values], rows)
+    return FigureData(figure, ["entry"] + [table_column(key, v) for v in values], rows, list(study.entries))
 
 
 def _best_runs(arm: ArmSummary) -> list[RunResult]:
@@ -175,6 +179,7 @@ def _curves_data(figure: FigureSpec, study: Study, arms: list[ArmSummary]) -> Fi
                 rows.append(
                     {
                         "arm": arm.arm,
+                        "entry": arm.entry,
                         "seed": result.run.seed,
                         "step": step,
                         "tokens": step * tokens_per_step,
@@ -182,7 +187,7 @@ def _curves_data(figure: FigureSpec, study: Study, arms: list[ArmSummary]) -> Fi
                         "val_loss": float(record["val/loss"]),
                     }
                 )
-    return FigureData(figure, list(CURVES_COLUMNS), rows)
+    return FigureData(figure, list(CURVES_COLUMNS), rows, list(study.entries))
 
 
 def _max_or_none(values: Iterable[float | None]) -> float | None:
@@ -222,7 +227,7 @@ def _pareto_data(figure: FigureSpec, study: Study, arms: list[ArmSummary]) -> Fi
     peak = _frontier([(r["peak_memory_bytes"], r["loss_mean"]) for r in rows])
     for row, on_state, on_peak in zip(rows, state, peak, strict=True):
         row["frontier_state"], row["frontier_peak"] = on_state, on_peak
-    return FigureData(figure, list(PARETO_COLUMNS), rows)
+    return FigureData(figure, list(PARETO_COLUMNS), rows, list(study.entries))
 
 
 _FIGURE_DATA = {"line": _line_data, "table": _table_data, "curves": _curves_data, "pareto": _pareto_data}
@@ -232,17 +237,18 @@ def figure_data(study: Study, arms: list[ArmSummary]) -> list[FigureData]:
     """The rows behind every figure of the study, in the study's figure order. Each row is a dict with
     exactly the keys of `columns`, in that order:
 
-    line    ["series", "role", "x", "loss_mean", "loss_min", "loss_max", "seeds", "arm", "best"]: one row per
-            (series, x) with role "line" (series = entry label, in `series` order (default: every entry);
-            x = the arm's value of `x`, ascending; loss_mean = the arm's best setting's mean final val loss,
-            loss_min / loss_max its min / max over seeds, seeds = how many; best = tuned_text of the best
-            setting); when several arms of a series share an x, the one with the lowest loss_mean. Then one
-            row per reference (role "reference", x None): the best arm among the reference's entries. An arm
-            without a finished best: losses None, seeds 0, best "" (a reference with none: arm "" too).
+    line    ["series", "role", "x", "loss_mean", "loss_min", "loss_max", "seeds", "arm", "entry", "best"]:
+            one row per (series, x) with role "line" (series = entry = the entry label, in `series` order
+            (default: every entry); x = the arm's value of `x`, ascending; loss_mean = the arm's best
+            setting's mean final val loss, loss_min / loss_max its min / max over seeds, seeds = how many;
+            best = tuned_text of the best setting); when several arms of a series share an x, the one with
+            the lowest loss_mean. Then one row per reference (role "reference", x None): the best arm among
+            the reference's entries, entry = that arm's entry. An arm without a finished best: losses None,
+            seeds 0, best "" (a reference with none: arm and entry "" too).
     table   ["entry", "<columns key>=<value>" per value, ascending]: one row per entry of `rows` (default:
             every entry); a cell = the lowest best mean of the entry's arms with that value (None if none).
-    curves  ["arm", "seed", "step", "tokens", "flops", "val_loss"]: every val/loss record of each arm's best
-            setting's run of each seed (tokens = step x global_batch x seq_len; flops =
+    curves  ["arm", "entry", "seed", "step", "tokens", "flops", "val_loss"]: every val/loss record of each
+            arm's best setting's run of each seed (tokens = step x global_batch x seq_len; flops =
             config_flops(cfg).cumulative(step)); arms without a finished best have no rows.
     pareto  ["arm", "entry", "optimizer_state_bytes", "peak_memory_bytes", "loss_mean", "frontier_state",
             "frontier_peak"]: one row per arm with a finished best, in arm order (bytes: the max over its best

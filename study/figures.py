@@ -109,13 +109,27 @@ def axis_label(key: str | None) -> str:
     return key.rsplit(".", 1)[-1].replace("_", " ")
 
 
-def color_cycle(n: int) -> list[tuple[float, float, float, float]]:
+Color = tuple[float, float, float, float]
+# An entry's arms in one figure share its colour and differ in line style (curves) or by their annotation
+# (pareto).
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def color_cycle(n: int) -> list[Color]:
     """n distinct colours: tab10 while it lasts, then tab20 (a study rarely has more than 20 entries)."""
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"] if n <= 10 else colormaps["tab20"]
     count = 10 if n <= 10 else 20
     return [cmap(i % count) for i in range(n)]
+
+
+def entry_colors(figure: FigureData, drawn: list[str]) -> dict[str, Color]:
+    """Each entry's colour, by its place in the study's entries (figure.entries), so that an optimizer has
+    one colour in every figure of a study whichever entries a figure selects; entries not in that list (a
+    figure built by hand) follow it in the order drawn."""
+    order = unique([*figure.entries, *drawn])
+    return dict(zip(order, color_cycle(len(order)), strict=True))
 
 
 def unique(values: list[Any]) -> list[Any]:
@@ -132,7 +146,7 @@ def unique(values: list[Any]) -> list[Any]:
 
 def build_line(figure: FigureData) -> Figure:
     """Final val loss vs spec.x: markers + line per series in row order, error bars min..max over seeds
-    where seeds > 1, references as dashed horizontal lines (labelled in the legend)."""
+    where seeds > 1, references as dashed horizontal lines (labelled in the legend); colours by entry."""
     spec = figure.spec
     points = [r for r in figure.rows if r["role"] == "line" and finite(r["loss_mean"]) and r["x"] is not None]
     if spec.logx:
@@ -144,11 +158,12 @@ def build_line(figure: FigureData) -> Figure:
         return empty_figure(figure)
 
     series = unique([r["series"] for r in points])
-    colors = color_cycle(len(series) + len(references))
+    colors = entry_colors(figure, [r["entry"] for r in points + references])
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
-    for color, name in zip(colors[: len(series)], series, strict=True):
+    for name in series:
         rows = [r for r in points if r["series"] == name]
+        color = colors[rows[0]["entry"]]
         xs = [r["x"] for r in rows]
         ys = [r["loss_mean"] for r in rows]
         ax.plot(xs, ys, marker="o", linestyle="-", color=color, label=name)
@@ -166,8 +181,9 @@ def build_line(figure: FigureData) -> Figure:
                 capsize=3,
                 elinewidth=1,
             )
-    for color, ref in zip(colors[len(series) :], references, strict=True):
-        ax.axhline(ref["loss_mean"], linestyle="--", color=color, linewidth=1.4, label=ref["series"])
+    for ref in references:
+        # Coloured by the entry of the reference's best arm: "Adamw(factor)" takes AdamW's or Adafactor's colour.
+        ax.axhline(ref["loss_mean"], linestyle="--", color=colors[ref["entry"]], linewidth=1.4, label=ref["series"])
 
     if spec.logx and points:
         xs_all = sorted({float(r["x"]) for r in points})
@@ -254,18 +270,24 @@ def build_table(figure: FigureData) -> Figure:
 
 def build_curves(figure: FigureData) -> Figure:
     """Two panels, val loss vs tokens and vs FLOPs (log x), one line per (arm, seed) ordered by step:
-    each arm's lowest seed solid and in the legend, its other seeds thinner and transparent."""
+    each arm's lowest seed in the legend, its other seeds thinner and transparent. An arm has its entry's
+    colour; an entry's arms differ in line style (solid, dashed, dotted, dash-dot, in arm order)."""
     rows = [r for r in figure.rows if finite(r["val_loss"])]
     arms = unique([r["arm"] for r in rows])
     panels = (("tokens", "tokens"), ("flops", "FLOPs"))
     if not any(finite(r[key]) and r[key] > 0 for r in rows for key, _ in panels):
         return empty_figure(figure)
 
-    colors = color_cycle(len(arms))
+    entry_of = {r["arm"]: r["entry"] for r in rows}
+    colors = entry_colors(figure, [entry_of[arm] for arm in arms])
+    styles = {}
+    for arm in arms:
+        siblings = [a for a in arms if entry_of[a] == entry_of[arm]]
+        styles[arm] = LINESTYLES[siblings.index(arm) % len(LINESTYLES)]
     fig = Figure(figsize=(12.0, 4.6), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (key, label) in zip(axes, panels, strict=True):
-        for color, arm in zip(colors, arms, strict=True):
+        for arm in arms:
             arm_rows = [r for r in rows if r["arm"] == arm]
             seeds = sorted(unique([r["seed"] for r in arm_rows]))
             for k, seed in enumerate(seeds):
@@ -280,7 +302,8 @@ def build_curves(figure: FigureData) -> Figure:
                 ax.plot(
                     [p[1] for p in pts],
                     [p[2] for p in pts],
-                    color=color,
+                    color=colors[entry_of[arm]],
+                    linestyle=styles[arm],
                     linewidth=1.6 if primary else 0.8,
                     alpha=1.0 if primary else 0.45,
                     label=arm if primary else "_nolegend_",
@@ -312,7 +335,7 @@ def build_pareto(figure: FigureData) -> Figure:
         return empty_figure(figure)
 
     entries = unique([r["entry"] for r in rows])
-    colors = dict(zip(entries, color_cycle(len(entries)), strict=True))
+    colors = entry_colors(figure, entries)
     fig = Figure(figsize=(12.0, 5.0), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (key, frontier_key, label) in zip(axes, panels, strict=True):

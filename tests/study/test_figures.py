@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from matplotlib.collections import LineCollection, PathCollection
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 from matplotlib.lines import Line2D
@@ -18,8 +19,8 @@ from study.figure_data import FigureData
 from study.figures import DPI, NO_DATA, FigureError, build, draw
 from study.spec import FigureSpec
 
-LINE = ["series", "role", "x", "loss_mean", "loss_min", "loss_max", "seeds", "arm", "best"]
-CURVES = ["arm", "seed", "step", "tokens", "flops", "val_loss"]
+LINE = ["series", "role", "x", "loss_mean", "loss_min", "loss_max", "seeds", "arm", "entry", "best"]
+CURVES = ["arm", "entry", "seed", "step", "tokens", "flops", "val_loss"]
 PARETO = [
     "arm",
     "entry",
@@ -32,15 +33,28 @@ PARETO = [
 MIB = 2**20
 
 
-def data(spec: FigureSpec, columns: list[str], rows: list[tuple[Any, ...]]) -> FigureData:
-    return FigureData(spec=spec, columns=columns, rows=[dict(zip(columns, r, strict=True)) for r in rows])
+def data(
+    spec: FigureSpec, columns: list[str], rows: list[tuple[Any, ...]], entries: list[str] | None = None
+) -> FigureData:
+    return FigureData(
+        spec=spec, columns=columns, rows=[dict(zip(columns, r, strict=True)) for r in rows], entries=entries or []
+    )
 
 
-def line_row(series: str, x: Any, mean: float | None, lo: float | None = None, hi: float | None = None, seeds: int = 1):
+def line_row(
+    series: str,
+    x: Any,
+    mean: float | None,
+    lo: float | None = None,
+    hi: float | None = None,
+    seeds: int = 1,
+    entry: str | None = None,
+):
     role = "line" if x is not None else "reference"
     lo = mean if lo is None else lo
     hi = mean if hi is None else hi
-    return (series, role, x, mean, lo, hi, seeds if mean is not None else 0, f"{series} x={x}", "optim.lr=0.01")
+    entry = series if entry is None else entry
+    return (series, role, x, mean, lo, hi, seeds if mean is not None else 0, f"{series} x={x}", entry, "optim.lr=0.01")
 
 
 def fig1(logx: bool = True) -> FigureData:
@@ -56,7 +70,7 @@ def fig1(logx: bool = True) -> FigureData:
             line_row("AdaMeM", 128, None),  # not finished: no point
             line_row("Broken", 8, None),  # a series with nothing finished: no line, no error
             line_row("Adafactor", None, 3.65),
-            line_row("Adamw(factor)", None, 3.4),
+            line_row("Adamw(factor)", None, 3.4, entry="AdamW"),
             line_row("Pending ref", None, None),
         ],
     )
@@ -160,12 +174,12 @@ def test_table_cells_have_four_decimals_and_the_best_per_column_is_bold():
     assert bold == {(1, 1), (1, 2), (2, 3)}
 
 
-def curves() -> FigureData:
+def curves(arms: tuple[tuple[str, str, float], ...] = (("AdamW", "AdamW", 3.3), ("GaLore rank=8", "GaLore", 3.6))):
     rows = []
-    for arm, final in (("AdamW", 3.3), ("GaLore rank=8", 3.6)):
+    for arm, entry, final in arms:
         for seed in (0, 1):
             for step in (200, 0, 100):  # out of order: drawn by step
-                rows.append((arm, seed, step, step * 512, step * 1e9, final + 1 / (1 + step) + 0.01 * seed))
+                rows.append((arm, entry, seed, step, step * 512, step * 1e9, final + 1 / (1 + step) + 0.01 * seed))
     return data(FigureSpec(name="curves", kind="curves"), CURVES, rows)
 
 
@@ -186,6 +200,14 @@ def test_curves_two_log_panels_one_line_per_arm_and_seed():
         assert len(others) == 2
         assert all(o.get_linewidth() < primary["AdamW"].get_linewidth() and (o.get_alpha() or 1) < 1 for o in others)
     assert fig.axes[0].get_xlabel() == "tokens" and fig.axes[1].get_xlabel() == "FLOPs"
+
+
+def test_curves_an_entrys_arms_share_its_colour_and_differ_in_line_style():
+    fig = build(curves((("GaLore rank=8", "GaLore", 3.6), ("AdamW", "AdamW", 3.3), ("GaLore rank=32", "GaLore", 3.5))))
+    lines = labelled_lines(fig)
+    assert lines["GaLore rank=8"].get_color() == lines["GaLore rank=32"].get_color() != lines["AdamW"].get_color()
+    styles = {name: line.get_linestyle() for name, line in lines.items()}
+    assert styles == {"GaLore rank=8": "-", "AdamW": "-", "GaLore rank=32": "--"}
 
 
 def pareto(state_bytes_adalomo: float = 0.05 * MIB) -> FigureData:
@@ -233,13 +255,47 @@ def test_pareto_with_a_stateless_optimizer_uses_a_linear_axis():
     assert state.get_xscale() == "linear" and peak.get_xscale() == "log"
 
 
+def test_an_entry_has_one_colour_in_every_figure_of_a_study():
+    """Colours follow the study's entry order, not each figure's: a figure that shows GaLore and AdaMeM only
+    draws them in the colours the pareto figure, which shows every entry, gives them."""
+    entries = ["AdamW", "Adafactor", "GaLore", "AdaMeM", "AdaLomo"]
+    ranks = data(
+        FigureSpec(name="fig1", kind="line", x="optim.rank"),
+        LINE,
+        [line_row("AdaMeM", 8, 3.5), line_row("GaLore", 8, 3.9), line_row("Adamw(factor)", None, 3.4, entry="AdamW")],
+        entries,
+    )
+    pareto_fig = pareto()
+    pareto_fig.entries = entries
+    curves_fig = curves((("AdaLomo", "AdaLomo", 3.9), ("GaLore rank=8", "GaLore", 3.6)))
+    curves_fig.entries = entries
+
+    def colours(fig: Figure) -> dict[str, tuple[float, ...]]:
+        """label -> RGBA of the lines (the frontier left out) and of the pareto markers."""
+        found: dict[str, tuple[float, ...]] = {
+            name: to_rgba(line.get_color()) for name, line in labelled_lines(fig).items() if name != "frontier"
+        }
+        for c in fig.axes[0].collections:
+            if label(c) in entries:
+                found[label(c)] = tuple(np.asarray(c.get_facecolor(), dtype=float).reshape(-1, 4)[0].tolist())
+        return found
+
+    line_colours, pareto_colours = colours(build(ranks)), colours(build(pareto_fig))
+    curves_colours = colours(build(curves_fig))
+    assert len(set(pareto_colours.values())) == len(entries)
+    assert line_colours["GaLore"] == pareto_colours["GaLore"] == curves_colours["GaLore rank=8"]
+    assert line_colours["AdaMeM"] == pareto_colours["AdaMeM"]
+    assert curves_colours["AdaLomo"] == pareto_colours["AdaLomo"]
+    assert line_colours["Adamw(factor)"] == pareto_colours["AdamW"]  # a reference: its best arm's entry
+
+
 @pytest.mark.parametrize("kind", ["line", "table", "curves", "pareto"])
 def test_a_figure_with_no_finished_run_says_so(kind):
     columns = {"line": LINE, "table": ["entry", "optim.beta2=0.9"], "curves": CURVES, "pareto": PARETO}[kind]
     rows: list[tuple[Any, ...]] = {
         "line": [line_row("AdamW", 8, None), line_row("ref", None, None)],
         "table": [("AdamW", None)],
-        "curves": [("AdamW", 0, 100, 1000, 1e9, None)],
+        "curves": [("AdamW", "AdamW", 0, 100, 1000, 1e9, None)],
         "pareto": [("AdamW", "AdamW", 1.0, 2.0, None, False, False)],
     }[kind]
     fig = build(data(FigureSpec(name="early", kind=kind, x="optim.rank", logx=True), columns, rows))

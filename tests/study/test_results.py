@@ -347,7 +347,7 @@ def study(tmp_path) -> tuple[Study, list[RunResult], list[ArmSummary]]:
     return s, results, summarize_arms(results, s.seeds)
 
 
-def line(series, role, x, mean, lo, hi, seeds, arm, best):
+def line(series, role, x, mean, lo, hi, seeds, arm, best, entry=None):
     return {
         "series": series,
         "role": role,
@@ -357,6 +357,7 @@ def line(series, role, x, mean, lo, hi, seeds, arm, best):
         "loss_max": hi,
         "seeds": seeds,
         "arm": arm,
+        "entry": series if entry is None else entry,
         "best": best,
     }
 
@@ -366,14 +367,14 @@ def test_figure_rows_of_every_kind(study):
     assert [r.status for r in results].count("diverged") == 1 and [r.status for r in results].count("pending") == 1
     fig1, by_rank, rank32, table, curves, pareto = figure_data(s, arms)
 
-    assert fig1.columns == ["series", "role", "x", "loss_mean", "loss_min", "loss_max", "seeds", "arm", "best"]
+    assert fig1.columns == ["series", "role", "x", "loss_mean", "loss_min", "loss_max", "seeds", "arm", "entry", "best"]
     assert fig1.rows == [
         line("GaLore", "line", 8, 3.475, 3.45, 3.50, 2, "GaLore rank=8", "optim.lr=1e-3"),
         line("GaLore", "line", 32, 3.20, 3.15, 3.25, 2, "GaLore rank=32", "optim.lr=3e-3"),
         line("AdaMeM", "line", 8, 3.275, 3.25, 3.30, 2, "AdaMeM rank=8", "optim.lr=1e-3"),
         line("AdaMeM", "line", 32, 3.10, 3.05, 3.15, 2, "AdaMeM rank=32", "optim.lr=1e-3"),
         line("Adafactor", "reference", None, 3.28, 3.20, 3.36, 2, "Adafactor", "optim.lr=3e-3"),
-        line("Adamw(factor)", "reference", None, 3.00, 2.95, 3.05, 2, "AdamW", "optim.lr=3e-3"),
+        line("Adamw(factor)", "reference", None, 3.00, 2.95, 3.05, 2, "AdamW", "optim.lr=3e-3", entry="AdamW"),
     ]
     assert all(list(row) == fig1.columns for row in fig1.rows)
     assert by_rank.rows == fig1.rows[:4]
@@ -386,14 +387,15 @@ def test_figure_rows_of_every_kind(study):
     ]
     assert all(list(row) == table.columns for row in table.rows)
 
-    assert curves.columns == ["arm", "seed", "step", "tokens", "flops", "val_loss"]
+    assert curves.columns == ["arm", "entry", "seed", "step", "tokens", "flops", "val_loss"]
     flops = config_flops(arms[0].runs[0].run.config)
     assert [list(row.values()) for row in curves.rows] == [
-        ["AdamW", seed, step, step * TOKENS_PER_STEP, flops.cumulative(step), loss]
+        ["AdamW", "AdamW", seed, step, step * TOKENS_PER_STEP, flops.cumulative(step), loss]
         for seed, final in ((0, 2.95), (1, 3.05))
         for step, loss in ((0, 10.0), (5, final + 0.5), (MAX_STEPS, final))
     ]
     assert all(list(row) == curves.columns for row in curves.rows)
+    assert all(f.entries == ["AdamW", "Adafactor", "GaLore", "AdaMeM"] for f in (fig1, table, curves, pareto))
 
     assert pareto.columns == [
         "arm",
@@ -513,7 +515,9 @@ def test_a_reference_without_results_is_said_so(tmp_path):
         tmp_path / "s.yaml", "s", tmp_path / "out", [adamem, adafactor], [figure], [], [], ["AdaMeM", "Adafactor"]
     )
     arms = summarize_arms(collect(s), s.seeds)
-    assert figure_data(s, arms)[0].rows[-1] == line("Adafactor", "reference", None, None, None, None, 0, "", "")
+    assert figure_data(s, arms)[0].rows[-1] == line(
+        "Adafactor", "reference", None, None, None, None, 0, "", "", entry=""
+    )
     assert orderings(s, arms) == [
         "fig1: AdaMeM < Adafactor: no finished Adafactor result to compare with; caveats: Adafactor (no finished "
         "setting, incomplete)",
@@ -561,6 +565,6 @@ def test_write_tables(study):
         and "| AdamW | AdamW | 0.00 | 0.00 | 3.0000 | yes | yes |" in pareto_md
     )
     fig1_md = (figures_dir / "fig1_rank.md").read_text()
-    assert "| GaLore | line | 8 | 3.4750 | 3.4500 | 3.5000 | 2 | GaLore rank=8 | optim.lr=1e-3 |" in fig1_md
+    assert "| GaLore | line | 8 | 3.4750 | 3.4500 | 3.5000 | 2 | GaLore rank=8 | GaLore | optim.lr=1e-3 |" in fig1_md
     with open(figures_dir / "ranks.csv", newline="") as f:
         assert list(csv.reader(f))[2] == ["AdamW", "", "", "3.0"]
