@@ -54,6 +54,7 @@ from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
 from data.preparation.shard_files import ShardWriter, shard_path
 from data.preparation.sources import LocalSource
 from data.tokenizer import load_tokenizer, resolve_tokenizer_path, token_dtype
+from trainer.flag_parser import FlagParser
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -225,7 +226,7 @@ def bench_verify(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", default="t5")
     ap.add_argument("--prepared_dir", default=DataConfig.prepared_dir)
     ap.add_argument("--seq_len", type=int, default=512)

@@ -52,6 +52,7 @@ from model import ModelConfig, Transformer
 from optim import OptimConfig
 from optim.sharding import chunk_sizes
 from trainer.engines import support
+from trainer.flag_parser import FlagParser
 from trainer.memory_accounting import measure
 
 GiB = 2**30
@@ -179,7 +180,7 @@ def print_table(table: list[dict[str, Any]], seq_len: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flavors", nargs="+", default=["550m", "llama_1b", "llama_7b"])
     ap.add_argument("--ranks", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--micro-batch", type=int, default=None, help="default: 550m 32 (its config), 1b 8, 7b 4")

@@ -11,7 +11,6 @@ trainer/memory_accounting.py.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -27,6 +26,7 @@ from model import DEFAULT_CHUNK_TOKENS, ModelConfig, Transformer
 from optim import REGISTRY, OptimConfig, optimizer_keys, optimizer_spec
 from optim.in_backward import InBackwardOptimizer
 from trainer.config import AdapterConfig
+from trainer.flag_parser import FlagParser
 from trainer.memory_accounting import measure
 from trainer.step import token_loss_sum
 
@@ -142,7 +142,7 @@ ADALOMO_GRID: list[tuple[str, dict[str, Any]]] = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap = FlagParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--flavors", nargs="+", default=["210m", "550m"])
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)

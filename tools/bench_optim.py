@@ -40,6 +40,7 @@ from optim import Adafactor, OptimConfig, optimizer_spec
 from optim.param_groups import group_options
 from optim.projector import compute_bases
 from optim.registry import OptimizerSpec
+from trainer.flag_parser import FlagParser
 
 T_PAPER = 200
 FAST_PATH = ("adafactor", "adalomo", "adamem")  # optimizers with a fast path, its compiled form and a reference code
@@ -302,7 +303,7 @@ def host_overhead(configs: list[tuple[str, OptimConfig, bool]], n: int = 20, ste
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flavor", default="210m")
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--targets", default="blocks", choices=["blocks", "all"])

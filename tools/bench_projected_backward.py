@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from optim import GaLoreAdamW
 from optim.projected_backward import backward_flops, install_projected_backward
 from optim.projector import projection_side
+from trainer.flag_parser import FlagParser
 
 PATHS = ("AdamW", "GaLore", "projected")
 
@@ -135,7 +136,7 @@ def bench_rank(args: argparse.Namespace, rank: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--mlp", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=4)

@@ -56,6 +56,7 @@ from model import ModelConfig
 from optim.registry import optimizer_keys
 from trainer.config import Config, load_config
 from trainer.distributed import DistInfo, init_distributed
+from trainer.flag_parser import FlagParser
 from trainer.hardware import device_peak_flops
 from trainer.host_syncs import count_host_syncs
 from trainer.memory_accounting import measure
@@ -233,7 +234,7 @@ def print_row(r: dict[str, Any], base: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flavor", default="tiny")
     ap.add_argument("--optim", nargs="+", default=list(OPTIMIZERS), help=f"default: {' '.join(OPTIMIZERS)}")
     ap.add_argument("--fused", nargs="*", default=[], help="optimizers to run fused in backward (adalomo always is)")

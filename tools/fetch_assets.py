@@ -18,10 +18,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from data.assets.sample_corpus import fetch_sample_corpus
 from data.assets.t5_tokenizer import fetch_t5_tokenizer
 from data.errors import DataError
+from trainer.flag_parser import FlagParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["tokenizer", "corpus"], help="fetch just one asset")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.console import exit_quietly_on_closed_stdout
+from trainer.flag_parser import FlagParser
 from trainer.metrics import MetricsFileError, read_metrics
 
 FORMATS = (".png", ".pdf", ".svg")
@@ -37,7 +38,7 @@ def read_runs(runs: list[Path]) -> dict[Path, list[dict]]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--metric", default="val/loss")
     parser.add_argument("--out", type=Path, default=Path("runs.png"), help=f"the figure: {', '.join(FORMATS)}")

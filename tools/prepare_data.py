@@ -29,6 +29,7 @@ from data.paths import cache_root, resolve_path, sample_corpus_dir, sample_token
 from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
 from data.preparation.sources import make_source
 from data.tokenizer import resolve_tokenizer_path
+from trainer.flag_parser import FlagParser
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
@@ -42,7 +43,7 @@ def count(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--source",
         default=None,

@@ -43,13 +43,14 @@ from study.runner import (
 from study.spec import Study, load_study
 from trainer.config import ConfigError
 from trainer.console import exit_quietly_on_closed_stdout
+from trainer.flag_parser import FlagParser
 
 CWD = Path.cwd()  # where the user started the tool: the printed resume command works from there
 STATUSES = ("complete", "diverged", "failed", "incomplete", "pending")
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path)
     parser.add_argument("--run", action="store_true", help="run the setup and what is left here, then --collect")
     parser.add_argument(

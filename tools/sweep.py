@@ -24,13 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.config import ConfigError
 from trainer.console import exit_quietly_on_closed_stdout
+from trainer.flag_parser import FlagParser
 from trainer.sweep import expand_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--launcher", default="python", help='e.g. "torchrun --nproc_per_node=8"')
     parser.add_argument("--run", action="store_true", help="run the commands one after another")

@@ -24,10 +24,11 @@ from data.paths import resolve_path, sample_corpus_dir
 from data.preparation.sources import LocalSource
 from data.preparation.tokenizer_training import train_sentencepiece
 from data.tokenizer import load_tokenizer
+from trainer.flag_parser import FlagParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default=str(sample_corpus_dir()), help="folder/glob of C4 json.gz shards")
     ap.add_argument("--out", required=True, help="output .model path")
     ap.add_argument("--vocab_size", type=int, default=32000)

@@ -248,7 +248,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key, value, least, note in (
         ("train.global_batch", t.global_batch, 1, ""),
         ("train.micro_batch", t.micro_batch, 1, ""),
-        ("train.max_steps", t.max_steps, 0, ""),
+        ("train.max_steps", t.max_steps, 1, ""),
         ("log.interval", cfg.log.interval, 1, ""),
         ("checkpoint.interval", cfg.checkpoint.interval, 1, ""),
         ("eval.interval", cfg.eval.interval, 0, " (0 = only at the end)"),

@@ -272,12 +272,7 @@ def resolve_max_steps(cfg: RunSettings) -> BudgetResolution | None:
     if name is not None and name not in REGISTRY:
         raise ConfigError(f"train.match_flops_of={name!r} is not a registered optimizer.{suggest(name, REGISTRY)}")
     if t.flop_budget is None:
-        assert name is not None  # one of the two is set
-        if t.max_steps <= 0:
-            raise ConfigError(
-                f"train.match_flops_of={name!r} spends what {name} spends in train.max_steps steps, but "
-                f"train.max_steps={t.max_steps}; set --train.max_steps to the reference run's steps"
-            )
+        assert name is not None  # one of the two is set; validate() has checked that max_steps is positive
         t.flop_budget = float_at_least(reference_flops(cfg, name).cumulative(t.max_steps))
     budget = t.flop_budget
     if not (math.isfinite(budget) and budget > 0):

@@ -58,13 +58,13 @@ def test_tools_end_to_end(tmp_path, capsys):
         str(model),
         "--workers",
         "2",
-        "--max_tokens",
+        "--max-tokens",  # the benchmarks' spelling: either is accepted
         "3k",
         "--val_tokens",
         "500",
         "--shard_tokens",
         "1000",
-        "--no_progress",
+        "--no-progress",
     ]
     assert prep.main(args) == 0
     printed = capsys.readouterr().out

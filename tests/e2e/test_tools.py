@@ -188,7 +188,8 @@ def test_bench_step_prints_the_table_with_adamw_as_the_unit(capsys, monkeypatch,
 def test_bench_step_accumulates_micro_batches_as_the_configs_do(capsys, sample_tokens, tmp_path):
     """--accumulate K: a step is K micro-batches (the configs' global batch), and a fused row is accounted as
     ordinary (the first K - 1 micro-batches' gradients stay until the last backward)."""
-    args = ["--flavor", "tiny", "--seq-len", "32", "--micro-batch", "2", "--accumulate", "3", "--steps", "1"]
+    # The flags as the data tools spell theirs (--seq_len, --micro_batch): either spelling is accepted.
+    args = ["--flavor", "tiny", "--seq_len", "32", "--micro_batch=2", "--accumulate", "3", "--steps", "1"]
     rows = bench_step.main([*args, "--warmup", "1", "--optim", "adamw", "adalomo", "--data", str(sample_tokens)])
     assert "micro-batch 2 x 3 per step" in capsys.readouterr().out
     for r in rows:

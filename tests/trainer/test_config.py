@@ -81,7 +81,8 @@ def test_base_inheritance(tmp_path):
         (["--train.loss_chunk_tokens=-1"], r"train\.loss_chunk_tokens=-1 must be >= 0 \(0 = the full-logits loss\)"),
         (["--train.zero_stage=4"], r"train\.zero_stage=4 is not one of 1, 2, 3"),
         (["optim.lr=1"], r"use --section\.key=value"),
-        (["--train.max_steps=-1"], r"train\.max_steps=-1 must be >= 0$"),
+        (["--train.max_steps=-1"], r"train\.max_steps=-1 must be positive$"),
+        (["--train.max_steps=0"], r"train\.max_steps=0 must be positive$"),  # trained nothing: "run already complete"
         (["--train.global_batch=0"], r"train\.global_batch=0 must be positive"),
         (["--eval.interval=-5"], r"eval\.interval=-5 must be >= 0 \(0 = only at the end\)"),
         (["--log.interval=0"], r"log\.interval=0 must be positive"),

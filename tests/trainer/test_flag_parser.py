@@ -1,0 +1,60 @@
+"""trainer.flag_parser: the tools accept a long flag with `-` or `_` between its words."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from trainer.flag_parser import FlagParser
+
+
+def parser() -> FlagParser:
+    p = FlagParser(prog="tool")
+    p.add_argument("--seq-len", type=int, default=512)  # the benchmarks' spelling
+    p.add_argument("--prepared_dir", default="tokens")  # the data tools' spelling
+    p.add_argument("--verify_bench", "--verify-bench", default=None)  # both declared
+    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("values", nargs="*")
+    return p
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--seq_len", "8"], {"seq_len": 8}),
+        (["--seq_len=8"], {"seq_len": 8}),
+        (["--seq-len=8"], {"seq_len": 8}),
+        (["--prepared-dir", "d"], {"prepared_dir": "d"}),
+        (["--prepared-dir=a-b_c"], {"prepared_dir": "a-b_c"}),  # only the flag is respelled, not its value
+        (["--verify-bench", "v"], {"verify_bench": "v"}),
+        (["--verify_bench", "v"], {"verify_bench": "v"}),
+        (["--no-progress"], {"no_progress": True}),
+        (["--seq_l", "8"], {"seq_len": 8}),  # argparse's unambiguous prefixes, in either spelling
+        (["--prepared-d", "d"], {"prepared_dir": "d"}),
+        (["x", "--", "--seq_len", "8"], {"values": ["x", "--seq_len", "8"], "seq_len": 512}),  # after --: values
+    ],
+)
+def test_either_spelling_reaches_the_declared_flag(argv, expected):
+    args = vars(parser().parse_args(argv))
+    assert {key: args[key] for key in expected} == expected
+
+
+def test_the_command_line_is_read_when_no_args_are_given(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["tool", "--seq_len=16", "--no-progress"])
+    args = parser().parse_args()
+    assert (args.seq_len, args.no_progress) == (16, True)
+
+
+def test_an_unknown_flag_is_still_an_error_in_the_users_spelling(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parser().parse_args(["--seq_lenn", "8"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --seq_lenn" in capsys.readouterr().err
+
+
+def test_help_shows_the_declared_spelling(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--seq-len SEQ_LEN" in out and "--prepared_dir PREPARED_DIR" in out and "--seq_len" not in out
