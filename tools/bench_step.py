@@ -154,9 +154,10 @@ def warmed_trainer(cfg: Config, info: DistInfo, warmup: int) -> Trainer:
 
 
 def release_trainers(device: torch.device) -> None:
-    """Free the trainers measured before. A Trainer sits in reference cycles (hooks and callbacks that hold it),
-    which only the cycle collector frees, at a time of its choosing: a previous optimizer's weights and state
-    would otherwise still be allocated when the next one's peak memory is measured."""
+    """Free the trainers measured before, so that a previous optimizer's weights and state are not allocated
+    when the next one's peak memory is measured. A Trainer is freed by its last reference
+    (tests/trainer/test_trainer_lifetime.py), except the process's first: torch.optim imports torch._dynamo on
+    first use, and that import leaves its frames, the Trainer's included, to the cycle collector."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

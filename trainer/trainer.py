@@ -224,13 +224,17 @@ class Trainer:
         spec = optimizer_spec(self.model, cfg.optim)
         # How checkpoints hold the model and optimizer (trainer/checkpoint.py): several ranks write DCP directories.
         self.model_state: Any = ModelState(self.model)  # a single file loads into FSDP2 shards too
-        self.checkpoint_parts: ShardedBackend | None = ShardedParts(self.model, lambda: self.updater.optimizers(), info)
+        self.checkpoint_parts: ShardedBackend | None
         if cfg.train.engine == "deepspeed" and info.enabled:
             self._build_deepspeed(spec)
         else:
             self.updater = build_update_strategy(
                 spec, params, fused=cfg.train.fused_update, max_grad_norm=cfg.train.max_grad_norm
             )
+            # The updater's method, not a lambda over self: a closure over the Trainer would put it in a reference
+            # cycle, which only the cycle collector frees, at a time of its choosing (the weights and optimizer
+            # state of a finished Trainer would stay in memory until then).
+            self.checkpoint_parts = ShardedParts(self.model, self.updater.optimizers, info)
         if isinstance(self.wrapped_model, DistributedDataParallel) and isinstance(self.updater, UpdateInBackward):
             install_fused_comm_hook(self.wrapped_model, self.updater.optimizer)  # update after the all-reduce
         if cfg.optim.projected_backward:  # GaLore's low-rank linears compute their projected gradient in backward
