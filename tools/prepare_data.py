@@ -2,10 +2,11 @@
 
 Sample corpus (after `python tools/fetch_assets.py`), into .cache/tokens/sample:
     python tools/prepare_data.py
-C4 from the HF hub (needs `pip install datasets` and internet), 210m run budget:
-    python tools/prepare_data.py --source hf --out /data/tokens/c4 --max_tokens 4.2B --workers 32
+C4 from the HF hub (needs `pip install datasets` and internet), one pass for every paper run (the longest,
+550m_galore_r80 FLOP-matched, reads 11.4B tokens):
+    python tools/prepare_data.py --source hf --out /data/tokens/c4 --max_tokens 11.4B --workers 32
 A folder of C4 json.gz shards (en/c4-train.*.json.gz, en/c4-validation.*.json.gz):
-    python tools/prepare_data.py --source /data/c4 --out /data/tokens/c4 --max_tokens 8.4B
+    python tools/prepare_data.py --source /data/c4 --out /data/tokens/c4 --max_tokens 11.4B
 
 Re-running the same command resumes: finished shards are re-hashed and kept, a damaged one is
 redone with those after it, and manifest.json is rewritten, so it is also the repair that a

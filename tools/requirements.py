@@ -7,9 +7,8 @@ else, without installing the repo itself as a package (it runs from the checkout
 """
 
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
 requirements = list(project["dependencies"])

@@ -68,7 +68,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--slurm", type=Path, metavar="FILE", help="write an sbatch array script of the runs left")
     parser.add_argument(
-        "--slurm-option", action="append", default=[], metavar="OPT", help='an #SBATCH line, e.g. "--time=24:00:00"'
+        "--slurm-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        dashed_value=True,
+        help="an #SBATCH line, e.g. --slurm-option --time=24:00:00 (repeat it for each)",
     )
     parser.add_argument("--collect", action="store_true", help="write the result tables, figures and orderings")
     parser.add_argument("--seeds", help="replace the study's seeds, e.g. 0,1")

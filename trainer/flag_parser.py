@@ -17,14 +17,22 @@ from typing import Any
 
 class FlagParser(argparse.ArgumentParser):
     """argparse.ArgumentParser that also accepts each long flag with `-` and `_` swapped (`--seq_len` for
-    `--seq-len`, including argparse's unambiguous prefixes and the `--flag=value` form)."""
+    `--seq-len`, including argparse's unambiguous prefixes and the `--flag=value` form).
+
+    `add_argument(..., dashed_value=True)`: the flag's value may itself start with `-`, as an sbatch option
+    does (`--slurm-option --time=24:00:00`); argparse would read it as another flag and stop with "expected
+    one argument" unless written `--slurm-option=--time=24:00:00`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.long_flags: list[str] = []  # before argparse's __init__, which adds --help
+        self.dashed_value_flags: set[str] = set()
         super().__init__(*args, **kwargs)
 
-    def add_argument(self, *name_or_flags: str, **kwargs: Any) -> argparse.Action:
-        self.long_flags += [flag for flag in name_or_flags if flag.startswith("--")]
+    def add_argument(self, *name_or_flags: str, dashed_value: bool = False, **kwargs: Any) -> argparse.Action:
+        flags = [flag for flag in name_or_flags if flag.startswith("--")]
+        self.long_flags += flags
+        if dashed_value:
+            self.dashed_value_flags.update(flags)
         return super().add_argument(*name_or_flags, **kwargs)
 
     def respelled(self, flag: str) -> str:
@@ -42,12 +50,19 @@ class FlagParser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         given = list(sys.argv[1:] if args is None else args)
         respelled: list[str] = []
-        for i, arg in enumerate(given):
+        i = 0
+        while i < len(given):
+            arg = given[i]
             if arg == "--":  # everything after it is a positional value
                 respelled += given[i:]
                 break
             if arg.startswith("--"):
                 flag, eq, value = arg.partition("=")
-                arg = self.respelled(flag) + eq + value
+                flag = self.respelled(flag)
+                if not eq and flag in self.dashed_value_flags and i + 1 < len(given):
+                    eq, value = "=", given[i + 1]  # the next word is the value, whatever it starts with
+                    i += 1
+                arg = flag + eq + value
             respelled.append(arg)
+            i += 1
         return super().parse_known_args(respelled, namespace)

@@ -91,7 +91,7 @@ def check_resume_compatible(saved: dict, now: dict, checkpoint: Path) -> dict[st
 def record_resume(run_dir: Path, step: int, checkpoint: Path, changes: dict[str, tuple[Any, Any]]) -> None:
     """Append one line to `<run_dir>/resumes.jsonl`: when, from which checkpoint, what changed."""
     record = {
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "step": step,
         "checkpoint": checkpoint.name,
         "changed": {key: [old, new] for key, (old, new) in changes.items()},

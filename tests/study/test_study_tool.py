@@ -35,9 +35,12 @@ def test_slurm_script_covers_only_the_runs_left(tmp_path, monkeypatch, capsys):
     done.mkdir(parents=True)
     (done / "metrics.jsonl").write_text(json.dumps({"step": 6, "val/loss": 4.0}) + "\n")
     script = tmp_path / "study.sbatch"
-    assert main([str(study), "--slurm", str(script), "--launcher", "torchrun --nproc_per_node=8", "--jobs", "4"]) == 0
+    launcher = ["--launcher", "torchrun --nproc_per_node=8", "--jobs", "4"]
+    options = ["--slurm-option", "--gpus-per-node=8", "--slurm-option", "--time=24:00:00"]  # as the README writes them
+    assert main([str(study), "--slurm", str(script), *launcher, *options]) == 0
     text = script.read_text()
     assert "#SBATCH --array=0-0%1" in text
+    assert "#SBATCH --gpus-per-node=8\n#SBATCH --time=24:00:00\n" in text
     assert "--optim.lr=0.01" in text and "--optim.lr=0.001" not in text
     assert f"submit with: sbatch {script}" in capsys.readouterr().out
 

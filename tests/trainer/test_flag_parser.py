@@ -15,6 +15,7 @@ def parser() -> FlagParser:
     p.add_argument("--prepared_dir", default="tokens")  # the data tools' spelling
     p.add_argument("--verify_bench", "--verify-bench", default=None)  # both declared
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--slurm-option", action="append", default=[], dashed_value=True)
     p.add_argument("values", nargs="*")
     return p
 
@@ -33,6 +34,12 @@ def parser() -> FlagParser:
         (["--seq_l", "8"], {"seq_len": 8}),  # argparse's unambiguous prefixes, in either spelling
         (["--prepared-d", "d"], {"prepared_dir": "d"}),
         (["x", "--", "--seq_len", "8"], {"values": ["x", "--seq_len", "8"], "seq_len": 512}),  # after --: values
+        # A value that starts with dashes (an sbatch option), given as the next word or after =.
+        (
+            ["--slurm-option", "--time=1:00:00", "--slurm_option", "-p gpu"],
+            {"slurm_option": ["--time=1:00:00", "-p gpu"]},
+        ),
+        (["--slurm-option=--gres=gpu:8", "--seq-len", "3"], {"slurm_option": ["--gres=gpu:8"], "seq_len": 3}),
     ],
 )
 def test_either_spelling_reaches_the_declared_flag(argv, expected):

@@ -11,9 +11,10 @@ from trainer import checkpoint as ckpt
 from trainer import throughput_window
 from trainer import trainer as trainer_module
 from trainer.config import ConfigError, load_config
+from trainer.distributed import DistInfo
 from trainer.metrics import read_metrics
 from trainer.run_lock import RunDirError
-from trainer.trainer import TrainingDiverged
+from trainer.trainer import Trainer, TrainingDiverged
 
 
 def test_short_run_learns_and_writes_everything(tmp_path, sample_tokens):
@@ -77,6 +78,26 @@ def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, sample_tokens, c
     assert "warning: scheduler.warmup_steps=5 >= train.max_steps=2: the learning rate never reaches optim.lr" in out
     run(tmp_path / "b", sample_tokens, **{"train.max_steps": 6, "scheduler.warmup_steps": 5})
     assert "warning: scheduler.warmup_steps" not in capsys.readouterr().out
+
+
+def test_a_run_longer_than_the_prepared_data_is_warned_about(tmp_path, sample_tokens, capsys):
+    """More sequences than the data has windows: the order goes on into a reshuffled next epoch, which a
+    comparison of optimizers should know (a FLOP-matched run re-reads data that a shorter one does not)."""
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    cfg = load_config("configs/tiny.yaml", tiny_overrides(tmp_path / "short", sample_tokens))
+    windows = Trainer(cfg, info).data.n_windows
+    assert "epochs of the prepared data" not in capsys.readouterr().out
+    steps = windows // cfg.train.global_batch + 1  # one step more than one pass: 4 windows over
+    cfg = load_config(
+        "configs/tiny.yaml", tiny_overrides(tmp_path / "long", sample_tokens, **{"train.max_steps": steps})
+    )
+    Trainer(cfg, info)
+    sequences = steps * cfg.train.global_batch
+    assert (
+        f"warning: train.max_steps={steps} x train.global_batch=4 = {sequences:,} sequences is "
+        f"{sequences / windows:.2f} epochs of the prepared data ({windows:,} windows of data.seq_len=32): later "
+        f"steps repeat training data; for one pass prepare at least {sequences * 32 / 1e9:.3g}B tokens"
+    ) in capsys.readouterr().out
 
 
 def test_rerun_of_a_finished_run_does_nothing(tmp_path, sample_tokens, capsys):
