@@ -116,12 +116,14 @@ LINESTYLES = ("-", "--", ":", "-.")
 
 
 def color_cycle(n: int) -> list[Color]:
-    """n distinct colours: tab10 while it lasts, then tab20 (a study rarely has more than 20 entries)."""
+    """n colours, ten distinct hues first: tab20's dark shades (tab10's colours), then its light shades in the
+    same hue order, so that the first ten entries of a study never share a hue (tab20 in its own order pairs
+    each dark shade with its light one: neighbouring entries would differ in shade only); past 20 they repeat."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"] if n <= 10 else colormaps["tab20"]
-    count = 10 if n <= 10 else 20
-    return [cmap(i % count) for i in range(n)]
+    cmap = colormaps["tab20"]
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return [cmap(order[i % 20]) for i in range(n)]
 
 
 def entry_colors(figure: FigureData, drawn: list[str]) -> dict[str, Color]:

@@ -17,32 +17,38 @@ from typing import Any
 
 class FlagParser(argparse.ArgumentParser):
     """argparse.ArgumentParser that also accepts each long flag with `-` and `_` swapped (`--seq_len` for
-    `--seq-len`, including argparse's unambiguous prefixes and the `--flag=value` form).
+    `--seq-len`, including argparse's unambiguous prefixes and the `--flag=value` form). An exact match in
+    either spelling wins over a prefix. Flags added through argument groups are not seen (no tool uses them).
 
     `add_argument(..., dashed_value=True)`: the flag's value may itself start with `-`, as an sbatch option
     does (`--slurm-option --time=24:00:00`); argparse would read it as another flag and stop with "expected
     one argument" unless written `--slurm-option=--time=24:00:00`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.long_flags: list[str] = []  # before argparse's __init__, which adds --help
+        self.long_flags: dict[str, argparse.Action] = {}  # before argparse's __init__, which adds --help
         self.dashed_value_flags: set[str] = set()
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *name_or_flags: str, dashed_value: bool = False, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*name_or_flags, **kwargs)
         flags = [flag for flag in name_or_flags if flag.startswith("--")]
-        self.long_flags += flags
+        self.long_flags.update(dict.fromkeys(flags, action))
         if dashed_value:
             self.dashed_value_flags.update(flags)
-        return super().add_argument(*name_or_flags, **kwargs)
+        return action
 
-    def respelled(self, flag: str) -> str:
-        """The flag as this parser declares it (or a prefix of a declared flag), else unchanged."""
-        if any(known.startswith(flag) for known in self.long_flags):
-            return flag
+    def declared(self, flag: str) -> str:
+        """The declared flag that `flag` names in either spelling: an exact match first, then (with argparse's
+        allow_abbrev) the one flag it abbreviates; else `flag` unchanged, for argparse to report."""
         words = flag[2:]
-        for candidate in ("--" + words.replace("_", "-"), "--" + words.replace("-", "_")):
-            if any(known.startswith(candidate) for known in self.long_flags):
-                return candidate
+        spellings = list(dict.fromkeys([flag, "--" + words.replace("_", "-"), "--" + words.replace("-", "_")]))
+        for spelling in spellings:
+            if spelling in self.long_flags:
+                return spelling
+        if self.allow_abbrev:
+            matches = {known: action for known, action in self.long_flags.items() if known.startswith(tuple(spellings))}
+            if len({id(action) for action in matches.values()}) == 1:  # aliases of one flag count once
+                return next(iter(matches))
         return flag
 
     def parse_known_args(  # type: ignore[override]  # typeshed's overloads; the behaviour is argparse's
@@ -58,8 +64,9 @@ class FlagParser(argparse.ArgumentParser):
                 break
             if arg.startswith("--"):
                 flag, eq, value = arg.partition("=")
-                flag = self.respelled(flag)
-                if not eq and flag in self.dashed_value_flags and i + 1 < len(given):
+                flag = self.declared(flag)
+                takes_next = i + 1 < len(given) and given[i + 1] != "--"
+                if not eq and flag in self.dashed_value_flags and takes_next:
                     eq, value = "=", given[i + 1]  # the next word is the value, whatever it starts with
                     i += 1
                 arg = flag + eq + value

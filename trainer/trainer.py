@@ -330,22 +330,22 @@ class Trainer:
         if self.budget is not None:
             self.log.print(self.budget.describe())
         warmup = cfg.scheduler.warmup_steps
-        if 0 < cfg.train.max_steps <= warmup and self.resume_from is None:  # said once, at the start
+        if cfg.train.max_steps <= warmup and self.resume_from is None:  # said once, at the start
             self.log.print(
                 f"warning: scheduler.warmup_steps={warmup} >= train.max_steps={cfg.train.max_steps}: the learning rate "
                 f"never reaches optim.lr and never decays; lower --scheduler.warmup_steps (e.g. to "
                 f"{max(1, cfg.train.max_steps // 10)})"
             )
         sequences = cfg.train.max_steps * cfg.train.global_batch
-        if sequences > self.data.n_windows and self.resume_from is None:
+        if sequences > self.data.n_windows:  # at every start: a resume may have raised max_steps past the data
             # Not an error (the order goes on into a reshuffled next epoch), but a comparison of optimizers assumes
             # each run sees fresh data: a FLOP-matched run longer than the data would re-read what it was trained on.
+            needed = sequences * cfg.data.seq_len + 1  # n_windows = (tokens - 1) // seq_len
             self.log.print(
                 f"warning: train.max_steps={cfg.train.max_steps} x train.global_batch={cfg.train.global_batch} = "
                 f"{sequences:,} sequences is {sequences / self.data.n_windows:.2f} epochs of the prepared data "
                 f"({self.data.n_windows:,} windows of data.seq_len={cfg.data.seq_len}): later steps repeat training "
-                f"data; for one pass prepare at least {sequences * cfg.data.seq_len / 1e9:.3g}B tokens "
-                "(tools/prepare_data.py --max_tokens)"
+                f"data; for one pass prepare at least {needed:,} tokens (tools/prepare_data.py --max_tokens {needed})"
             )
         if self.resume_from is not None:
             changed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items())

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from matplotlib import colormaps
 from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
@@ -210,6 +211,9 @@ def test_curves_an_entrys_arms_share_its_colour_and_differ_in_line_style():
     assert styles == {"GaLore rank=8": "-", "AdamW": "-", "GaLore rank=32": "--"}
 
 
+PARETO_ENTRIES = ["AdamW", "Adafactor", "GaLore", "AdaMeM", "AdaLomo"]  # the rows of pareto(), in row order
+
+
 def pareto(state_bytes_adalomo: float = 0.05 * MIB) -> FigureData:
     return data(
         FigureSpec(name="pareto", kind="pareto"),
@@ -257,8 +261,10 @@ def test_pareto_with_a_stateless_optimizer_uses_a_linear_axis():
 
 def test_an_entry_has_one_colour_in_every_figure_of_a_study():
     """Colours follow the study's entry order, not each figure's: a figure that shows GaLore and AdaMeM only
-    draws them in the colours the pareto figure, which shows every entry, gives them."""
-    entries = ["AdamW", "Adafactor", "GaLore", "AdaMeM", "AdaLomo"]
+    draws them in the colours the pareto figure, which shows every entry, gives them. The study's order here
+    is not the pareto rows' order, and has more entries than any one figure draws (a 13-entry study: the first
+    ten are tab10's hues)."""
+    entries = ["AdaLomo", "Fig3 AdamW", "AdaMeM", "GaLore", "AdamW", "Adafactor", *[f"other {i}" for i in range(7)]]
     ranks = data(
         FigureSpec(name="fig1", kind="line", x="optim.rank"),
         LINE,
@@ -282,7 +288,8 @@ def test_an_entry_has_one_colour_in_every_figure_of_a_study():
 
     line_colours, pareto_colours = colours(build(ranks)), colours(build(pareto_fig))
     curves_colours = colours(build(curves_fig))
-    assert len(set(pareto_colours.values())) == len(entries)
+    tab10 = colormaps["tab10"]
+    assert pareto_colours == {entry: tab10(entries.index(entry)) for entry in PARETO_ENTRIES}
     assert line_colours["GaLore"] == pareto_colours["GaLore"] == curves_colours["GaLore rank=8"]
     assert line_colours["AdaMeM"] == pareto_colours["AdaMeM"]
     assert curves_colours["AdaLomo"] == pareto_colours["AdaLomo"]

@@ -40,11 +40,36 @@ def parser() -> FlagParser:
             {"slurm_option": ["--time=1:00:00", "-p gpu"]},
         ),
         (["--slurm-option=--gres=gpu:8", "--seq-len", "3"], {"slurm_option": ["--gres=gpu:8"], "seq_len": 3}),
+        (["--slurm_opt", "--time=1"], {"slurm_option": ["--time=1"]}),  # a prefix of a dashed-value flag too
     ],
 )
 def test_either_spelling_reaches_the_declared_flag(argv, expected):
     args = vars(parser().parse_args(argv))
     assert {key: args[key] for key in expected} == expected
+
+
+def test_an_exact_match_in_either_spelling_wins_over_a_prefix():
+    p = FlagParser(prog="tool")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq_len_max", type=int, default=0)
+    assert vars(p.parse_args(["--seq_len", "8"])) == {"seq_len": 8, "seq_len_max": 0}
+    assert vars(p.parse_args(["--seq-len-m", "8"])) == {"seq_len": 512, "seq_len_max": 8}
+
+
+def test_without_abbreviations_a_prefix_stays_an_error(capsys):
+    p = FlagParser(prog="tool", allow_abbrev=False)
+    p.add_argument("--seq-len", type=int, default=512)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--seq_l", "8"])
+    assert "unrecognized arguments: --seq_l" in capsys.readouterr().err
+    assert p.parse_args(["--seq_len", "8"]).seq_len == 8
+
+
+def test_a_dashed_value_flag_without_its_value_is_argparses_error(capsys):
+    for argv in (["--slurm-option"], ["--slurm-option", "--", "x"]):
+        with pytest.raises(SystemExit):
+            parser().parse_args(argv)
+        assert "argument --slurm-option: expected one argument" in capsys.readouterr().err
 
 
 def test_the_command_line_is_read_when_no_args_are_given(monkeypatch):

@@ -87,17 +87,25 @@ def test_a_run_longer_than_the_prepared_data_is_warned_about(tmp_path, sample_to
     cfg = load_config("configs/tiny.yaml", tiny_overrides(tmp_path / "short", sample_tokens))
     windows = Trainer(cfg, info).data.n_windows
     assert "epochs of the prepared data" not in capsys.readouterr().out
-    steps = windows // cfg.train.global_batch + 1  # one step more than one pass: 4 windows over
+    steps = windows // cfg.train.global_batch + 1  # one step more than one pass
     cfg = load_config(
         "configs/tiny.yaml", tiny_overrides(tmp_path / "long", sample_tokens, **{"train.max_steps": steps})
     )
     Trainer(cfg, info)
     sequences = steps * cfg.train.global_batch
+    needed = sequences * 32 + 1
     assert (
         f"warning: train.max_steps={steps} x train.global_batch=4 = {sequences:,} sequences is "
         f"{sequences / windows:.2f} epochs of the prepared data ({windows:,} windows of data.seq_len=32): later "
-        f"steps repeat training data; for one pass prepare at least {sequences * 32 / 1e9:.3g}B tokens"
+        f"steps repeat training data; for one pass prepare at least {needed:,} tokens "
+        f"(tools/prepare_data.py --max_tokens {needed})"
     ) in capsys.readouterr().out
+    # A resume that raises max_steps past the data is warned about too.
+    run(tmp_path, sample_tokens, "resumed", **{"train.max_steps": 2})
+    capsys.readouterr()
+    overrides = tiny_overrides(tmp_path / "resumed", sample_tokens, **{"train.max_steps": steps})
+    resumed = Trainer(load_config("configs/tiny.yaml", overrides), info)
+    assert resumed.resume_from is not None and "epochs of the prepared data" in capsys.readouterr().out
 
 
 def test_rerun_of_a_finished_run_does_nothing(tmp_path, sample_tokens, capsys):
