@@ -184,7 +184,7 @@ def build_line(figure: FigureData) -> Figure:
                 elinewidth=1,
             )
     for ref in references:
-        # Coloured by the entry of the reference's best arm: "Adamw(factor)" takes AdamW's or Adafactor's colour.
+        # Coloured by the entry of the reference's best arm: "Adamw(factor)" takes the colour of whichever entry won.
         ax.axhline(ref["loss_mean"], linestyle="--", color=colors[ref["entry"]], linewidth=1.4, label=ref["series"])
 
     if spec.logx and points:
