@@ -24,6 +24,8 @@ import json
 import os
 import pathlib
 import secrets
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import numpy as np
 
@@ -86,6 +88,24 @@ def unique_temp_path(final: pathlib.Path) -> pathlib.Path:
     return final.with_name(f"{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+@contextlib.contextmanager
+def unique_atomic_file(path: pathlib.Path) -> Iterator[BinaryIO]:
+    """A binary file to write `path`'s new contents into: its own unique temporary file, fsynced and moved over
+    `path` when the block ends. Whatever goes wrong inside (an OSError, Ctrl-C), the temporary file is removed
+    and `path` is unchanged."""
+    tmp = unique_temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # e.g. a read-only file system: the error to raise is the first one
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_bytes_atomic(path: pathlib.Path, data: bytes, *, unique_tmp: bool = False) -> None:
     """Write `data` to `path` atomically (see the module doc); unique_tmp for files several processes
     write. Whatever goes wrong (an OSError, Ctrl-C), no unique temporary file is left behind."""
@@ -94,17 +114,8 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes, *, unique_tmp: bool = Fa
         tmp.write_bytes(data)
         os.replace(tmp, path)
         return
-    tmp = unique_temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # e.g. a read-only file system: the error to raise is the first one
-            tmp.unlink(missing_ok=True)
-        raise
+    with unique_atomic_file(path) as f:
+        f.write(data)
 
 
 def write_json_atomic(path: pathlib.Path, obj: dict, *, unique_tmp: bool = False) -> None:

@@ -27,7 +27,6 @@ FSDP2 shards: trainer/full_state.py).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import random
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from data.files import unique_temp_path
+from data.files import unique_atomic_file
 from trainer.dist_checkpoint import EXTRAS, load_sharded, read_extras, save_sharded
 from trainer.distributed import DistInfo
 from trainer.run_lock import format_bytes, free_space
@@ -117,17 +116,11 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep_last
     all but the `keep_last` newest. An OSError (disk full, not writable) is a CheckpointError, with
     every earlier checkpoint untouched and no temporary file left."""
     final = checkpoint_path(directory, step)
-    tmp = unique_temp_path(final)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with unique_atomic_file(final) as f:  # e.g. KeyboardInterrupt: no temporary file is left behind either
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException as e:  # e.g. KeyboardInterrupt: no temporary file is left behind either
-        with contextlib.suppress(OSError):  # e.g. a read-only file system: the error to report is e
-            tmp.unlink(missing_ok=True)
+    except BaseException as e:
         if _caused_by(e, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
             # A second Ctrl-C inside torch.save comes out of its zip writer as a RuntimeError ("unexpected pos").
             raise KeyboardInterrupt from e
