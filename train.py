@@ -74,18 +74,14 @@ def _data_warning_printer(
 
 
 if __name__ == "__main__":
-    from trainer.console import exit_quietly_on_closed_stdout  # a light module: --help stays fast
+    from trainer.console import exit_quietly_on_closed_stdout, print_to_stderr  # a light module: --help stays fast
 
     try:
         sys.exit(exit_quietly_on_closed_stdout(main, sys.argv[1:]))
     except KeyboardInterrupt:  # a Ctrl-C before training (imports, data checks) or a second one during it
         if int(os.environ.get("RANK", "0")) == 0:  # torchrun forwards the signal to every rank
-            try:  # the same Ctrl-C may have ended stderr's reader (`2>&1 | tee log`)
-                print(
-                    "\nerror: interrupted: exited at once, without saving (every checkpoint written before is whole: "
-                    "re-run the same command to resume from the latest)",
-                    file=sys.stderr,
-                )
-            except OSError:
-                pass
+            print_to_stderr(
+                "\nerror: interrupted: exited at once, without saving (every checkpoint written before is whole: "
+                "re-run the same command to resume from the latest)"
+            )
         sys.exit(130)

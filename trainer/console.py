@@ -8,6 +8,7 @@ work quietly. `exit_quietly_on_closed_stdout` wraps a command-line `main` with i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
@@ -38,6 +39,13 @@ def silence_closed_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # a replaced sys.stdout without a descriptor (a test's capture)
         pass
+
+
+def print_to_stderr(message: str) -> None:
+    """Best effort: stderr's reader may be gone too (`ssh host train.py` after the client died, or the Ctrl-C that
+    stopped the run also ended `2>&1 | tee log`)."""
+    with contextlib.suppress(OSError):
+        print(message, file=sys.stderr, flush=True)
 
 
 def exit_quietly_on_closed_stdout(main: Callable[[list[str]], int], argv: list[str]) -> int:

@@ -19,28 +19,20 @@ to stderr. The metrics.jsonl and TensorBoard records are unaffected.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.console import silence_closed_stdout
+from trainer.console import print_to_stderr, silence_closed_stdout
 from trainer.run_lock import RunDirError, os_error_fix, write_file_atomic
 
 
 class MetricsFileError(RunDirError, ValueError):
     """A line of metrics.jsonl that is not a metrics record; the message names the file, the line
     and the fix. A ValueError too, as json's errors were before."""
-
-
-def _print_to_stderr(message: str) -> None:
-    """Best effort: stderr's reader may be gone too (`ssh host train.py` after the client died)."""
-    with contextlib.suppress(OSError):
-        print(message, file=sys.stderr, flush=True)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -200,7 +192,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.stdout_closed:
-            _print_to_stderr(message)
+            print_to_stderr(message)
         else:
             self._print_to_stdout(message)
 
@@ -212,7 +204,7 @@ class MetricsLogger:
             if self.on_stdout_closed is not None:  # first: nothing below may keep the run from saving
                 self.on_stdout_closed()
             silence_closed_stdout()  # later writes, and the last flush, would raise again
-            _print_to_stderr(
+            print_to_stderr(
                 "warning: the standard output was closed (its reader exited, e.g. `| head`): the run saves a "
                 "checkpoint and stops; re-run the same command to resume"
             )
