@@ -17,8 +17,9 @@ import torch.distributed as dist
 from trainer.checkpoint import checkpoint_path, load_checkpoint
 from trainer.config import Config, load_config
 from trainer.dist_checkpoint import read_extras, read_full_tensors
+from trainer.distributed import DistInfo
 from trainer.metrics import read_metrics
-from trainer.trainer import TrainResult, train
+from trainer.trainer import Trainer, TrainResult, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,6 +111,12 @@ def train_as_rank(rank: int, world: int, store: str, overrides: list[str]) -> No
         "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
     train(load_config("configs/tiny.yaml", overrides))
+
+
+def tiny_trainer(run_dir: Path, tokens: Path, **extra: Any) -> Trainer:
+    """configs/tiny.yaml with tiny_overrides (plus `extra`), built in-process on the CPU and not trained yet."""
+    cfg = load_config("configs/tiny.yaml", tiny_overrides(run_dir, tokens, **extra))
+    return Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
 
 
 def run(tmp_path: Path, tokens: Path, name: str = "run", /, **extra: Any) -> tuple[Config, TrainResult]:

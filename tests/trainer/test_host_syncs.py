@@ -6,11 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.runs import tiny_overrides
-from trainer.config import load_config
-from trainer.distributed import DistInfo
+from tests.helpers.runs import tiny_trainer
 from trainer.host_syncs import count_host_syncs
-from trainer.trainer import Trainer
 
 
 def test_the_count_sees_host_reads_and_nothing_else():
@@ -53,8 +50,7 @@ def test_the_count_sees_host_reads_and_nothing_else():
     ],
 )
 def test_a_training_step_reads_nothing_on_the_host(tmp_path, sample_tokens, extra):
-    cfg = load_config("configs/tiny.yaml", tiny_overrides(tmp_path / "run", sample_tokens, **extra))
-    trainer = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    trainer = tiny_trainer(tmp_path / "run", sample_tokens, **extra)
     batches = trainer.data.batches(0)
     trainer.train_step(0, *next(batches))  # the first step builds the state (and GaLore's first projector)
     for step in (1, 2):

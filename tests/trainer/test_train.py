@@ -6,15 +6,14 @@ import json
 import pytest
 import torch
 
-from tests.helpers.runs import losses, run, tiny_overrides
+from tests.helpers.runs import losses, run, tiny_overrides, tiny_trainer
 from trainer import checkpoint as ckpt
 from trainer import throughput_window
 from trainer import trainer as trainer_module
 from trainer.config import ConfigError, load_config
-from trainer.distributed import DistInfo
 from trainer.metrics import read_metrics
 from trainer.run_lock import RunDirError
-from trainer.trainer import Trainer, TrainingDiverged
+from trainer.trainer import TrainingDiverged
 
 
 def test_short_run_learns_and_writes_everything(tmp_path, sample_tokens):
@@ -83,16 +82,12 @@ def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, sample_tokens, c
 def test_a_run_longer_than_the_prepared_data_is_warned_about(tmp_path, sample_tokens, capsys):
     """More sequences than the data has windows: the order goes on into a reshuffled next epoch, which a
     comparison of optimizers should know (a FLOP-matched run re-reads data that a shorter one does not)."""
-    info = DistInfo(0, 1, 0, torch.device("cpu"))
-    cfg = load_config("configs/tiny.yaml", tiny_overrides(tmp_path / "short", sample_tokens))
-    windows = Trainer(cfg, info).data.n_windows
+    short = tiny_trainer(tmp_path / "short", sample_tokens)
     assert "epochs of the prepared data" not in capsys.readouterr().out
-    steps = windows // cfg.train.global_batch + 1  # one step more than one pass
-    cfg = load_config(
-        "configs/tiny.yaml", tiny_overrides(tmp_path / "long", sample_tokens, **{"train.max_steps": steps})
-    )
-    Trainer(cfg, info)
-    sequences = steps * cfg.train.global_batch
+    windows, global_batch = short.data.n_windows, short.cfg.train.global_batch
+    steps = windows // global_batch + 1  # one step more than one pass
+    tiny_trainer(tmp_path / "long", sample_tokens, **{"train.max_steps": steps})
+    sequences = steps * global_batch
     needed = sequences * 32 + 1
     assert (
         f"warning: train.max_steps={steps} x train.global_batch=4 = {sequences:,} sequences is "
@@ -103,8 +98,7 @@ def test_a_run_longer_than_the_prepared_data_is_warned_about(tmp_path, sample_to
     # A resume that raises max_steps past the data is warned about too.
     run(tmp_path, sample_tokens, "resumed", **{"train.max_steps": 2})
     capsys.readouterr()
-    overrides = tiny_overrides(tmp_path / "resumed", sample_tokens, **{"train.max_steps": steps})
-    resumed = Trainer(load_config("configs/tiny.yaml", overrides), info)
+    resumed = tiny_trainer(tmp_path / "resumed", sample_tokens, **{"train.max_steps": steps})
     assert resumed.resume_from is not None and "epochs of the prepared data" in capsys.readouterr().out
 
 

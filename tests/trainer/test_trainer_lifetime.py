@@ -12,10 +12,7 @@ import pytest
 import torch
 import torch._dynamo  # noqa: F401  (imported here, not first inside a Trainer: see below)
 
-from tests.helpers.runs import tiny_overrides
-from trainer.config import load_config
-from trainer.distributed import DistInfo
-from trainer.trainer import Trainer
+from tests.helpers.runs import tiny_trainer
 
 
 @pytest.mark.parametrize(
@@ -31,8 +28,7 @@ from trainer.trainer import Trainer
 )
 def test_a_finished_trainer_is_freed_by_its_last_reference(tmp_path, sample_tokens, extra):
     def fit(name: str) -> tuple[weakref.ref, weakref.ref]:
-        overrides = tiny_overrides(tmp_path / name, sample_tokens, **{"train.max_steps": 2, **extra})
-        trainer = Trainer(load_config("configs/tiny.yaml", overrides), DistInfo(0, 1, 0, torch.device("cpu")))
+        trainer = tiny_trainer(tmp_path / name, sample_tokens, **{"train.max_steps": 2, **extra})
         trainer.fit()
         return weakref.ref(trainer), weakref.ref(trainer.model)
 
