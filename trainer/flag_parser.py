@@ -18,35 +18,40 @@ from typing import Any
 class FlagParser(argparse.ArgumentParser):
     """argparse.ArgumentParser that also accepts each long flag with `-` and `_` swapped (`--seq_len` for
     `--seq-len`, including argparse's unambiguous prefixes and the `--flag=value` form). An exact match in
-    either spelling wins over a prefix. Flags added through argument groups are not seen (no tool uses them).
+    either spelling wins over a prefix. Flags of argument groups are respelled too.
 
     `add_argument(..., dashed_value=True)`: the flag's value may itself start with `-`, as an sbatch option
     does (`--slurm-option --time=24:00:00`); argparse would read it as another flag and stop with "expected
-    one argument" unless written `--slurm-option=--time=24:00:00`."""
+    one argument" unless written `--slurm-option=--time=24:00:00`. (Only the parser's own add_argument takes it,
+    not an argument group's.)"""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.long_flags: dict[str, argparse.Action] = {}  # before argparse's __init__, which adds --help
         self.dashed_value_flags: set[str] = set()
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *name_or_flags: str, dashed_value: bool = False, **kwargs: Any) -> argparse.Action:
         action = super().add_argument(*name_or_flags, **kwargs)
-        flags = [flag for flag in name_or_flags if flag.startswith("--")]
-        self.long_flags.update(dict.fromkeys(flags, action))
         if dashed_value:
-            self.dashed_value_flags.update(flags)
+            self.dashed_value_flags.update(flag for flag in name_or_flags if flag.startswith("--"))
         return action
+
+    @property
+    def long_flags(self) -> dict[str, argparse.Action]:
+        """{--flag: its action} of every long flag declared, through the parser or any of its argument groups
+        (they share the parser's action list)."""
+        return {flag: action for action in self._actions for flag in action.option_strings if flag.startswith("--")}
 
     def declared(self, flag: str) -> str:
         """The declared flag that `flag` names in either spelling: an exact match first, then (with argparse's
         allow_abbrev) the one flag it abbreviates; else `flag` unchanged, for argparse to report."""
         words = flag[2:]
         spellings = list(dict.fromkeys([flag, "--" + words.replace("_", "-"), "--" + words.replace("-", "_")]))
+        long_flags = self.long_flags
         for spelling in spellings:
-            if spelling in self.long_flags:
+            if spelling in long_flags:
                 return spelling
         if self.allow_abbrev:
-            matches = {known: action for known, action in self.long_flags.items() if known.startswith(tuple(spellings))}
+            matches = {known: action for known, action in long_flags.items() if known.startswith(tuple(spellings))}
             if len({id(action) for action in matches.values()}) == 1:  # aliases of one flag count once
                 return next(iter(matches))
         return flag

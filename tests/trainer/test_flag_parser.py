@@ -56,6 +56,13 @@ def test_an_exact_match_in_either_spelling_wins_over_a_prefix():
     assert vars(p.parse_args(["--seq-len-m", "8"])) == {"seq_len": 512, "seq_len_max": 8}
 
 
+def test_flags_of_argument_groups_are_respelled_too():
+    p = FlagParser(prog="tool")
+    p.add_argument_group("data").add_argument("--seq-len", type=int, default=512)
+    p.add_mutually_exclusive_group().add_argument("--prepared_dir", default="tokens")
+    assert vars(p.parse_args(["--seq_len", "8", "--prepared-d", "d"])) == {"seq_len": 8, "prepared_dir": "d"}
+
+
 def test_without_abbreviations_a_prefix_stays_an_error(capsys):
     p = FlagParser(prog="tool", allow_abbrev=False)
     p.add_argument("--seq-len", type=int, default=512)
