@@ -8,7 +8,10 @@ the chunk's loss, and at once the chunk's gradients (softmax - one-hot), turned 
 the hidden states and of the weight; only those are kept for backward, which scales them by the
 incoming gradient. Peak memory of the loss: one chunk's logits (a few hundred MB at 4096 tokens) plus
 the two gradients the plain backward produces anyway; no recomputation, the same FLOPs (Liger-Kernel's
-fused linear cross-entropy does the same in Triton; this is plain torch, so it runs on CPU and GPU).
+fused linear cross-entropy does the same in Triton; this is plain torch, so it runs on CPU and GPU). The
+weight's fp32 gradient (vocab x d) is then held from forward to backward, where the plain loss holds the
+tokens x vocab log-probabilities: with no more tokens than d the plain loss is the smaller, and the model
+takes it (`Transformer._chunked_loss_is_smaller`).
 
 Numerics: every op is the plain path's, in the same dtypes (bf16 matmuls under autocast with fp32
 log-softmax; the weight's gradient accumulated in fp32 over chunks); fp32 results equal the plain loss
@@ -28,31 +31,37 @@ DEFAULT_CHUNK_TOKENS = 4096  # train.loss_chunk_tokens: 4096 x 32128 fp32 logits
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, needs_grad: bool
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        needs: tuple[bool, bool],
     ) -> torch.Tensor:
         h = hidden.reshape(-1, hidden.shape[-1])
         y = targets.reshape(-1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(h) if needs_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        # Only the gradients backward will ask for (`needs`: hidden's, weight's): a frozen output layer costs
+        # neither its vocab x d fp32 buffer nor the matmul that fills it.
+        grad_h = torch.empty_like(h) if needs[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
         for start in range(0, h.shape[0], chunk):
             h_c, y_c = h[start : start + chunk], y[start : start + chunk]
             logits = F.linear(h_c, weight)  # the autocast dtype under autocast, as the plain nn.Linear
             logp = torch.log_softmax(logits.float(), dim=-1)
             total += F.nll_loss(logp, y_c, reduction="sum")
-            if not needs_grad:
+            if not any(needs):
                 continue
             # d(sum CE)/d logits = softmax - one-hot (fp32), then cast like the plain path's gradient.
             d = logp.exp_()
             d[torch.arange(len(y_c), device=d.device), y_c] -= 1.0
             d = d.to(logits.dtype)
             del logits, logp
-            w = weight.to(d.dtype)
-            assert grad_h is not None and grad_w is not None
-            grad_h[start : start + chunk] = (d @ w).to(grad_h.dtype)
-            grad_w += (d.t() @ h_c.to(d.dtype)).float()
-        if needs_grad:
-            ctx.save_for_backward(grad_h, grad_w)
+            if grad_h is not None:
+                grad_h[start : start + chunk] = (d @ weight.to(d.dtype)).to(grad_h.dtype)
+            if grad_w is not None:
+                grad_w += (d.t() @ h_c.to(d.dtype)).float()
+        ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
         return total
 
@@ -61,9 +70,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         # In place: these are the only references, so the weight's gradient is handed on without a second
         # vocab x d copy (AccumulateGrad keeps it as .grad).
-        grad_h.mul_(grad_out.to(grad_h.dtype))
-        grad_w.mul_(grad_out)
-        return grad_h.reshape(ctx.hidden_shape), grad_w.to(ctx.weight_dtype), None, None, None
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_out.to(grad_h.dtype)).reshape(ctx.hidden_shape)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_out).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy_sum(
@@ -73,5 +84,6 @@ def linear_cross_entropy_sum(
     (see the module docstring). hidden: (..., d); weight: (vocab, d); targets: (...) int64."""
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_tokens, needs_grad)
+    grad = torch.is_grad_enabled()
+    needs = (grad and hidden.requires_grad, grad and weight.requires_grad)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_tokens, needs)

@@ -108,12 +108,24 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
+    def _chunked_loss_is_smaller(self, n_tokens: int) -> bool:
+        """Whether the chunked loss may replace the plain one for `n_tokens` targets. It may not when lm_head's
+        forward is replaced (GaLore's projected backward: optim/projected_backward.py), which must run. From
+        forward to backward the chunked loss keeps the output layer's fp32 weight gradient (vocab x d) where the
+        plain one keeps the fp32 log-probabilities (tokens x vocab): with a gradient to keep and no more tokens than
+        the width (llama_7b at micro-batch 4: 2048 tokens, d 4096), the plain loss is the smaller."""
+        if "forward" in vars(self.lm_head):
+            return False
+        keeps_weight_grad = torch.is_grad_enabled() and self.lm_head.weight.requires_grad
+        return not keeps_weight_grad or n_tokens > self.cfg.d_model
+
     def forward(
         self, tokens: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk_tokens: int = 0
     ) -> torch.Tensor:
         """tokens: (batch, seq) int64 -> logits (batch, seq, vocab_size); with `targets` (batch, seq) the summed
         token cross-entropy instead (fp32, 0-d): `loss_chunk_tokens` > 0 computes it with the output layer
-        chunk by chunk, never holding the full logits (model/loss.py), 0 from the full logits. The loss is
+        chunk by chunk, never holding the full logits (model/loss.py), where that is the smaller (see
+        _chunked_loss_is_smaller); 0 from the full logits. The loss is
         part of forward so that engines which gather parameters around it (FSDP2, ZeRO-3) see the output
         layer used."""
         t = tokens.shape[1]
@@ -126,8 +138,7 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
-        # A replaced lm_head.forward (GaLore's projected backward: optim/projected_backward.py) must run.
-        if loss_chunk_tokens > 0 and "forward" not in vars(self.lm_head):
+        if loss_chunk_tokens > 0 and self._chunked_loss_is_smaller(targets.numel()):
             return linear_cross_entropy_sum(x, self.lm_head.weight, targets, loss_chunk_tokens)
         logits = self.lm_head(x)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")

@@ -86,7 +86,8 @@ class TrainConfig:
     """torch.compile every transformer block (needs a C++ compiler on CPU, a C compiler on CUDA: checked at start)."""
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     """The output layer and cross-entropy run this many tokens at a time, never holding the full logits (model/loss.py;
-    at 64 x 512 tokens and the T5 vocabulary that saves GBs); 0 = the plain full-logits loss."""
+    at 64 x 512 tokens and the T5 vocabulary that saves GBs); 0 = the plain full-logits loss, which the model also
+    takes by itself where it is the smaller: a micro-batch of no more tokens than model.d_model."""
     engine: Engine = "ddp"
     """Multi-rank engine (one process: no wrapper): ddp = DistributedDataParallel; fsdp2 = fully_shard per block and
     root (parameters, gradients and optimizer state row-sharded); deepspeed = DeepSpeed ZeRO (AdamW at zero_stage

@@ -87,3 +87,59 @@ def test_the_model_computes_its_loss_chunked_without_full_logits():
     assert vocab_shaped and max(s.numel() for s in vocab_shaped) == 5 * 512  # never more than a chunk of logits
     with pytest.raises(ValueError, match="chunk_tokens must be positive"):
         linear_cross_entropy_sum(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), 0)
+
+
+@pytest.mark.parametrize("frozen", ["hidden", "weight"])
+def test_it_keeps_only_the_gradients_backward_asks_for(frozen):
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(3, 8, 16, generator=g, requires_grad=frozen != "hidden")
+    w = torch.randn(50, 16, generator=g, requires_grad=frozen != "weight")
+    want = _plain(h, w, y := torch.randint(0, 50, (3, 8), generator=g))
+    want.backward()
+    (want_g,) = _grads(h if frozen == "weight" else w)
+    saved: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = linear_cross_entropy_sum(h, w, y, 5)
+    got.backward()
+    trained, kept = (h, w) if frozen == "weight" else (w, h)
+    torch.testing.assert_close(_grads(trained)[0], want_g, rtol=1e-5, atol=1e-6)
+    assert kept.grad is None
+    # Kept from forward to backward: the trained input's gradient, and no buffer for the frozen one's.
+    assert saved == [torch.Size([3 * 8, 16]) if frozen == "weight" else w.shape]
+
+
+def _vocab_sized_logits(model: Transformer, x: torch.Tensor, y: torch.Tensor, grad: bool) -> int:
+    """The most elements of one vocab-wide output of F.linear while the model computes its loss, chunk 5."""
+    seen: list[int] = []
+    real_linear = F.linear
+
+    def watch(inp, weight, bias=None):
+        out = real_linear(inp, weight, bias)
+        if out.shape[-1] == model.cfg.vocab_size:
+            seen.append(out.numel())
+        return out
+
+    with torch.set_grad_enabled(grad), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "linear", watch)
+        model(x, targets=y, loss_chunk_tokens=5)
+    return max(seen)
+
+
+def test_the_model_takes_the_plain_loss_when_it_is_the_smaller():
+    # Plain: tokens x vocab fp32 log-probabilities kept; chunked: the vocab x d fp32 weight gradient.
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=512, max_seq_len=64))
+    vocab = model.cfg.vocab_size
+    few = torch.randint(0, vocab, (2, 33))  # 64 tokens = d: plain is smaller
+    many = torch.randint(0, vocab, (2, 34))  # 66 tokens > d: chunked is smaller
+    assert _vocab_sized_logits(model, few[:, :-1], few[:, 1:], grad=True) == 64 * vocab
+    assert _vocab_sized_logits(model, many[:, :-1], many[:, 1:], grad=True) == 5 * vocab
+    # Without a weight gradient to keep (no grad, or a frozen output layer), chunked is always the smaller.
+    assert _vocab_sized_logits(model, few[:, :-1], few[:, 1:], grad=False) == 5 * vocab
+    model.lm_head.weight.requires_grad_(False)
+    assert _vocab_sized_logits(model, few[:, :-1], few[:, 1:], grad=True) == 5 * vocab
