@@ -29,6 +29,11 @@ SVD failure (LinAlgError or non-finite output, e.g. from a NaN gradient) never r
 basis is kept (or, on the first refresh, a jittered copy of G is tried and then a seeded random
 orthonormal basis is used), a warning is issued and `state["svd_failures"]` is incremented (the
 optimizers expose the total as `optimizer.svd_failures` for the trainer's logs).
+
+Host syncs: a refresh step reads each new basis's finiteness on the host (one read per matrix, every T steps).
+A device-side choice would not save the wait: `torch.linalg.svd` on CUDA synchronises with the host by
+itself (torch's documentation; it reads the solver's status), and the randomized method ends in one. The
+steps between refreshes read nothing (tests/trainer/test_host_syncs.py).
 """
 
 from __future__ import annotations
