@@ -319,7 +319,7 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         decay = kernels.decay_of(lr_t, group["weight_decay"])
         # Without a clip the scale is known now: build c u directly (c from folded_scale, through the
         # denominator: x / ((sqrt(V_hat) + eps) / c)) and finish with one lerp over the weights.
-        fold = group["clip_threshold"] is None and kernels.folds(group["weight_decay"])
+        fold = group["clip_threshold"] is None and kernels.folds(group, rms_scaled=bool(group.get("scale_parameter")))
         c = kernels.folded_scale(scale, decay) if fold else 1.0
         row_f = (row / (row.mean() * bias2)).sqrt_()
         torch.outer(row_f.div_(c) if fold else row_f, col.sqrt(), out=u)  # sqrt(V_hat) / c
@@ -345,8 +345,8 @@ class Adafactor(ProjectorCounters, FP32StateOptimizer):
         if "exp_avg_sq_row" not in state:
             state["exp_avg_sq_row"] = g.new_zeros(g.shape[0])
             state["exp_avg_sq_col"] = g.new_zeros(g.shape[1])
-            if beta1 is not None:
-                state["exp_avg"] = torch.zeros_like(g)
+        if beta1 is not None and "exp_avg" not in state:  # also when momentum is switched on after the first step
+            state["exp_avg"] = torch.zeros_like(g)
         row_f, col_f = compiled_steps.adafactor_factors(
             g, state["exp_avg_sq_row"], state["exp_avg_sq_col"], 1.0 - beta2_t, group["eps1"], bias2
         )

@@ -317,7 +317,7 @@ class AdaLomo(FP32StateOptimizer):
             u_rms = torch.mv(u, b * b).dot(a * a).div_(g.numel()).sqrt_()
             scale = eta / u_rms.div_(group["clip_threshold"]).clamp_(min=1.0)
         decay = kernels.decay_of(eta, group["weight_decay"])
-        if kernels.folds(group["weight_decay"]):  # c U built at once, and one lerp over the weights
+        if kernels.folds(group, rms_scaled=True):  # c U built at once, and one lerp over the weights
             torch.outer(a.mul_(kernels.folded_scale(scale, decay)), b, out=u).mul_(g)
             kernels.apply_folded(p, u, decay)
         else:

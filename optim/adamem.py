@@ -226,7 +226,7 @@ class AdaMeM(Adafactor):
         decay = kernels.decay_of(lr_t, group["weight_decay"])
         # Without a clip the scale is known now: N2 and N1 are built already multiplied by c (folded_scale;
         # for N2 through D3's vector), so addmm gives c U and one lerp over the weights finishes.
-        fold = group["clip_threshold"] is None and kernels.folds(group["weight_decay"])
+        fold = group["clip_threshold"] is None and kernels.folds(group, rms_scaled=bool(group.get("scale_parameter")))
         c = kernels.folded_scale(lr_t, decay) if fold else 1.0
         d3_inv = (col / bias2).sqrt_().add_(eps)  # 1 / D3
         a.div_(d3_inv.div_(c) if fold else d3_inv)  # (c) N2 = S D3, over S

@@ -23,6 +23,6 @@ def build_adamw(model: nn.Module, cfg: OptimConfig) -> OptimizerSpec:
             betas=(momentum_beta1(cfg), cfg.beta2),
             eps=cfg.eps,
             fused=fused,
-            foreach=None if fused else False,
+            foreach=None,  # torch's choice where not fused: foreach on CUDA, its single-tensor loop on CPU
         ),
     )

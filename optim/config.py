@@ -43,7 +43,8 @@ class OptimConfig:
     decay_norm_weights: bool = False
     """Also decay LayerNorm weights (default: only matrices are decayed, as OLMo / nanoGPT)."""
     fused: bool | None = None
-    """torch.optim.AdamW implementation: null = fused on CUDA, foreach elsewhere."""
+    """torch.optim.AdamW implementation: null = fused on CUDA, torch's default elsewhere (its single-tensor loop on
+    CPU); false on CUDA = torch's foreach implementation."""
     compile: bool = False
     """adafactor, adalomo, and the full-space matrices of adamem (galore_adafactor's with momentum_style adam): run
     each whole fp32 matrix's update as two torch.compile'd functions (statistics, then the fused update;

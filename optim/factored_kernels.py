@@ -66,9 +66,19 @@ def decay_of(rate: torch.Tensor | float, weight_decay: float) -> torch.Tensor | 
     return rate * weight_decay if weight_decay else None
 
 
-def folds(weight_decay: float) -> bool:
-    """Whether `apply_folded` may finish an update with this weight decay (see MIN_FOLDED_WEIGHT_DECAY)."""
-    return weight_decay == 0.0 or weight_decay >= MIN_FOLDED_WEIGHT_DECAY
+def folds(group: dict, rms_scaled: bool) -> bool:
+    """Whether `apply_folded` may finish an update of `group`'s parameter: without weight decay always; with it, when
+    the decay is at least MIN_FOLDED_WEIGHT_DECAY and the step's rate is known on the host to be non-zero, since
+    `folded_scale` divides by the rate (rate * weight_decay). A rate of 0 comes from lr 0 (a schedule that ends at
+    final_lr_ratio 0 sets it on the last step) or, when the rate is scaled by max(eps2, RMS(W)) (`rms_scaled`:
+    Adafactor's scale_parameter, AdaLomo), from eps2 0 and a zero matrix (LoRA's B starts at 0). A tensor lr is
+    not read (no host sync): the update takes the unfolded path."""
+    weight_decay = group["weight_decay"]
+    if weight_decay == 0.0:
+        return True
+    lr = group["lr"]
+    lr_positive = group.get("relative_step", False) or (not torch.is_tensor(lr) and lr > 0)
+    return weight_decay >= MIN_FOLDED_WEIGHT_DECAY and lr_positive and (not rms_scaled or group["eps2"] > 0)
 
 
 def folded_scale(scale: torch.Tensor | float, decay: torch.Tensor | float | None) -> torch.Tensor | float:

@@ -138,11 +138,12 @@ def _random_bases(shape, rank: int, side: str, seed: int, device) -> dict[str, t
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     m, n = shape
+    r = min(rank, m, n)  # as many vectors as an SVD basis has: the moments keep their shape at the next refresh
     out = {}
     if side in ("left", "full"):
-        out["proj_left"] = torch.linalg.qr(torch.randn(m, min(rank, m), generator=gen, device=device)).Q
+        out["proj_left"] = torch.linalg.qr(torch.randn(m, r, generator=gen, device=device)).Q
     if side in ("right", "full"):
-        out["proj_right"] = torch.linalg.qr(torch.randn(n, min(rank, n), generator=gen, device=device)).Q.T.contiguous()
+        out["proj_right"] = torch.linalg.qr(torch.randn(n, r, generator=gen, device=device)).Q.T.contiguous()
     return out
 
 

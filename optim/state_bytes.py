@@ -129,10 +129,9 @@ def _param_formula(name: str, shape: tuple[int, ...], low: bool, cfg: OptimConfi
             return FP32 * (small * r + r * large + m + n)
         extra = small if cfg.variant == "variant2" else 0
         return FP32 * (small * r + r * large + r + 2 * large + extra)
-    side = projection_side((m, n), cfg.proj_type)
-    r_left, r_right = min(cfg.rank, m), min(cfg.rank, n)
-    proj = {"left": m * r_left, "right": n * r_right, "full": m * r_left + n * r_right}[side]
-    low_shape = {"left": (r_left, n), "right": (m, r_right), "full": (r_left, r_right)}[side]
+    side = projection_side((m, n), cfg.proj_type)  # a basis has r = min(rank, m, n) vectors on either side
+    proj = {"left": m * r, "right": n * r, "full": (m + n) * r}[side]
+    low_shape = {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
     if name == "galore_adamw":
         return FP32 * (proj + 2 * low_shape[0] * low_shape[1])
     if name == "galore_adafactor":

@@ -9,7 +9,10 @@ the key, what is valid and how to fix it:
    optimizers that do read it;
 3. the keys the optimizer reads hold valid values: choices (`optim.config.CHOICES`) and ranges
    (`RANGES`);
-4. the optimizer's own cross-key `check` (from its registration), when 1-3 passed.
+4. a key set away from its default that another key switches off (`SWITCHED_OFF`: beta2 under beta2_decay,
+   warmup_init without relative_step, AdaLomo's clip_threshold under update_norm none) is an error too, as an
+   unread key is;
+5. the optimizer's own cross-key `check` (from its registration), when 1-4 passed.
 
 Builders assume a config that passed these checks; the optimizer classes keep their own
 argument checks (they are public and may be built without a config).
@@ -40,7 +43,8 @@ class Range:
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+    """A finite int or float (no bool): nan would slip past every comparison, inf through every lower bound."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _positive(v: Any) -> bool:
@@ -72,6 +76,45 @@ RANGES: dict[str, Range] = {
     "factor_rank": Range(_at_least_one, "an integer >= 1", "1"),
     "factor_iters": Range(_at_least_one, "an integer >= 1", "1"),
 }
+
+
+@dataclass(frozen=True)
+class SwitchedOff:
+    """`key` set away from its default has no effect while `off(cfg)` holds (`why`, `fix`)."""
+
+    key: str
+    by: str  # the key that switches it off
+    off: Callable[[OptimConfig], bool]
+    why: str
+    fix: str
+
+
+SWITCHED_OFF = (
+    SwitchedOff(
+        "beta2", "beta2_decay", lambda c: c.beta2_decay is not None, "beta2_t = 1 - t^beta2_decay replaces it",
+        "--optim.beta2_decay=null for a constant beta2",
+    ),
+    SwitchedOff(
+        "warmup_init", "relative_step", lambda c: not c.relative_step, "it warms up the relative step only",
+        "--optim.relative_step=true",
+    ),
+    SwitchedOff(
+        "clip_threshold", "update_norm", lambda c: c.update_norm == "none", "there is no update normalisation to clip",
+        "--optim.update_norm=grouped (or layerwise, global)",
+    ),
+)  # fmt: skip
+
+
+def _switched_off_problems(cfg: OptimConfig, reads: frozenset[str]) -> list[str]:
+    problems = []
+    for rule in SWITCHED_OFF:
+        value = getattr(cfg, rule.key)
+        if rule.key in reads and rule.by in reads and value != _DEFAULTS[rule.key] and rule.off(cfg):
+            problems.append(
+                f"optim.{rule.key}={value!r} has no effect with optim.{rule.by}={getattr(cfg, rule.by)!r} "
+                f"({rule.why}). Remove it (default {_DEFAULTS[rule.key]!r}) or set {rule.fix}"
+            )
+    return problems
 
 
 def readers_of(key: str) -> list[str]:
@@ -121,6 +164,8 @@ def validate_optim_config(cfg: OptimConfig) -> None:
         problem = _choice_problem(key, value) or _range_problem(key, value)
         if problem:
             problems.append(problem)
+    if not problems:
+        problems += _switched_off_problems(cfg, reads)
     if not problems and entry.check is not None:
         try:
             entry.check(cfg)

@@ -178,3 +178,30 @@ def test_randomized_svd_close_to_exact():
     _update(pe, oe, g), _update(pr, orr, g)
     Pe, Pr = oe.state[pe]["proj_left"], orr.state[pr]["proj_left"]
     torch.testing.assert_close(Pe @ Pe.T, Pr @ Pr.T, atol=1e-4, rtol=1e-4)
+
+
+def test_a_random_fallback_basis_has_the_rank_an_svd_basis_would_have(monkeypatch):
+    """The first refresh's SVD fails twice (on G and its jittered copy): the seeded random basis takes its place with
+    min(rank, m, n) vectors, so the next refresh's SVD basis fits the moments built on it."""
+    from optim import projector
+    from optim.galore import GaLoreAdamW
+
+    p = torch.nn.Parameter(torch.randn(16, 4))
+    opt = GaLoreAdamW([{"params": [p], "rank": 8, "update_proj_gap": 2, "proj_type": "left"}], lr=1e-2)
+    real_svd, calls = projector._svd, []
+
+    def failing_first_refresh(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise torch.linalg.LinAlgError("forced")
+        return real_svd(*args, **kwargs)
+
+    monkeypatch.setattr(projector, "_svd", failing_first_refresh)
+    g = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match="using a random basis"):
+        for _ in range(4):  # refreshes at steps 0 (random) and 2 (SVD)
+            p.grad = torch.randn(16, 4, generator=g)
+            opt.step()
+    assert len(calls) == 3 and opt.svd_failures == 1
+    assert opt.state[p]["proj_left"].shape == (16, 4) and opt.state[p]["exp_avg"].shape == (4, 4)
+    assert bool(p.isfinite().all())

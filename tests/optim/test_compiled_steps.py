@@ -93,6 +93,26 @@ def test_compiled_adalomo_equals_the_reference(kw):
     assert_close_to_reference(compiled, _train(lambda ps: AdaLomo(ps, fast=False, **kw)), exact=False)
 
 
+def test_momentum_switched_on_after_the_first_step_gets_its_state_as_in_the_reference():
+    """param_groups' beta1 set from None to 0.9 at step 3 (through the API: the trainer refuses it on resume): the
+    compiled path creates exp_avg then, as the eager paths do, instead of running without momentum."""
+
+    def train(**kw) -> tuple[list[torch.Tensor], dict]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in SHAPES]
+        opt = Adafactor(params, lr=1e-2, beta1=None, **kw)
+        g = torch.Generator().manual_seed(1)
+        for step in range(5):
+            if step == 2:
+                opt.param_groups[0]["beta1"] = 0.9
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return [p.detach() for p in params], opt.state
+
+    assert_close_to_reference(train(compiled=True), train(fast=False), exact=False)
+
+
 def test_a_run_may_switch_optim_compile_on_resume():
     """The compiled and the eager path keep the same state: an eager run's optimizer state goes on compiled (and
     the resume policy lets optim.compile change) to fp32 rounding of the eager run."""

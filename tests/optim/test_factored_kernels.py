@@ -6,6 +6,7 @@ reference code, bit for bit."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -120,3 +121,65 @@ def test_adamem_fast_path_equals_the_reference(kw):
         return [p.detach() for p in params], opt.state
 
     assert_close_to_reference(train(True), train(False), exact=False)
+
+
+def _adamem(params, **kw):
+    from optim.adamem import AdaMeM
+
+    group = {"params": params, "rank": 6, "update_proj_gap": 3, "names": [f"w{i}" for i in range(len(params))]}
+    return AdaMeM([group], lr=1e-2, beta1=0.9, **kw)
+
+
+ZERO_RATE: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adafactor": lambda ps, **kw: Adafactor(ps, lr=1e-2, **kw),
+    "adafactor_momentum": lambda ps, **kw: Adafactor(ps, lr=1e-2, beta1=0.9, **kw),
+    "adafactor_scaled": lambda ps, **kw: Adafactor(ps, lr=1e-2, scale_parameter=True, **kw),  # a 0-d tensor rate
+    "adalomo": lambda ps, **kw: AdaLomo(ps, lr=1e-2, **kw),
+    "adamem": _adamem,
+}
+
+
+@pytest.mark.parametrize("name", ZERO_RATE)
+def test_a_zero_learning_rate_with_weight_decay_leaves_the_weights_as_the_reference_does(name):
+    """A schedule that ends at final_lr_ratio 0 sets lr 0 on its last step: the folded update's factor divides by
+    the rate (factored_kernels.folded_scale), so that step must not fold (it gave NaN weights or ZeroDivisionError)."""
+
+    def train(fast: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in ADAMEM_SHAPES]
+        opt = ZERO_RATE[name](params, weight_decay=0.1, fast=fast)
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            if step == 3:
+                before = [p.detach().clone() for p in params]
+                for group in opt.param_groups:
+                    group["lr"] = 0.0
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return before, [p.detach() for p in params], opt.state
+
+    before, *fast = train(True)
+    _, *ref = train(False)
+    assert_close_to_reference(fast, ref, exact=False)
+    for a, b in zip(fast[0], before, strict=True):
+        assert torch.equal(a, b)  # p (1 - 0) - 0 u
+
+
+@pytest.mark.parametrize("name", ["adafactor_scaled", "adalomo"])
+def test_eps2_zero_on_a_zero_matrix_with_weight_decay_equals_the_reference(name):
+    """With eps2 = 0 the rate max(eps2, RMS(W)) lr of a zero matrix (LoRA's B at the start) is 0: no folding."""
+
+    def train(fast: bool) -> tuple[list[torch.Tensor], dict]:
+        g = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.zeros(16, 48)), torch.nn.Parameter(torch.randn(48, 16, generator=g))]
+        opt = ZERO_RATE[name](params, weight_decay=0.1, eps2=0.0, fast=fast)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return [p.detach() for p in params], opt.state
+
+    fast, ref = train(True), train(False)
+    assert all(bool(p.isfinite().all()) for p in fast[0])
+    assert_close_to_reference(fast, ref, exact=False)

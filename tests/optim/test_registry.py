@@ -119,7 +119,7 @@ def _reader(key: str) -> str:
 
 
 BAD_VALUES: dict[str, list[Any]] = {
-    "lr": [0.0, -1e-3, float("nan")],
+    "lr": [0.0, -1e-3, float("nan"), float("inf")],
     "beta1": [1.0, -0.1],
     "beta2": [0.0, 1.0],
     "eps": [-1e-8],
@@ -127,7 +127,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "beta2_decay": [0.0, 0.5],
     "eps1": [0.0],
     "eps2": [-1e-3],
-    "clip_threshold": [0.0, -1.0],
+    "clip_threshold": [0.0, -1.0, float("inf")],
     "rank": [0],
     "update_proj_gap": [0],
     "scale": [0.0],
@@ -178,6 +178,33 @@ def test_invalid_choice_is_an_error_with_the_choices(key):
 def test_close_choice_is_suggested():
     with pytest.raises(ValueError, match="Did you mean 'layerwise'"):
         validate_optim_config(unchecked_config("adalomo", update_norm="layer_wise"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (
+            dict(name="adafactor", beta2=0.99, beta2_decay=-0.8),
+            r"optim\.beta2=0\.99 has no effect with optim\.beta2_decay",
+        ),
+        (dict(name="adamem", beta2=0.99, beta2_decay=-0.8), r"optim\.beta2=0\.99 has no effect"),
+        (dict(name="adafactor", warmup_init=True), r"optim\.warmup_init=True has no effect with optim\.relative_step"),
+        (
+            dict(name="adalomo", update_norm="none", clip_threshold=0.5),
+            r"optim\.clip_threshold=0\.5 has no effect with optim\.update_norm='none'.*--optim\.update_norm=grouped",
+        ),
+    ],
+)
+def test_a_key_another_key_switches_off_is_an_error(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        validate_optim_config(OptimConfig(**overrides))
+
+
+def test_keys_that_take_effect_together_pass():
+    validate_optim_config(OptimConfig(name="adafactor", beta2_decay=-0.8))  # beta2 at its default
+    validate_optim_config(OptimConfig(name="adafactor", warmup_init=True, relative_step=True))
+    validate_optim_config(OptimConfig(name="adalomo", update_norm="layerwise", clip_threshold=0.5))
+    validate_optim_config(OptimConfig(name="adalomo", beta2_decay=-0.5))  # adalomo reads no beta2
 
 
 @pytest.mark.parametrize("name", ["adamw", "galore_adamw"])

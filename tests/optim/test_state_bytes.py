@@ -150,6 +150,20 @@ def test_measured_state_bytes_match_formula(name, targets):
     assert measured_state_bytes(opt) == formula_state_bytes(model, cfg)
 
 
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [("galore_adamw", dict(proj_type=side)) for side in ("std", "reverse_std", "left", "right", "full")]
+    + [("galore_adafactor", dict(proj_type="full", beta1=0.9)), ("adamem", {})],
+)
+def test_the_formula_caps_the_rank_at_both_sides_of_a_matrix(name, extra):
+    """rank 100 > 64 = the width: every basis has min(rank, m, n) vectors, on whichever side it projects."""
+    cfg = _cfg(name, rank=100, lowrank_targets="all", **extra)
+    model = _small_model()
+    opt = REGISTRY[cfg.name](model, cfg).build()
+    _train(model, opt, 1, 128)
+    assert measured_state_bytes(opt) == formula_state_bytes(model, cfg)
+
+
 def test_state_bytes_table_small():
     from optim.state_bytes import state_bytes_table
 
