@@ -211,7 +211,9 @@ def test_clipping_uses_the_norm_of_the_consumed_gradients_and_clips_R_like_G():
         ref_opt.zero_grad(set_to_none=True)
         assert upd.optimizer.projected_grads == (8 if s == 1 else 0)
         assert all(p.grad is None for p in params)
-    assert max_diff(model, ref) < 1e-6
+    # fp32 rounding: the reference's clip coefficient comes from a float64 norm, the trainer's from an fp32 one, and
+    # the CPU's matmul kernels round differently from machine to machine (3.7e-6 on an AMD EPYC, < 1e-6 elsewhere).
+    assert max_diff(model, ref) < 1e-5
 
 
 def test_a_projected_gradient_on_a_refresh_step_is_an_error():
