@@ -60,9 +60,9 @@ class ModelConfig:
         return self.d_model // HEAD_DIM
 
     def validate(self) -> None:
-        if self.d_model % HEAD_DIM:
+        if self.d_model <= 0 or self.d_model % HEAD_DIM:
             raise ValueError(
-                f"model.d_model={self.d_model} is not a multiple of the head dimension {HEAD_DIM}; "
+                f"model.d_model={self.d_model} is not a positive multiple of the head dimension {HEAD_DIM}; "
                 f"use e.g. --model.d_model={max(HEAD_DIM, round(self.d_model / HEAD_DIM) * HEAD_DIM)}"
             )
         if self.mlp_hidden is not None and self.mlp_hidden <= 0:

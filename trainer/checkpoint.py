@@ -211,9 +211,13 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
+    """The streams of this process. On CUDA only the current device's generator: each rank draws from its own
+    device's, and every rank's stream is the same (one seed), so rank 0's, which the checkpoint holds, restores
+    every rank, on any number of visible devices. (All devices' generators, as get_rng_state_all gives them, would
+    hand rank r rank 0's never-used copy of device r's.)"""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -222,7 +226,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        # Checkpoints written before this held every device's generator: rank 0's own was device 0's.
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 class RNGState:

@@ -11,6 +11,7 @@ doc is the string under it; `python train.py --help` prints them all (`help_text
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -253,6 +254,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         ("log.interval", cfg.log.interval, 1, ""),
         ("checkpoint.interval", cfg.checkpoint.interval, 1, ""),
         ("eval.interval", cfg.eval.interval, 0, " (0 = only at the end)"),
+        ("data.seq_len", cfg.data.seq_len, 1, ""),
+        ("data.num_workers", cfg.data.num_workers, 0, " (0 = load in the main process)"),
+        ("data.seed", cfg.data.seed, 0, " (numpy's seeds are non-negative)"),
+        ("run.seed", cfg.run.seed, 0, " (numpy's seeds are non-negative)"),
     ):
         if value < least:
             raise ConfigError(f"{key}={value} must be {'positive' if least else '>= 0'}{note}")
@@ -265,8 +270,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_rank_fits_the_model(cfg)
     if t.loss_chunk_tokens < 0:
         raise ConfigError(f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0 = the full-logits loss)")
-    if t.max_grad_norm < 0:
-        raise ConfigError(f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if not (math.isfinite(t.max_grad_norm) and t.max_grad_norm >= 0):  # nan would switch clipping off silently
+        raise ConfigError(f"train.max_grad_norm={t.max_grad_norm} must be a finite number >= 0 (0 disables clipping)")
     if cfg.scheduler.warmup_steps < 0 or not 0 <= cfg.scheduler.final_lr_ratio <= 1:
         raise ConfigError("scheduler.warmup_steps must be >= 0 and scheduler.final_lr_ratio in [0, 1]")
     if cfg.eval.batch_size <= 0:
@@ -359,7 +364,7 @@ def _check_adapter(cfg: Config) -> None:
         return
     ranges = [
         ("rank", 1 <= a.rank <= cfg.model.d_model, f"in [1, model.d_model={cfg.model.d_model}]"),
-        ("alpha", a.alpha > 0, "> 0"),
+        ("alpha", math.isfinite(a.alpha) and a.alpha > 0, "a finite number > 0"),
         ("dropout", 0 <= a.dropout < 1, "in [0, 1)"),
         ("reset_interval", a.reset_interval >= 1, ">= 1"),
         ("prune_ratio", 0 <= a.prune_ratio < 1, "in [0, 1)"),

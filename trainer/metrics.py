@@ -4,7 +4,7 @@ metrics.jsonl holds one JSON object per logged step ({"step": s, "train/loss": .
 each, written with one unbuffered write; tools and plots read it. On resume, records of steps after
 the resumed checkpoint are dropped (they are about to be recomputed), and TensorBoard purges them
 likewise, so each step appears once; a run that starts again at step 0 (no checkpoint to resume
-from) starts the file afresh.
+from) starts the file afresh, and TensorBoard hides the earlier start's scalars (its files stay on disk).
 
 A crash during a write can leave an incomplete last line (no newline): `read_metrics` leaves it
 out and the next resume drops it with a warning. Any other line that is not a record is damage
@@ -117,7 +117,9 @@ class MetricsLogger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step if resume_step > 0 else None)
+                # TensorBoard hides the earlier events at steps >= purge_step, as the file drops those after
+                # resume_step (the resumed checkpoint's own step keeps its records); 0: a fresh start hides all.
+                self.writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step > 0 else 0)
             self._file = open(self.path, "ab", buffering=0)  # one write per record: no partial buffer to flush
         except OSError as e:
             raise RunDirError(

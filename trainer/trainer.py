@@ -333,8 +333,8 @@ class Trainer:
         if cfg.train.max_steps <= warmup and self.resume_from is None:  # said once, at the start
             self.log.print(
                 f"warning: scheduler.warmup_steps={warmup} >= train.max_steps={cfg.train.max_steps}: the learning rate "
-                f"never reaches optim.lr and never decays; lower --scheduler.warmup_steps (e.g. to "
-                f"{max(1, cfg.train.max_steps // 10)})"
+                f"warms up for the whole run (reaching optim.lr on its last step at most) and never decays; lower "
+                f"--scheduler.warmup_steps (e.g. to {max(1, cfg.train.max_steps // 10)})"
             )
         sequences = cfg.train.max_steps * cfg.train.global_batch
         if sequences > self.data.n_windows:  # at every start: a resume may have raised max_steps past the data
@@ -518,12 +518,7 @@ class Trainer:
         stop = self.stop
         stop.install()  # restored when fit() ends
         try:
-            if self.progress.step >= cfg.train.max_steps and self.progress.eval_pending:
-                self._record_start()
-                self.evaluate(self.progress.step)  # the final evaluation, abandoned by a stop request
-                result.checkpoint = self.save()
-                return result
-            if self.progress.step >= cfg.train.max_steps:
+            if self.progress.step >= cfg.train.max_steps and not self.progress.eval_pending:
                 # With a budget, max_steps is derived from it (a given --train.max_steps is replaced).
                 limit, knob = (
                     (f"train.flop_budget={cfg.train.flop_budget:.4g}", "--train.flop_budget")
@@ -541,6 +536,9 @@ class Trainer:
                 if self.progress.eval_pending:  # abandoned by a stop request: keep it first for the resume
                     self._save_and_stop()
                     return result
+            if self.progress.step >= cfg.train.max_steps:  # the final evaluation, abandoned before, is done now
+                result.checkpoint = self.save()
+                return result
             self._train_until_done(stop)
             return result
         finally:

@@ -149,7 +149,7 @@ class StepAfterBackward(UpdateStrategy):
                 "it was saved with train.fused_update=true (one optimizer state per parameter); resume with "
                 "--train.fused_update=true"
             )
-        self.optimizer.load_state_dict(local_optimizer_state(self.optimizer, state))
+        self.optimizer.load_state_dict(with_built_options(self.optimizer, local_optimizer_state(self.optimizer, state)))
 
 
 class UpdateInBackward(UpdateStrategy):
@@ -186,8 +186,30 @@ class UpdateInBackward(UpdateStrategy):
                 "--train.fused_update=false"
             )
         saved = state["in_backward"]
-        local = {n: local_optimizer_state(opt, saved[n]) for n, opt in self.optimizer.optimizers.items() if n in saved}
+        local = {
+            n: with_built_options(opt, local_optimizer_state(opt, saved[n]))
+            for n, opt in self.optimizer.optimizers.items()
+            if n in saved
+        }
         self.optimizer.load_state_dict({"in_backward": {**saved, **local}})
+
+
+def with_built_options(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """`state` (an optimizer state dict) with its param groups' options replaced by those `optimizer` was built with.
+    torch's load_state_dict takes the saved groups' options, and some follow the machine, not the config: the
+    default `optim.fused` (null) is AdamW's fused kernel on CUDA only, so a run started on the CPU and resumed on a
+    GPU would keep the CPU's implementation. The resume policy (trainer/resume_policy.py) holds the config's other
+    options equal to the checkpoint's. Applied before loading, so that torch places the state as these options
+    need (fused AdamW's step counters on the parameters' device). Group counts that differ are left to torch's
+    own error."""
+    saved = state["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        return state
+    groups = [
+        {**old, **{k: v for k, v in built.items() if k != "params"}}
+        for old, built in zip(saved, optimizer.param_groups, strict=True)
+    ]
+    return {**state, "param_groups": groups}
 
 
 def build_update_strategy(

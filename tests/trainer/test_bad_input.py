@@ -26,7 +26,7 @@ CONFIG_PROBES = [
     (["--train.precision=fp16"], "train.precision='fp16' is not one of"),
     (["--train.fused_update=true"], "max_grad_norm=0"),
     (["--train.global_batch=6", "--train.micro_batch=4"], "must split into 1 rank(s) x whole micro-batches"),
-    (["--model.d_model=100"], "model.d_model=100 is not a multiple of the head dimension 64"),
+    (["--model.d_model=100"], "model.d_model=100 is not a positive multiple of the head dimension 64"),
     (["--data.seq_len=64"], "data.seq_len=64 exceeds model.max_seq_len=32"),
     (["--trian.max_steps=3"], "unknown config section 'trian'. Did you mean 'train'"),
     (["--optim.lrr=1"], "unknown config key optim.lrr. Did you mean 'lr'"),

@@ -71,6 +71,24 @@ def test_rng_round_trip():
     assert torch.equal(torch.rand(3), a)
 
 
+def test_the_cuda_stream_saved_and_restored_is_the_current_devices(monkeypatch):
+    """(No GPU here: torch.cuda's generator calls are stood in for.) Each rank restores rank 0's current-device
+    state on its own current device, also from the list an older checkpoint held (every device's: device 0's is
+    rank 0's), whatever the number of visible devices."""
+    current = {"state": torch.tensor([7], dtype=torch.uint8)}
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": current["state"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    for name in ("get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, name=name: pytest.fail(f"{name}: every device's generator"))
+    saved = ckpt.rng_state()
+    assert torch.equal(saved["cuda"], current["state"])
+    ckpt.set_rng_state(saved)
+    ckpt.set_rng_state({**saved, "cuda": [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]})
+    assert [int(t) for t in restored] == [7, 1]
+
+
 class Box:
     """A minimal Stateful component."""
 

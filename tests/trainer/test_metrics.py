@@ -36,6 +36,32 @@ def test_resume_drops_later_records_and_appends_whole_lines(tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def _tensorboard_steps(run_dir: Path) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+
+def test_tensorboard_shows_each_step_once_as_metrics_jsonl_does(tmp_path):
+    """A resume at step 3 keeps step 3's scalars and replaces those after it; a fresh start (no checkpoint) hides
+    every earlier scalar, as metrics.jsonl starts afresh."""
+
+    def run(resume_step: int, values: dict[int, float]) -> None:
+        log = MetricsLogger(tmp_path, enabled=True, tensorboard=True, resume_step=resume_step)
+        for step, value in values.items():
+            log.log(step, {"train/loss": value})
+        log.close()
+
+    run(0, {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0})
+    run(3, {4: 40.0, 5: 50.0})
+    assert _tensorboard_steps(tmp_path) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    assert steps(tmp_path / "metrics.jsonl") == [1, 2, 3, 4, 5]
+    run(0, {1: 0.5, 2: 0.25})
+    assert _tensorboard_steps(tmp_path) == [(1, 0.5), (2, 0.25)]
+
+
 def test_a_line_cut_short_by_a_crash_is_dropped_with_a_warning(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     write_records(path, range(1, 6), tail=b'{"step": 6, "train/lo')

@@ -74,7 +74,7 @@ def test_resume_is_bit_exact(tmp_path, sample_tokens):
 def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, sample_tokens, capsys):
     run(tmp_path, sample_tokens, **{"train.max_steps": 2, "scheduler.warmup_steps": 5})
     out = capsys.readouterr().out
-    assert "warning: scheduler.warmup_steps=5 >= train.max_steps=2: the learning rate never reaches optim.lr" in out
+    assert "warning: scheduler.warmup_steps=5 >= train.max_steps=2: the learning rate warms up for the whole run" in out
     run(tmp_path / "b", sample_tokens, **{"train.max_steps": 6, "scheduler.warmup_steps": 5})
     assert "warning: scheduler.warmup_steps" not in capsys.readouterr().out
 
@@ -287,6 +287,36 @@ def test_a_stop_during_evaluation_saves_at_once_and_the_evaluation_runs_on_resum
     _, resumed = run(tmp_path, sample_tokens)
     assert [s for s, _ in resumed.val_losses] == [0, 3, 6][interrupted // 3 :]  # the pending one first
     assert resumed.final_step == 6 and not resumed.stopped_by_signal
+    val_steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val/loss" in r]
+    assert val_steps == [0, 3, 6]
+
+
+def test_a_stop_during_the_final_evaluation_on_resume_is_reported_and_kept_pending(
+    tmp_path, sample_tokens, monkeypatch
+):
+    """The final evaluation (step 6 of 6) is stopped, then stopped again when the resume runs it: the second start
+    reports the stop (train.py then says how to resume) and keeps the evaluation pending; the third finishes it."""
+    import os
+    import signal
+
+    import trainer.trainer as trainer_module
+
+    real = trainer_module.Trainer.evaluate
+
+    def signalled_at_step_6(self, step: int) -> None:
+        if step == 6:  # SIGTERM arrives while the final evaluation runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(self, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", signalled_at_step_6)
+    for start in range(2):
+        _, result = run(tmp_path, sample_tokens)
+        assert result.stopped_by_signal and result.final_step == 6, start
+        state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000006.pt")
+        assert state["progress"]["eval_pending"] is True
+    monkeypatch.undo()
+    _, result = run(tmp_path, sample_tokens)
+    assert not result.stopped_by_signal and [s for s, _ in result.val_losses] == [6]
     val_steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val/loss" in r]
     assert val_steps == [0, 3, 6]
 

@@ -81,3 +81,35 @@ def test_non_finite_gradients_report_an_infinite_norm_in_both_strategies():
         updater.before_backward(True)
         (loss_of(model, batch(seed=1)) * float("nan")).backward()
         assert not math.isfinite(float(updater.finish_backward()))
+
+
+@pytest.mark.parametrize("fused_update", [False, True])
+def test_resuming_keeps_the_optimizer_implementation_this_run_built(fused_update):
+    """optim.fused null follows the machine (fused AdamW on CUDA only): a run started on the CPU and resumed on a GPU
+    takes the GPU's implementation, not the saved param group's flag; the state itself is the saved one. (Emulated
+    on the CPU with optim.fused false, then true.)"""
+
+    def build(fused_kernel: bool):
+        torch.manual_seed(0)
+        model = tiny_model()
+        spec = optimizer_spec(model, OptimConfig(name="adamw", lr=1e-2, fused=fused_kernel))
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, build_update_strategy(spec, params, fused=fused_update, max_grad_norm=0.0)
+
+    model, first = build(fused_kernel=False)
+    run_steps(model, first, 2)
+    saved = first.state_dict()
+    resumed_model, resumed = build(fused_kernel=True)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(saved)
+    assert {g["fused"] for g in resumed.param_groups} == {True}
+    assert {g["foreach"] for g in resumed.param_groups} == {None}
+    states = resumed.optimizer.state_dict()
+    want = saved["in_backward"] if fused_update else {"": saved}
+    got = states["in_backward"] if fused_update else {"": states}
+    for name, sd in want.items():
+        for idx, entry in sd["state"].items():
+            assert torch.equal(got[name]["state"][idx]["exp_avg"], entry["exp_avg"])
+    weights = [p.detach().clone() for p in resumed_model.parameters()]
+    run_steps(resumed_model, resumed, 1)  # fused AdamW steps on from the loaded state
+    assert all(not torch.equal(a, p) for a, p in zip(weights, resumed_model.parameters(), strict=True))
