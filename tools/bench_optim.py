@@ -1,6 +1,7 @@
 """Optimizer step() time on a model's shapes, relative to fused torch.optim.AdamW on the same machine.
 
     python tools/bench_optim.py [--flavor 210m] [--rank 128] [--threads 1] [--repeats 3] [--targets blocks]
+    python tools/bench_optim.py --optims adalomo --adalomo-arms nmf-2 svd-1 qr-4   # AdaLomo's factorization arms
 
 Method: step() is a loop over parameters whose per-parameter cost depends only on the shape and
 the group options, so each distinct (shape, group) is timed with a single-parameter optimizer built
@@ -15,7 +16,9 @@ shapes), and the SVD's amortised share of the average step at T = 200, for the e
 the randomized one (`svd_method: randomized`), with the subspace difference between the two
 (mean over matrices of || P_exact P_exact^T - P_rand P_rand^T ||_F / sqrt(2 r)). Low-rank methods also
 get their floor (the issue's: their projection matmuls timed alone plus an elementwise step like
-Adafactor's; `lowrank_floor`) and their step time over it.
+Adafactor's; `lowrank_floor`) and their step time over it. `--adalomo-arms` adds a row per AdaLomo
+factorization arm (`optim.factorization`-`optim.factor_rank`, optim/factorization.py; every arm but nmf-1 runs
+the reference code), and `--optims` keeps only the rows named (fused AdamW is timed alongside every row anyway).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from torch import nn
 from data.paths import sample_tokens_dir
 from model import DEFAULT_CHUNK_TOKENS, ModelConfig, Transformer
 from optim import Adafactor, OptimConfig, optimizer_spec
+from optim.factorization import FACTORIZATIONS
 from optim.param_groups import group_options
 from optim.projector import compute_bases
 from optim.registry import OptimizerSpec
@@ -270,10 +274,41 @@ def _subspace_gap(shapes: list[tuple[int, ...]], rank: int, gen: torch.Generator
     return out[0], out[1]
 
 
+def has_fast_path(cfg: OptimConfig) -> bool:
+    """Whether `cfg` runs a fast path (optim/factored_kernels.py), with a compiled form and a reference code."""
+    return cfg.name in FAST_PATH and (cfg.name != "adalomo" or (cfg.factorization, cfg.factor_rank) == ("nmf", 1))
+
+
+def bench_rows(base: OptimConfig) -> list[tuple[str, OptimConfig]]:
+    """The table's rows: (label, config); a label's first word is its name for `--optims`."""
+    return [
+        ("adamw (fused)", replace(base, name="adamw")),
+        ("adafactor", replace(base, name="adafactor", beta1=None)),
+        ("adafactor+momentum", replace(base, name="adafactor", beta1=0.9)),
+        ("adalomo", replace(base, name="adalomo")),
+        ("galore_adamw", replace(base, name="galore_adamw")),
+        ("galore_adafactor", replace(base, name="galore_adafactor")),
+        ("adamem", replace(base, name="adamem")),
+    ]
+
+
+ROW_NAMES = tuple(label.split(" ")[0] for label, _ in bench_rows(OptimConfig()))
+
+
+def adalomo_arm(text: str) -> tuple[str, int]:
+    """'svd-2' -> ('svd', 2): an AdaLomo factorization arm (optim.factorization, optim.factor_rank)."""
+    method, _, rank = text.rpartition("-")
+    if method not in FACTORIZATIONS or not rank.isdigit() or int(rank) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not METHOD-RANK with METHOD one of {', '.join(FACTORIZATIONS)} and RANK >= 1, e.g. svd-2"
+        )
+    return method, int(rank)
+
+
 def _variants(rows: list[tuple[str, OptimConfig]]) -> list[tuple[str, OptimConfig, bool]]:
     """(label, config, fast: see _spec) of every row's fast path, then, for the FAST_PATH rows, of that path
     compiled (optim.compile) and of their reference code."""
-    fast_rows = [(label, cfg) for label, cfg in rows if cfg.name in FAST_PATH]
+    fast_rows = [(label, cfg) for label, cfg in rows if has_fast_path(cfg)]
     return (
         [(label, cfg, True) for label, cfg in rows]
         + [(f"{label} [compiled]", replace(cfg, compile=True), True) for label, cfg in fast_rows]
@@ -317,19 +352,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--ops-flavor", default="tiny", help="count the aten ops of a whole-model step on this model ('' = skip)"
     )
+    ap.add_argument("--optims", nargs="+", choices=ROW_NAMES, default=list(ROW_NAMES), help="the rows to time")
+    ap.add_argument(
+        "--adalomo-arms",
+        nargs="+",
+        type=adalomo_arm,
+        default=[],
+        metavar="METHOD-RANK",
+        help=f"also time AdaLomo with these factorizations, e.g. nmf-2 svd-1 (methods: {', '.join(FACTORIZATIONS)})",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_flavor(args.flavor))
     base = OptimConfig(rank=args.rank, lowrank_targets=args.targets)
-    rows = [
-        ("adamw (fused)", replace(base, name="adamw")),
-        ("adafactor", replace(base, name="adafactor", beta1=None)),
-        ("adafactor+momentum", replace(base, name="adafactor", beta1=0.9)),
-        ("adalomo", replace(base, name="adalomo")),
-        ("galore_adamw", replace(base, name="galore_adamw")),
-        ("galore_adafactor", replace(base, name="galore_adafactor")),
-        ("adamem", replace(base, name="adamem")),
+    rows = [(label, cfg) for label, cfg in bench_rows(base) if label.split(" ")[0] in args.optims]
+    arms = {f"{method}-{rank}": f"adalomo [{method}-{rank}]" for method, rank in args.adalomo_arms}  # arm: label
+    rows += [
+        (arms[f"{method}-{rank}"], replace(base, name="adalomo", factorization=method, factor_rank=rank))
+        for method, rank in args.adalomo_arms
     ]
     gen = torch.Generator().manual_seed(0)
     print(
@@ -339,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for label, cfg in rows:
         results[label] = bench(model, cfg, args.repeats, gen)
-        if cfg.name in FAST_PATH:  # the fast path compiled, and the readable reference code the fast path replaces
+        if has_fast_path(cfg):  # the fast path compiled, and the readable reference code the fast path replaces
             results[label + " [compiled]"] = bench(model, replace(cfg, compile=True), args.repeats, gen)
             results[label + " [reference code]"] = bench(model, cfg, args.repeats, gen, fast=False)
         if cfg.rank and cfg.name in ("galore_adamw", "galore_adafactor", "adamem"):
@@ -353,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'optimizer':<36} {'ops':>6} {'kernel-launching':>17} {'per parameter':>14}")
         for label, (ops, kernels) in counts.items():
             print(f"{label:<36} {ops:6d} {kernels:17d} {kernels / model_params:14.1f}")
-    print(f"fused AdamW step: {results['adamw (fused)']['plain'] * 1e3:.0f} ms")
+    adamw_ms = statistics.median(r["adamw"] for r in results.values()) * 1e3  # timed alongside every row
+    print(f"fused AdamW step: {adamw_ms:.0f} ms")
     print(
         f"{'optimizer':<36} {'step ms':>8} {'x AdamW':>8} {'SVD-step ms':>12} {'x AdamW':>8} "
         f"{'avg@T=200 x':>12} {'SVD share':>10} {'floor x AdamW':>14} {'step / floor':>13}"
@@ -368,16 +410,28 @@ def main(argv: list[str] | None = None) -> int:
             f"{label:<36} {r['plain'] * 1e3:8.0f} {r['plain'] / ref:8.2f} {r['svd'] * 1e3:12.0f} "
             f"{r['svd'] / ref:8.2f} {avg / ref:12.2f} {share:10.1%} {floor}"
         )
-    shapes = sorted({tuple(sorted(sh)) for sh, _ in results["adamem"]["bases"]})
-    flat, decayed = _subspace_gap(shapes, args.rank, gen)
-    print(
-        f"randomized vs exact SVD subspace distance (||PP^T - QQ^T||_F / sqrt(2r); 0 same, 1 orthogonal), "
-        f"mean over {shapes}: flat-spectrum random gradients {flat:.3f}, power-law (1/i) spectrum {decayed:.3f}"
-    )
-    overhead = host_overhead(_variants([row for row in rows if row[1].name in ("adafactor", "adalomo")]))
-    print("host time per matrix update (16 x 16 matrices: issuing the work, not doing it), us:")
-    print("  " + ", ".join(f"{label} {1e6 * t:.0f}" for label, t in overhead.items()))
-    if args.real_gradients:
+    # nmf-1's reference code, which the arms run too: the ratio is the factorization's cost. A ratio of ratios to
+    # AdamW, which ran alongside each row, so that the machine's drift between rows cancels.
+    if arms and (nmf1_row := results.get("adalomo [reference code]")):
+        nmf1 = nmf1_row["plain"] / nmf1_row["adamw"]
+        ratios = {arm: results[label]["plain"] / results[label]["adamw"] / nmf1 for arm, label in arms.items()}
+        print(
+            "AdaLomo factorization arms, step time / nmf-1 (its reference code, as the arms run): "
+            + ", ".join(f"{arm} {ratio:.2f}" for arm, ratio in ratios.items())
+        )
+    shapes = sorted({tuple(sorted(sh)) for r in results.values() for sh, _ in r["bases"]})
+    if shapes:
+        flat, decayed = _subspace_gap(shapes, args.rank, gen)
+        print(
+            f"randomized vs exact SVD subspace distance (||PP^T - QQ^T||_F / sqrt(2r); 0 same, 1 orthogonal), "
+            f"mean over {shapes}: flat-spectrum random gradients {flat:.3f}, power-law (1/i) spectrum {decayed:.3f}"
+        )
+    overhead_rows = [row for row in rows if row[0] in ("adafactor", "adafactor+momentum", "adalomo")]
+    if overhead_rows:
+        overhead = host_overhead(_variants(overhead_rows))
+        print("host time per matrix update (16 x 16 matrices: issuing the work, not doing it), us:")
+        print("  " + ", ".join(f"{label} {1e6 * t:.0f}" for label, t in overhead.items()))
+    if args.real_gradients and shapes:  # low-rank rows were timed
         gaps = real_gradient_gap(args.flavor, args.rank, args.real_gradients)
         print(
             f"randomized vs exact SVD subspace distance on real gradients ({args.flavor} at init, 4 x 512 tokens of "

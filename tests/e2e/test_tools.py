@@ -266,6 +266,31 @@ def test_bench_optim_prints_every_optimizer_against_fused_adamw():
     assert "host time per matrix update" in out.stdout and "adalomo [compiled] " in out.stdout
 
 
+def test_bench_optim_times_adalomo_factorization_arms_against_nmf1():
+    """`--optims adalomo --adalomo-arms ...`: only the AdaLomo rows (its fast path, compiled and reference code, and
+    one row per arm, which has no fast path), each arm's step time over nmf-1's reference code; a malformed arm is
+    refused."""
+    out = run_tool(
+        "tools/bench_optim.py", "--flavor", "tiny", "--repeats", "1", "--ops-flavor", "", "--real-gradients", "",
+        "--optims", "adalomo", "--adalomo-arms", "svd-2", "qr-1",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    timed = [line.split("  ")[0] for line in lines[lines.index(next(x for x in lines if "step ms" in x)) + 1 :]]
+    assert timed[:5] == [
+        "adalomo",
+        "adalomo [compiled]",
+        "adalomo [reference code]",
+        "adalomo [svd-2]",
+        "adalomo [qr-1]",
+    ]
+    ratios = next(x for x in lines if x.startswith("AdaLomo factorization arms, step time / nmf-1"))
+    assert re.search(r": svd-2 \d+\.\d\d, qr-1 \d+\.\d\d$", ratios), ratios
+    assert "subspace distance" not in out.stdout  # no low-rank row was timed
+    bad = run_tool("tools/bench_optim.py", "--adalomo-arms", "svd2")
+    assert bad.returncode == 2 and "'svd2' is not METHOD-RANK" in bad.stderr, bad.stderr
+
+
 def test_gpu_checks_script_runs_its_stages_at_the_tiny_size(tmp_path):
     """tools/gpu_checks.sh, the prepared script for a lent GPU, on the CPU at the tiny size (GPU_CHECKS_TINY=1): the
     bench_step tables (one micro-batch per step, then accumulated) and a short train.py run land in one report, the
