@@ -250,7 +250,8 @@ def adapter_overrides(tmp_path, sample_tokens, **adapter):
     [
         ({"method": "lora", "rank": 0}, {}, r"adapter.rank=0 must be in \[1, model.d_model=64\]"),
         ({"method": "lora", "rank": 65}, {}, r"adapter.rank=65 must be in \[1, model.d_model=64\]"),
-        ({"method": "lora", "alpha": 0}, {}, r"adapter.alpha=0.0 must be > 0"),
+        ({"method": "lora", "alpha": 0}, {}, r"adapter.alpha=0.0 must be a finite number > 0"),
+        ({"method": "lora", "alpha": float("inf")}, {}, r"adapter.alpha=inf must be a finite number > 0"),
         ({"method": "lora", "dropout": 1.0}, {}, r"adapter.dropout=1.0 must be in \[0, 1\)"),
         ({"method": "relora", "reset_interval": 0}, {}, r"adapter.reset_interval=0 must be >= 1"),
         ({"method": "relora", "prune_ratio": 1.0}, {}, r"adapter.prune_ratio=1.0 must be in \[0, 1\)"),
