@@ -89,16 +89,15 @@ def unique_temp_path(final: pathlib.Path) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def unique_atomic_file(path: pathlib.Path) -> Iterator[BinaryIO]:
-    """A binary file to write `path`'s new contents into: its own unique temporary file, fsynced and moved over
-    `path` when the block ends. Whatever goes wrong inside (an OSError, Ctrl-C), the temporary file is removed
-    and `path` is unchanged."""
-    tmp = unique_temp_path(path)
+def _replacing_file(path: pathlib.Path, tmp: pathlib.Path, *, fsync: bool) -> Iterator[BinaryIO]:
+    """A binary file `tmp` to write `path`'s new contents into, (fsynced and) moved over `path` when the block
+    ends. Whatever goes wrong inside (an OSError, Ctrl-C), `tmp` is removed and `path` is unchanged."""
     try:
         with open(tmp, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):  # e.g. a read-only file system: the error to raise is the first one
@@ -106,15 +105,18 @@ def unique_atomic_file(path: pathlib.Path) -> Iterator[BinaryIO]:
         raise
 
 
+def unique_atomic_file(path: pathlib.Path) -> contextlib.AbstractContextManager[BinaryIO]:
+    """A binary file to write `path`'s new contents into: its own unique temporary file, fsynced and moved over
+    `path` when the block ends. Whatever goes wrong inside (an OSError, Ctrl-C), the temporary file is removed
+    and `path` is unchanged."""
+    return _replacing_file(path, unique_temp_path(path), fsync=True)
+
+
 def write_bytes_atomic(path: pathlib.Path, data: bytes, *, unique_tmp: bool = False) -> None:
     """Write `data` to `path` atomically (see the module doc); unique_tmp for files several processes
-    write. Whatever goes wrong (an OSError, Ctrl-C), no unique temporary file is left behind."""
-    if not unique_tmp:
-        tmp = partial_path(path)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        return
-    with unique_atomic_file(path) as f:
+    write. Whatever goes wrong (an OSError, Ctrl-C), no temporary file is left behind and `path` is unchanged."""
+    tmp = unique_temp_path(path) if unique_tmp else partial_path(path)
+    with _replacing_file(path, tmp, fsync=unique_tmp) as f:
         f.write(data)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import pathlib
 
+from data.errors import DataError
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -44,3 +46,26 @@ def sample_corpus_dir() -> pathlib.Path:
 def sample_tokens_dir() -> pathlib.Path:
     """Default output of tools/prepare_data.py for the sample corpus (= DataConfig.prepared_dir)."""
     return cache_root() / "tokens" / "sample"
+
+
+def check_output_path(path: pathlib.Path, flag: str, *, directory: bool) -> None:
+    """A DataError naming `flag` unless `path` can be written as a directory (or else a file): it does not exist
+    as the other kind, no parent of it is a file, and the nearest existing directory is writable. The tools
+    check their output this way before the long work, not when they write at its end."""
+    kind = "directory" if directory else "file"
+    if path.exists() and path.is_dir() != directory:
+        raise DataError(
+            f"{flag} {path} is {'a directory' if path.is_dir() else 'a file'}, not a {kind}. "
+            f"Fix: point {flag} at a new {kind} path (or move {path} away)."
+        )
+    # A file is written beside its final path (then renamed over it): its directory must be writable.
+    existing = next(p for p in ((path,) if directory else ()) + tuple(path.parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(
+            f"{flag} {path} cannot be created: {existing} is a file. Fix: point {flag} at a path under a directory."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(
+            f"{flag} {path} cannot be written: {existing} is not writable by this user. Fix: make it writable, "
+            f"or point {flag} elsewhere."
+        )

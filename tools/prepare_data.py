@@ -26,11 +26,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from data.config import DataConfig
 from data.errors import DataError
 from data.manifest import DEFAULT_SHARD_TOKENS
-from data.paths import cache_root, resolve_path, sample_corpus_dir, sample_tokens_dir
+from data.paths import cache_root, check_output_path, resolve_path, sample_corpus_dir, sample_tokens_dir
 from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
 from data.preparation.sources import make_source
 from data.tokenizer import resolve_tokenizer_path
-from trainer.flag_parser import FlagParser
+from trainer.flag_parser import FlagParser, int_at_least
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
@@ -43,13 +43,25 @@ def count(text: str) -> int:
     return int(float(t))
 
 
+def positive_count(text: str) -> int:
+    """count(), refused unless >= 1: a limit of 0 or less would not mean "no limit" (leave the flag out for
+    that) but stop after one document, and a shard size of 0 would give one shard per document."""
+    try:
+        n = count(text)
+    except (ValueError, OverflowError):  # OverflowError: 'inf'
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 4.2B, 8400M, 1_048_576, 1e6)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--source",
         default=None,
-        help="'hf' (allenai/c4 'en' streamed from the hub) or a folder/glob of C4 json.gz shards "
-        "(default: the sample corpus)",
+        help="'hf' (allenai/c4 'en' streamed from the hub) or a folder/glob of C4 json.gz shards; a relative "
+        "path is taken from the current directory (default: the sample corpus)",
     )
     ap.add_argument(
         "--reader",
@@ -61,23 +73,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out",
         default=None,
-        help="output dir (default: .cache/tokens/sample for the sample corpus, .cache/tokens/c4 otherwise)",
-    )
-    ap.add_argument("--tokenizer", default="t5", help="'t5' (cached T5 spiece.model) or a SentencePiece .model path")
-    ap.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (0 = tokenize in this process)"
+        help="output dir; a relative path is taken from the repo root (one starting with .cache/ from MEMOPT_CACHE "
+        "when set) (default: .cache/tokens/sample for the sample corpus, .cache/tokens/c4 otherwise)",
     )
     ap.add_argument(
-        "--max_tokens", type=count, default=None, help="train split: stop after this many tokens (e.g. 4.2B)"
+        "--tokenizer",
+        default="t5",
+        help="'t5' (cached T5 spiece.model) or a SentencePiece .model path; a relative path is taken from the repo "
+        "root (one starting with .cache/ from MEMOPT_CACHE when set)",
     )
-    ap.add_argument("--max_docs", type=count, default=None, help="train split: stop after this many documents")
+    ap.add_argument(
+        "--workers",
+        type=int_at_least(0),
+        default=os.cpu_count() or 1,
+        help="tokenizer processes (0 = tokenize in this process)",
+    )
+    ap.add_argument(
+        "--max_tokens", type=positive_count, default=None, help="train split: stop after this many tokens (e.g. 4.2B)"
+    )
+    ap.add_argument("--max_docs", type=positive_count, default=None, help="train split: stop after this many documents")
     ap.add_argument(
         "--val_tokens",
-        type=count,
+        type=positive_count,
         default=DataConfig.val_tokens,
-        help="validation split: stop after this many tokens (default: DataConfig.val_tokens)",
+        help="validation split: stop after this many tokens (default: DataConfig.val_tokens; no validation "
+        "split: --split train)",
     )
-    ap.add_argument("--shard_tokens", type=count, default=DEFAULT_SHARD_TOKENS, help="tokens per output shard (about)")
+    ap.add_argument(
+        "--shard_tokens", type=positive_count, default=DEFAULT_SHARD_TOKENS, help="tokens per output shard (about)"
+    )
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
@@ -88,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         out = sample_tokens_dir() if args.source is None else cache_root() / "tokens" / "c4"
     splits = ["train", "validation"] if args.split == "both" else [args.split]
     try:
+        check_output_path(out, "--out", directory=True)  # before loading the tokenizer and opening the source
         tokenizer_path = resolve_tokenizer_path(args.tokenizer)
         plans = []
         for split in splits:

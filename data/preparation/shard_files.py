@@ -83,8 +83,9 @@ class ShardWriter:
 def finished_shards(out: pathlib.Path, split: str, dtype: np.dtype) -> list[dict]:
     """Consecutive finished shards from index 0.
 
-    A shard without sidecar, of the wrong size or whose content no longer has the sidecar's
-    sha256 (damaged after it was written) is not finished: it is redone, with those after it.
+    A shard without a readable, well-formed sidecar, of the wrong size or whose content no longer
+    has the sidecar's sha256 (damaged after it was written) is not finished: it is redone, with
+    those after it.
     """
     shards = []
     for i in itertools.count():
@@ -92,8 +93,36 @@ def finished_shards(out: pathlib.Path, split: str, dtype: np.dtype) -> list[dict
         meta_path = sidecar_path(bin_path)
         if not (bin_path.is_file() and meta_path.is_file()):
             break
-        meta = json.loads(meta_path.read_text())
+        meta = _read_sidecar(meta_path, bin_path.name)
+        if meta is None:
+            break
         if bin_path.stat().st_size != meta["tokens"] * dtype.itemsize or sha256_file(bin_path) != meta["sha256"]:
             break
         shards.append(meta)
     return shards
+
+
+def _read_sidecar(path: pathlib.Path, shard_name: str) -> dict | None:
+    """The sidecar with the fields resuming uses (ShardWriter.finish writes them), or None when it cannot be
+    read or lacks one: the shard is then not finished, and redoing it rewrites the sidecar."""
+    try:
+        meta = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # ValueError: json.JSONDecodeError, UnicodeDecodeError
+        return None
+    if not (
+        isinstance(meta, dict)
+        and meta.get("file") == shard_name
+        and _is_count(meta.get("tokens"))
+        and _is_count(meta.get("docs"))
+        and isinstance(meta.get("sha256"), str)
+        and isinstance(meta.get("skipped"), dict)
+        and all(_is_count(n) for n in meta["skipped"].values())
+        and meta.get("closed_by") in ("size", "limit", "end")
+        and "end_cursor" in meta
+    ):
+        return None
+    return meta
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0

@@ -9,14 +9,18 @@ Two readers give the same documents in the same order (tested):
 - "gzip": plain gzip+json over local files (core dependencies only; sorts bad input);
 - "hf": `datasets.load_dataset(..., streaming=True)`; the hub and local files go through
   the same function, only path/name/data_files differ. `datasets` is an optional extra,
-  imported lazily.
+  imported lazily. It cannot skip a bad record: on local files, a record it cannot parse
+  or a corrupt gzip stream stops preparation with a DataError naming the file (the gzip
+  reader's wording for a corrupt gzip stream).
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import pathlib
+import zlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -122,8 +126,14 @@ class LocalSource:
 
     def events(self, cursor=None) -> Iterator[Event]:
         if self.reader == "hf":
-            ds = load_hf_stream("json", data_files=[str(p) for p in self.files], split="train")
-            yield from hf_texts(ds, skip=cursor or 0)
+            read = cursor or 0
+            try:  # load_dataset reads the first file already (to infer the columns)
+                ds = load_hf_stream("json", data_files=[str(p) for p in self.files], split="train")
+                for event in hf_texts(ds, skip=read):
+                    read = event[0]
+                    yield event
+            except (ValueError, OSError, EOFError, zlib.error) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                raise self._hf_error(read, exc) from exc
             return
         file_idx, line = cursor or (0, 0)
         self._files_done = file_idx
@@ -131,6 +141,33 @@ class LocalSource:
             for line_no, text, skip in c4_format.iter_records(self.files[fi], start_line=line if fi == file_idx else 0):
                 yield (fi, line_no + 1), text, skip
             self._files_done = fi + 1
+
+    def _hf_error(self, read: int, exc: Exception) -> DataError:
+        """The DataError for the HF reader failing after `read` records; it does not say in which file, so the
+        file is found by counting records (non-blank lines, as it counts them): a slow second read, on failure
+        only."""
+        seen = 0
+        for path in self.files:
+            try:
+                with gzip.open(path, "rb") as gz:
+                    seen += sum(1 for line in gz if line.strip())
+            except (OSError, EOFError, zlib.error):
+                # A corrupt gzip stream: the gzip reader raises its DataError for it, which names the line.
+                for _ in c4_format.iter_records(path):
+                    pass
+                break  # it read the file after all: the general message below
+            if seen > read:
+                return DataError(
+                    f"{path}: the HF reader cannot read a record of it ({type(exc).__name__}: {exc}); unlike the "
+                    "gzip reader, it cannot skip a bad record. Fix: prepare with --reader gzip (the default: it "
+                    "skips and counts bad records) into a new --out (the reader is one of its recorded settings), "
+                    "or repair this file or remove it from --source."
+                )
+        return DataError(
+            f"the HF reader failed after record {read} of the {len(self.files)} file(s) of --source {self.spec} "
+            f"({type(exc).__name__}: {exc}). Fix: prepare with --reader gzip (the default: it skips and counts bad "
+            "records and names a damaged file) into a new --out (the reader is one of its recorded settings)."
+        )
 
 
 class HubSource:

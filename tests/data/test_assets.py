@@ -100,3 +100,19 @@ def test_validation_split_is_about_five_percent():
     frac = sum(map(sample_corpus.is_validation, urls)) / len(urls)
     assert 0.04 < frac < 0.06
     assert [sample_corpus.is_validation(u) for u in urls[:50]] == [sample_corpus.is_validation(u) for u in urls[:50]]
+
+
+@pytest.mark.parametrize("stamp", [b"", b'{"version": 1, "fi', b"[]", b'{"version": 1, "docs": {}, "files": {}}'])
+def test_sample_corpus_rebuilds_on_a_damaged_stamp(cache, stamp):
+    # An unreadable stamp, or one that vouches for no shard, is no proof of a corpus (here: the shards are gone).
+    root, downloads = cache
+    corpus = sample_corpus.fetch_sample_corpus(log=lambda *_: None)
+    first = {p.name: p.read_bytes() for p in (corpus / "en").iterdir()}
+    good_stamp = (corpus / "SAMPLE.json").read_bytes()
+    for p in (corpus / "en").iterdir():
+        p.unlink()
+    (corpus / "SAMPLE.json").write_bytes(stamp)
+    sample_corpus.fetch_sample_corpus(log=lambda *_: None)
+    assert len(downloads) == 4  # rebuilt
+    assert {p.name: p.read_bytes() for p in (corpus / "en").iterdir()} == first
+    assert (corpus / "SAMPLE.json").read_bytes() == good_stamp

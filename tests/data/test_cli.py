@@ -102,3 +102,102 @@ def test_tools_end_to_end(tmp_path, capsys):
 def test_default_config_on_prepared_sample_corpus():
     x, y = next(TrainBatches(DataConfig(seq_len=256), global_batch=16).batches(0))
     assert x.shape == y.shape == (16, 256)
+
+
+def _error_line(capsys) -> str:
+    """The one `error:` line a tool printed for bad input (nothing else on stderr)."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--max_tokens", "-1"],
+        ["--max_tokens", "0"],
+        ["--max_docs", "0"],
+        ["--max_docs", "-1"],
+        ["--val_tokens", "0"],
+        ["--shard_tokens", "0"],
+        ["--shard_tokens", "0.4"],  # rounds to 0
+    ],
+)
+def test_prepare_data_refuses_counts_below_one(flags, capsys):
+    with pytest.raises(SystemExit) as exit:
+        load_tool("prepare_data").main([*flags, "--no_progress"])
+    assert exit.value.code == 2
+    assert f"argument {flags[0]}: must be at least 1, got '{flags[1]}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("tool", "flags", "message"),
+    [
+        ("prepare_data", ["--workers", "-1"], "must be at least 0, got -1"),
+        ("train_tokenizer", ["--threads", "0"], "must be at least 1, got 0"),
+        ("train_tokenizer", ["--max_docs", "-1"], "must be at least 1, got -1"),
+        ("train_tokenizer", ["--vocab_size", "0"], "must be at least 1, got 0"),
+        ("train_tokenizer", ["--threads", "two"], "'two' is not an integer"),
+    ],
+)
+def test_process_and_size_flags_below_their_least_are_usage_errors(tool, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        load_tool(tool).main(flags)
+    assert exit.value.code == 2 and f"argument {flags[0]}: {message}" in capsys.readouterr().err
+
+
+def test_prepare_data_refuses_a_count_that_is_no_number(capsys):
+    with pytest.raises(SystemExit):
+        load_tool("prepare_data").main(["--max_tokens", "inf"])
+    assert "argument --max_tokens: 'inf' is not a count" in capsys.readouterr().err
+
+
+def test_prepare_data_out_that_is_a_file(tmp_path, capsys):
+    prep = load_tool("prepare_data")
+    corpus = write_corpus(tmp_path / "c4", make_texts(20, seed=1), make_texts(5, seed=2))
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert prep.main(["--source", str(corpus), "--out", str(afile), "--no_progress"]) == 1
+    assert f"error: --out {afile} is a file, not a directory. Fix:" in _error_line(capsys)
+    assert prep.main(["--source", str(corpus), "--out", str(afile / "tokens"), "--no_progress"]) == 1
+    assert f"cannot be created: {afile} is a file" in _error_line(capsys)
+    assert afile.read_text() == "keep me"
+
+
+def test_train_tokenizer_refuses_to_replace_a_model_without_force(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c4", make_texts(200, seed=41), make_texts(30, seed=42))
+    model = tmp_path / "tok.model"
+    tool = load_tool("train_tokenizer")
+    base = ["--source", str(corpus), "--out", str(model), "--character_coverage", "1.0", "--threads", "1"]
+    assert tool.main([*base, "--vocab_size", "400"]) == 0
+    capsys.readouterr()
+    first = model.read_bytes()
+    # Prepared data records the model's sha256: replacing it silently would make training refuse that data.
+    assert tool.main([*base, "--vocab_size", "380"]) == 1
+    assert f"error: --out {model} already exists" in _error_line(capsys)
+    assert model.read_bytes() == first
+    assert tool.main([*base, "--vocab_size", "380", "--force"]) == 0
+    assert model.read_bytes() != first and sorted(p.name for p in tmp_path.iterdir()) == ["c4", "tok.model"]
+
+
+def test_train_tokenizer_out_that_is_a_directory(tmp_path, monkeypatch, capsys):
+    corpus = write_corpus(tmp_path / "c4", make_texts(20, seed=41), make_texts(5, seed=42))
+    tool = load_tool("train_tokenizer")
+    # Refused before training (which used to run first, then crash on writing and leave <out>.tmp behind).
+    monkeypatch.setattr(tool, "train_sentencepiece", lambda *a, **k: pytest.fail("trained before checking --out"))
+    out = tmp_path / "models"
+    out.mkdir()
+    assert tool.main(["--source", str(corpus), "--out", str(out)]) == 1
+    assert f"error: --out {out} is a directory, not a file. Fix:" in _error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c4", "models"] and not any(out.iterdir())
+
+
+def test_help_says_how_relative_paths_resolve(capsys):
+    # --source is taken from the current directory, --out/--tokenizer from the repo root (and MEMOPT_CACHE).
+    for name in ("prepare_data", "train_tokenizer"):
+        with pytest.raises(SystemExit):
+            load_tool(name).main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "json.gz shards; a relative path is taken from the current directory" in text
+        assert "a relative path is taken from the repo root (one starting with .cache/ from MEMOPT_CACHE" in text
+    assert "The model depends on it" in text  # train_tokenizer's --threads

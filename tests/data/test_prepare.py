@@ -255,3 +255,61 @@ def test_uint32_when_vocab_exceeds_uint16(assets, tmp_path, monkeypatch):
     m = run(tok, corpus, tmp_path / "out", splits=("train",))
     assert m["dtype"] == "uint32"
     np.testing.assert_array_equal(split_tokens(tmp_path / "out", "train"), expected_stream(tok, TRAIN))
+
+
+def _mtimes(out: pathlib.Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("*-*.bin")}
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"file": "train-00001.bin", "tok', b"[]", b'{"file": "train-00001.bin"}'])
+def test_damaged_shard_sidecar_is_redone(assets, tmp_path, damage):
+    # A sidecar that cannot be read, or lacks what resuming uses, makes its shard unfinished (not a traceback).
+    tok, corpus = assets
+    out = tmp_path / "out"
+    ref = run(tok, corpus, out, splits=("train",))
+    assert len(ref["splits"]["train"]["shards"]) >= 3
+    before = _mtimes(out)
+    (out / "train-00001.json").write_bytes(damage)
+    logged: list[str] = []
+    assert run(tok, corpus, out, splits=("train",), log=logged.append) == ref
+    assert any("train-00001.bin is damaged" in line for line in logged), logged
+    after = _mtimes(out)
+    assert after["train-00000.bin"] == before["train-00000.bin"]  # the shard before it is kept
+    assert after["train-00001.bin"] != before["train-00001.bin"]  # it and those after it are redone
+    assert json.loads((out / "train-00001.json").read_text())["sha256"] == ref["splits"]["train"]["shards"][1]["sha256"]
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"key": {"tok', b"[]", b'{"complete": true}'])
+def test_damaged_split_record_is_rewritten(assets, tmp_path, damage):
+    # The documented repair (re-running) works on an unreadable `<split>.prepare.json`: it is rewritten and
+    # the shards, which their sidecars vouch for, are kept.
+    tok, corpus = assets
+    out = tmp_path / "out"
+    ref = run(tok, corpus, out)
+    before = _mtimes(out)
+    record = json.loads((out / "train.prepare.json").read_text())
+    (out / "train.prepare.json").write_bytes(damage)
+    logged: list[str] = []
+    assert run(tok, corpus, out, log=logged.append) == ref
+    assert any("train.prepare.json is unreadable or damaged" in line for line in logged), logged
+    assert json.loads((out / "train.prepare.json").read_text()) == record
+    assert _mtimes(out) == before
+
+
+def test_damaged_record_of_a_split_not_prepared_now(assets, tmp_path):
+    tok, corpus = assets
+    out = tmp_path / "out"
+    ref = run(tok, corpus, out)
+    # With a readable manifest, the split keeps its entry.
+    (out / "validation.prepare.json").write_bytes(b"")
+    assert run(tok, corpus, out, splits=("train",)) == ref
+    # The reviewer's case: the manifest and the record both truncated to nothing. The split preparation
+    # cannot vouch for is left out of the manifest, with a note saying how to restore it...
+    (out / "manifest.json").write_bytes(b"")
+    logged: list[str] = []
+    m = run(tok, corpus, out, splits=("train",), log=logged.append)
+    assert set(m["splits"]) == {"train"} and m["splits"]["train"] == ref["splits"]["train"]
+    assert any("validation.prepare.json is unreadable" in line and "--split validation" in line for line in logged)
+    # ... and re-running the whole command restores it.
+    (out / "manifest.json").write_bytes(b"")
+    assert run(tok, corpus, out) == ref

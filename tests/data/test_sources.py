@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import builtins
+import gzip
 import json
+import re
 
 import pytest
 
@@ -96,3 +98,43 @@ def test_missing_datasets_package_names_the_fix(corpus, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(DataError, match="pip install datasets"):
         next(LocalSource(corpus, "train", reader="hf").events())
+
+
+def _hf_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _copy_corpus(corpus, dest):
+    (dest / "en").mkdir(parents=True)
+    for p in (corpus / "en").glob("c4-train.*.json.gz"):
+        (dest / "en" / p.name).write_bytes(p.read_bytes())
+    return dest
+
+
+def test_hf_reader_names_the_file_with_a_bad_record(corpus, tmp_path, monkeypatch):
+    # The gzip reader skips and counts a bad record; the HF reader cannot, so it stops naming the file and the
+    # reader that can (not a pyarrow traceback).
+    _hf_offline(tmp_path, monkeypatch)
+    src = _copy_corpus(corpus, tmp_path / "c")
+    bad = src / "en" / c4_format.shard_name("train", 2, 4)
+    lines = gzip.decompress(bad.read_bytes()).splitlines(keepends=True)
+    bad.write_bytes(gzip.compress(b"".join(lines[:3] + [b'{"text": "unterminated\n'] + lines[3:])))
+    assert texts(LocalSource(src, "train")) == TRAIN  # the gzip reader: skipped
+    with pytest.raises(DataError, match=rf"^{re.escape(str(bad))}: the HF reader cannot read a record.*--reader gzip"):
+        list(LocalSource(src, "train", reader="hf").events())
+
+
+@pytest.mark.parametrize("index", [0, 3])
+def test_hf_reader_on_a_truncated_gzip_says_what_the_gzip_reader_says(corpus, tmp_path, monkeypatch, index):
+    _hf_offline(tmp_path, monkeypatch)
+    src = _copy_corpus(corpus, tmp_path / "c")
+    bad = src / "en" / c4_format.shard_name("train", index, 4)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as gz:
+        list(LocalSource(src, "train").events())
+    with pytest.raises(DataError) as hf:
+        list(LocalSource(src, "train", reader="hf").events())
+    assert str(hf.value) == str(gz.value)
+    assert str(hf.value).startswith(f"{bad}: corrupt or truncated gzip data")
