@@ -22,6 +22,11 @@ SLURM array, and after any interruption. Relative run directories are taken from
 - A metrics.jsonl that cannot be read (damaged inside, see trainer.metrics) or that is missing while
   the run directory has checkpoints is a StudyResultsError naming the run (arm, tuned values, seed,
   directory) and the fix.
+- So is a run directory whose config.yaml (the config the run last started with) differs from the study's run
+  in a key that changes what the run computes: everything but `HOW_IT_RAN` (where the data and outputs live,
+  micro-batching, device, engine, compile, intervals). A directory is named by the study's tuned values and
+  seed only, so after an edit of a fixed override (weight decay, warmup, max_steps, ...) its old results
+  would otherwise count as the new setting's.
 
 Arms (`summarize_arms`): per tuned setting the final val loss of each seed (a diverged run counts as
 +inf: worse than any finished one; failed / incomplete / pending runs are missing); the best setting
@@ -42,7 +47,10 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from data.paths import resolve_path
 from study.failed_marker import read_failed
@@ -54,9 +62,32 @@ from study.tables import (
 from trainer.checkpoint import list_checkpoints
 from trainer.flop_budget import config_flops
 from trainer.metrics import MetricsFileError, read_metrics
+from trainer.resume_policy import config_changes
 from trainer.run_outcome import read_diverged
 
 RunStatus = Literal["complete", "diverged", "failed", "incomplete", "pending"]
+
+# "section.key" or "section.*": settings in which a run directory may differ from its study run and still hold
+# that run's result: where things live and how the steps were executed, the same computation to rounding.
+HOW_IT_RAN = (
+    "run.dir",
+    "data.prepared_dir",  # the data's identity is the manifest's, checked when a checkpoint loads
+    "data.tokenizer",
+    "data.num_workers",
+    "data.verify",
+    "eval.interval",
+    "eval.batch_size",
+    "log.*",
+    "checkpoint.*",
+    "train.micro_batch",
+    "train.device",
+    "train.compile",
+    "train.loss_chunk_tokens",
+    "train.engine",
+    "train.zero_stage",
+    "train.deepspeed_config",
+    "optim.compile",
+)
 
 EDGE_NOTE = "best lr at the grid's edge"
 INCOMPLETE_NOTE = "incomplete"
@@ -159,9 +190,39 @@ def _marker_message(data: dict[str, Any], what: str) -> str:
     return message.splitlines()[0] if message else what
 
 
+def check_run_config(run: StudyRun, run_dir: Path) -> None:
+    """StudyResultsError when `run_dir`'s config.yaml differs from `run`'s config outside HOW_IT_RAN (see the
+    module docstring); nothing when the run has not started (no config.yaml)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise StudyResultsError(
+            f"{describe_run(run)}: cannot read {path}: {e}. Delete {run_dir} to train the run again from scratch "
+            "(the study reruns it)."
+        ) from None
+    now = yaml.safe_load(yaml.safe_dump(run.config.to_dict(), sort_keys=False))  # as saved: lists, not tuples
+    changes = config_changes(saved if isinstance(saved, dict) else {}, now)
+    differ = {
+        key: change
+        for key, change in changes.items()
+        if key not in HOW_IT_RAN and f"{key.split('.', 1)[0]}.*" not in HOW_IT_RAN
+    }
+    if differ:
+        lines = "; ".join(f"{key}: {old!r} in the run, {new!r} in the study" for key, (old, new) in differ.items())
+        raise StudyResultsError(
+            f"{describe_run(run)}: {run_dir} was trained with other settings than the study's ({lines}), so its "
+            f"losses are not this run's. Delete {run_dir} to train it again with the study's settings (the study "
+            f"reruns it), or set the study back to the run's values ({path})."
+        )
+
+
 def run_result(run: StudyRun) -> RunResult:
     """Read one run's outcome from its run directory (see the module docstring)."""
     run_dir = resolve_path(run.run_dir)
+    check_run_config(run, run_dir)
     records = read_run_metrics(run)
     cfg = run.config
     max_steps = cfg.train.max_steps

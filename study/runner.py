@@ -10,7 +10,8 @@ in its run directory, removed when it starts again. Progress: one line per start
 run, how many left, the ETA from the measured seconds per step of the runs finished so far).
 
 How the ambiguous points are read:
-- Run directories and `creates` paths are relative to the repo root (every child starts there).
+- Run directories and `creates` paths are relative to the repo root (every child starts there); a `creates`
+  path under `.cache/` follows MEMOPT_CACHE, as the data tools' paths do (data.paths.resolve_path).
 - ETA = the steps still to do x (wall seconds of the runs finished in this session / the steps they
   did) / jobs. Wall seconds include each process's start-up and evaluations, which are real costs
   of the remaining runs too. A running run's steps still to do are estimated from its elapsed time
@@ -34,6 +35,8 @@ from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
+
+from data.paths import resolve_path
 
 # Defined in study/failed_marker.py (study.results reads it, and this module reads results): no import cycle.
 from study.failed_marker import FAILED_FILE as FAILED_FILE
@@ -71,7 +74,7 @@ def command(run: StudyRun, launcher: str) -> list[str]:
 
 def setup_left(study: Study) -> list[SetupStep]:
     """The setup steps whose `creates` path does not exist yet (a step without one cannot be checked: left out)."""
-    return [step for step in study.setup if step.creates is not None and not (REPO / step.creates).exists()]
+    return [step for step in study.setup if step.creates is not None and not resolve_path(step.creates).exists()]
 
 
 def run_setup(study: Study, out: TextIO | None = None) -> None:
@@ -80,7 +83,7 @@ def run_setup(study: Study, out: TextIO | None = None) -> None:
     succeeds without creating its `creates` path, is a StudyRunError naming the step."""
     out = sys.stdout if out is None else out  # resolved per call: a test or caller may have replaced sys.stdout
     for step in study.setup:
-        if step.creates is not None and (REPO / step.creates).exists():
+        if step.creates is not None and resolve_path(step.creates).exists():
             print(f"setup: {step.creates} exists, skipping: {step.run}", file=out, flush=True)
             continue
         print(f"setup: {step.run}", file=out, flush=True)
@@ -92,10 +95,10 @@ def run_setup(study: Study, out: TextIO | None = None) -> None:
                 f"setup command of {study.path} exited with {code}: {step.run!r}; fix the command (run it from "
                 f"{REPO} to see its error) and re-run the study"
             )
-        if step.creates is not None and not (REPO / step.creates).exists():
+        if step.creates is not None and not resolve_path(step.creates).exists():
             raise StudyRunError(
                 f"setup command of {study.path} succeeded but did not create {step.creates}: {step.run!r}; fix its "
-                "`creates:` path (relative to the repo root) or the command"
+                "`creates:` path (relative to the repo root; .cache/ follows MEMOPT_CACHE) or the command"
             )
 
 

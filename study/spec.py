@@ -132,7 +132,8 @@ class StudyRun:
 @dataclass(frozen=True)
 class SetupStep:
     run: str  # a shell command, run from the repo root
-    creates: str | None = None  # skipped when this path (relative to the repo root) exists
+    creates: str | None = None  # skipped when this path exists (data.paths.resolve_path: the repo root, .cache/ ->
+    # MEMOPT_CACHE)
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ def load_study(path: Path, seeds: list[int] | None = None) -> Study:
                 runs.append(_study_run(path, entry, sweep_run, seed, arm_of))
     _check_distinct_run_dirs(path, runs)
     for figure in figures:
+        _check_figure_axis_is_not_tuned(path, figure, entries)
         _check_figure_selects_runs(path, figure, runs, labels)
     return Study(path, name, Path(out), runs, figures, setup, seed_list, labels)
 
@@ -404,6 +406,9 @@ def _inline_entry(
     sweep: dict[str, Any] = {"config": config, "overrides": overrides}
     for key in ("grid", "zip"):
         if key in item:
+            if isinstance(item[key], dict):  # its keys name the run directories below: config keys
+                for varied in item[key]:
+                    _check_key(varied, f"{where}: {key}")
             sweep[key] = item[key]
     entry = _Entry(item["label"], where, sweep, path.parent, where, tune, "tune" in item)
     run_dir = item.get("run_dir")
@@ -592,6 +597,21 @@ def _labels(value: Any, where: str, labels: list[str]) -> list[str]:
     if unknown:
         raise ConfigError(f"{where} names {unknown[0]!r}, which is no entry's label; the entries: {labels}")
     return value
+
+
+def _check_figure_axis_is_not_tuned(path: Path, figure: FigureSpec, entries: list[_Entry]) -> None:
+    """A line figure's x or a table's columns holds one value per arm; a key that an entry tunes over a grid has
+    one value per run, and the figure would show an arbitrary run's, not the best one's."""
+    axis = figure.x if figure.kind == "line" else figure.columns if figure.kind == "table" else None
+    chosen = set(figure.series or figure.rows or [entry.label for entry in entries])
+    for entry in entries:
+        if axis is not None and entry.label in chosen and axis in entry.tune and axis in entry.varied:
+            what = "x" if figure.kind == "line" else "columns"
+            raise ConfigError(
+                f"{path}: figure {figure.name!r}: its {what} {axis} is tuned by entry {entry.label!r} (each arm keeps "
+                f"its best value), so it has no one value per arm; put a key the arms differ in on the {what} (the "
+                f"loss at each tuned value is the lr_curve column of the arms table)"
+            )
 
 
 def _check_figure_selects_runs(path: Path, figure: FigureSpec, runs: list[StudyRun], labels: list[str]) -> None:

@@ -6,6 +6,7 @@ python tools/plot_runs.py runs/210m/* --metric val/loss --out val_loss.png
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,18 @@ def read_runs(runs: list[Path]) -> dict[Path, list[dict]]:
     return out
 
 
+def run_labels(runs: list[Path]) -> dict[Path, str]:
+    """Each run directory's legend label: its path below the runs' common parent, so that study runs, which all
+    end in seed<N>, stay apart (runs/studies/mini/runs/adamw/lr0.001/seed0 and .../galore/lr0.01/seed0 ->
+    adamw/lr0.001/seed0 and galore/lr0.01/seed0); a single run's label is its name."""
+    resolved = [run.resolve() for run in runs]
+    if len(resolved) < 2:
+        return {run: run.name for run in runs}
+    common = Path(os.path.commonpath(resolved))
+    below = {run: path.relative_to(common) for run, path in zip(runs, resolved, strict=True)}
+    return {run: run.name if rel == Path() else str(rel) for run, rel in below.items()}
+
+
 def main(argv: list[str]) -> int:
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
@@ -58,12 +71,13 @@ def main(argv: list[str]) -> int:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     plotted = 0
+    labels = run_labels(list(runs))
     for run, records in runs.items():
         steps, values = series(records, args.metric)
         if not steps:
             print(f"{run}: no {args.metric} records", file=sys.stderr)
             continue
-        ax.plot(steps, values, label=run.name, marker="o" if len(steps) < 30 else None)
+        ax.plot(steps, values, label=labels[run], marker="o" if len(steps) < 30 else None)
         print(f"{run}: final {args.metric} {values[-1]:.4f} at step {steps[-1]}")
         plotted += 1
     if not plotted:

@@ -8,7 +8,8 @@
     python tools/study.py STUDY --collect                              # results/, figures/, orderings from the runs
 
 Finished and diverged runs are skipped, interrupted ones resume from their checkpoint, failed ones are
-tried again; re-running the same command continues a study. Run directories are relative to the repo
+tried again; re-running the same command continues a study. `--run` exits 1 when a run failed (after the
+tables of the rest are written). Run directories are relative to the repo
 root: the tool works from there whatever the current directory (the study path is read first).
 """
 
@@ -29,6 +30,7 @@ from study.figure_data import figure_data
 from study.orderings import orderings
 from study.report import write_tables
 from study.runner import (
+    FAILED_FILE,
     LEFT_STATUSES,
     REPO,
     StudyRunError,
@@ -80,8 +82,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs} (leave it out for the default)")
-    if args.slurm is not None and not args.slurm.resolve().parent.is_dir():
-        parser.error(f"--slurm {args.slurm}: the directory {args.slurm.resolve().parent} does not exist")
+    if args.slurm is not None:
+        if args.run or args.collect:
+            parser.error("--slurm writes the array script only: run --collect after the array has finished")
+        args.slurm = args.slurm.resolve()  # from here, before the runner moves to the repo root
+        if not args.slurm.parent.is_dir():
+            parser.error(f"--slurm {args.slurm}: the directory {args.slurm.parent} does not exist")
     started = time.monotonic()
     try:
         seeds = parse_seeds(args.seeds)
@@ -146,7 +152,16 @@ def dispatch(args: argparse.Namespace, study: Study, argv: list[str]) -> int:
                 f"(from {CWD}):\n  {resume}"
             )
             return summary.exit_code
-        return report(study)
+        code = report(study)
+        failed = summary.outcomes.get("failed", [])
+        if failed:  # a script (make study, a scheduler) must see it; the runs' reasons are in their failed.json
+            print(
+                f"error: {len(failed)} run(s) failed (their {FAILED_FILE} says why, the status lists them); fix the "
+                "cause and re-run the same command: it retries them",
+                file=sys.stderr,
+            )
+            return 1
+        return code
     if args.collect:
         return report(study)
     print_status(study, launcher)

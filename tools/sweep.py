@@ -36,13 +36,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--launcher", default="python", help='e.g. "torchrun --nproc_per_node=8"')
     parser.add_argument("--run", action="store_true", help="run the commands one after another")
     args = parser.parse_args(argv)
+    launcher = shlex.split(args.launcher)
+    if not launcher:
+        parser.error('--launcher is empty: leave it out (python) or give a command, e.g. "torchrun --nproc_per_node=8"')
     try:
         runs = expand_sweep(args.sweep)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     # The printed commands say `python`; the started ones use this interpreter, as `tools/study.py --run` does.
-    launcher = shlex.split(args.launcher)
     started = [sys.executable if launcher == ["python"] else launcher[0], *launcher[1:]]
     for config, overrides in runs:
         config_arg = config.relative_to(REPO) if config.is_relative_to(REPO) else config

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from trainer.config import Config, ConfigError, config_from_mapping
 from trainer.config_parsing import read_yaml, read_yaml_mapping
 
@@ -91,6 +93,8 @@ def sweep_runs_from_spec(
             f"{source}: a sweep needs 'config' and 'run_dir' (+ 'grid', 'zip', 'overrides'); unknown: {sorted(unknown)}"
         )
     configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
+    if not configs or not all(isinstance(name, str) and name for name in configs):
+        raise ConfigError(f"{source}: 'config' must be a config file or a list of them, got {spec['config']!r}")
     grid = _value_lists(source, "grid", spec.get("grid") or {})
     zipped = _value_lists(source, "zip", spec.get("zip") or {})
     fixed = spec.get("overrides") or {}
@@ -117,7 +121,26 @@ def sweep_runs_from_spec(
             raise ConfigError(f"{source}: run {run_dir} ({config.name}): {e}") from None
         runs.append(SweepRun(config, overrides, validated))
     _check_distinct_run_dirs(source, spec["run_dir"], [run.overrides[-1] for run in runs], grid, zipped)
+    _check_distinct_runs(source, runs)
     return runs
+
+
+def _check_distinct_runs(source: str, runs: list[SweepRun]) -> None:
+    """Two runs with one config (all but run.dir) would train the same thing twice, and a study would keep one of
+    their results: a value written twice in a grid, e.g. optim.lr: [1.0e-3, 1e-3] (YAML reads the second as the
+    string '1e-3', which names another directory and loads as the same number)."""
+    seen: dict[str, str] = {}
+    for run in runs:
+        values = run.config.to_dict()
+        run_dir = values["run"].pop("dir")
+        key = f"{run.config_path}\n{yaml.safe_dump(values, sort_keys=True)}"
+        if key in seen:
+            raise ConfigError(
+                f"{source}: runs {seen[key]} and {run_dir} are the same run ({run.config_path.name} with the same "
+                "settings): a grid or zip value is listed twice, perhaps spelled two ways (1.0e-3 and 1e-3); list "
+                "each value once"
+            )
+        seen[key] = run_dir
 
 
 def _override_text(value: Any) -> str:
@@ -131,6 +154,8 @@ def _value_lists(source: str, section: str, mapping: Any) -> dict[str, list]:
     if not isinstance(mapping, dict):
         raise ConfigError(f"{source}: '{section}' must map dotted keys to lists of values, e.g. optim.lr: [1e-3]")
     for key, values in mapping.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: {section} key {key!r} is not a dotted config key (section.key)")
         if not isinstance(values, list) or not values:
             raise ConfigError(
                 f"{source}: {section}.{key} must be a non-empty list of values, got {values!r} "

@@ -48,6 +48,8 @@ def test_sweep_expands_the_grid_and_validates(tmp_path):
     sweep.write_text(f"config: {REPO / 'configs/tiny.yaml'}\ngrid: {{optim.lrr: [1]}}\nrun_dir: x\n")
     bad = run_tool("tools/sweep.py", str(sweep))
     assert bad.returncode == 1 and "optim.lrr" in bad.stderr
+    empty = run_tool("tools/sweep.py", str(sweep), "--launcher", "")
+    assert empty.returncode == 2 and "--launcher is empty" in empty.stderr
 
 
 def test_a_stopped_sweep_lets_the_running_trainer_save_and_continues_on_re_run(tmp_path, sample_tokens):
@@ -324,3 +326,11 @@ def test_gpu_checks_script_runs_its_stages_at_the_tiny_size(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "error: unknown stage mfu" in bad.stderr
+
+
+def test_plot_labels_tell_study_runs_apart(tmp_path):
+    from tools.plot_runs import run_labels
+
+    a, b = tmp_path / "runs" / "adamw" / "lr0.001" / "seed0", tmp_path / "runs" / "galore" / "lr0.01" / "seed0"
+    assert run_labels([a, b]) == {a: "adamw/lr0.001/seed0", b: "galore/lr0.01/seed0"}  # not seed0 twice
+    assert run_labels([a]) == {a: "seed0"}

@@ -568,3 +568,23 @@ def test_write_tables(study):
     assert "| GaLore | line | 8 | 3.4750 | 3.4500 | 3.5000 | 2 | GaLore rank=8 | GaLore | optim.lr=1e-3 |" in fig1_md
     with open(figures_dir / "ranks.csv", newline="") as f:
         assert list(csv.reader(f))[2] == ["AdamW", "", "", "3.0"]
+
+
+def test_a_run_trained_with_other_settings_than_the_studys_is_an_error_not_its_result(tmp_path):
+    """A run directory is named by the tuned values and the seed: after an edit of a fixed override (here weight
+    decay and max_steps), its old losses must not count as the new setting's. How it ran (micro-batching, device,
+    intervals) may differ."""
+    from trainer.config import save_config
+
+    old = make_run(tmp_path, "AdamW", extra=["--optim.weight_decay=0.3", "--train.max_steps=20"])
+    write_metrics(old, {0: 9.0, 10: 6.0, 20: 5.0})
+    save_config(old.config, Path(old.run_dir) / "config.yaml")  # as the trainer writes it at each start
+    now = make_run(tmp_path, "AdamW")  # the same directory: weight decay 0.01 (the config's), max_steps 10
+    assert now.run_dir == old.run_dir
+    with pytest.raises(StudyResultsError, match=r"was trained with other settings than the study's") as e:
+        run_result(now)
+    assert "optim.weight_decay: 0.3 in the run, 0.01 in the study" in str(e.value)
+    assert "train.max_steps: 20 in the run, 10 in the study" in str(e.value) and "Delete" in str(e.value)
+    how = make_run(tmp_path, "AdamW", extra=["--train.micro_batch=4", "--eval.interval=5", "--log.interval=1"])
+    save_config(how.config, Path(how.run_dir) / "config.yaml")
+    assert run_result(now).status == "complete"  # the same computation, run another way

@@ -29,6 +29,7 @@ from study.runner import (
     run_local,
     run_setup,
     runs_left,
+    setup_left,
     write_slurm,
 )
 from study.spec import SetupStep, Study, StudyRun
@@ -122,6 +123,19 @@ def test_setup_runs_each_step_once_and_skips_what_exists(tmp_path):
     which = tmp_path / "which"
     run_setup(make_study(tmp_path, [], [SetupStep(f"python -c 'import sys; print(sys.prefix)' > {which}")]))
     assert which.read_text().strip() == sys.prefix
+
+
+def test_a_creates_path_under_the_cache_follows_memopt_cache(tmp_path, monkeypatch):
+    """The data tools write `.cache/...` into MEMOPT_CACHE (data.paths.resolve_path): the step's check looks there."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MEMOPT_CACHE", str(cache))
+    step = SetupStep(
+        f"mkdir -p {cache}/tokens/x && touch {cache}/tokens/x/manifest.json", creates=".cache/tokens/x/manifest.json"
+    )
+    study = make_study(tmp_path, [], [step])
+    assert setup_left(study) == [step]
+    run_setup(study, io.StringIO())  # no "did not create": it looks where the command wrote
+    assert setup_left(study) == [] and (cache / "tokens" / "x" / "manifest.json").exists()
 
 
 def test_a_failing_setup_step_is_an_error_naming_it(tmp_path):

@@ -250,7 +250,7 @@ figures:
     references: {Adamw(factor): [AdamW, Adafactor], Adam: AdamW}
     where: {train.global_batch: 8, optim.lr: [1.0e-3, 3.0e-3]}
     title: Loss
-  - {name: t1, kind: table, rows: [AdamW], columns: optim.lr}
+  - {name: t1, kind: table, rows: [Adafactor], columns: train.global_batch}
   - {name: curves, kind: curves}
   - {name: pareto, kind: pareto, series: [AdamW]}
 """,
@@ -266,7 +266,7 @@ figures:
     )
     assert fig1.references == {"Adamw(factor)": ["AdamW", "Adafactor"], "Adam": ["AdamW"]}
     assert fig1.where == {"train.global_batch": [8], "optim.lr": [1e-3, 3e-3]}
-    assert (table.rows, table.columns, table.series) == (["AdamW"], "optim.lr", [])
+    assert (table.rows, table.columns, table.series) == (["Adafactor"], "train.global_batch", [])
     assert (curves.kind, curves.series, curves.where, curves.title) == ("curves", [], {}, "")
     assert pareto.series == ["AdamW"]
     assert (study.results_dir, study.figures_dir) == (Path("runs/studies/s/results"), Path("runs/studies/s/figures"))
@@ -445,7 +445,13 @@ ERRORS = [
         "arms:\n  - {label: A, grid: {train.global_batch: [8, 12]}}\n",
         r"entry 'A': run .*global_batch12.*must split",
     ),
-    ("bad grid key", "arms:\n  - {label: A, grid: {optim.lrr: [1]}}\n", r"entry 'A': run .*optim\.lrr"),
+    (
+        "bad grid key",
+        "arms:\n  - {label: A, grid: {optim.lrr: [1]}}\n",
+        r"entry 'A': grid: 'optim\.lrr' is not a config key.*Did you mean 'optim\.lr'",
+    ),
+    ("grid key not a string", "arms:\n  - {label: A, grid: {5: [1]}}\n", r"entry 'A': grid: 5 is not a config key"),
+    ("config not a path", "arms:\n  - {label: A, config: 5}\n", r"'config' must be a config file or a list of them"),
     (
         "sweep entry with a grid",
         "arms:\n  - {label: A, sweep: x.yaml, grid: {optim.lr: [1]}}\n",
@@ -462,6 +468,11 @@ ERRORS = [
         r"entry 'A': the study's top-level overrides would change the runs of the sweep file",
     ),
     ("setup step", "setup: [{cmd: make}]\narms:\n" + A, r"setup\[0\] must be a mapping with a 'run' command"),
+    (  # each arm's best run picks its own lr: x would show the first run's, not the best one's
+        "figure x tuned",
+        "arms:\n  - {label: A, grid: {optim.lr: [1.0e-3, 3.0e-3]}}\nfigures:\n  - {name: f, kind: line, x: optim.lr}\n",
+        r"figure 'f': its x optim\.lr is tuned by entry 'A'",
+    ),
     (
         "overrides not a mapping",
         "arms:\n  - {label: A, overrides: [optim.lr=1]}\n",

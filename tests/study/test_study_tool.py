@@ -77,3 +77,27 @@ def test_setup_steps_left_are_listed_and_refused_for_slurm_until_setup_runs(tmp_
     assert main([str(study), "--setup"]) == 0 and made.read_text() == "hi\n"
     assert main([str(study), "--slurm", str(script)]) == 0 and script.exists()
     assert "# setup left" not in capsys.readouterr().out
+
+
+def test_a_relative_slurm_path_is_taken_from_where_the_command_runs(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    study = str(write_study(tmp_path))
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)  # the tool moves to the repo root afterwards
+    assert main([study, "--slurm", "sub/x.sbatch"]) == 0
+    assert (tmp_path / "sub" / "x.sbatch").exists() and not (REPO / "sub").exists()
+    assert f"sbatch {tmp_path / 'sub' / 'x.sbatch'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:  # it writes the script only: --run / --collect would be dropped
+        main([study, "--slurm", "sub/y.sbatch", "--run"])
+    assert exited.value.code == 2 and "--slurm writes the array script only" in capsys.readouterr().err
+
+
+def test_run_exits_1_when_a_run_failed(tmp_path, monkeypatch, capsys):
+    """`make study` and schedulers read the exit status; the tables of the rest are written first."""
+    monkeypatch.chdir(REPO)
+    study = str(write_study(tmp_path, lrs="[1.0e-3]"))
+    assert main([study, "--run", "--launcher", "false", "--jobs", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "error: 1 run(s) failed" in captured.err and "re-run the same command" in captured.err
+    assert "1 failed" in captured.out and (tmp_path / "out" / "results").is_dir()

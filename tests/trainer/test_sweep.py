@@ -99,8 +99,20 @@ def test_zipped_values_are_validated_like_any_override(tmp_path):
             "grid: {optim.lr: [1.0e-3, 0.001]}\nrun_dir: x/{optim.lr}\n",
             r"grid optim.lr lists 0.001 more than once: \[0.001, 0.001\]; drop the repeat",
         ),
+        (  # YAML reads 1e-3 (no dot) as the string '1e-3': another directory, the same run
+            "grid: {optim.lr: [1.0e-3, 1e-3]}\nrun_dir: x/lr{optim.lr}\n",
+            r"runs x/lr0.001 and x/lr1e-3 are the same run .*spelled two ways",
+        ),
+        ("grid: {5: [1]}\nrun_dir: x/{5}\n", r"grid key 5 is not a dotted config key"),
     ],
 )
 def test_a_malformed_grid_or_zip_is_a_config_error_naming_the_fix(tmp_path, body, match):
     with pytest.raises(ConfigError, match=match):
         expand_sweep(write_sweep(tmp_path, body))
+
+
+def test_config_must_name_files(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"config: [{REPO / 'configs/tiny.yaml'}, 7]\nrun_dir: x/{{config}}\n")
+    with pytest.raises(ConfigError, match=r"'config' must be a config file or a list of them"):
+        expand_sweep(sweep)
