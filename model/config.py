@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Arch = Literal["olmo", "llama"]
-HEAD_DIM = 64  # fixed by the AdaMeM paper's setup: heads = width / 64
+HEAD_DIM = 64  # model.head_dim's default: the AdaMeM paper's setup and GaLore's LLaMA up to 1B (heads = width / 64)
 
 
 @dataclass
@@ -20,7 +20,9 @@ class ModelConfig:
     """Block design: olmo = LayerNorm + fused QKV + GeLU MLP, GPT-2 init (the AdaMeM paper); llama = RMSNorm + separate
     q/k/v + SwiGLU MLP, normal(0.02) init (GaLore's LLaMA). Both: RoPE, no biases, untied output."""
     d_model: int = 128
-    """Width (residual stream); a multiple of the head dimension 64."""
+    """Width (residual stream); a multiple of head_dim."""
+    head_dim: int = HEAD_DIM
+    """Width of each attention head: heads = d_model / head_dim (64; LLaMA-7B: 128, i.e. 32 heads)."""
     n_layers: int = 4
     """Transformer blocks."""
     mlp_ratio: int = 4
@@ -57,13 +59,16 @@ class ModelConfig:
 
     @property
     def n_heads(self) -> int:
-        return self.d_model // HEAD_DIM
+        return self.d_model // self.head_dim
 
     def validate(self) -> None:
-        if self.d_model <= 0 or self.d_model % HEAD_DIM:
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim} must be a positive even number (RoPE rotates pairs)")
+        hd = self.head_dim
+        if self.d_model <= 0 or self.d_model % hd:
             raise ValueError(
-                f"model.d_model={self.d_model} is not a positive multiple of the head dimension {HEAD_DIM}; "
-                f"use e.g. --model.d_model={max(HEAD_DIM, round(self.d_model / HEAD_DIM) * HEAD_DIM)}"
+                f"model.d_model={self.d_model} is not a positive multiple of the head dimension {hd} (model.head_dim); "
+                f"use e.g. --model.d_model={max(hd, round(self.d_model / hd) * hd)}"
             )
         if self.mlp_hidden is not None and self.mlp_hidden <= 0:
             raise ValueError(f"model.mlp_hidden must be positive or null, got {self.mlp_hidden}")
@@ -79,11 +84,14 @@ FLAVORS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=128, n_layers=4),
     "210m": dict(d_model=1024, n_layers=12),
     "550m": dict(d_model=1280, n_layers=24),
-    # GaLore's LLaMA family (jiaweizzhao/GaLore configs/llama_*.json): RMSNorm eps 1e-6, SwiGLU, head dim 64.
+    # GaLore's LLaMA family (jiaweizzhao/GaLore configs/llama_*.json): RMSNorm eps 1e-6, SwiGLU, head dim 64 but
+    # 7B's 128 (its 32 heads).
     # vocab: T5's 32100 ids padded to 32128 as above (GaLore's configs say 32000).
     "llama_60m": dict(arch="llama", d_model=512, n_layers=8, mlp_hidden=1376, norm_eps=1e-6, max_seq_len=1024),
     "llama_130m": dict(arch="llama", d_model=768, n_layers=12, mlp_hidden=2048, norm_eps=1e-6, max_seq_len=1024),
     "llama_350m": dict(arch="llama", d_model=1024, n_layers=24, mlp_hidden=2736, norm_eps=1e-6, max_seq_len=1024),
     "llama_1b": dict(arch="llama", d_model=2048, n_layers=24, mlp_hidden=5461, norm_eps=1e-6, max_seq_len=1024),
-    "llama_7b": dict(arch="llama", d_model=4096, n_layers=32, mlp_hidden=11008, norm_eps=1e-6, max_seq_len=1024),
+    "llama_7b": dict(
+        arch="llama", d_model=4096, head_dim=128, n_layers=32, mlp_hidden=11008, norm_eps=1e-6, max_seq_len=1024
+    ),
 }

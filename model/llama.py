@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import HEAD_DIM, ModelConfig
+from model.config import ModelConfig
 from model.rms_norm import RMSNorm
 from model.rope import apply_rope
 
@@ -30,7 +30,7 @@ from model.rope import apply_rope
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         d = cfg.d_model
         self.q = nn.Linear(d, d, bias=False)
         self.k = nn.Linear(d, d, bias=False)
@@ -38,9 +38,9 @@ class LlamaAttention(nn.Module):
         self.out = nn.Linear(d, d, bias=False)
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, seq, d) -> (batch, heads, seq, 64): head j is columns [64 j, 64 (j + 1)) (HF's view)."""
+        """(batch, seq, d) -> (batch, heads, seq, head_dim): head j is columns [hd j, hd (j + 1)) (HF's view)."""
         b, t, _ = x.shape
-        return x.view(b, t, self.n_heads, HEAD_DIM).transpose(1, 2)
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape

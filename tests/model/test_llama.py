@@ -68,7 +68,7 @@ def test_flavour_param_counts(flavor):
     """The closed form, the built module (meta device: no memory) and GaLore's published size agree."""
     galore = ModelConfig.from_flavor(flavor, vocab_size=32000)  # GaLore's configs' vocabulary
     d, h, layers = galore.d_model, galore.hidden_dim, galore.n_layers
-    assert galore.arch == "llama" and galore.norm_eps == 1e-6 and galore.n_heads == d // 64
+    assert galore.arch == "llama" and galore.norm_eps == 1e-6 and galore.n_heads == d // galore.head_dim
     counts = param_counts(galore)
     assert counts["total"] == closed_form(d, h, layers, 32000)
     assert counts["non_embedding"] == counts["total"] - 2 * 32000 * d
@@ -90,7 +90,7 @@ def test_published_widths():
         "llama_130m": (768, 2048, 12, 12),
         "llama_350m": (1024, 2736, 24, 16),
         "llama_1b": (2048, 5461, 24, 32),
-        "llama_7b": (4096, 11008, 32, 64),  # heads of 64 here (LLaMA-7B: 32 of 128; the same parameters)
+        "llama_7b": (4096, 11008, 32, 32),  # heads of 128 (model.head_dim), the others' of 64
     }
 
 
@@ -122,16 +122,18 @@ def _hf_name(name: str) -> str:
     return f"model.layers.{i}.{rest}"
 
 
-def test_parity_with_hf_llama():
+@pytest.mark.parametrize(("d_model", "head_dim"), [(128, 64), (256, 128)], ids=["head_dim64", "head_dim128"])
+def test_parity_with_hf_llama(d_model, head_dim):
     """Same weights in HF transformers' LlamaForCausalLM (eager attention, its own RoPE and RMSNorm): logits and
-    every gradient agree on fp32 CPU. Weights are drawn larger than the init (std 0.1, norm weights around 1) so
-    attention is far from uniform and a RoPE, head-layout or norm mismatch shows."""
+    every gradient agree on fp32 CPU, with two heads of 64 and of 128 (LLaMA-7B's). Weights are drawn larger than
+    the init (std 0.1, norm weights around 1) so attention is far from uniform and a RoPE, head-layout or norm
+    mismatch shows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = small_cfg()
+    cfg = small_cfg(d_model=d_model, head_dim=head_dim)
     hf_cfg = LlamaConfig(
         vocab_size=256,
-        hidden_size=128,
+        hidden_size=d_model,
         intermediate_size=352,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -181,3 +183,19 @@ def test_optimizer_roles():
         "norm.weight": ("norm", None),
         "lm_head.weight": ("output", None),
     }
+
+
+def test_llama_7b_has_the_published_heads():
+    """GaLore's configs/llama_7b.json (LLaMA-7B): 32 heads of 128 (model.head_dim; the other flavours' heads are
+    64 wide, test_published_widths); an odd head width, which RoPE cannot rotate in pairs, is refused."""
+    seven = ModelConfig.from_flavor("llama_7b")
+    assert (seven.d_model, seven.n_heads, seven.head_dim, seven.hidden_dim, seven.n_layers) == (
+        4096,
+        32,
+        128,
+        11008,
+        32,
+    )
+    assert closed_form(4096, 11008, 32, 32000) == 6_738_415_616  # the published 6.74B, at GaLore's vocabulary
+    with pytest.raises(ValueError, match=r"model.head_dim=63 must be a positive even number"):
+        Transformer(small_cfg(head_dim=63))
