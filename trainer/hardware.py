@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-# Dense (non-sparse) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense (non-sparse) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s. Matched by substring of the
+# device name, in this order: the PCIe H100 ("NVIDIA H100 PCIe", 1513 TFLOP/s with sparsity) before the SXM one.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def device_peak_flops(device: torch.device) -> float | None:
+    """The peak of `device` (the first PEAK_BF16_FLOPS key in its name), None for a CPU or an unknown device."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
