@@ -62,7 +62,7 @@ from study.tables import (
 from trainer.checkpoint import list_checkpoints
 from trainer.flop_budget import config_flops
 from trainer.metrics import MetricsFileError, read_metrics
-from trainer.resume_policy import config_changes
+from trainer.resume_policy import config_changes, listed
 from trainer.run_outcome import read_diverged
 
 RunStatus = Literal["complete", "diverged", "failed", "incomplete", "pending"]
@@ -205,11 +205,7 @@ def check_run_config(run: StudyRun, run_dir: Path) -> None:
         ) from None
     now = yaml.safe_load(yaml.safe_dump(run.config.to_dict(), sort_keys=False))  # as saved: lists, not tuples
     changes = config_changes(saved if isinstance(saved, dict) else {}, now)
-    differ = {
-        key: change
-        for key, change in changes.items()
-        if key not in HOW_IT_RAN and f"{key.split('.', 1)[0]}.*" not in HOW_IT_RAN
-    }
+    differ = {key: change for key, change in changes.items() if not listed(key, HOW_IT_RAN)}
     if differ:
         lines = "; ".join(f"{key}: {old!r} in the run, {new!r} in the study" for key, (old, new) in differ.items())
         raise StudyResultsError(

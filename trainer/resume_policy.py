@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,13 @@ MAY_CHANGE_ON_RESUME = (
 )
 
 
+def listed(key: str, patterns: Sequence[str]) -> bool:
+    """Whether "section.key" `key` is in `patterns` ("section.key" or "section.*" entries)."""
+    return key in patterns or f"{key.split('.', 1)[0]}.*" in patterns
+
+
 def may_change(key: str) -> bool:
-    section = key.split(".", 1)[0]
-    return key in MAY_CHANGE_ON_RESUME or f"{section}.*" in MAY_CHANGE_ON_RESUME
+    return listed(key, MAY_CHANGE_ON_RESUME)
 
 
 def config_changes(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:
