@@ -17,9 +17,11 @@ torch.chunk share, ceil(x / W)):
             rows, optim.sharding.state_shard_dim, split; the others whole) + activations
             + unsharded root parameters (embedding, output layer, final norm: the root does not
             reshard between forward and backward) + 2 unsharded blocks (the current one and the
-            prefetched one) + gradients: ordinary path chunk(all gradients) + one unsharded block's
-            before its reduce-scatter; fused path the largest unsharded gradient only (each is
-            freed by its update right after the reduce-scatter)
+            prefetched one) + gradients: the root's unsharded output-layer and final-norm gradients,
+            which live through the whole backward (the root's reduce-scatter waits for backward's end:
+            its forward input, the tokens, has no gradient to hook) + one unsharded block's before its
+            reduce-scatter + on the ordinary path chunk(all gradients) (the fused path frees each
+            sharded gradient by its update right after the reduce-scatter)
     deepspeed (W > 1; ZeRO keeps a flat fp32 copy of its weight partition for its optimizer even when the
             model is fp32, counted with the state; its gradient bucket, reduce_bucket_size = 5e8 elements
             by default, is counted as min(bucket, all gradients)):
@@ -74,14 +76,17 @@ def chunk(nbytes: int, world: int) -> int:
 
 
 def layout_bytes(model_cfg: ModelConfig) -> dict[str, int]:
-    """Bytes of the root's own parameters (embedding, output layer, final norm) and of the largest block."""
+    """Bytes of the root's own parameters (embedding, output layer, final norm), of those whose gradients the
+    backward makes first (`head`: output layer and final norm), of the largest block and of the largest
+    parameter."""
     with torch.device("meta"):
         model = Transformer(model_cfg)
     blocks = {id(p) for p in model.blocks.parameters()}
     root = sum(p.nbytes for p in model.parameters() if id(p) not in blocks)
+    head = sum(p.nbytes for p in (*model.lm_head.parameters(), *model.norm.parameters()))
     block = max(sum(p.nbytes for p in b.parameters()) for b in model.blocks)
     largest = max(p.nbytes for p in model.parameters())
-    return dict(root=root, block=block, largest=largest)
+    return dict(root=root, head=head, block=block, largest=largest)
 
 
 def per_rank(engine: str, world: int, fused: bool, m: dict[str, int], layout: dict[str, int]) -> dict[str, int]:
@@ -98,7 +103,9 @@ def per_rank(engine: str, world: int, fused: bool, m: dict[str, int], layout: di
         )
     weights = chunk(m["weights"], world)
     state = m["state_sharded"]
-    grads = layout["largest"] if fused else chunk(m["weights"], world) + layout["block"]
+    # lm_head's and the final norm's unsharded gradients are alive when every block's backward starts, and gone
+    # only after it (2 gloo ranks: tests/trainer/test_engines.py).
+    grads = layout["head"] + layout["block"] + (0 if fused else chunk(m["weights"], world))
     transient = layout["root"] + 2 * layout["block"] + m["deferred"]
     total = weights + state + m["activations"] + grads + transient
     return dict(

@@ -145,12 +145,14 @@ def test_bench_engines_prints_the_per_rank_table_at_a_tiny_size():
     layout = bench_engines.layout_bytes(cfg)
     half = -(-m["weights"] // 2)
     assert m["state_sharded"] < m["state"] and row["state"] == m["state_sharded"]
-    assert (
-        row["total"]
-        == half + m["state_sharded"] + m["activations"] + half + layout["block"] + layout["root"] + 2 * layout["block"]
-    )
+    grads = layout["head"] + layout["block"] + half  # the root's head gradients live through backward
+    assert row["total"] == half + m["state_sharded"] + m["activations"] + grads + layout["root"] + 2 * layout["block"]
+    fused = next(r for r in table if r["optimizer"] == "adalomo" and r["fused"] and r["engine"] == "fsdp2")
+    assert fused["grads"] == layout["head"] + layout["block"]
     one = next(r for r in table if r["optimizer"] == "adamw" and r["ranks"] == 1)
-    assert row["total"] < one["total"]  # sharding pays at 2 ranks already
+    # Weights and state halve at 2 ranks; the total need not fall at this size, where the unsharded vocab-sized
+    # output layer and its gradient dominate.
+    assert row["weights"] < one["weights"] and row["state"] < one["state"]
     # DeepSpeed's rows: ZeRO-3 AdamW (its fp32 partition copy counted with the state), AdaLomo the LOMO way.
     z3 = next(r for r in table if r["optimizer"] == "adamw" and r["engine"] == "ds-z3")
     assert z3["state"] == half + -(-m["state"] // 2) and z3["grads"] == half + m["weights"]  # bucket >= all grads here
