@@ -182,6 +182,7 @@ def _root_gradients_in_backward(rank: int, world: int) -> list[list[str]]:
     """Which of the root's parameters (embedding, final norm, output layer) hold an unsharded gradient when each
     block's backward starts, and after the backward, under the trainer's FSDP2 wrapping."""
     import torch
+    from torch.distributed.fsdp import FSDPModule
 
     from model import ModelConfig, Transformer
     from trainer.distributed import DistInfo
@@ -190,11 +191,14 @@ def _root_gradients_in_backward(rank: int, world: int) -> list[list[str]]:
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=64, n_layers=3, vocab_size=512, max_seq_len=32))
     apply_fsdp2(model, DistInfo(rank, world, rank, torch.device("cpu")), "fp32")
-    root = model._get_fsdp_state()._fsdp_param_group.fsdp_params  # FSDP2 internals: no public view of this
+    assert isinstance(model, FSDPModule)  # fully_shard made the model's class an FSDP one
+    group = model._get_fsdp_state()._fsdp_param_group  # FSDP2 internals: no public view of this
+    assert group is not None
+    root = group.fsdp_params
     seen: list[list[str]] = []
 
     def record(*_: object) -> None:
-        seen.append(sorted(p._param_fqn for p in root if p._unsharded_param.grad is not None))
+        seen.append(sorted(str(p._param_fqn) for p in root if p._unsharded_param.grad is not None))
 
     for block in model.blocks:
         block.register_full_backward_pre_hook(record)
