@@ -40,11 +40,9 @@ from __future__ import annotations
 import itertools
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from trainer.config import Config, ConfigError, config_from_mapping
 from trainer.config_parsing import read_yaml, read_yaml_mapping
@@ -131,9 +129,11 @@ def _check_distinct_runs(source: str, runs: list[SweepRun]) -> None:
     string '1e-3', which names another directory and loads as the same number)."""
     seen: dict[str, str] = {}
     for run in runs:
-        values = run.config.to_dict()
-        run_dir = values["run"].pop("dir")
-        key = f"{run.config_path}\n{yaml.safe_dump(values, sort_keys=True)}"
+        run_dir = run.config.run.dir
+        # The config without its directory, as the dataclasses' repr (one text per config): a YAML dump of each
+        # took 1.6 s of the 210m study's 1.7 s load, this takes milliseconds.
+        nameless = replace(run.config, run=replace(run.config.run, dir=""))
+        key = f"{run.config_path}\n{nameless!r}"
         if key in seen:
             raise ConfigError(
                 f"{source}: runs {seen[key]} and {run_dir} are the same run ({run.config_path.name} with the same "
