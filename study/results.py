@@ -203,8 +203,8 @@ def check_run_config(run: StudyRun, run_dir: Path) -> None:
             f"{describe_run(run)}: cannot read {path}: {e}. Delete {run_dir} to train the run again from scratch "
             "(the study reruns it)."
         ) from None
-    now = yaml.safe_load(yaml.safe_dump(run.config.to_dict(), sort_keys=False))  # as saved: lists, not tuples
-    changes = config_changes(saved if isinstance(saved, dict) else {}, now)
+    # Every config value is a YAML scalar, so the saved file and to_dict() compare as they are.
+    changes = config_changes(saved if isinstance(saved, dict) else {}, run.config.to_dict())
     differ = {key: change for key, change in changes.items() if not listed(key, HOW_IT_RAN)}
     if differ:
         lines = "; ".join(f"{key}: {old!r} in the run, {new!r} in the study" for key, (old, new) in differ.items())

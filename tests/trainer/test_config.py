@@ -206,3 +206,14 @@ def test_the_fast_yaml_loader_reads_every_shipped_file_as_pyyaml_does():
         assert yaml.load(text, Loader=ConfigYamlLoader) == yaml.safe_load(text), path
     for value in ["3e-3", "1.0e-3", "null", "~", "true", "no", "[1, 2]", "0x10", "1_000", ".inf", "2024-01-01"]:
         assert yaml.load(value, Loader=ConfigYamlLoader) == yaml.safe_load(value), value
+
+
+def test_every_config_value_is_a_yaml_scalar():
+    """config.yaml round-trips every value unchanged, which the study's check of a run's settings relies on
+    (study.results.check_run_config compares the saved file with to_dict() as they are: a tuple would load as a
+    list and differ)."""
+    for path in (None, "configs/210m.yaml"):
+        values = load_config(path).to_dict()
+        assert all(
+            isinstance(v, int | float | str | bool | None) for section in values.values() for v in section.values()
+        )
