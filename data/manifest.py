@@ -56,6 +56,23 @@ def state_path(out: pathlib.Path, split: str) -> pathlib.Path:
     return out / f"{split}.prepare.json"
 
 
+def read_record(out: pathlib.Path, split: str) -> dict | None:
+    """The split's `<split>.prepare.json`, or None when it is missing, unreadable or malformed (no settings
+    key with a tokenizer sha256, or complete without an entry)."""
+    try:
+        record = json.loads(state_path(out, split).read_bytes())
+    except (OSError, ValueError):  # missing, unreadable; ValueError: json.JSONDecodeError, UnicodeDecodeError
+        return None
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("key"), dict)
+        and isinstance(record["key"].get("tokenizer_sha256"), str)
+        and (not record.get("complete") or isinstance(record.get("entry"), dict))
+    ):
+        return None
+    return record
+
+
 def split_checksum(dtype: str, tokenizer_sha256: str, shards: list[dict]) -> str:
     payload = json.dumps(
         {
@@ -103,11 +120,13 @@ def read_manifest(prepared_dir: pathlib.Path) -> dict:
     return manifest
 
 
-def _is_int(x: object) -> bool:
+def is_count(x: object) -> bool:
+    """A non-negative int (not a bool): a token, document or skip count in a manifest or shard sidecar."""
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _is_sha(x: object) -> bool:
+def is_sha256(x: object) -> bool:
+    """A sha256 hex digest as the manifests and sidecars write it."""
     return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
 
 
@@ -116,15 +135,15 @@ def _layout_problem(m: dict) -> str | None:
     if m.get("dtype") not in DTYPES:
         return f"dtype {m.get('dtype')!r} is not one of {', '.join(DTYPES)}"
     tok = m.get("tokenizer")
-    if not (isinstance(tok, dict) and _is_sha(tok.get("sha256")) and _is_int(tok.get("vocab_size"))):
+    if not (isinstance(tok, dict) and is_sha256(tok.get("sha256")) and is_count(tok.get("vocab_size"))):
         return "the tokenizer entry lacks a sha256 or vocab_size"
     splits = m.get("splits")
-    if not isinstance(splits, dict) or not _is_sha(m.get("checksum")):
+    if not isinstance(splits, dict) or not is_sha256(m.get("checksum")):
         return "the splits or the checksum are missing"
     for name, info in splits.items():
-        if not (isinstance(info, dict) and _is_sha(info.get("checksum")) and isinstance(info.get("shards"), list)):
+        if not (isinstance(info, dict) and is_sha256(info.get("checksum")) and isinstance(info.get("shards"), list)):
             return f"split {name!r} lacks its checksum or shard list"
-        if not _is_int(info.get("tokens")):
+        if not is_count(info.get("tokens")):
             return f"split {name!r} lacks its token count"
         for shard in info["shards"]:
             if not isinstance(shard, dict):
@@ -132,7 +151,7 @@ def _layout_problem(m: dict) -> str | None:
             file = shard.get("file")
             if not (isinstance(file, str) and file and pathlib.PurePath(file).name == file and file not in (".", "..")):
                 return f"split {name!r} has a shard entry without a plain file name ({file!r})"
-            if not (_is_int(shard.get("tokens")) and _is_int(shard.get("docs")) and _is_sha(shard.get("sha256"))):
+            if not (is_count(shard.get("tokens")) and is_count(shard.get("docs")) and is_sha256(shard.get("sha256"))):
                 return f"the entry of shard {file} lacks its tokens, docs or sha256"
     return None
 
@@ -236,8 +255,10 @@ def _settings_from_manifest(manifest: dict) -> dict[str, dict]:
 def _settings_from_records(prepared_dir: pathlib.Path) -> dict[str, dict]:
     out = {}
     for split in SPLITS:
+        record = read_record(prepared_dir, split)
+        if record is None:
+            continue
         try:
-            record = json.loads(state_path(prepared_dir, split).read_text())
             key = record["key"]
             out[split] = {
                 "source": key["source"],
@@ -247,7 +268,7 @@ def _settings_from_records(prepared_dir: pathlib.Path) -> dict[str, dict]:
                 "tokenizer_path": record.get("tokenizer_path"),  # not in records written before it was added
                 "tokenizer_sha256": key["tokenizer_sha256"],
             }
-        except (OSError, ValueError, KeyError, TypeError):
+        except KeyError:  # a record without one of these settings: its split is left out
             continue
     return out
 

@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import os
 import pathlib
 import sys
@@ -66,23 +65,6 @@ class PrepareOptions:
     log: Callable[[str], object] = print
 
 
-def read_record(out: pathlib.Path, split: str) -> dict | None:
-    """The split's `<split>.prepare.json`, or None when it is missing, unreadable or malformed (no settings
-    key with a tokenizer sha256, or complete without an entry)."""
-    try:
-        record = json.loads(mf.state_path(out, split).read_bytes())
-    except (OSError, ValueError):  # missing, unreadable; ValueError: json.JSONDecodeError, UnicodeDecodeError
-        return None
-    if not (
-        isinstance(record, dict)
-        and isinstance(record.get("key"), dict)
-        and isinstance(record["key"].get("tokenizer_sha256"), str)
-        and (not record.get("complete") or isinstance(record.get("entry"), dict))
-    ):
-        return None
-    return record
-
-
 def completed_splits(
     out: pathlib.Path, previous: dict[str, dict] | None = None, log: Callable[[str], object] = print
 ) -> dict[str, dict]:
@@ -94,7 +76,7 @@ def completed_splits(
     """
     splits = {}
     for split in mf.SPLITS:
-        state = read_record(out, split)
+        state = mf.read_record(out, split)
         if state is None and mf.state_path(out, split).exists():
             if previous and split in previous:
                 splits[split] = previous[split]
@@ -148,7 +130,7 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
         "max_docs": plan.max_docs,
     }
     state_path = mf.state_path(out, split)
-    old = read_record(out, split)
+    old = mf.read_record(out, split)
     if old is None and state_path.exists():
         opts.log(f"[{split}] {state_path} is unreadable or damaged: rewriting it (no settings to compare with)")
     if old is not None:
@@ -297,7 +279,7 @@ def prepare(plans: list[SplitPlan], opts: PrepareOptions) -> dict:
             recorded = [old_manifest["tokenizer"]["sha256"]]
             previous = old_manifest["splits"]
         except DataError:  # damaged (e.g. truncated): rewritten below; each split's record names its tokenizer
-            records = [read_record(opts.out, s) for s in mf.SPLITS]  # an unreadable one is rewritten or left out
+            records = [mf.read_record(opts.out, s) for s in mf.SPLITS]  # an unreadable one is rewritten or left out
             recorded = [r["key"]["tokenizer_sha256"] for r in records if r is not None]
         for sha in recorded:
             check_tokenizer_matches(sha, opts.tokenizer_path, str(opts.out))

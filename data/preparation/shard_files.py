@@ -21,6 +21,7 @@ import pathlib
 import numpy as np
 
 from data.files import partial_path, sha256_file, write_json_atomic
+from data.manifest import is_count, is_sha256
 
 
 def shard_path(out: pathlib.Path, split: str, index: int) -> pathlib.Path:
@@ -112,17 +113,13 @@ def _read_sidecar(path: pathlib.Path, shard_name: str) -> dict | None:
     if not (
         isinstance(meta, dict)
         and meta.get("file") == shard_name
-        and _is_count(meta.get("tokens"))
-        and _is_count(meta.get("docs"))
-        and isinstance(meta.get("sha256"), str)
+        and is_count(meta.get("tokens"))
+        and is_count(meta.get("docs"))
+        and is_sha256(meta.get("sha256"))
         and isinstance(meta.get("skipped"), dict)
-        and all(_is_count(n) for n in meta["skipped"].values())
+        and all(is_count(n) for n in meta["skipped"].values())
         and meta.get("closed_by") in ("size", "limit", "end")
         and "end_cursor" in meta
     ):
         return None
     return meta
-
-
-def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
