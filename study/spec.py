@@ -149,6 +149,10 @@ class FigureSpec:
     rows: list[str] = field(default_factory=list)  # table: entry labels, one row each
     columns: str | None = None  # table: the dotted config key whose values are the columns
 
+    def drawn(self, labels: list[str]) -> list[str]:
+        """The entries the figure draws as lines, points or rows: its series (table: rows); none = all `labels`."""
+        return self.series or self.rows or labels
+
 
 @dataclass(frozen=True)
 class Study:
@@ -603,9 +607,11 @@ def _check_figure_axis_is_not_tuned(path: Path, figure: FigureSpec, entries: lis
     """A line figure's x or a table's columns holds one value per arm; a key that an entry tunes over a grid has
     one value per run, and the figure would show an arbitrary run's, not the best one's."""
     axis = figure.x if figure.kind == "line" else figure.columns if figure.kind == "table" else None
-    chosen = set(figure.series or figure.rows or [entry.label for entry in entries])
+    if axis is None:
+        return
+    chosen = figure.drawn([entry.label for entry in entries])
     for entry in entries:
-        if axis is not None and entry.label in chosen and axis in entry.tune and axis in entry.varied:
+        if entry.label in chosen and axis in entry.tune and axis in entry.varied:
             what = "x" if figure.kind == "line" else "columns"
             raise ConfigError(
                 f"{path}: figure {figure.name!r}: its {what} {axis} is tuned by entry {entry.label!r} (each arm keeps "
@@ -616,7 +622,7 @@ def _check_figure_axis_is_not_tuned(path: Path, figure: FigureSpec, entries: lis
 
 def _check_figure_selects_runs(path: Path, figure: FigureSpec, runs: list[StudyRun], labels: list[str]) -> None:
     """A figure whose `where` keeps no run of its entries is a typo (a batch size no run has) or a stale filter."""
-    chosen = set(figure.series or figure.rows or labels)
+    chosen = set(figure.drawn(labels))
     chosen |= {label for entries in figure.references.values() for label in entries}
     candidates = [run for run in runs if run.entry in chosen]
     if any(all(config_value(run.config, k) in v for k, v in figure.where.items()) for run in candidates):
