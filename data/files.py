@@ -25,7 +25,7 @@ import os
 import pathlib
 import secrets
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -118,6 +118,15 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes, *, unique_tmp: bool = Fa
     tmp = unique_temp_path(path) if unique_tmp else partial_path(path)
     with _replacing_file(path, tmp, fsync=unique_tmp) as f:
         f.write(data)
+
+
+def read_json(path: pathlib.Path) -> Any:
+    """The JSON value in `path`, or None when it is missing, unreadable or not JSON (e.g. cut short by a crash):
+    the caller treats it as absent, and checks the value's shape itself."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):  # ValueError: json.JSONDecodeError, UnicodeDecodeError
+        return None
 
 
 def write_json_atomic(path: pathlib.Path, obj: dict, *, unique_tmp: bool = False) -> None:

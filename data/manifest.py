@@ -38,7 +38,7 @@ import shlex
 
 from data.config import DataConfig
 from data.errors import DataError
-from data.files import sha256_file
+from data.files import read_json, sha256_file
 from data.paths import sample_corpus_dir, t5_tokenizer_path
 
 FORMAT = "memopt-lm-tokens"
@@ -59,10 +59,7 @@ def state_path(out: pathlib.Path, split: str) -> pathlib.Path:
 def read_record(out: pathlib.Path, split: str) -> dict | None:
     """The split's `<split>.prepare.json`, or None when it is missing, unreadable or malformed (no settings
     key with a tokenizer sha256, or complete without an entry)."""
-    try:
-        record = json.loads(state_path(out, split).read_bytes())
-    except (OSError, ValueError):  # missing, unreadable; ValueError: json.JSONDecodeError, UnicodeDecodeError
-        return None
+    record = read_json(state_path(out, split))
     if not (
         isinstance(record, dict)
         and isinstance(record.get("key"), dict)

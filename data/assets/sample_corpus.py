@@ -15,7 +15,6 @@ from __future__ import annotations
 import bz2
 import hashlib
 import io
-import json
 import pathlib
 import tempfile
 import zipfile
@@ -23,7 +22,7 @@ from collections.abc import Callable
 
 from data.assets import pypi_wheels
 from data.assets.wikitext import iter_wiki_articles
-from data.files import sha256_file, write_json_atomic
+from data.files import read_json, sha256_file, write_json_atomic
 from data.paths import sample_corpus_dir
 from data.preparation import c4_format
 
@@ -98,10 +97,7 @@ def _read_stamp(corpus_dir: pathlib.Path) -> dict | None:
     """The stamp when it vouches for a complete, intact corpus: this recipe version, every shard the recipe
     writes listed and matching its sha256. None otherwise (also when it is missing, unreadable or malformed):
     the corpus is rebuilt. A stamp listing fewer files (e.g. none) would vouch for a corpus that is not there."""
-    try:
-        stamp = json.loads((corpus_dir / "SAMPLE.json").read_bytes())
-    except (OSError, ValueError):  # missing, unreadable; ValueError: json.JSONDecodeError, UnicodeDecodeError
-        return None
+    stamp = read_json(corpus_dir / "SAMPLE.json")
     if not isinstance(stamp, dict) or stamp.get("version") != SAMPLE_VERSION:
         return None
     files = stamp.get("files")

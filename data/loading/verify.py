@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
 import os
 import pathlib
 import time
@@ -46,7 +45,7 @@ import numpy as np
 
 from data import manifest as mf
 from data.errors import DataError
-from data.files import shard_digest, write_json_atomic
+from data.files import read_json, shard_digest, write_json_atomic
 from data.paths import cache_root
 
 VerifyMode = Literal["quick", "full", "off"]
@@ -89,10 +88,7 @@ def _stat_key(st: os.stat_result) -> dict[str, int]:
 
 def _load_cache(path: pathlib.Path) -> dict[str, dict]:
     """The cached shard entries; {} for a missing, unreadable or malformed cache (it is rebuilt)."""
-    try:
-        cache = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return {}
+    cache = read_json(path)
     if not isinstance(cache, dict) or (cache.get("format"), cache.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
         return {}
     shards = cache.get("shards")

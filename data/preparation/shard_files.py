@@ -14,13 +14,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import json
 import os
 import pathlib
 
 import numpy as np
 
-from data.files import partial_path, sha256_file, write_json_atomic
+from data.files import partial_path, read_json, sha256_file, write_json_atomic
 from data.manifest import is_count, is_sha256
 
 
@@ -106,10 +105,7 @@ def finished_shards(out: pathlib.Path, split: str, dtype: np.dtype) -> list[dict
 def _read_sidecar(path: pathlib.Path, shard_name: str) -> dict | None:
     """The sidecar with the fields resuming uses (ShardWriter.finish writes them), or None when it cannot be
     read or lacks one: the shard is then not finished, and redoing it rewrites the sidecar."""
-    try:
-        meta = json.loads(path.read_bytes())
-    except (OSError, ValueError):  # ValueError: json.JSONDecodeError, UnicodeDecodeError
-        return None
+    meta = read_json(path)
     if not (
         isinstance(meta, dict)
         and meta.get("file") == shard_name
