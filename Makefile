@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CACHE := $(or $(MEMOPT_CACHE),.cache)
 SAMPLE_TOKENS := $(CACHE)/tokens/sample/manifest.json
+SAMPLE_STAMP := $(CACHE)/corpus/sample/SAMPLE.json
 
 .PHONY: demo study test check setup setup-test assets data clean help
 help:
@@ -33,7 +34,10 @@ setup-test: $(VENV)/.stamp-test
 assets: setup
 	$(PY) tools/fetch_assets.py
 
-$(SAMPLE_TOKENS): | assets
+# The tokens are prepared again when fetch_assets has rebuilt the corpus (a newer stamp): prepare_data
+# resumes or checks an intact copy, and refuses tokens of a changed corpus with the fix.
+$(SAMPLE_STAMP): | assets ;
+$(SAMPLE_TOKENS): $(SAMPLE_STAMP) | assets
 	$(PY) tools/prepare_data.py
 
 data: assets $(SAMPLE_TOKENS)

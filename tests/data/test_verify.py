@@ -19,6 +19,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 import data.files as files_mod
 import data.loading.verify as verify_mod
@@ -511,3 +512,38 @@ def test_bench_data_times_each_mode_and_writes_a_valid_synthetic_set(pristine, t
     assert not (out / verify_mod.CACHE_NAME).exists(), "the benchmark writes nothing into the prepared dir"
     tb = TrainBatches(DataConfig(prepared_dir=str(out), tokenizer=str(tok), seq_len=SEQ, verify="full"), global_batch=2)
     assert tb.store.n_tokens == 5000
+
+
+def test_a_source_changed_since_preparation_is_a_warning(pristine, tmp_path):
+    # The prepared tokens are intact and are used; the warning says they no longer match their source, and how
+    # to prepare the current one. A deleted source (raw data removed after preparation) is not a change.
+    tok, _ = pristine
+    train, val = make_texts(40, seed=5), make_texts(10, seed=6)
+    corpus = write_corpus(tmp_path / "corpus", train, val)
+    out = tmp_path / "tokens"
+    args = ["--source", str(corpus), "--out", str(out), "--tokenizer", str(tok), "--workers", "0", "--no_progress"]
+    assert load_tool("prepare_data").main(args) == 0
+    cfg = DataConfig(prepared_dir=str(out), tokenizer=str(tok), seq_len=SEQ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before = next(TrainBatches(cfg, global_batch=2).batches())
+    shard = sorted((corpus / "en").glob("c4-train.*"))[0]
+    size = shard.stat().st_size
+    write_corpus(tmp_path / "corpus", train[1:], val)
+    with pytest.warns(DataWarning) as record:
+        after = next(TrainBatches(cfg, global_batch=2).batches())
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert message.startswith(
+        f"the train split of {out} was prepared from source files that have changed since: "
+        f"{shard} ({size} bytes then, {shard.stat().st_size} now)"
+    )
+    assert "The run uses the tokens as prepared" in message
+    assert f"re-run its command: python tools/prepare_data.py --source {corpus}" in message
+    assert message.endswith(f"--out {out})")
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    for p in (corpus / "en").glob("c4-train.*"):
+        p.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainBatches(cfg, global_batch=2)
