@@ -6,10 +6,12 @@ import importlib.util
 import itertools
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from data import DataConfig, TrainBatches, validation_batches
-from data.paths import REPO_ROOT, sample_tokens_dir
+from data.paths import REPO_ROOT
 from tests.helpers.corpus import make_texts, write_corpus
 
 
@@ -95,13 +97,22 @@ def test_tools_end_to_end(tmp_path, capsys):
     assert "no train shards found" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(
-    not (sample_tokens_dir() / "manifest.json").is_file(),
-    reason="sample corpus not prepared (tools/fetch_assets.py + tools/prepare_data.py)",
-)
-def test_default_config_on_prepared_sample_corpus():
+def test_default_config_on_prepared_sample_corpus(sample_tokens):
+    # The defaults (data.prepared_dir, data.tokenizer) open the sample tokens: each row is a window of
+    # seq_len + 1 tokens at a multiple of seq_len in the stream the shard files hold, y shifted by one.
     x, y = next(TrainBatches(DataConfig(seq_len=256), global_batch=16).batches(0))
     assert x.shape == y.shape == (16, 256)
+    manifest = json.loads((sample_tokens / "manifest.json").read_text())
+    stream = np.concatenate(
+        [np.fromfile(sample_tokens / s["file"], dtype=manifest["dtype"]) for s in manifest["splits"]["train"]["shards"]]
+    ).astype(np.int64)
+    n = (len(stream) - 1) // 256
+    windows = np.lib.stride_tricks.as_strided(stream, (n, 257), (256 * stream.itemsize, stream.itemsize))
+    rows = torch.cat([x, y[:, -1:]], dim=1).numpy()
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    found = [np.flatnonzero((windows == row).all(axis=1)) for row in rows]
+    assert all(len(f) >= 1 for f in found)
+    assert len({int(f[0]) for f in found}) == 16  # 16 different windows
 
 
 def _error_line(capsys) -> str:

@@ -110,3 +110,92 @@ def test_sequence_longer_than_rope_table_is_an_error():
     model = Transformer(small_cfg(max_seq_len=16))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def reference_olmo_logits(w: dict[str, torch.Tensor], cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """The OLMo arch's forward written out from the paper's description (model/transformer.py's docstring) with plain
+    tensor ops and none of the project's modules or helpers: pre-norm blocks, LayerNorm with weight and no bias,
+    fused qkv rows [q | k | v] (heads contiguous within each), rotate-half RoPE on q and k with the closed-form
+    angles p * theta^(-2i / head_dim), softmax(q k^T / sqrt(head_dim)) under a causal mask, exact (erf) GeLU MLP,
+    final LayerNorm, untied output layer."""
+    b, t = tokens.shape
+    d, heads, hd, eps = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.norm_eps
+
+    def layer_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)  # biased variance, eps inside the square root
+        return (x - mean) / torch.sqrt(var + eps) * weight
+
+    half = hd // 2
+    pos = torch.arange(t, dtype=torch.float64)[:, None]
+    angles = pos * cfg.rope_theta ** (-2 * torch.arange(half, dtype=torch.float64) / hd)  # (t, head_dim / 2)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+
+    def rope(x: torch.Tensor) -> torch.Tensor:  # rotates the pair (x_i, x_{i + head_dim/2}) by angle (p, i)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    def gelu(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+    causal = torch.ones(t, t, dtype=torch.bool).tril()  # query p sees keys 0..p
+    x = w["embed.weight"][tokens]
+    for layer in range(cfg.n_layers):
+        p = f"blocks.{layer}."
+        h = layer_norm(x, w[p + "attn_norm.weight"])
+        q, k, v = (
+            m.reshape(b, t, heads, hd).transpose(1, 2) for m in (h @ w[p + "attn.qkv.weight"].T).split(d, dim=-1)
+        )
+        scores = rope(q) @ rope(k).transpose(-1, -2) / math.sqrt(hd)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        probs = torch.exp(scores - scores.amax(-1, keepdim=True))
+        probs = probs / probs.sum(-1, keepdim=True)
+        y = (probs @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + y @ w[p + "attn.out.weight"].T
+        h = layer_norm(x, w[p + "mlp_norm.weight"])
+        x = x + gelu(h @ w[p + "mlp.up.weight"].T) @ w[p + "mlp.down.weight"].T
+    return layer_norm(x, w["norm.weight"]) @ w["lm_head.weight"].T
+
+
+def test_olmo_forward_and_gradients_match_reference():
+    """The default (OLMo) arch has no external reference (the LLaMA arch is checked against HF in test_llama.py):
+    compare its logits, and the gradients of a loss w.r.t. every parameter, with reference_olmo_logits in fp64.
+    Weights are redrawn at unit scale (norm weights too) so that attention is far from uniform and every part of the
+    block moves the logits: a wrong activation, RoPE missing on q or k or in the interleaved convention, a missing
+    1/sqrt(d) scale, a non-causal mask or a misplaced norm fails by orders of magnitude more than the tolerance.
+    The tolerance is set by RoPE, which the model computes in fp32 even in an fp64 model (model/rope.py)."""
+    torch.manual_seed(0)
+    cfg = small_cfg(d_model=32, head_dim=8, n_layers=2, mlp_hidden=48, vocab_size=50, max_seq_len=16, rope_theta=100.0)
+    model = Transformer(cfg).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 1.0 if name == "embed.weight" else p.shape[1] ** -0.5)
+    w = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    n = cfg.n_layers
+    block_keys = ["attn_norm", "attn.qkv", "attn.out", "mlp_norm", "mlp.up", "mlp.down"]
+    expected = {f"blocks.{i}.{k}.weight" for i in range(n) for k in block_keys}
+    assert set(w) == expected | {"embed.weight", "norm.weight", "lm_head.weight"}  # the reference uses them all
+
+    tokens = torch.randint(0, cfg.vocab_size, (2, 11))
+    targets = torch.randint(0, cfg.vocab_size, (2, 11))
+    logits, ref = model(tokens), reference_olmo_logits(w, cfg, tokens)
+    assert logits.dtype == torch.float64 and logits.shape == (2, 11, cfg.vocab_size)
+    assert ref.abs().max() > 1  # logits of unit scale: the comparison below is not of near-zeros
+    torch.testing.assert_close(logits, ref, rtol=1e-6, atol=1e-6)
+
+    def loss_fn(lg: torch.Tensor) -> torch.Tensor:  # summed token cross-entropy, in fp64
+        return (torch.logsumexp(lg, -1) - lg.gather(-1, targets[..., None]).squeeze(-1)).sum()
+
+    loss, ref_loss = loss_fn(logits), loss_fn(ref)
+    # The model's own loss path (fp32 cross-entropy, model/transformer.py) agrees with it.
+    torch.testing.assert_close(model(tokens, targets).double(), ref_loss.detach(), rtol=1e-6, atol=0)
+    loss.backward()
+    ref_loss.backward()
+    for name, p in model.named_parameters():
+        ref_grad = w[name].grad
+        assert p.grad is not None and ref_grad is not None, name
+        assert ref_grad.abs().max() > 1e-3, name  # every parameter matters to the loss
+        torch.testing.assert_close(p.grad, ref_grad, rtol=1e-6, atol=1e-6 * ref_grad.abs().max().item(), msg=name)

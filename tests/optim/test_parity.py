@@ -71,6 +71,73 @@ def test_adafactor_matches_hf_and_torch():
     _assert_close(ours, pt)
 
 
+def test_adafactor_warmup_init_matches_hf():
+    # relative_step with warmup_init: the step size min(1e-6 * t, 1/sqrt(t)), scaled by the parameter's RMS.
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    ours = _run(lambda g: Adafactor(g, lr=1e-2, **dict(HF_LIKE, warmup_init=True)), _plain)
+    hf = _run(lambda g: HFAdafactor(g, lr=None, warmup_init=True), _plain)
+    _assert_close(ours, hf)
+    plain = _run(lambda g: Adafactor(g, lr=1e-2, **HF_LIKE), _plain)
+    assert not torch.allclose(ours[-1][0], plain[-1][0])  # the warm-up changed the steps
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_adafactor_with_adam_momentum_equals_torch_adamw_on_rank_one_gradients(fast):
+    """The paper's Adafactor+momentum (momentum_style adam, constant beta2, no clipping or relative step) has no
+    published implementation; torch's AdamW is its reference where factoring loses nothing. With rank-1
+    gradients G_t = s_t a b^T, the factored second moment r c^T / sum(r) equals Adam's elementwise one exactly
+    (r = sum_t w_t s_t^2 a^2 sum(b^2), c likewise), so both optimizers take the same steps, bias corrections,
+    eps and decoupled weight decay included. A 1-D parameter is not factored: plain Adam."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(12, generator=gen), torch.randn(20, generator=gen)
+    start = [torch.randn(12, 20, generator=gen), torch.randn(20, 12, generator=gen), torch.randn(20, generator=gen)]
+    ours = [torch.nn.Parameter(w.clone()) for w in start]
+    ref = [torch.nn.Parameter(w.clone()) for w in start]
+    kw: dict[str, Any] = dict(lr=1e-2, eps=1e-8, weight_decay=0.1)
+    opt = Adafactor(ours, beta1=0.9, beta2=0.95, momentum_style="adam", fast=fast, **kw)
+    adamw = torch.optim.AdamW(ref, betas=(0.9, 0.95), **kw)
+    ours_traj, ref_traj = [], []
+    for t in range(6):
+        s = (3.0 if t % 2 else 0.1) * (t + 1)  # the scale jumps: bias correction and eps both matter
+        grads = [s * torch.outer(a, b), s * torch.outer(b, a), s * (1 + 0.1 * t) * b]
+        for p, q, g in zip(ours, ref, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        adamw.step()
+        ours_traj.append([p.detach().clone() for p in ours])
+        ref_traj.append([q.detach().clone() for q in ref])
+    _assert_close(ours_traj, ref_traj)
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+def test_one_sided_adafactor_equals_its_closed_form(shape):
+    """one_sided (AdaMeM's Algorithm 4 on the whole gradient) has no published implementation: its closed form
+    in float64, from the module docstring. The statistic is kept on the larger side: one per column when
+    m <= n, else one per row."""
+    lr, beta1, beta2, eps, eps1, wd = 1e-2, 0.9, 0.95, 1e-8, 1e-30, 0.1
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(shape, generator=gen, dtype=torch.float64) * (t + 1) for t in range(5)]
+    p = torch.nn.Parameter(w.float())
+    opt = Adafactor([p], lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps1=eps1, weight_decay=wd, one_sided=True)
+    dim = 0 if shape[0] <= shape[1] else 1  # the mean over rows gives one value per column
+    m = torch.zeros(shape, dtype=torch.float64)
+    v = torch.zeros(shape, dtype=torch.float64).mean(dim=dim, keepdim=True)
+    ours, expected = [], []
+    for t, g in enumerate(grads, start=1):
+        p.grad = g.float()
+        opt.step()
+        v = beta2 * v + (1 - beta2) * (g.square() + eps1).mean(dim=dim, keepdim=True)
+        m = beta1 * m + (1 - beta1) * g
+        u = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+        w = w - lr * wd * w - lr * u
+        ours.append([p.detach().double()])
+        expected.append([w])
+    _assert_close(ours, expected)
+    assert opt.state[p]["exp_avg_sq_" + ("col" if dim == 0 else "row")].numel() == max(shape)
+
+
 @pytest.mark.parametrize("beta1", [None, 0.9])
 def test_adafactor_hf_momentum_and_weight_decay(beta1):
     from transformers.optimization import Adafactor as HFAdafactor
