@@ -14,12 +14,13 @@ next batch), forward + backward (fused updates happen inside it), and the rest o
 ZeRO's step). The parts add up to the serial time, which can exceed the step time on a GPU. Per optimizer it
 prints, as a markdown table whose first column is the step time relative to AdamW's (measured first; without
 AdamW, the first optimizer's), a row as soon as each optimizer is measured (the trainers' own lines go to stderr):
-- tokens/s and MFU (GPU: the trainer's FLOP count over the bf16 dense peak);
+- tokens/s and MFU (GPU: the trainer's FLOP count over the bf16 dense peak), both from the step time with
+  GaLore's / AdaMeM's SVD amortised (below), as a run's wall time gives them;
 - the mean step time and the median of its three parts;
 - GaLore / AdaMeM: the step time with the SVD amortised at T = optim.update_proj_gap (a refresh step is
   timed separately, the mean of up to 3 after 1: `--steps` steady steps use T = 10**9);
-- peak memory: measured (`torch.cuda.max_memory_allocated`, with the trainers measured before freed; on CPU
-  none is measured), accounted by
+- peak memory: measured (`torch.cuda.max_memory_allocated` over the steady steps, with the trainers measured
+  before freed; on CPU none is measured; a refresh step's SVD workspace is not in it), accounted by
   trainer/memory_accounting.py on the meta device (fp32 activations: under bf16 autocast the measured
   activations are about half) and the naive formula (weights + gradients + state + activations);
 - host syncs per steady step (trainer/host_syncs.py; the target is 0).
@@ -197,7 +198,7 @@ def bench_one(args: argparse.Namespace, optimizer: str, tmp: Path, info: DistInf
         amortised=amortised,
         refresh=refresh,  # a projector-refresh step's time (GaLore / AdaMeM), else None
         tokens_per_s=tokens_per_step / amortised,
-        mfu=flops / (times["step"] * peak_flops) if peak_flops else None,
+        mfu=flops / (amortised * peak_flops) if peak_flops else None,
         **times,
         peak=peak,
         accounted=accounted["peak"],

@@ -19,9 +19,11 @@
 # All stages take longer than one 10-minute call: name the stages of each call. A plan for the device tool (15 minutes
 # of device time in all, the start included; the durations are estimates from FLOP counts, not measured):
 #   run(carry=[".cache"], timeout_s=560): bash tools/gpu_checks.sh $OUT steps accumulate microbatch   (~5-6 min)
-#   run(timeout_s=420):                  bash tools/gpu_checks.sh $OUT fused tensorboard             (~5 min)
-# then `compile` if time is left (compiling the blocks takes minutes per model). Make each call right after the last:
-# an idle machine goes back within a minute, and a fresh one takes minutes to start. Each call's $OUT is new.
+#   run(carry=[".cache"], timeout_s=420): bash tools/gpu_checks.sh $OUT fused tensorboard             (~5 min)
+# then `compile` (again with carry=[".cache"]) if time is left (compiling the blocks takes minutes per model). Make
+# each call right after the last: an idle machine goes back within a minute, and a fresh one takes minutes to start,
+# bare: every call carries .cache (7.5 MB), or a fresh machine's stages all fail on missing data. Each call's $OUT
+# is new.
 # GPU_CHECKS_TINY=1 runs the same commands at the tiny size on the CPU (its test: tests/e2e/test_tools.py).
 # The lent machines' python3 has torch 2.11, not the pinned 2.13: the test suite passes with both (docs/speed.md).
 set -uo pipefail

@@ -15,6 +15,10 @@ What this config owns, so every engine trains the same thing (the comparison's p
 
 A file's other keys (bucket sizes, overlap_comm, stage3 prefetch and persistence thresholds, ...) are
 merged in; a key that the built config also sets must have the same value, or the load fails naming it.
+Three zero_optimization keys that the built config may leave out are checked too: offload_optimizer
+(only with train.offload_optimizer=true, or with device "none"), compute_grad_norm=false (refused: the
+trainer reads the norm every step) and overlap_comm=true at stage 1 (refused: DeepSpeed supports it with
+the trainer's accumulation only at stages 2 and 3).
 """
 
 from __future__ import annotations
@@ -86,7 +90,33 @@ def merge_user_config(built: dict[str, Any], user: dict[str, Any], path: str) ->
     for block, why in _OWNED_BLOCKS.items():
         if block in user:
             raise ValueError(f"train.deepspeed_config={path} sets {block!r}: {why}. Remove that block from the file")
-    return _merge(built, user, path, prefix="")
+    merged = _merge(built, user, path, prefix="")
+    _check_zero_keys(merged, built, path)
+    return merged
+
+
+def _check_zero_keys(merged: dict[str, Any], built: dict[str, Any], path: str) -> None:
+    """zero_optimization keys of a file that the built config leaves out but that it cannot take: each would
+    pass the merge and then change the run behind the config, or fail inside deepspeed.initialize."""
+    zero, stage = merged["zero_optimization"], built["zero_optimization"]["stage"]
+    offload = zero.get("offload_optimizer")
+    if "offload_optimizer" not in built["zero_optimization"] and offload not in (None, {}, {"device": "none"}):
+        raise ValueError(
+            f"train.deepspeed_config={path} sets zero_optimization.offload_optimizer={offload!r}, but this run has "
+            "train.offload_optimizer=false (the config owns it: run headers, memory tables and the resume checks "
+            "read it); remove the block from the file and set --train.offload_optimizer=true instead"
+        )
+    if zero.get("compute_grad_norm") is False:
+        raise ValueError(
+            f"train.deepspeed_config={path} sets zero_optimization.compute_grad_norm=false: the trainer logs and "
+            "checks the gradient norm every step; remove that key"
+        )
+    if stage == 1 and zero.get("overlap_comm") is True:
+        raise ValueError(
+            f"train.deepspeed_config={path} sets zero_optimization.overlap_comm=true, which DeepSpeed supports with "
+            "the trainer's accumulation (managed_gradient_accumulation=false) only at ZeRO stage 2 or 3; remove "
+            "it from the file or set --train.zero_stage=2"
+        )
 
 
 def _merge(built: dict[str, Any], user: dict[str, Any], path: str, prefix: str) -> dict[str, Any]:

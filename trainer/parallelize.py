@@ -21,7 +21,8 @@ from trainer.distributed import DistInfo
 def parallelize(model: Transformer, train: TrainConfig, info: DistInfo) -> nn.Module:
     """compile (train.compile) then the engine's wrapper; returns the module the loop calls. Under
     fsdp2 the parameters of `model` itself become sharded DTensors (build the optimizer after this).
-    One process: no wrapper. (deepspeed is refused at config load until it is built: trainer/engines.py.)"""
+    One process, or deepspeed (deepspeed.initialize wraps the model later: trainer/deepspeed_engine.py): no
+    wrapper here."""
     if train.compile:
         compile_blocks(model)
     if not info.enabled or train.engine == "deepspeed":

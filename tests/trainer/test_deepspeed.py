@@ -141,6 +141,42 @@ def test_a_bad_deepspeed_config_file_is_refused_at_config_load(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize(
+    ("zero", "flags", "message"),
+    [
+        ({"offload_optimizer": {"device": "cpu"}}, [], r"offload_optimizer=.*train.offload_optimizer=false"),
+        ({"offload_optimizer": {"device": "nvme"}}, ["--train.offload_optimizer=true"], r"offload_optimizer.device"),
+        ({"compute_grad_norm": False}, [], "compute_grad_norm=false: the trainer logs and checks"),
+        ({"overlap_comm": True}, ["--train.zero_stage=1"], r"overlap_comm=true.*--train.zero_stage=2"),
+    ],
+)
+def test_zero_keys_that_would_change_the_run_behind_the_config_are_refused(tmp_path, monkeypatch, zero, flags, message):
+    # Keys the built config leaves out, but that would switch on offload (the run headers, memory tables and
+    # resume checks read train.offload_optimizer), drop the gradient norm, or fail inside deepspeed.initialize.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    with pytest.raises(ConfigError, match=message):
+        _config("--train.engine=deepspeed", f"--train.deepspeed_config={path}", *flags)
+
+
+@pytest.mark.parametrize(
+    ("zero", "flags"),
+    [
+        ({"offload_optimizer": {"device": "none"}}, []),
+        ({"offload_optimizer": {"device": "cpu", "pin_memory": True}}, ["--train.offload_optimizer=true"]),
+        ({"overlap_comm": True, "compute_grad_norm": True}, []),  # stage 2
+        ({"overlap_comm": False}, ["--train.zero_stage=1"]),
+    ],
+)
+def test_zero_keys_that_agree_with_the_config_are_merged(tmp_path, monkeypatch, zero, flags):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    merged = _config("--train.engine=deepspeed", f"--train.deepspeed_config={path}", *flags)
+    assert all(merged["zero_optimization"][k] == v for k, v in zero.items())
+
+
+@pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["--optim.name=galore_adamw"], "SVD of a partition is meaningless"),
