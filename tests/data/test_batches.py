@@ -203,3 +203,41 @@ def test_damaged_shard_is_detected(prepared, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(DataError, match="damaged.*prepare_data.py"):
         TrainBatches(DataConfig(prepared_dir=str(copy), tokenizer=str(prepared[0]), seq_len=SEQ), global_batch=2)
+
+
+def test_order_is_numpys_permutation_of_data_seed_and_epoch(prepared):
+    """window_order's recipe, recomputed with numpy itself (not the module's epoch_permutation): epoch e is
+    default_rng([data.seed, e]).permutation(n_windows), so another data.seed gives another order."""
+    _, out = prepared
+    tokens = split_tokens(out, "train")
+    firsts = {}
+    for seed in (7, 8):
+        tb = TrainBatches(cfg_for(prepared, seed=seed), global_batch=8)
+        n = tb.n_windows
+        step = -(-n // 8) + 1  # a step wholly inside epoch 1
+        expected = {
+            0: np.random.default_rng([seed, 0]).permutation(n)[:8],
+            step: np.random.default_rng([seed, 1]).permutation(n)[step * 8 - n : step * 8 - n + 8],
+        }
+        for s, windows in expected.items():
+            x, y = take(tb, s, 1)[0]
+            for row, w in enumerate(windows):
+                np.testing.assert_array_equal(x[row].numpy(), tokens[w * SEQ : w * SEQ + SEQ])
+                np.testing.assert_array_equal(y[row].numpy(), tokens[w * SEQ + 1 : w * SEQ + SEQ + 1])
+        firsts[seed] = take(tb, 0, 1)[0][0]
+    assert not torch.equal(firsts[7], firsts[8])
+
+
+@pytest.mark.parametrize("val_tokens", [12 * SEQ, 12 * SEQ + 1, 12 * SEQ + 2, 13 * SEQ + 1])
+def test_validation_keeps_every_whole_window(prepared, val_tokens):
+    """Brute force: every SEQ+1-token window at stride SEQ that fits in the first val_tokens tokens, none more."""
+    _, out = prepared
+    val = split_tokens(out, "validation")
+    assert len(val) > val_tokens
+    expected = [val[s : s + SEQ + 1] for s in range(0, val_tokens, SEQ) if s + SEQ + 1 <= val_tokens]
+    batches = validation_batches(cfg_for(prepared, val_tokens=val_tokens), 5)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert len(x) == len(expected)
+    for row_x, row_y, window in zip(x, y, expected, strict=True):
+        np.testing.assert_array_equal(row_x.numpy(), window[:-1])
+        np.testing.assert_array_equal(row_y.numpy(), window[1:])

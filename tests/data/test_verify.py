@@ -547,3 +547,32 @@ def test_a_source_changed_since_preparation_is_a_warning(pristine, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TrainBatches(cfg, global_batch=2)
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_token_id_equal_to_the_vocab_size_is_out_of_range(prepared, mode):
+    """Ids are 0..vocab-1: the last valid id passes, the id just past it (== vocab_size) is refused, even in a
+    manifest re-signed to vouch for it."""
+    _, out = prepared
+    victim = train_shards(out)[0]
+    ids = np.fromfile(victim, dtype=np.uint16)
+    ids[len(ids) // 2] = 399
+    rewrite_in_place(victim, ids.tobytes())
+    resign(out)
+    open_train(prepared, verify=mode)
+    ids[len(ids) // 2] = 400
+    rewrite_in_place(victim, ids.tobytes())
+    resign(out)
+    with pytest.raises(DataError, match=r"holds token id 400, outside the vocabulary of 400 ids \(0\.\.399\)"):
+        open_train(prepared, verify=mode)
+
+
+def test_an_edited_document_count_is_caught(prepared):
+    """The split checksum covers each shard's document count (check_checksums' message says so)."""
+    _, out = prepared
+    path = out / mf.MANIFEST
+    m = json.loads(path.read_text())
+    m["splits"]["train"]["shards"][0]["docs"] += 1
+    path.write_text(json.dumps(m))
+    with pytest.raises(DataError, match="'train' split's checksum does not match its shard entries"):
+        open_train(prepared, verify="off")

@@ -588,3 +588,75 @@ def test_a_run_trained_with_other_settings_than_the_studys_is_an_error_not_its_r
     how = make_run(tmp_path, "AdamW", extra=["--train.micro_batch=4", "--eval.interval=5", "--log.interval=1"])
     save_config(how.config, Path(how.run_dir) / "config.yaml")
     assert run_result(now).status == "complete"  # the same computation, run another way
+
+
+def test_an_unfinished_or_failed_run_adds_nothing_to_its_settings_mean(tmp_path):
+    """Seed 1 of lr 3e-3 is still running and seed 1 of lr 1e-2 failed, both after logging a val loss of 2.0
+    (lower than any final one): neither is a final loss, so neither setting has a mean or can be best."""
+    results = arm_results(tmp_path, "AdamW", {1e-3: (3.5, 3.5)})
+    for lr, failed in ((3e-3, False), (1e-2, True)):
+        done, unfinished = make_run(tmp_path, "AdamW", lr=lr, seed=0), make_run(tmp_path, "AdamW", lr=lr, seed=1)
+        finish(done, 3.0)
+        write_metrics(unfinished, {0: 10.0, 5: 2.0}, last_step=6)
+        if failed:
+            (unfinished.run_dir / FAILED_FILE).write_text(json.dumps({"exit_code": 1, "message": "boom"}))
+        results += [run_result(done), run_result(unfinished)]
+    assert [r.status for r in results[2:]] == ["complete", "incomplete", "complete", "failed"]
+    arm = summarize(results)
+    assert [(s.losses, s.mean) for s in arm.settings] == [({0: 3.5, 1: 3.5}, 3.5), ({0: 3.0}, None), ({0: 3.0}, None)]
+    assert arm.best is arm.settings[0]
+    assert arm.best_per_seed == {0: arm.settings[1], 1: arm.settings[0]}
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        {1e-3: (3.4,), 3e-3: (3.0,), 1e-2: (DIVERGED,)},  # the lr above the best diverged: the grid reached far enough
+        {1e-4: (PENDING,), 1e-3: (3.0,), 3e-3: (3.2,)},  # the lr below the best has not run yet: still tried
+    ],
+)
+def test_the_edge_counts_every_lr_of_the_arm_whatever_its_status(tmp_path, losses):
+    assert summarize(arm_results(tmp_path, "AdamW", losses), seeds=[0]).edge == ""
+
+
+def two_seed_study(tmp_path, arms, figures):
+    """A Study of single-lr arms: (arm name, extra overrides, (seed 0 loss, seed 1 loss)); entry = first word."""
+    runs = []
+    for arm, extra, per_seed in arms:
+        for seed, loss in enumerate(per_seed):
+            run = make_run(tmp_path, arm, seed=seed, extra=extra)
+            finish(run, loss)
+            runs.append(run)
+    entries = list(dict.fromkeys(arm.split(" ")[0] for arm, _, _ in arms))
+    s = Study(tmp_path / "s.yaml", "s", tmp_path / "out", runs, figures, [], [0, 1], entries)
+    return s, summarize_arms(collect(s), s.seeds)
+
+
+def test_a_seeds_reference_value_is_the_best_of_the_references_arms(tmp_path):
+    """Reference "Best" = AdamW or Adafactor. Seed 0 alone: Adafactor's 3.0 beats AdaMeM's 3.1, although the
+    reference's first arm (AdamW, 3.3) would not."""
+    figure = FigureSpec(
+        name="fig", kind="line", x="optim.rank", series=["AdaMeM"], references={"Best": ["AdamW", "Adafactor"]}
+    )
+    s, arms = two_seed_study(
+        tmp_path,
+        [
+            ("AdamW", [], (3.3, 3.0)),
+            ("Adafactor", ["--optim.name=adafactor"], (3.0, 3.4)),
+            ("AdaMeM rank=8", ["--optim.name=adamem", "--optim.rank=8"], (3.1, 3.1)),
+        ],
+        [figure],
+    )
+    # means: AdamW 3.15 (the reference), Adafactor 3.2, AdaMeM 3.1; per seed the reference is min(AdamW, Adafactor)
+    assert orderings(s, arms)[0] == "fig: AdaMeM < Best at rank 8 (every rank); seed 0: none; seed 1: none"
+
+
+def test_a_tie_in_one_seed_is_not_a_swap(tmp_path):
+    """_swaps: strictly better on the means and strictly worse in the seed; equal in the seed is no swap."""
+    s, arms = two_seed_study(
+        tmp_path, [("AdamW", [], (3.0, 3.2)), ("Adafactor", ["--optim.name=adafactor"], (3.2, 3.2))], []
+    )
+    assert orderings(s, arms) == [
+        "all arms by mean final val loss of their best setting: AdamW (3.1000) < Adafactor (3.2000); "
+        "seed 0: same ranking; seed 1: same ranking"
+    ]
