@@ -339,3 +339,24 @@ def test_memory_and_state_bytes_count_only_the_trainable_parameters():
     assert r["weights"] == 4 * sum(p.numel() for p in model.parameters())
     (row,) = state_bytes_table(mcfg, ["adamw"], model=model)
     assert row["measured_bytes"] == row["formula_bytes"] == 8 * n + 4 * len(trainable)
+
+
+def test_forward_and_merge_scale_the_adapter_by_alpha_over_rank():
+    """Both factors non-zero (LoRALinear alone leaves A at zero, which hides the scale): the forward and the
+    merge against the closed form y = x W^T + (alpha / r) x A^T B^T, W' = W + (alpha / r) B A."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(16, 24, bias=False)
+    w0 = lin.weight.detach().clone()
+    m = LoRALinear(lin, rank=4, alpha=12.0, dropout=0.0)
+    with torch.no_grad():
+        m.lora_a.normal_()
+        m.lora_b.normal_()
+    a, b = m.lora_a.detach().clone(), m.lora_b.detach().clone()
+    x = torch.randn(5, 16)
+    expected = x @ w0.T + 3.0 * (x @ a.T @ b.T)  # alpha / r = 12 / 4
+    torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Sequential(m)])
+    merge_adapters(model)
+    torch.testing.assert_close(m.weight, w0 + 3.0 * (b @ a), rtol=1e-6, atol=1e-6)
+    assert torch.count_nonzero(m.lora_b) == 0

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -78,3 +79,28 @@ def test_evaluate_is_abandoned_when_a_stop_is_requested():
     model.train()
     assert evaluate(model, batches, DistInfo(0, 1, 0, torch.device("cpu")), FP32, stop_after_two_rounds) is None
     assert len(asked) == 3 and model.training  # asked before each round; the training mode is restored
+
+
+def test_evaluate_runs_with_dropout_off_and_draws_no_random_numbers():
+    """LoRA's adapter dropout (adapter.dropout, 0.1 by default) is the model's only dropout: evaluation must
+    switch it off (model.eval()), so the validation loss is that of the deterministic model and the RNG stream
+    that the checkpoint saves is not advanced by it."""
+    from trainer.lora import apply_lora, lora_modules
+
+    torch.manual_seed(2)
+    model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=100, max_seq_len=16))
+    apply_lora(model, rank=4, alpha=8.0, dropout=0.5, seed=0)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_b.normal_()  # a non-zero adapter branch, so that dropout on it would show
+    batches = [(torch.randint(0, 100, (3, 8)), torch.randint(0, 100, (3, 8))) for _ in range(3)]
+    model.train()
+    rng = torch.get_rng_state()
+    out = evaluate(model, batches, DistInfo(0, 1, 0, torch.device("cpu")), FP32)
+    assert out is not None and model.training  # restored
+    assert torch.equal(torch.get_rng_state(), rng)  # no dropout mask drawn
+    model.eval()
+    with torch.no_grad():
+        ref = torch.stack([F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") for x, y in batches])
+        ref = ref.sum() / 72
+    assert out[0] == pytest.approx(ref.item(), rel=1e-6)

@@ -408,3 +408,67 @@ def test_a_closed_console_is_no_first_ctrl_c(capfd):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.restore()
+
+
+@pytest.mark.parametrize("micro_batch", [1, 4])
+def test_the_logged_loss_and_grad_norm_are_the_global_batch_means_whatever_the_micro_batching(
+    tmp_path, sample_tokens, micro_batch
+):
+    """Independent reference: the initial model (the trainer seeds torch with run.seed before building it) on
+    the first global batch, one plain mean cross-entropy over all its tokens, one backward. A loss denominator
+    of one micro-batch's tokens (or one divided by the micro-batch count twice) scales both by the count."""
+    from torch.nn import functional as F
+
+    from data import TrainBatches
+    from model import Transformer
+
+    overrides = {"train.max_steps": 1, "train.micro_batch": micro_batch, "eval.interval": 0, "log.tensorboard": False}
+    cfg, _ = run(tmp_path, sample_tokens, **overrides)
+    record = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r)
+    torch.manual_seed(cfg.run.seed)
+    model = Transformer(cfg.model)
+    inputs, targets = next(TrainBatches(cfg.data, global_batch=cfg.train.global_batch).batches(0))
+    loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == len(list(model.parameters()))
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    assert record["train/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert record["train/grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+
+
+def test_a_sparse_log_line_holds_its_own_steps_loss_and_norm(tmp_path, sample_tokens):
+    """With log.interval 2, check_steps reads two steps at once: the line of step s must carry step s's
+    loss and grad norm (as a run logging every step records them), not the first unlogged step's."""
+    common = {"train.max_steps": 4, "eval.interval": 0, "checkpoint.interval": 4, "log.tensorboard": False}
+    run(tmp_path, sample_tokens, "every", **common, **{"log.interval": 1})
+    run(tmp_path, sample_tokens, "sparse", **common, **{"log.interval": 2})
+    every = {r["step"]: r for r in read_metrics(tmp_path / "every" / "metrics.jsonl") if "train/loss" in r}
+    sparse = {r["step"]: r for r in read_metrics(tmp_path / "sparse" / "metrics.jsonl") if "train/loss" in r}
+    assert sorted(sparse) == [2, 4] and every[1]["train/loss"] != every[2]["train/loss"]
+    for step, record in sparse.items():
+        for key in ("train/loss", "train/grad_norm", "train/lr"):
+            assert record[key] == every[step][key], (step, key)
+
+
+def test_the_last_step_is_evaluated_when_max_steps_is_no_multiple_of_the_interval(tmp_path, sample_tokens):
+    _, result = run(tmp_path, sample_tokens, **{"train.max_steps": 5, "eval.interval": 3, "log.tensorboard": False})
+    assert [s for s, _ in result.val_losses] == [0, 3, 5]
+    logged = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val/loss" in r]
+    assert logged == [0, 3, 5]
+
+
+def test_mfu_is_the_windows_flops_over_its_seconds_and_the_peak(tmp_path, sample_tokens, monkeypatch):
+    """No MFU on a CPU: a fake peak. tokens/s and MFU share the window's seconds, so whatever the clock says,
+    MFU / (tokens/s) = FLOPs per token / peak (model/flops.py's count: no projected backward, no adapters)."""
+    from model import flops_per_token
+
+    peak = 1e9
+    monkeypatch.setattr(trainer_module, "device_peak_flops", lambda device: peak)
+    overrides = {"train.max_steps": 4, "log.interval": 2, "eval.interval": 0, "log.tensorboard": False}
+    cfg, _ = run(tmp_path, sample_tokens, **overrides)
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+    for r in logged:
+        assert r["throughput/mfu"] == pytest.approx(r["throughput/tokens_per_s"] * per_token / peak, rel=1e-9), r
