@@ -67,3 +67,18 @@ def test_fused_update_with_relora_matches_the_ordinary_path(tmp_path, sample_tok
     plain, fused = model_at(tmp_path / "plain", 4), model_at(tmp_path / "fused", 4)
     for name, tensor in plain.items():
         assert torch.equal(tensor, fused[name]), name
+
+
+def test_lora_with_dropout_resumes_bit_exact(tmp_path, sample_tokens):
+    """LoRA's adapter dropout (0.1) draws from the global RNG every step: a resume from the step-3 checkpoint
+    gives the same losses and weights only if the checkpoint restored that RNG (trainer/checkpoint.py RNGState)."""
+    run(tmp_path, sample_tokens, "straight", **LORA)
+    run(tmp_path, sample_tokens, "resumed", **LORA)
+    (tmp_path / "resumed" / "checkpoints" / "step_00000006.pt").unlink()
+    _, result = run(tmp_path, sample_tokens, "resumed", **LORA)
+    assert result.final_step == 6
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in a), (a, b)
+    final_a, final_b = model_at(tmp_path / "straight", 6), model_at(tmp_path / "resumed", 6)
+    for name, tensor in final_a.items():
+        assert torch.equal(tensor, final_b[name]), name
