@@ -207,3 +207,50 @@ def test_galore_adafactor_matches_galore_torch(beta1, scale_parameter):
         lambda ps: _galore_groups(ps, **low),
     )
     _assert_close(ours, ref)
+
+
+def test_galore_adamw_decays_after_the_update_like_galore_torch():
+    """galore_torch applies W <- W - lr_t scale back(N), then W <- W - lr wd W (decay of the *updated*
+    weights). lr * wd = 0.1 makes the order visible (the default test's 1e-4 hides it under the tolerance);
+    the gradients do not depend on W, so both runs get the same SVD bases however far W moves."""
+    from galore_torch import GaLoreAdamW as RefAdamW
+
+    low = dict(rank=4, update_proj_gap=3, scale=0.25, proj_type="std")
+    kw: dict[str, Any] = dict(lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=1.0)
+    ours = _run(lambda g: GaLoreAdamW(g, **kw), lambda ps: _galore_groups(ps, **low))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = _run(lambda g: RefAdamW(g, no_deprecation_warning=True, **kw), lambda ps: _galore_groups(ps, **low))
+    _assert_close(ours, ref)
+
+
+def test_galore_adamw_reset_restarts_bias_correction_like_a_fresh_torch_adamw():
+    """moments_on_proj_change='reset': at a refresh the moments are zeroed and bias correction restarts,
+    so the refresh step is a *first* Adam step on R = G Q^T, back-projected and scaled. Reference:
+    torch.optim.AdamW's first step on a fresh r-column tensor with gradient R, R from the exact SVD of
+    G (Q's sign is irrelevant: Adam's first step is odd in R and back-projection multiplies by Q again)."""
+    torch.manual_seed(0)
+    lr, scale, rank, gap = 1e-2, 0.25, 4, 2
+    w = torch.nn.Parameter(torch.randn(20, 12))
+    opt = GaLoreAdamW(
+        [{"params": [w], "rank": rank, "update_proj_gap": gap, "scale": scale, "moments_on_proj_change": "reset"}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.0,
+    )
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(gap):  # steps 1..gap; the next one refreshes (state step == gap)
+        w.grad = torch.randn(w.shape, generator=gen)
+        opt.step()
+    g = torch.randn(w.shape, generator=gen)
+    before = w.detach().clone()
+    w.grad = g.clone()
+    opt.step()
+
+    q = torch.linalg.svd(g, full_matrices=False).Vh[:rank]  # std, m >= n: right basis
+    x = torch.nn.Parameter(torch.zeros(20, rank))
+    x.grad = g @ q.T
+    torch.optim.AdamW([x], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0).step()
+    expected = before + scale * (x.detach() @ q)
+    torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=1e-5)

@@ -231,3 +231,21 @@ def test_register_refuses_unknown_keys_and_duplicates():
         register("test_typo", reads=("lr", "lrr"))
     with pytest.raises(ValueError, match="registered twice"):
         register("adamw", reads=("lr",))(REGISTRY["adamw"])
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor", "adamem"])
+@pytest.mark.parametrize("decay_norm_weights", [False, True])
+def test_lowrank_builders_decay_norm_weights_only_when_asked(name, decay_norm_weights):
+    """optim.param_groups: weight decay for every 2-D weight (low-rank or not); LayerNorm weights (1-D)
+    undecayed unless decay_norm_weights. Closed form per parameter, from its name and dimension."""
+    from optim import optimizer_spec
+    from tests.helpers.tiny_lm import tiny_model
+
+    model = tiny_model()
+    cfg = OptimConfig(name=name, weight_decay=0.1, decay_norm_weights=decay_norm_weights, lowrank_targets="blocks")
+    spec = optimizer_spec(model, cfg)
+    got = {n: g["weight_decay"] for g in spec.param_groups for n in g["names"]}
+    params = dict(model.named_parameters())
+    assert set(got) == set(params)
+    for n, p in params.items():
+        assert got[n] == (0.1 if p.dim() == 2 or decay_norm_weights else 0.0), n
