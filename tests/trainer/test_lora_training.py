@@ -24,6 +24,22 @@ def model_at(run_dir, step: int) -> dict[str, torch.Tensor]:
     return ckpt.load_checkpoint(run_dir / "checkpoints" / f"step_{step:08d}.pt")["model"]
 
 
+def resume_across_step_3(tmp_path, sample_tokens, overrides: dict):
+    """Run 6 steps straight, and again resumed from the step-3 checkpoint: the same losses at every step and the
+    same final weights, bit for bit. Returns the straight run's config."""
+    cfg, _ = run(tmp_path, sample_tokens, "straight", **overrides)
+    run(tmp_path, sample_tokens, "resumed", **overrides)
+    (tmp_path / "resumed" / "checkpoints" / "step_00000006.pt").unlink()
+    _, result = run(tmp_path, sample_tokens, "resumed", **overrides)
+    assert result.final_step == 6
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in a), (a, b)
+    final_a, final_b = model_at(tmp_path / "straight", 6), model_at(tmp_path / "resumed", 6)
+    for name, tensor in final_a.items():
+        assert torch.equal(tensor, final_b[name]), name
+    return cfg
+
+
 def test_lora_trains_the_adapters_and_never_the_frozen_weights(tmp_path, sample_tokens, capsys):
     run(tmp_path, sample_tokens, **LORA)
     assert "adapters: lora r=8 alpha=32 dropout=0.1 on 8 linears" in capsys.readouterr().out
@@ -38,16 +54,8 @@ def test_lora_trains_the_adapters_and_never_the_frozen_weights(tmp_path, sample_
 def test_relora_merges_at_restarts_and_resumes_bit_exact_across_one(tmp_path, sample_tokens):
     """Restarts after steps 2, 4 and 6; the resumed run restarts from the step-3 checkpoint, so its
     restart at step 4 draws A again from (run.seed, 2) and prunes restored optimizer state."""
-    cfg, _ = run(tmp_path, sample_tokens, "straight", **RELORA)
-    run(tmp_path, sample_tokens, "resumed", **RELORA)
-    (tmp_path / "resumed" / "checkpoints" / "step_00000006.pt").unlink()
-    _, result = run(tmp_path, sample_tokens, "resumed", **RELORA)
-    assert result.final_step == 6
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    assert sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in a), (a, b)
-    final_a, final_b = model_at(tmp_path / "straight", 6), model_at(tmp_path / "resumed", 6)
-    for name, tensor in final_a.items():
-        assert torch.equal(tensor, final_b[name]), name
+    cfg = resume_across_step_3(tmp_path, sample_tokens, RELORA)
+    final_a = model_at(tmp_path / "straight", 6)
     at3 = model_at(tmp_path / "straight", 3)
     for name in FROZEN:
         assert not torch.equal(at3[name], final_a[name]), name  # the restarts merged into them
@@ -72,13 +80,4 @@ def test_fused_update_with_relora_matches_the_ordinary_path(tmp_path, sample_tok
 def test_lora_with_dropout_resumes_bit_exact(tmp_path, sample_tokens):
     """LoRA's adapter dropout (0.1) draws from the global RNG every step: a resume from the step-3 checkpoint
     gives the same losses and weights only if the checkpoint restored that RNG (trainer/checkpoint.py RNGState)."""
-    run(tmp_path, sample_tokens, "straight", **LORA)
-    run(tmp_path, sample_tokens, "resumed", **LORA)
-    (tmp_path / "resumed" / "checkpoints" / "step_00000006.pt").unlink()
-    _, result = run(tmp_path, sample_tokens, "resumed", **LORA)
-    assert result.final_step == 6
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    assert sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in a), (a, b)
-    final_a, final_b = model_at(tmp_path / "straight", 6), model_at(tmp_path / "resumed", 6)
-    for name, tensor in final_a.items():
-        assert torch.equal(tensor, final_b[name]), name
+    resume_across_step_3(tmp_path, sample_tokens, LORA)
