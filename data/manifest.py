@@ -189,12 +189,12 @@ def split_info(manifest: dict, split: str, prepared_dir: pathlib.Path) -> dict:
     return info
 
 
-def changed_source_files(info: dict) -> list[str]:
-    """The local source files of a split entry that are still there but no longer the size they had when the
-    split was prepared, each as 'path (N bytes then, M now)'. A file that is gone counts as unchanged: raw
-    data is often deleted once prepared. Only sizes are compared (no hashing at run time), so a same-size
-    rewrite goes unseen; a different size is certain change (e.g. a sample corpus of a newer recipe)."""
-    source = info.get("source")
+def changed_source_files(source: object) -> list[str]:
+    """The local files of a split's recorded source (a manifest entry's or a split record's "source") that are
+    still there but no longer the size they had when the split was prepared, each as 'path (N bytes then, M
+    now)'. A file that is gone counts as unchanged: raw data is often deleted once prepared. Only sizes are
+    compared (no hashing at run time), so a same-size rewrite goes unseen; a different size is certain change
+    (e.g. a sample corpus of a newer recipe)."""
     if not (isinstance(source, dict) and source.get("kind") == "local"):
         return []
     files, sizes = source.get("files"), source.get("sizes")

@@ -50,7 +50,7 @@ def open_split(cfg: DataConfig, split: str) -> tuple[dict, dict, TokenStore]:
         )
     info = mf.split_info(manifest, split, prepared_dir)
     verify_split(prepared_dir, manifest, split, cfg.verify)
-    changed = mf.changed_source_files(info)
+    changed = mf.changed_source_files(info.get("source"))
     if changed:
         warnings.warn(
             f"the {split} split of {prepared_dir} was prepared from source files that have changed since: "

@@ -137,7 +137,7 @@ def prepare_split(plan: SplitPlan, opts: PrepareOptions, dtype: np.dtype, tok_sh
         check_tokenizer_matches(old["key"]["tokenizer_sha256"], opts.tokenizer_path, f"{out} ({split})")
         if old["key"] != key:
             diff = sorted(k for k in key if old["key"].get(k) != key[k])
-            changed = mf.changed_source_files({"source": old["key"].get("source")})
+            changed = mf.changed_source_files(old["key"].get("source"))
             if changed:  # the same files, rewritten: "the original settings" cannot be had again
                 raise DataError(
                     f"{out} holds a {split} split prepared from source files that have changed since: "
