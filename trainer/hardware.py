@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import torch
 
-# Dense (non-sparse) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s. Matched by substring of the
-# device name, in this order: the PCIe H100 ("NVIDIA H100 PCIe", 1513 TFLOP/s with sparsity) before the SXM one.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense (non-sparse) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s: half the "with sparsity"
+# figure they print. Matched by substring of the device name, first match wins, so each variant comes before
+# the name it contains: "NVIDIA H100 PCIe" (1513 with sparsity) and "NVIDIA H100 NVL" (1671) before the SXM
+# H100, "H200 NVL" before "H200" (which also matches GH200, the SXM peak), "GB200" (per GPU) before "B200".
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200 NVL": 835e12,
+    "H200": 989e12,
+    "GB200": 2.5e15,
+    "B200": 2.25e15,
+    "A100": 312e12,
+    "A800": 312e12,
+}
 
 
 def device_peak_flops(device: torch.device) -> float | None:
