@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from model import ModelConfig, Transformer, linear_cross_entropy_sum
 
@@ -143,3 +144,56 @@ def test_the_model_takes_the_plain_loss_when_it_is_the_smaller():
     assert _vocab_sized_logits(model, few[:, :-1], few[:, 1:], grad=False) == 5 * vocab
     model.lm_head.weight.requires_grad_(False)
     assert _vocab_sized_logits(model, few[:, :-1], few[:, 1:], grad=True) == 5 * vocab
+
+
+def test_under_bf16_autocast_the_log_softmax_is_fp32_over_the_bf16_logits():
+    # The loss is fp32 cross-entropy of the bf16-rounded logits, as the plain path's logits.float(): CPU autocast
+    # leaves log_softmax in bf16, so without the cast the loss would be off by bf16 rounding (~1e-3).
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 64, 32, generator=g)
+    w = 0.5 * torch.randn(300, 32, generator=g)
+    y = torch.randint(0, 300, (2, 64), generator=g)
+    bf16_logits = (h.bfloat16() @ w.bfloat16().T).float()
+    want = F.cross_entropy(bf16_logits.flatten(0, 1), y.flatten(), reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy_sum(h, w, y, 40)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_bf16_weights_accumulate_the_loss_and_weight_gradient_in_fp32_over_chunks():
+    # FSDP2's bf16 param_dtype hands the loss bf16 hidden states and weight. 512 identical tokens one per chunk:
+    # the closed form is 512 x one token's loss and gradient; a bf16 running sum stalls at 256 x a term (257 is
+    # not a bf16 number), so the sums over chunks must be fp32.
+    g = torch.Generator().manual_seed(3)
+    n, d, vocab, target = 512, 8, 16, 3
+    h0 = torch.randn(d, generator=g).bfloat16()
+    w = torch.randn(vocab, d, generator=g).bfloat16().requires_grad_()
+    h = h0.expand(1, n, d).clone().requires_grad_()
+    y = torch.full((1, n), target)
+    p = torch.softmax(w.detach().double() @ h0.double(), dim=0)
+    got = linear_cross_entropy_sum(h, w, y, 1)
+    got.backward()
+    assert got.dtype == torch.float32 and w.grad is not None and h.grad is not None
+    torch.testing.assert_close(got.double(), -n * p[target].log(), rtol=1e-2, atol=0)
+    one_hot = F.one_hot(torch.tensor(target), vocab).double()
+    want_w = n * torch.outer(p - one_hot, h0.double())
+    torch.testing.assert_close(w.grad.double(), want_w, rtol=2e-2, atol=2e-2 * float(want_w.abs().max()))
+    want_h = ((p - one_hot) @ w.detach().double()).expand(1, n, d)
+    torch.testing.assert_close(h.grad.double(), want_h, rtol=2e-2, atol=2e-2 * float(want_h.abs().max()))
+
+
+@pytest.mark.parametrize("trained", [(), ("hidden",), ("weight",), ("hidden", "weight")])
+def test_it_does_the_plain_path_matmuls_and_no_more(trained):
+    # Closed-form FLOPs of the plain path: 2 N d V for the logits, and 2 N d V for each gradient backward asks
+    # for (no recomputation); none for a frozen input, and none at all under no_grad (an eval loss).
+    g = torch.Generator().manual_seed(4)
+    n, d, vocab = 24, 16, 50
+    h = torch.randn(n, d, generator=g, requires_grad="hidden" in trained)
+    w = torch.randn(vocab, d, generator=g, requires_grad="weight" in trained)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    with FlopCounterMode(display=False) as flops:
+        linear_cross_entropy_sum(h, w, y, 7)
+    assert flops.get_total_flops() == 2 * n * d * vocab * (1 + len(trained))
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        linear_cross_entropy_sum(h.detach().requires_grad_(), w.detach().requires_grad_(), y, 7)
+    assert flops.get_total_flops() == 2 * n * d * vocab

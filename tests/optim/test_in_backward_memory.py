@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import ModelConfig
-from optim import OptimConfig
+from model import DEFAULT_CHUNK_TOKENS, ModelConfig, Transformer
+from optim import OptimConfig, optimizer_spec
+from trainer.config import AdapterConfig
+from trainer.lora import apply_adapters
 from trainer.memory_accounting import measure
 
 torch.set_num_threads(1)
@@ -34,3 +36,78 @@ def test_fused_peak_below_ordinary():
     assert plain["grads_peak"] == plain["weights"]  # every gradient alive at once
     assert fused["grads_peak"] == 512 * 64 * 4  # the largest parameter's gradient (embedding / head)
     assert fused["peak"] < plain["peak"]
+
+
+# At seq_len 64, 2 x 64 tokens > d_model: the chunked loss, which keeps the output weight's gradient from forward on.
+CHUNKED = ModelConfig(d_model=64, n_layers=2, vocab_size=512, max_seq_len=64)
+LORA = AdapterConfig(method="lora", rank=4, dropout=0.0)
+
+
+def _model(adapter: AdapterConfig | None = None) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(CHUNKED)
+    if adapter is not None:
+        apply_adapters(model, adapter, seed=0)
+    return model
+
+
+def _saved_bytes_at_forward_end(seq_len: int, adapter: AdapterConfig | None = None) -> int:
+    """Hand count on CPU: every storage autograd saves in forward (loss included), once; parameters and buffers
+    are not activations."""
+    model = _model(adapter)
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in own:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    tokens = torch.randint(0, CHUNKED.vocab_size, (2, seq_len + 1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:], loss_chunk_tokens=DEFAULT_CHUNK_TOKENS)
+    del loss
+    return sum(saved.values())
+
+
+def _state_bytes_after_a_step(cfg: OptimConfig) -> int:
+    """Hand count: the bytes of every tensor in the ordinary optimizer's state after one step on random gradients."""
+    model = _model()
+    opt = optimizer_spec(model, cfg).build()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return sum(v.nbytes for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("adapter", [None, LORA])
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_parts_formula_and_peak_against_hand_counts(fused, adapter):
+    r = measure(CHUNKED, OptimConfig(name="adamw"), fused, micro_batch=2, seq_len=64, adapter=adapter)
+    params = list(_model(adapter).parameters())
+    trainable = [p.numel() for p in params if p.requires_grad]  # LoRA: frozen weights get no gradient, no state
+    weights = 4 * sum(p.numel() for p in params)
+    state = 8 * sum(trainable) + 4 * len(trainable)  # fp32 exp_avg and exp_avg_sq, a 0-d fp32 step per tensor
+    grads = 4 * max(trainable) if fused else 4 * sum(trainable)  # fused: one gradient at a time
+    activations = _saved_bytes_at_forward_end(64, adapter)
+    assert (r["weights"], r["state"], r["activations"], r["deferred"]) == (weights, state, activations, 0)
+    assert r["formula"] == weights + grads + state + activations
+    # At the end of forward every saved activation is alive beside the weights and state: a floor under the peak
+    # that no gradient event reaches here (backward frees the chunked loss's kept gradients before the first lands).
+    assert r["peak"] >= weights + state + activations
+
+
+def test_global_adalomo_fused_holds_every_direction_at_once():
+    # update_norm=global defers every tensor's fp32 direction U until the last gradient: one fp32 copy of all
+    # parameters, on top of the weights and state, in the peak and in the formula. 2 x 16 tokens: fewer
+    # activations than that copy, so the peak is at the last gradient event, not at the end of forward.
+    cfg = OptimConfig(name="adalomo", update_norm="global")
+    r = measure(CHUNKED, cfg, True, micro_batch=2, seq_len=16)
+    sizes = [p.numel() for p in _model().parameters()]
+    weights, deferred = 4 * sum(sizes), 4 * sum(sizes)
+    state = _state_bytes_after_a_step(cfg)
+    activations = _saved_bytes_at_forward_end(16)
+    assert activations < deferred
+    assert (r["weights"], r["state"], r["activations"], r["deferred"]) == (weights, state, activations, deferred)
+    assert r["formula"] == weights + 4 * max(sizes) + deferred + state + activations
+    assert r["peak"] >= weights + state + deferred
