@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK_TOKENS = 4096  # train.loss_chunk_tokens: 4096 x 32128 fp32 logits are 0.5 GB
+IGNORE_INDEX = -100  # F.cross_entropy's default, which the plain loss uses: a target to leave out (padding)
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -54,13 +55,17 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 continue
             # d(sum CE)/d logits = softmax - one-hot (fp32), then cast like the plain path's gradient.
             d = logp.exp_()
-            d[torch.arange(len(y_c), device=d.device), y_c] -= 1.0
+            d[torch.arange(len(y_c), device=d.device), y_c.clamp_min(0)] -= 1.0
             d = d.to(logits.dtype)
             del logits, logp
+            # A token whose target is IGNORE_INDEX has no loss (nll_loss skips it), so no gradient: its row of d
+            # is masked where that is cheap, on the d-wide sides of the two matmuls, not the vocab-wide d
+            # (a mask, not an index of the kept rows: that would sync the host).
+            keep = (y_c != IGNORE_INDEX).unsqueeze(1).to(d.dtype)
             if grad_h is not None:
-                grad_h[start : start + chunk] = (d @ weight.to(d.dtype)).to(grad_h.dtype)
+                grad_h[start : start + chunk] = ((d @ weight.to(d.dtype)) * keep).to(grad_h.dtype)
             if grad_w is not None:
-                grad_w += (d.t() @ h_c.to(d.dtype)).float()
+                grad_w += (d.t() @ (h_c.to(d.dtype) * keep)).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
         return total
@@ -81,7 +86,8 @@ def linear_cross_entropy_sum(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
 ) -> torch.Tensor:
     """sum over tokens of cross_entropy(hidden @ weight.T, targets), fp32 0-d, `chunk_tokens` tokens at a time
-    (see the module docstring). hidden: (..., d); weight: (vocab, d); targets: (...) int64."""
+    (see the module docstring). hidden: (..., d); weight: (vocab, d); targets: (...) int64, IGNORE_INDEX for
+    a token left out of the loss and its gradients, as F.cross_entropy."""
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     grad = torch.is_grad_enabled()

@@ -43,6 +43,28 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_loss(chunk):
     torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_ignored_targets_have_no_loss_and_no_gradient_as_in_the_plain_loss(chunk):
+    # F.cross_entropy leaves out targets of -100 (padding, masked tokens) from the loss and its gradient; the
+    # chunked path did from the loss only (its one-hot indexed column vocab - 100). Vocab 120 keeps -100 a
+    # valid negative index, so the old code ran and gave wrong gradients rather than an IndexError.
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 6, 16, generator=g, requires_grad=True)
+    w = torch.randn(120, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 120, (2, 6), generator=g)
+    y[0, 1] = y[1, 4] = y[1, 5] = -100
+    want = _plain(h, w, y)
+    want.backward()
+    want_h, want_w = _grads(h, w)
+    assert float(want_h[1, 4].abs().max()) == 0.0  # the reference: an ignored token gets no gradient
+    got = linear_cross_entropy_sum(h, w, y, chunk)
+    got.backward()
+    got_h, got_w = _grads(h, w)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
 def test_under_bf16_autocast_it_follows_the_plain_path_to_bf16_precision():
     g = torch.Generator().manual_seed(1)
     h = torch.randn(2, 64, 32, generator=g, requires_grad=True)
