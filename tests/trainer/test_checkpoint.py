@@ -7,6 +7,8 @@ import torch
 
 from tests.helpers.disk import small_tmpfs
 from trainer import checkpoint as ckpt
+from trainer import dist_checkpoint as dcp_ckpt
+from trainer.distributed import DistInfo
 from trainer.run_lock import remove_stale_temp_files
 
 
@@ -302,3 +304,89 @@ def test_disk_full_during_a_save_then_freeing_space(small_disk):
     path = saver.save(2, {})
     assert [p.name for p in directory.iterdir()] == ["step_00000002.pt"]
     assert ckpt.load_checkpoint(path)["box"]["value"].shape == (500_000,)
+
+
+# Sharded (DCP) checkpoints in one process (trainer/dist_checkpoint.py): the multi-rank format without a
+# process group, so its key mapping, counters and errors are checked in milliseconds, not a gloo run.
+ONE_PROCESS = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def _model_and_adamw(
+    layers: int = 2, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(layers))).to(dtype)
+    group = {"params": list(model.parameters()), "names": [name for name, _ in model.named_parameters()]}
+    return model, torch.optim.AdamW([group], lr=0.1)
+
+
+def _trained_with_counters(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """One AdamW step, then a different non-tensor counter per parameter (as this package's optimizers keep
+    `step` as an int): a counter restored onto the wrong parameter would be caught."""
+    model, opt = _model_and_adamw(dtype=dtype)
+    model(torch.randn(3, 4, dtype=dtype)).sum().backward()
+    opt.step()
+    for i, p in enumerate(model.parameters()):
+        opt.state[p]["count"] = 10 + i
+    return model, opt
+
+
+def test_a_sharded_checkpoint_restores_every_parameters_state_onto_that_parameter(tmp_path):
+    # bf16: AdamW keeps its moments in the parameter's dtype, which the load must keep (not read back as fp32)
+    model, opt = _trained_with_counters(torch.bfloat16)
+    path = dcp_ckpt.save_sharded(tmp_path, 3, model, [opt], {"progress": 3}, ONE_PROCESS)
+    fresh, fresh_opt = _model_and_adamw(dtype=torch.bfloat16)
+    dcp_ckpt.load_sharded(path, fresh, [fresh_opt], torch.device("cpu"))
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        saved, loaded = opt.state[p], fresh_opt.state[q]
+        assert sorted(loaded) == sorted(saved), name
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert loaded[key].dtype == saved[key].dtype and torch.equal(loaded[key], saved[key]), (name, key)
+        assert loaded["count"] == saved["count"], name  # 10, 11, 12, 13: each parameter its own
+
+
+def test_saving_a_step_again_replaces_its_sharded_checkpoint(tmp_path):
+    """A stop request right after a periodic save writes the same step twice: the second save must win, not fail
+    on renaming onto the existing directory."""
+    model, opt = _trained_with_counters()
+    dcp_ckpt.save_sharded(tmp_path, 3, model, [opt], {"progress": "first"}, ONE_PROCESS)
+    path = dcp_ckpt.save_sharded(tmp_path, 3, model, [opt], {"progress": "second"}, ONE_PROCESS)
+    assert dcp_ckpt.read_extras(path)["progress"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]  # no temporary directory left
+
+
+def test_read_full_tensors_returns_only_the_keys_under_its_prefix(tmp_path):
+    model, opt = _trained_with_counters()
+    path = dcp_ckpt.save_sharded(tmp_path, 3, model, [opt], {}, ONE_PROCESS)
+    weights = dcp_ckpt.read_full_tensors(path, "model.")
+    assert sorted(weights) == sorted(f"model.{name}" for name, _ in model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(weights[f"model.{name}"], p.detach()), name
+
+
+def test_a_sharded_checkpoint_of_another_model_names_the_missing_or_extra_tensors(tmp_path):
+    """ValueError naming the keys (the Checkpointer turns it into 'cannot restore the model and optimizer'),
+    not DCP's own error deep in its planner."""
+    model, opt = _trained_with_counters()
+    path = dcp_ckpt.save_sharded(tmp_path, 3, model, [opt], {}, ONE_PROCESS)
+    deeper, deeper_opt = _model_and_adamw(layers=3)
+    with pytest.raises(ValueError, match=r"it lacks model tensors \['model\.2\.weight', 'model\.2\.bias'\]"):
+        dcp_ckpt.load_sharded(path, deeper, [deeper_opt], torch.device("cpu"))
+    shallower, shallower_opt = _model_and_adamw(layers=1)
+    with pytest.raises(ValueError, match=r"optimizer state for '1\.(weight|bias)', which this model/optimizer"):
+        dcp_ckpt.load_sharded(path, shallower, [shallower_opt], torch.device("cpu"))
+
+
+def test_a_sharded_save_that_fails_removes_its_temporary_directory(tmp_path, monkeypatch):
+    model, opt = _trained_with_counters()
+
+    def failing_save(state_dict, checkpoint_id):
+        checkpoint_id.mkdir()  # DCP creates the directory, then writes its files into it
+        (checkpoint_id / "__0_0.distcp").write_bytes(b"half")  # what it had written when it failed
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp_ckpt.dcp, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        dcp_ckpt.save_sharded(tmp_path, 3, model, [opt], {}, ONE_PROCESS)
+    assert list(tmp_path.iterdir()) == []

@@ -82,6 +82,11 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
     two_then_two = tiny_overrides(tmp_path / "two_then_two", sample_tokens, **common, **CASES["adamem_fused"])
     jobs.append((next_store(), [*two_then_two, "--train.engine=fsdp2", "--train.max_steps=2"]))
     jobs.append((next_store(), [*two_then_two, "--train.engine=fsdp2"]))
+    # The same with torch's own AdamW, whose state FSDP2 holds as DTensors (the package's optimizers hold local
+    # shards): the load must rebuild them as DTensors of the same rows.
+    adamw_two_then_two = tiny_overrides(tmp_path / "adamw_two_then_two", sample_tokens, **common, **CASES["adamw"])
+    jobs.append((next_store(), [*adamw_two_then_two, "--train.engine=fsdp2", "--train.max_steps=2"]))
+    jobs.append((next_store(), [*adamw_two_then_two, "--train.engine=fsdp2"]))
     # DDP: fused (the comm hook) == ordinary, for AdaLomo (defined in backward) and AdamW.
     ddp = {**common, "train.max_grad_norm": 0}
     for name in ("adalomo", "adamw"):
@@ -98,6 +103,7 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
         assert losses(tmp_path / "two_bf16")[step] == pytest.approx(loss, rel=1e-2), step
     assert (tmp_path / "two_then_two" / "checkpoints" / "step_00000002" / "extras.pt").is_file()  # sharded
     assert_identical_runs(tmp_path / "two_then_two", tmp_path / "two_adamem_fused", STEPS)  # exact resume
+    assert_identical_runs(tmp_path / "adamw_two_then_two", tmp_path / "two_adamw", STEPS)
     figures = {}
     for name, extra in CASES.items():
         run(tmp_path, sample_tokens, f"one_{name}", **common, **extra)

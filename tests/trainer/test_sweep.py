@@ -33,7 +33,12 @@ def test_grid_points_become_overrides_and_fill_the_run_dir(tmp_path):
 
 @pytest.mark.parametrize(
     "body,match",
-    [("grid: {optim.lrr: [1]}\nrun_dir: x\n", r"optim\.lrr"), ("grid: {}\n", "needs 'config' and 'run_dir'")],
+    [
+        ("grid: {optim.lrr: [1]}\nrun_dir: x\n", r"optim\.lrr"),
+        ("grid: {}\n", "needs 'config' and 'run_dir'"),
+        # a misspelt top-level key would silently drop its grid: 1 run instead of the sweep
+        ("gird: {optim.lr: [1.0e-3, 3.0e-3]}\nrun_dir: x\n", r"unknown: \['gird'\]"),
+    ],
 )
 def test_a_bad_sweep_fails_before_any_run(tmp_path, body, match):
     sweep = tmp_path / "s.yaml"
@@ -90,10 +95,19 @@ def test_zipped_values_are_validated_like_any_override(tmp_path):
             r"optim.lr is set in both grid and zip",
         ),
         ("overrides: {run.dir: x}\nrun_dir: x\n", r"top-level 'run_dir' template, not run.dir"),
+        (  # otherwise the grid value would silently win over the fixed override in every run
+            "overrides: {optim.lr: 1.0e-3}\ngrid: {optim.lr: [1.0e-3, 3.0e-3]}\nrun_dir: x/{optim.lr}\n",
+            r"optim.lr is set in both overrides and grid; keep it in one of them",
+        ),
+        ("overrides: [train.max_steps]\nrun_dir: x\n", r"'overrides' must map dotted keys to values"),
         ("grid: {optim.lr: [1.0e-3, 3.0e-3]}\nrun_dir: x/{optim.lrr}\n", r"placeholder\(s\) \{optim.lrr\} name no"),
         (
             "grid: {optim.lr: [1.0e-3, 3.0e-3], optim.weight_decay: [0.0]}\nrun_dir: x/{optim.weight_decay}\n",
             r"several runs share x/0.0; .* add \{optim.lr\}",
+        ),
+        (  # the fix names only the keys that vary: weight_decay has one value, so adding it tells no runs apart
+            "grid: {optim.lr: [1.0e-3, 3.0e-3], optim.weight_decay: [0.0]}\nrun_dir: x/{config}\n",
+            r"several runs share x/tiny; the run_dir template 'x/\{config\}' must tell them apart: add \{optim.lr\}$",
         ),
         (
             "grid: {optim.lr: [1.0e-3, 0.001]}\nrun_dir: x/{optim.lr}\n",
