@@ -181,3 +181,60 @@ def test_state_bytes_table_small():
         "adamem",
         "adalomo",
     ]
+
+
+def _stepped(opt_cls, shape, dtype=torch.float32, **kw):
+    p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+    p.grad = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    opt = opt_cls([p], **kw)
+    opt.step()
+    return opt
+
+
+def test_per_rank_state_bytes_hold_the_largest_row_chunk_and_the_unsharded_tensors_whole():
+    """FSDP2 splits 10 rows over 4 ranks as torch.chunk does: 3, 3, 3, 1. The busiest rank (3 rows) sets the
+    per-rank memory that tools/bench_engines.py reports; state that does not follow the rows (AdamW's step,
+    Adafactor's column statistic) is whole on every rank and still counts."""
+    from optim.adafactor import Adafactor
+    from optim.state_bytes import state_bytes_per_rank
+
+    adamw = _stepped(torch.optim.AdamW, (10, 3))
+    # exp_avg + exp_avg_sq: 2 x 3 rows x 3 cols x 4 bytes; the fp32 step tensor (4 bytes) whole
+    assert state_bytes_per_rank(adamw, 4) == 2 * 3 * 3 * 4 + 4
+    assert state_bytes_per_rank(adamw, 1) == 2 * 10 * 3 * 4 + 4  # one rank holds everything
+    adafactor = _stepped(Adafactor, (10, 3), beta1=0.9)
+    # exp_avg (3 x 3) and the row statistic (3) follow the rows; the column statistic (3) is whole
+    assert state_bytes_per_rank(adafactor, 4) == 4 * (3 * 3 + 3 + 3)
+
+
+def test_measured_state_bytes_count_each_tensors_own_element_size():
+    """torch's AdamW keeps its moments in the parameter's dtype: a bf16 parameter's state is half the size
+    of an fp32 one's (its step counter stays a 4-byte fp32 tensor)."""
+    opt = _stepped(torch.optim.AdamW, (10, 3), dtype=torch.bfloat16)
+    assert measured_state_bytes(opt) == 2 * 30 * 2 + 4
+
+
+def test_the_adafactor_table_row_has_no_momentum_and_the_momentum_row_one_per_weight():
+    """The two Adafactor rows differ exactly by the fp32 first moment, one float per parameter (every
+    parameter of the plain model is trained); a plain row that kept beta1 would equal the momentum row."""
+    from optim.state_bytes import state_bytes_table
+
+    mcfg = ModelConfig(d_model=64, n_layers=2, vocab_size=128, max_seq_len=32)
+    rows = {r["optimizer"]: r for r in state_bytes_table(mcfg, ["adafactor", "adafactor_momentum"])}
+    n = sum(p.numel() for p in Transformer(mcfg).parameters())
+    assert rows["adafactor_momentum"]["measured_bytes"] - rows["adafactor"]["measured_bytes"] == 4 * n
+    assert rows["adafactor_momentum"]["formula_bytes"] - rows["adafactor"]["formula_bytes"] == 4 * n
+
+
+def test_the_state_bytes_table_prints_mebibytes():
+    """tools/model_info.py's table: MiB = 2^20 bytes, "-" where an optimizer has no formula."""
+    from optim.state_bytes import format_state_bytes_table
+
+    rows = [
+        dict(optimizer="adamw", measured_bytes=3 * 2**20, formula_bytes=5 * 2**20, n_params=10, bytes_per_param=1.5),
+        dict(optimizer="other", measured_bytes=2**19, formula_bytes=None, n_params=10, bytes_per_param=0.25),
+    ]
+    header, first, second = format_state_bytes_table(rows).splitlines()
+    assert header.split() == ["optimizer", "measured", "MiB", "formula", "MiB", "bytes/param"]
+    assert first.split() == ["adamw", "3.0", "5.0", "1.500"]
+    assert second.split() == ["other", "0.5", "-", "0.250"]

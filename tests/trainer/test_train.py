@@ -472,3 +472,72 @@ def test_mfu_is_the_windows_flops_over_its_seconds_and_the_peak(tmp_path, sample
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     for r in logged:
         assert r["throughput/mfu"] == pytest.approx(r["throughput/tokens_per_s"] * per_token / peak, rel=1e-9), r
+
+
+def _saved_and_now(tmp_path, sample_tokens, **changed):
+    """The checkpoint's config dict and a copy with `changed` ("section.key": value) applied: what the
+    trainer hands check_resume_compatible (no training needed to ask the policy)."""
+    saved = load_config("configs/tiny.yaml", tiny_overrides(tmp_path / "run", sample_tokens)).to_dict()
+    now = {section: dict(values) for section, values in saved.items()}
+    for key, value in changed.items():
+        section, name = key.split(".", 1)
+        assert name in now[section], key  # a real config key
+        now[section][name] = value
+    return saved, now
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("train.global_batch", 8), ("data.seq_len", 16), ("data.seed", 7), ("optim.beta2", 0.9), ("model.n_layers", 3)],
+)
+def test_settings_that_change_the_data_order_or_the_state_are_refused_on_resume(tmp_path, sample_tokens, key, value):
+    """Another global batch, sequence length or data seed reorders the samples the checkpoint's position counts;
+    another optimizer hyperparameter or model shape makes the saved state mean something else."""
+    from trainer.resume_policy import check_resume_compatible
+
+    saved, now = _saved_and_now(tmp_path, sample_tokens, **{key: value})
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000003.pt"
+    with pytest.raises(ConfigError) as e:
+        check_resume_compatible(saved, now, checkpoint)
+    assert str(e.value) == (
+        f"cannot resume from {checkpoint} with a different setup; these settings cannot change within a run:\n"
+        f"  {key}: {saved[key.split('.')[0]][key.split('.')[1]]!r} -> {value!r}\n"
+        f"Resume with the checkpoint's values (they are in {tmp_path / 'run' / 'config.yaml'}), "
+        "or start a new run with another --run.dir."
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("train.micro_batch", 1),
+        ("train.precision", "bf16"),
+        ("train.engine", "fsdp2"),
+        ("train.max_grad_norm", 0.5),
+        ("data.prepared_dir", "/elsewhere/prepared"),
+        ("scheduler.warmup_steps", 123),
+        ("eval.interval", 77),
+        ("checkpoint.keep_last", 9),
+    ],
+)
+def test_settings_that_only_steer_the_rest_of_the_run_may_change_on_resume(tmp_path, sample_tokens, key, value):
+    """Micro-batching, precision, the engine, clipping, where the data lives, the schedule and the intervals
+    leave the checkpoint's meaning intact: the resume goes on and reports the change for resumes.jsonl."""
+    from trainer.resume_policy import check_resume_compatible
+
+    saved, now = _saved_and_now(tmp_path, sample_tokens, **{key: value})
+    old = saved[key.split(".")[0]][key.split(".")[1]]
+    assert old != value
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000003.pt"
+    assert check_resume_compatible(saved, now, checkpoint) == {key: (old, value)}
+
+
+def test_a_checkpoint_from_before_a_config_key_existed_still_resumes(tmp_path, sample_tokens):
+    """A key added to the config after the checkpoint was written (absent from its saved config) is not a change:
+    the older run resumes with the key's default instead of being refused."""
+    from trainer.resume_policy import check_resume_compatible
+
+    saved, now = _saved_and_now(tmp_path, sample_tokens)
+    del saved["optim"]["factor_iters"], saved["train"]["fused_update"]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000003.pt"
+    assert check_resume_compatible(saved, now, checkpoint) == {}
