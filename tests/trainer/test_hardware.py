@@ -13,7 +13,7 @@ from trainer.hardware import device_peak_flops
     [
         ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
         ("NVIDIA H100 PCIe", 756e12),  # not the SXM peak: MFU would read 24% low
-        ("NVIDIA H100 NVL", 835e12),  # not the SXM peak either: 18% low
+        ("NVIDIA H100 NVL", 835e12),  # nor here: with the SXM peak, MFU would read 16% low
         ("NVIDIA H200", 989e12),
         ("NVIDIA H200 NVL", 835e12),
         ("NVIDIA GH200 480GB", 989e12),
