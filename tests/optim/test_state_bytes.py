@@ -11,8 +11,15 @@ import torch
 
 from model import ModelConfig, Transformer
 from optim import REGISTRY, OptimConfig
+from optim.adafactor import Adafactor
 from optim.param_groups import group_options
-from optim.state_bytes import formula_state_bytes, measured_state_bytes
+from optim.state_bytes import (
+    format_state_bytes_table,
+    formula_state_bytes,
+    measured_state_bytes,
+    state_bytes_per_rank,
+    state_bytes_table,
+)
 from tests.helpers.tiny_lm import loss_of
 
 NAMES = ["adamw", "adafactor", "adafactor_momentum", "galore_adamw", "galore_adafactor", "adamem"]
@@ -165,7 +172,6 @@ def test_the_formula_caps_the_rank_at_both_sides_of_a_matrix(name, extra):
 
 
 def test_state_bytes_table_small():
-    from optim.state_bytes import state_bytes_table
 
     rows = state_bytes_table(
         ModelConfig(d_model=64, n_layers=2, vocab_size=128, max_seq_len=32), optim_cfg=OptimConfig(rank=8)
@@ -195,8 +201,6 @@ def test_per_rank_state_bytes_hold_the_largest_row_chunk_and_the_unsharded_tenso
     """FSDP2 splits 10 rows over 4 ranks as torch.chunk does: 3, 3, 3, 1. The busiest rank (3 rows) sets the
     per-rank memory that tools/bench_engines.py reports; state that does not follow the rows (AdamW's step,
     Adafactor's column statistic) is whole on every rank and still counts."""
-    from optim.adafactor import Adafactor
-    from optim.state_bytes import state_bytes_per_rank
 
     adamw = _stepped(torch.optim.AdamW, (10, 3))
     # exp_avg + exp_avg_sq: 2 x 3 rows x 3 cols x 4 bytes; the fp32 step tensor (4 bytes) whole
@@ -217,7 +221,6 @@ def test_measured_state_bytes_count_each_tensors_own_element_size():
 def test_the_adafactor_table_row_has_no_momentum_and_the_momentum_row_one_per_weight():
     """The two Adafactor rows differ exactly by the fp32 first moment, one float per parameter (every
     parameter of the plain model is trained); a plain row that kept beta1 would equal the momentum row."""
-    from optim.state_bytes import state_bytes_table
 
     mcfg = ModelConfig(d_model=64, n_layers=2, vocab_size=128, max_seq_len=32)
     rows = {r["optimizer"]: r for r in state_bytes_table(mcfg, ["adafactor", "adafactor_momentum"])}
@@ -228,7 +231,6 @@ def test_the_adafactor_table_row_has_no_momentum_and_the_momentum_row_one_per_we
 
 def test_the_state_bytes_table_prints_mebibytes():
     """tools/model_info.py's table: MiB = 2^20 bytes, "-" where an optimizer has no formula."""
-    from optim.state_bytes import format_state_bytes_table
 
     rows = [
         dict(optimizer="adamw", measured_bytes=3 * 2**20, formula_bytes=5 * 2**20, n_params=10, bytes_per_param=1.5),

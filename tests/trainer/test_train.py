@@ -5,15 +5,19 @@ import json
 
 import pytest
 import torch
+from torch.nn import functional as F
 
+from data import TrainBatches
+from model import Transformer, flops_per_token
 from tests.helpers.runs import losses, run, tiny_overrides, tiny_trainer
 from trainer import checkpoint as ckpt
 from trainer import throughput_window
 from trainer import trainer as trainer_module
 from trainer.config import ConfigError, load_config
 from trainer.metrics import read_metrics
+from trainer.resume_policy import check_resume_compatible
 from trainer.run_lock import RunDirError
-from trainer.trainer import TrainingDiverged
+from trainer.trainer import StopFlag, TrainingDiverged
 
 
 def test_short_run_learns_and_writes_everything(tmp_path, sample_tokens):
@@ -395,8 +399,6 @@ def test_a_closed_console_is_no_first_ctrl_c(capfd):
     import os
     import signal
 
-    from trainer.trainer import StopFlag
-
     stop = StopFlag()
     stop.install()
     try:
@@ -417,10 +419,6 @@ def test_the_logged_loss_and_grad_norm_are_the_global_batch_means_whatever_the_m
     """Independent reference: the initial model (the trainer seeds torch with run.seed before building it) on
     the first global batch, one plain mean cross-entropy over all its tokens, one backward. A loss denominator
     of one micro-batch's tokens (or one divided by the micro-batch count twice) scales both by the count."""
-    from torch.nn import functional as F
-
-    from data import TrainBatches
-    from model import Transformer
 
     overrides = {"train.max_steps": 1, "train.micro_batch": micro_batch, "eval.interval": 0, "log.tensorboard": False}
     cfg, _ = run(tmp_path, sample_tokens, **overrides)
@@ -461,7 +459,6 @@ def test_the_last_step_is_evaluated_when_max_steps_is_no_multiple_of_the_interva
 def test_mfu_is_the_windows_flops_over_its_seconds_and_the_peak(tmp_path, sample_tokens, monkeypatch):
     """No MFU on a CPU: a fake peak. tokens/s and MFU share the window's seconds, so whatever the clock says,
     MFU / (tokens/s) = FLOPs per token / peak (model/flops.py's count: no projected backward, no adapters)."""
-    from model import flops_per_token
 
     peak = 1e9
     monkeypatch.setattr(trainer_module, "device_peak_flops", lambda device: peak)
@@ -493,7 +490,6 @@ def _saved_and_now(tmp_path, sample_tokens, **changed):
 def test_settings_that_change_the_data_order_or_the_state_are_refused_on_resume(tmp_path, sample_tokens, key, value):
     """Another global batch, sequence length or data seed reorders the samples the checkpoint's position counts;
     another optimizer hyperparameter or model shape makes the saved state mean something else."""
-    from trainer.resume_policy import check_resume_compatible
 
     saved, now = _saved_and_now(tmp_path, sample_tokens, **{key: value})
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000003.pt"
@@ -523,7 +519,6 @@ def test_settings_that_change_the_data_order_or_the_state_are_refused_on_resume(
 def test_settings_that_only_steer_the_rest_of_the_run_may_change_on_resume(tmp_path, sample_tokens, key, value):
     """Micro-batching, precision, the engine, clipping, where the data lives, the schedule and the intervals
     leave the checkpoint's meaning intact: the resume goes on and reports the change for resumes.jsonl."""
-    from trainer.resume_policy import check_resume_compatible
 
     saved, now = _saved_and_now(tmp_path, sample_tokens, **{key: value})
     old = saved[key.split(".")[0]][key.split(".")[1]]
@@ -535,7 +530,6 @@ def test_settings_that_only_steer_the_rest_of_the_run_may_change_on_resume(tmp_p
 def test_a_checkpoint_from_before_a_config_key_existed_still_resumes(tmp_path, sample_tokens):
     """A key added to the config after the checkpoint was written (absent from its saved config) is not a change:
     the older run resumes with the key's default instead of being refused."""
-    from trainer.resume_policy import check_resume_compatible
 
     saved, now = _saved_and_now(tmp_path, sample_tokens)
     del saved["optim"]["factor_iters"], saved["train"]["fused_update"]
