@@ -8,9 +8,8 @@ import sys
 import time
 
 import pytest
-import torch
 
-from tests.helpers.runs import REPO, final_model, losses, start_training, tiny_overrides
+from tests.helpers.runs import REPO, final_model, losses, max_rel_difference, start_training, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.metrics import read_metrics
 
@@ -67,8 +66,15 @@ def test_two_ranks_match_one_rank(tmp_path, sample_tokens):
         assert val2[step] == pytest.approx(val1[step], rel=1e-5)
     a = final_model(tmp_path / "one", 4)
     b = final_model(tmp_path / "two", 4)  # a sharded checkpoint directory: every rank wrote its part
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert sorted(a) == sorted(b)
+    # Per tensor, not per element: Adam's m / (sqrt(v) + eps) turns the summation-order noise of a near-zero
+    # gradient (a rare token's embedding row) into an update difference of up to lr, whatever the tolerance of
+    # the sums. Elementwise (rtol 1e-4, atol 1e-5), 1 of 2M values missed by 2e-5 on an Intel Xeon machine, where
+    # AMD EPYC ones had passed; per tensor the difference there is 1.8e-6. The bound is the FSDP2 comparison's
+    # (tests/trainer/test_engines.py).
+    difference = max_rel_difference(b, a)
+    print("max relative parameter difference, 2 ranks vs 1:", difference)
+    assert difference < 5e-5
 
 
 def _start_and_stop(cmd, run_dir, sig=signal.SIGTERM):
