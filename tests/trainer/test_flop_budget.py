@@ -331,3 +331,38 @@ def test_the_meta_model_is_built_once_per_model_config():
     other = meta_transformer(ModelConfig(d_model=64, n_layers=3))
     assert other is not a and len(other.blocks) == 3
     assert next(a.parameters()).device.type == "meta"
+
+
+def test_step_flops_charges_the_full_gradient_on_refresh_steps_only():
+    flops = config_flops(load_config(None, [*SMALL, *galore(8, 3)]))
+    full, projected = TOKENS * full_per_token(), TOKENS * (full_per_token() + L * projected_change(BLOCK_SHAPES, 8))
+    assert projected < full
+    # Refreshes (the full gradient formed for the SVD) at 0-based steps 0, 3, 6: the first step included.
+    assert [flops.step_flops(s) for s in range(7)] == [full, projected, projected] * 2 + [full]
+    assert [flops.is_refresh(s) for s in range(4)] == [True, False, False, True]
+
+
+def test_rank_above_the_smaller_side_counts_as_full_rank():
+    # The config rejects rank > d_model; training_flops itself still caps r = min(rank, m, n) = 64 = D.
+    cfg = load_config(None, SMALL)
+    flops = training_flops(
+        cfg.model,
+        OptimConfig(name="galore_adamw", rank=2 * D, update_proj_gap=3, projected_backward=True),
+        seq_len=SEQ,
+        global_batch=BATCH,
+    )
+    assert flops.per_token == full_per_token() + L * projected_change(BLOCK_SHAPES, D)
+
+
+def test_match_flops_of_the_projected_optimizer_itself_uses_its_ordinary_backward():
+    # match_flops_of=galore_adamw from a projected-backward galore run: the reference is galore_adamw with the
+    # ordinary backward (F_full every step), not this run's cheaper projected steps.
+    cfg = load_config(None, [*SMALL, *galore(8, 3), "--train.match_flops_of=galore_adamw", "--train.max_steps=6"])
+    assert cfg.train.flop_budget == 6 * TOKENS * full_per_token()
+    full, projected = TOKENS * full_per_token(), TOKENS * (full_per_token() + L * projected_change(BLOCK_SHAPES, 8))
+
+    def spent(steps: int) -> int:
+        return steps * projected + math.ceil(steps / 3) * (full - projected)
+
+    steps = cfg.train.max_steps
+    assert spent(steps) <= 6 * full < spent(steps + 1)

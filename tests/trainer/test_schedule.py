@@ -33,3 +33,9 @@ def test_monotone_decay_and_closed_form():
 
 def test_no_warmup():
     assert f(0, warmup=0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 1000)))
+
+
+def test_first_decay_step_is_below_the_peak():
+    # Step warmup_steps is the first cosine step: progress 1/900, never above the peak (no 101/100 overshoot).
+    assert f(100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 900)))
+    assert f(100) < 1.0
