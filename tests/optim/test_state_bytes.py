@@ -172,7 +172,6 @@ def test_the_formula_caps_the_rank_at_both_sides_of_a_matrix(name, extra):
 
 
 def test_state_bytes_table_small():
-
     rows = state_bytes_table(
         ModelConfig(d_model=64, n_layers=2, vocab_size=128, max_seq_len=32), optim_cfg=OptimConfig(rank=8)
     )
@@ -201,7 +200,6 @@ def test_per_rank_state_bytes_hold_the_largest_row_chunk_and_the_unsharded_tenso
     """FSDP2 splits 10 rows over 4 ranks as torch.chunk does: 3, 3, 3, 1. The busiest rank (3 rows) sets the
     per-rank memory that tools/bench_engines.py reports; state that does not follow the rows (AdamW's step,
     Adafactor's column statistic) is whole on every rank and still counts."""
-
     adamw = _stepped(torch.optim.AdamW, (10, 3))
     # exp_avg + exp_avg_sq: 2 x 3 rows x 3 cols x 4 bytes; the fp32 step tensor (4 bytes) whole
     assert state_bytes_per_rank(adamw, 4) == 2 * 3 * 3 * 4 + 4
@@ -221,7 +219,6 @@ def test_measured_state_bytes_count_each_tensors_own_element_size():
 def test_the_adafactor_table_row_has_no_momentum_and_the_momentum_row_one_per_weight():
     """The two Adafactor rows differ exactly by the fp32 first moment, one float per parameter (every
     parameter of the plain model is trained); a plain row that kept beta1 would equal the momentum row."""
-
     mcfg = ModelConfig(d_model=64, n_layers=2, vocab_size=128, max_seq_len=32)
     rows = {r["optimizer"]: r for r in state_bytes_table(mcfg, ["adafactor", "adafactor_momentum"])}
     n = sum(p.numel() for p in Transformer(mcfg).parameters())

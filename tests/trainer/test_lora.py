@@ -328,7 +328,9 @@ def test_dropout_applies_to_the_adapter_branch_only_in_training():
 
 def test_memory_and_state_bytes_count_only_the_trainable_parameters():
     """tools/bench_memory.py and tools/model_info.py with adapters: AdamW keeps 2 fp32 moments and a
-    4-byte step per trainable tensor; the frozen weights have neither gradient nor state."""
+    4-byte step per trainable tensor; the frozen weights have neither gradient nor state. model_info's
+    bytes/param column divides by every parameter, frozen ones included: how little state the adapters add to
+    the whole model."""
     mcfg = ModelConfig(d_model=64, n_layers=2, vocab_size=512, max_seq_len=32)
     adapter = AdapterConfig(method="lora", rank=4, dropout=0.0)
     model = lora_model(rank=4)
@@ -339,6 +341,7 @@ def test_memory_and_state_bytes_count_only_the_trainable_parameters():
     assert r["weights"] == 4 * sum(p.numel() for p in model.parameters())
     (row,) = state_bytes_table(mcfg, ["adamw"], model=model)
     assert row["measured_bytes"] == row["formula_bytes"] == 8 * n + 4 * len(trainable)
+    assert row["bytes_per_param"] == (8 * n + 4 * len(trainable)) / sum(p.numel() for p in model.parameters())
 
 
 def test_forward_and_merge_scale_the_adapter_by_alpha_over_rank():
@@ -360,14 +363,3 @@ def test_forward_and_merge_scale_the_adapter_by_alpha_over_rank():
     merge_adapters(model)
     torch.testing.assert_close(m.weight, w0 + 3.0 * (b @ a), rtol=1e-6, atol=1e-6)
     assert torch.count_nonzero(m.lora_b) == 0
-
-
-def test_state_bytes_per_parameter_divides_by_every_parameter_frozen_ones_included():
-    """model_info's bytes/param column is the state's cost per model parameter (n_params counts the frozen
-    weights too), so a LoRA model's column shows how little state the adapters add to the whole model."""
-    mcfg = ModelConfig(d_model=64, n_layers=2, vocab_size=512, max_seq_len=32)
-    model = lora_model(rank=4)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    state = 8 * sum(p.numel() for p in trainable) + 4 * len(trainable)  # AdamW: 2 fp32 moments + a 4-byte step
-    (row,) = state_bytes_table(mcfg, ["adamw"], model=model)
-    assert row["bytes_per_param"] == state / sum(p.numel() for p in model.parameters())

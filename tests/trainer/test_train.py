@@ -2,6 +2,8 @@
 logging, checkpoints, exact resume, divergence, fused updates, every optimizer."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -128,8 +130,6 @@ def test_resume_false_on_a_directory_with_checkpoints_is_refused_before_any_work
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, sample_tokens, monkeypatch):
-    import trainer.trainer as trainer_module
-
     real = trainer_module.forward_backward
     calls = []
 
@@ -268,11 +268,6 @@ def test_a_stop_during_evaluation_saves_at_once_and_the_evaluation_runs_on_resum
     tmp_path, sample_tokens, monkeypatch, interrupted
 ):
     """Also at step 0: the run saves there instead of training a step first, so no step-0 loss is lost."""
-    import os
-    import signal
-
-    import trainer.trainer as trainer_module
-
     real, calls = trainer_module.evaluate, []
 
     def signalled_during_an_evaluation(*args, **kwargs):
@@ -300,11 +295,6 @@ def test_a_stop_during_the_final_evaluation_on_resume_is_reported_and_kept_pendi
 ):
     """The final evaluation (step 6 of 6) is stopped, then stopped again when the resume runs it: the second start
     reports the stop (train.py then says how to resume) and keeps the evaluation pending; the third finishes it."""
-    import os
-    import signal
-
-    import trainer.trainer as trainer_module
-
     real = trainer_module.Trainer.evaluate
 
     def signalled_at_step_6(self, step: int) -> None:
@@ -396,9 +386,6 @@ def test_throughput_is_timed_between_device_reads_without_eval_and_save(tmp_path
 def test_a_closed_console_is_no_first_ctrl_c(capfd):
     """After request() (the console's reader went away), the user's first Ctrl-C still saves: only a second
     signalled Ctrl-C exits at once."""
-    import os
-    import signal
-
     stop = StopFlag()
     stop.install()
     try:
@@ -419,7 +406,6 @@ def test_the_logged_loss_and_grad_norm_are_the_global_batch_means_whatever_the_m
     """Independent reference: the initial model (the trainer seeds torch with run.seed before building it) on
     the first global batch, one plain mean cross-entropy over all its tokens, one backward. A loss denominator
     of one micro-batch's tokens (or one divided by the micro-batch count twice) scales both by the count."""
-
     overrides = {"train.max_steps": 1, "train.micro_batch": micro_batch, "eval.interval": 0, "log.tensorboard": False}
     cfg, _ = run(tmp_path, sample_tokens, **overrides)
     record = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r)
@@ -459,7 +445,6 @@ def test_the_last_step_is_evaluated_when_max_steps_is_no_multiple_of_the_interva
 def test_mfu_is_the_windows_flops_over_its_seconds_and_the_peak(tmp_path, sample_tokens, monkeypatch):
     """No MFU on a CPU: a fake peak. tokens/s and MFU share the window's seconds, so whatever the clock says,
     MFU / (tokens/s) = FLOPs per token / peak (model/flops.py's count: no projected backward, no adapters)."""
-
     peak = 1e9
     monkeypatch.setattr(trainer_module, "device_peak_flops", lambda device: peak)
     overrides = {"train.max_steps": 4, "log.interval": 2, "eval.interval": 0, "log.tensorboard": False}
@@ -490,7 +475,6 @@ def _saved_and_now(tmp_path, sample_tokens, **changed):
 def test_settings_that_change_the_data_order_or_the_state_are_refused_on_resume(tmp_path, sample_tokens, key, value):
     """Another global batch, sequence length or data seed reorders the samples the checkpoint's position counts;
     another optimizer hyperparameter or model shape makes the saved state mean something else."""
-
     saved, now = _saved_and_now(tmp_path, sample_tokens, **{key: value})
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000003.pt"
     with pytest.raises(ConfigError) as e:
@@ -519,7 +503,6 @@ def test_settings_that_change_the_data_order_or_the_state_are_refused_on_resume(
 def test_settings_that_only_steer_the_rest_of_the_run_may_change_on_resume(tmp_path, sample_tokens, key, value):
     """Micro-batching, precision, the engine, clipping, where the data lives, the schedule and the intervals
     leave the checkpoint's meaning intact: the resume goes on and reports the change for resumes.jsonl."""
-
     saved, now = _saved_and_now(tmp_path, sample_tokens, **{key: value})
     old = saved[key.split(".")[0]][key.split(".")[1]]
     assert old != value
@@ -530,7 +513,6 @@ def test_settings_that_only_steer_the_rest_of_the_run_may_change_on_resume(tmp_p
 def test_a_checkpoint_from_before_a_config_key_existed_still_resumes(tmp_path, sample_tokens):
     """A key added to the config after the checkpoint was written (absent from its saved config) is not a change:
     the older run resumes with the key's default instead of being refused."""
-
     saved, now = _saved_and_now(tmp_path, sample_tokens)
     del saved["optim"]["factor_iters"], saved["train"]["fused_update"]
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000003.pt"
