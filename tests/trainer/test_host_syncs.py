@@ -23,6 +23,28 @@ def test_the_count_sees_host_reads_and_nothing_else():
     assert "__bool__" not in vars(torch.Tensor) and torch.Tensor.item is not None  # restored as it was
 
 
+def test_each_kind_of_host_read_is_counted_at_its_line() -> None:
+    t, i = torch.tensor([2.0]), torch.tensor(1)
+    with count_host_syncs() as syncs:
+        t.item()
+        t.tolist()
+        t.numpy()
+        bool(t)
+        float(t)
+        int(t)
+        [0, 1][i]  # __index__
+    assert sorted(syncs.sites.values()) == [1] * 7, syncs.sites  # seven reads, each at its own line
+
+
+def test_an_error_in_the_block_restores_the_tensor_methods() -> None:
+    item, to_float = torch.Tensor.item, torch.Tensor.__float__
+    with pytest.raises(RuntimeError, match="raised in the block"):
+        with count_host_syncs():
+            raise RuntimeError("raised in the block")
+    assert torch.Tensor.item is item and torch.Tensor.__float__ is to_float
+    assert "__float__" not in vars(torch.Tensor)  # inherited again from TensorBase, not left patched
+
+
 @pytest.mark.parametrize(
     "extra",
     [

@@ -4,6 +4,7 @@ named with its line, and write errors (a full disk) as clear errors."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,8 @@ def test_a_tail_without_newline_is_repaired_before_appending(tmp_path, tail):
     log = logger(tmp_path, resume_step=6)
     log.log(7, {"train/loss": 0.1})
     log.close()
-    assert steps(path) == [1, 2, 3, 4, 5, 7] if tail.startswith(b"\0") else [1, 2, 3, 4, 5, 6, 7]
+    expected = [1, 2, 3, 4, 5, 7] if tail.startswith(b"\0") else [1, 2, 3, 4, 5, 6, 7]
+    assert steps(path) == expected
 
 
 def test_a_damaged_line_inside_the_file_is_named_with_its_number(tmp_path):
@@ -104,6 +106,17 @@ def test_a_damaged_line_inside_the_file_is_named_with_its_number(tmp_path):
         read_metrics(path)
 
 
+@pytest.mark.parametrize("step", ["true", "2.0", '"2"'])
+def test_a_step_that_is_not_an_integer_is_damage(tmp_path: Path, step: str) -> None:
+    """JSON's true is a Python bool, an int subclass: not a step either."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(f'{{"step": 1}}\n{{"step": {step}, "train/loss": 0.5}}\n{{"step": 3}}\n')
+    with pytest.raises(
+        MetricsFileError, match=r"line 2: not a metrics record \(not a JSON object with an integer step"
+    ):
+        read_metrics(path)
+
+
 def test_a_fresh_start_drops_the_records_of_an_attempt_without_checkpoint(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     write_records(path, range(1, 3))
@@ -112,6 +125,19 @@ def test_a_fresh_start_drops_the_records_of_an_attempt_without_checkpoint(tmp_pa
     log.log(1, {"train/loss": 0.5})
     log.close()
     assert steps(path) == [1]
+
+
+def test_a_fresh_start_drops_the_step_0_evaluation_of_the_earlier_start_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The evaluation before the first step is logged at step 0: a fresh start logs it again, once."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "val/loss": 5.0}\n{"step": 1, "train/loss": 4.0}\n')
+    log = logger(tmp_path, resume_step=0)
+    assert f"warning: {path}: dropped 2 records of an earlier start" in capsys.readouterr().out
+    log.log(0, {"val/loss": 5.5})
+    log.close()
+    assert path.read_text() == '{"step": 0, "val/loss": 5.5}\n'
 
 
 def test_a_disabled_logger_reads_and_writes_nothing(tmp_path):
@@ -154,3 +180,66 @@ def test_a_full_disk_on_resume_and_while_logging_is_a_clear_error(small_disk):
     log.log(4, {"train/loss": 0.5})
     log.close()
     assert steps(path) == [1, 2, 3, 4]
+
+
+def test_the_console_line_shows_each_value_and_the_times(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Elapsed and ETA as [h:]mm:ss (hours only from one hour on), an ETA of 0 at the last step shown too, and a
+    value that is missing, None or NaN left out."""
+    log = logger(tmp_path, resume_step=0)
+    values = {
+        "train/loss": 2.5,
+        "train/lr": 3e-4,
+        "train/grad_norm": 1.25,
+        "throughput/tokens_per_s": 12345.6,
+        "throughput/mfu": 0.4321,
+        "tokens_seen": 7.0,
+    }
+    log.console(7, 100, values, elapsed=3725.9, eta=59.0)
+    ended: dict[str, float] = {"train/loss": float("nan"), "train/grad_norm": None}  # type: ignore[dict-item]
+    log.console(100, 100, ended, elapsed=7199.0, eta=0.0)
+    log.console(3, 100, {}, elapsed=61.0, eta=None)
+    log.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "step      7/100 | loss 2.5000 | lr 3.00e-04 | gnorm 1.250 | tok/s 12,346 | mfu 43.2% | elapsed 1:02:05 "
+        "| eta 00:59",
+        "step    100/100 | elapsed 1:59:59 | eta 00:00",
+        "step      3/100 | elapsed 01:01",
+    ]
+
+
+class ClosedPipe:
+    """A standard output whose reader has gone away (`| head` exited): every write is a BrokenPipeError."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_console_calls_back_once_and_later_messages_go_to_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first print that meets the closed pipe calls on_stdout_closed (the trainer saves and stops), once;
+    later step lines are dropped (the records keep them), other messages go to stderr, the records go on."""
+    calls: list[int] = []
+    log = MetricsLogger(
+        tmp_path, enabled=True, tensorboard=False, resume_step=0, on_stdout_closed=lambda: calls.append(1)
+    )
+    stdout = ClosedPipe()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    log.console(1, 10, {"train/loss": 2.0}, elapsed=1.0, eta=9.0)
+    assert calls == [1] and stdout.writes == 1
+    log.console(2, 10, {"train/loss": 1.5}, elapsed=2.0, eta=8.0)
+    log.print("step      2/10 | val loss 1.4000 | val ppl 4.06")
+    log.log(2, {"train/loss": 1.5})
+    log.close()
+    assert calls == [1] and stdout.writes == 1  # nothing more tried the closed pipe
+    err = capsys.readouterr().err
+    assert err.count("warning: the standard output was closed (its reader exited") == 1
+    assert "val loss 1.4000" in err and "loss 1.5000" not in err
+    assert steps(tmp_path / "metrics.jsonl") == [2]

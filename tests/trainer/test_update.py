@@ -66,6 +66,17 @@ def test_peak_lr_comes_from_the_config_not_from_a_restored_state():
     assert all(group["lr"] == pytest.approx(0.5e-2) for group in updater.param_groups)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_lr_factor_scales_the_peak_lr_not_the_current_one(fused: bool) -> None:
+    """The schedule sets lr = peak x factor every step: the same factor twice gives the same lr, and a factor of 0
+    (a warmup's first step) does not stick."""
+    _, updater = make("adamw", fused=fused)
+    for factor, lr in ((0.5, 0.5e-2), (0.5, 0.5e-2), (0.0, 0.0), (0.25, 0.25e-2), (1.0, 1e-2)):
+        updater.set_lr_factor(factor)
+        lrs = [group["lr"] for group in updater.param_groups]
+        assert lrs and lrs == pytest.approx([lr] * len(lrs)), factor
+
+
 def test_a_state_of_the_other_strategy_is_refused_with_the_fix():
     _, plain = make("adamw", fused=False)
     _, fused = make("adamw", fused=True)
