@@ -5,6 +5,7 @@ trainers (seconds), progress and ETA arithmetic; and the trainer's outcome files
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shlex
@@ -14,9 +15,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from study import runner
 from study.runner import (
     FAILED_FILE,
     REPO,
@@ -161,6 +164,8 @@ def test_slurm_script_is_an_array_of_the_runs_that_bash_accepts_and_runs(tmp_pat
     assert "#SBATCH --gres=gpu:8" in lines and "#SBATCH --time=24:00:00" in lines
     assert "#SBATCH --job-name=study-s" in lines
     assert f"cd {REPO}" in lines
+    slurm_dir = (tmp_path / "out" / "slurm").resolve()
+    assert f"#SBATCH --output={slurm_dir}/%A_%a.out" in lines and slurm_dir.is_dir()  # sbatch does not create it
     assert all(shlex.quote(shlex.join(command(r, launcher))) in text for r in runs)
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -197,6 +202,22 @@ def test_failed_marker_keeps_the_exit_code_and_last_error_line(tmp_path):
     assert json.loads((tmp_path / FAILED_FILE).read_text()) == {"exit_code": -9, "message": "Killed"}
 
 
+def test_failed_marker_message_is_the_last_error_line_else_the_last_line_else_the_exit_code(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    log.write_text("error: a warning-like first error\nstep 2\nerror: out of memory: lower the batch\n  detail\n\n")
+    mark_failed(tmp_path, 1, log)
+    assert json.loads((tmp_path / FAILED_FILE).read_text())["message"] == "error: out of memory: lower the batch"
+    log.write_text("starting\nstep 1\nSegmentation fault\n\n")
+    mark_failed(tmp_path, -11, log)
+    assert json.loads((tmp_path / FAILED_FILE).read_text())["message"] == "Segmentation fault"
+    log.unlink()
+    mark_failed(tmp_path, -9, log)
+    assert json.loads((tmp_path / FAILED_FILE).read_text()) == {
+        "exit_code": -9,
+        "message": "exited with -9, nothing logged",
+    }
+
+
 def test_eta_is_remaining_steps_times_measured_seconds_per_step_over_jobs():
     assert eta_seconds(finished_seconds=30.0, finished_steps=10, remaining_steps=20, jobs=1) == 60.0
     assert eta_seconds(finished_seconds=30.0, finished_steps=10, remaining_steps=20, jobs=2) == 30.0
@@ -205,6 +226,7 @@ def test_eta_is_remaining_steps_times_measured_seconds_per_step_over_jobs():
     assert format_duration(65.4) == "01:05"
     assert format_duration(3725) == "1:02:05"
     assert format_duration(None) == "--:--"
+    assert format_duration(59.6) == "01:00" and format_duration(3599.6) == "1:00:00"  # rounded, not cut
 
 
 def test_children_get_cores_divided_by_jobs_openmp_threads_unless_set(monkeypatch):
@@ -251,6 +273,84 @@ def test_run_local_marks_failed_and_diverged_runs_and_goes_on(tmp_path):
     summary = run_local(study, [runs[1]], fake_launcher(complete_run_code()), out=io.StringIO())
     assert list(summary.outcomes) == ["done"] and not (tmp_path / "lr0.1" / FAILED_FILE).exists()
     assert runs_left(study) == []
+
+
+def test_run_local_refuses_fewer_than_one_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def wait(seconds: float) -> None:
+        raise AssertionError("run_local waits for runs it can never start")
+
+    monkeypatch.setattr(runner, "time", SimpleNamespace(sleep=wait, monotonic=time.monotonic))
+    run = make_run(tmp_path / "r")
+    with pytest.raises(StudyRunError, match=r"^--jobs must be at least 1, got 0$"):
+        run_local(make_study(tmp_path, [run]), [run], fake_launcher(complete_run_code()), jobs=0, out=io.StringIO())
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_interrupted_run_is_left_resumes_with_its_log_kept_and_the_eta_counts_this_sessions_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resumed, new, diverged = (make_run(tmp_path / f"lr{lr}", lr) for lr in (0.01, 0.1, 1.0))
+    resumed.run_dir.mkdir()
+    (resumed.run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "train/loss": 5.0}) + "\n" for s in (1, 2, 3))
+    )
+    (resumed.run_dir / "train.log").write_text("the first attempt\n")
+    diverged.run_dir.mkdir()
+    (diverged.run_dir / DIVERGED_FILE).write_text('{"step": 2, "message": "nan"}')
+    study = make_study(tmp_path, [resumed, new, diverged])
+    assert runs_left(study) == [resumed, new]  # incomplete and pending; a diverged run is a result
+    clock = itertools.count(0.0, 30.0)  # each reading of the clock: 30 s later
+    monkeypatch.setattr(runner, "time", SimpleNamespace(sleep=time.sleep, monotonic=lambda: next(clock)))
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.01)
+    out = io.StringIO()
+    run_local(study, [resumed, new], fake_launcher(complete_run_code()), jobs=1, out=out)
+    # The resumed run did steps 4-6 in 30 s (10 s a step): the new run's 6 steps take 60 s.
+    assert [line for line in out.getvalue().splitlines() if " done " in line] == [
+        "[1/2] done AdamW optim.lr=0.01 seed 0 in 30.0 s | left 1 | ETA 01:00",
+        "[2/2] done AdamW optim.lr=0.1 seed 0 in 30.0 s | left 0 | ETA 00:00",
+    ]
+    log = (resumed.run_dir / "train.log").read_text()
+    assert log.startswith("the first attempt\n# ") and "trained" in log  # appended to, not replaced
+    assert runs_left(study) == []
+
+
+def test_a_stopped_study_starts_nothing_more_keeps_the_first_signal_and_marks_no_interrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # lr 0.01 exits 1 on SIGTERM (interrupted, not failed); 0.1 ignores SIGTERM and exits once the test
+    # creates `release`; 1.0, were it started, trains at once.
+    code = (
+        "import signal, time; lr = float(sys.argv[sys.argv.index('train.py') + 2].split('=')[1]); "
+        "RUN_DIR.mkdir(exist_ok=True)\n"
+        "if lr == 1.0: " + complete_run_code() + "; sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, (lambda *a: sys.exit(1)) if lr == 0.01 else signal.SIG_IGN)\n"
+        "(RUN_DIR / 'ready').write_text(''); t0 = time.time()\n"
+        "while not (RUN_DIR.parent / 'release').exists() and time.time() - t0 < 30: time.sleep(0.01)\n"
+    )
+    runs = [make_run(tmp_path / f"lr{lr}", lr) for lr in (0.01, 0.1, 1.0)]
+    out = io.StringIO()
+    signalled = False
+
+    def poll(seconds: float) -> None:
+        """The study's wait between polls: Ctrl-C then SIGTERM once both runs are up; `release` once the
+        study reported the end of the first run (so it has been through its start loop since)."""
+        nonlocal signalled
+        time.sleep(0.01)
+        if not signalled and all((tmp_path / f"lr{lr}" / "ready").exists() for lr in (0.01, 0.1)):
+            signalled = True
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        if any(line.startswith("[1/3] ") and " start " not in line for line in out.getvalue().splitlines()):
+            (tmp_path / "release").touch()
+
+    monkeypatch.setattr(runner, "time", SimpleNamespace(sleep=poll, monotonic=time.monotonic))
+    summary = run_local(make_study(tmp_path, runs), runs, fake_launcher(code), jobs=2, out=out)
+    assert summary.stopped_by == signal.SIGINT and summary.exit_code == 130  # the first signal
+    assert {k: [r.tuned["optim.lr"] for r in v] for k, v in summary.outcomes.items()} == {"stopped": [0.01, 0.1]}
+    assert not (tmp_path / "lr1.0").exists()  # never started, though a slot was free after the first run ended
+    assert not (tmp_path / "lr0.01" / FAILED_FILE).exists()  # exit code 1 while stopping: interrupted
+    assert out.getvalue().count("study: got ") == 1 and "study: got SIGINT;" in out.getvalue()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sigterm_stops_the_study_after_forwarding_it_to_the_running_runs(tmp_path):

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -109,9 +110,10 @@ def test_a_second_lock_in_the_same_process_is_refused(tmp_path):
     lock_run_dir(run_dir).release()  # the `with` released it
 
 
-def test_a_holder_that_wrote_nothing_yet_is_named_unknown(tmp_path, monkeypatch):
+@pytest.mark.parametrize("content", ["", '{"host": "elsewhere"}\n'])  # nothing yet; a record without a pid
+def test_a_holder_that_wrote_nothing_yet_is_named_unknown(tmp_path, monkeypatch, content):
     monkeypatch.setattr(run_lock.time, "sleep", lambda s: None)
-    (tmp_path / ".lock").touch()
+    (tmp_path / ".lock").write_text(content)
     fd = os.open(tmp_path / ".lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -119,6 +121,93 @@ def test_a_holder_that_wrote_nothing_yet_is_named_unknown(tmp_path, monkeypatch)
             lock_run_dir(tmp_path)
     finally:
         os.close(fd)
+
+
+HOLDER_PID = 4242
+KILL_ERRORS: dict[str, type[OSError] | None] = {
+    "alive": None,
+    "gone": ProcessLookupError,
+    "not permitted": PermissionError,  # a process of another user: alive
+}
+
+
+@pytest.mark.parametrize(
+    ("host", "kill", "where"),
+    [
+        ("this", "alive", ""),
+        ("other-machine", "alive", " (another machine: the run directory is on a shared filesystem)"),
+        (
+            "this",
+            "gone",
+            " (not a running process here: it runs in another container, or a process it started holds the lock)",
+        ),
+        ("this", "not permitted", ""),
+    ],
+)
+def test_the_refusal_names_the_holder_and_where_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str, kill: str, where: str
+) -> None:
+    host = socket.gethostname() if host == "this" else host
+    record = {"pid": HOLDER_PID, "host": host, "started": "2026-01-02T03:04:05+00:00", "command": "train.py c.yaml"}
+    (tmp_path / ".lock").write_text(json.dumps(record) + "\n")
+    real_kill = os.kill
+
+    def fake_kill(pid: int, sig: int) -> None:
+        error = KILL_ERRORS[kill]
+        if pid != HOLDER_PID:
+            real_kill(pid, sig)
+        elif error is not None:
+            raise error(errno.ESRCH if error is ProcessLookupError else errno.EPERM, "fake")
+
+    monkeypatch.setattr(run_lock.os, "kill", fake_kill)
+    fd = os.open(tmp_path / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunDirLocked) as refused:
+            lock_run_dir(tmp_path)
+    finally:
+        os.close(fd)
+    assert str(refused.value) == (
+        f"{tmp_path} is in use by another trainer: pid {HOLDER_PID} on host {host}{where}, started "
+        f"2026-01-02T03:04:05+00:00: train.py c.yaml holds its lock {tmp_path / '.lock'}. Wait for that run to "
+        "finish (or stop it), or train in another directory with --run.dir."
+    )
+
+
+def test_the_lock_file_holds_only_the_new_holders_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py", "configs/tiny.yaml"])
+    previous = {"pid": 1, "host": "old", "started": "2020-01-01T00:00:00+00:00", "command": "train.py " + "-x " * 200}
+    (tmp_path / ".lock").write_text(json.dumps(previous) + "\n")  # longer than the new record
+    with lock_run_dir(tmp_path):
+        info = json.loads((tmp_path / ".lock").read_text())
+    assert sorted(info) == ["command", "host", "pid", "started"]
+    assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+    assert info["command"] == "train.py configs/tiny.yaml"
+    assert datetime.fromisoformat(info["started"]).tzinfo is not None
+
+
+def test_a_lock_error_other_than_no_support_is_an_error_not_an_unlocked_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(fd: int, op: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", broken)
+    warnings: list[str] = []
+    with pytest.raises(RunDirError) as failed:
+        lock_run_dir(tmp_path, warn=warnings.append)
+    assert str(failed.value) == (
+        f"cannot lock {tmp_path / '.lock'}: Input/output error. Fix {tmp_path} (see the error) and re-run the same "
+        "command, or train in another --run.dir."
+    )
+    assert warnings == []
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.EROFS])
+def test_a_directory_that_cannot_be_written_gets_the_permission_fix(tmp_path: Path, code: int) -> None:
+    assert run_lock.os_error_fix(OSError(code, os.strerror(code)), tmp_path) == (
+        f"Make {tmp_path} writable by this user and re-run the same command, or train in another --run.dir"
+    )
 
 
 def test_a_filesystem_without_locks_trains_unlocked_with_a_warning(tmp_path, monkeypatch):
@@ -155,6 +244,28 @@ def test_stale_temporary_files_are_removed_and_nothing_else(tmp_path):
     assert sorted(remove_stale_temp_files(tmp_path, checkpoints, tmp_path / "absent")) == sorted(stale)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     assert remove_stale_temp_files(tmp_path, checkpoints) == []
+
+
+def test_a_symlink_with_a_temporary_name_is_left_alone(tmp_path: Path) -> None:
+    run_dir, elsewhere, notes = tmp_path / "run", tmp_path / "elsewhere", tmp_path / "notes.txt"
+    run_dir.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("keep")
+    notes.write_text("notes")
+    to_dir, to_file = run_dir / "step_00000002.pt.4242.0123abcd.tmp", run_dir / "metrics.jsonl.tmp"
+    to_dir.symlink_to(elsewhere)
+    to_file.symlink_to(notes)
+    assert remove_stale_temp_files(run_dir) == []
+    assert to_dir.is_symlink() and to_file.is_symlink()
+    assert (elsewhere / "keep").read_text() == "keep" and notes.read_text() == "notes"
+
+
+def test_an_atomic_write_leaves_another_writers_temporary_file_alone(tmp_path: Path) -> None:
+    target, other = tmp_path / "config.yaml", tmp_path / "config.yaml.tmp"  # the fixed name of earlier versions
+    other.write_bytes(b"half of another writer's file")
+    run_lock.write_file_atomic(target, b"new\n")
+    assert target.read_bytes() == b"new\n" and other.read_bytes() == b"half of another writer's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "config.yaml.tmp"]
 
 
 def test_an_atomic_write_on_a_full_disk_leaves_the_file_and_no_temporary(tmp_path):
