@@ -576,3 +576,114 @@ def test_an_edited_document_count_is_caught(prepared):
     path.write_text(json.dumps(m))
     with pytest.raises(DataError, match="'train' split's checksum does not match its shard entries"):
         open_train(prepared, verify="off")
+
+
+def test_edited_token_count_or_overall_checksum_is_caught(prepared):
+    """Neither a split's token count nor the overall checksum is inside a split checksum: each has its own check."""
+    _, out = prepared
+    path = out / mf.MANIFEST
+    good = json.loads(path.read_text())
+    n = good["splits"]["train"]["tokens"]
+    m = json.loads(path.read_text())
+    m["splits"]["train"]["tokens"] = n + 1
+    path.write_text(json.dumps(m))
+    with pytest.raises(DataError, match=f"'train' split claims {n + 1} tokens but its shard entries add up to {n}\\."):
+        open_train(prepared, verify="off")
+    m = json.loads(json.dumps(good))
+    m["checksum"] = "0" * 64
+    path.write_text(json.dumps(m))
+    with pytest.raises(DataError, match="the overall checksum does not match the splits' checksums") as err:
+        open_train(prepared, verify="off")
+    assert_names_file_and_fix(str(err.value), path, out)
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (lambda m: m["splits"]["train"].pop("tokens"), "split 'train' lacks its token count"),
+        (lambda m: m.update(dtype="float32"), "dtype 'float32' is not one of uint16, uint32"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(docs=True), "the entry of shard train-00000.bin lacks"),
+    ],
+    ids=["no token count", "foreign dtype", "boolean count"],
+)
+def test_a_malformed_manifest_entry_is_named_as_damage(prepared, edit, problem):
+    _, out = prepared
+    path = out / mf.MANIFEST
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    with pytest.raises(DataError, match=f"{re.escape(str(path))} is damaged: {re.escape(problem)}") as err:
+        open_train(prepared, verify="off")
+    assert_names_file_and_fix(str(err.value), path, out)
+
+
+def test_a_missing_directory_and_a_missing_manifest_are_told_apart(tmp_path):
+    with pytest.raises(DataError, match=f"prepared data directory missing: {re.escape(str(tmp_path / 'nope'))}"):
+        mf.read_manifest(tmp_path / "nope")
+    with pytest.raises(DataError, match=f"prepared data manifest missing: {re.escape(str(tmp_path / mf.MANIFEST))}"):
+        mf.read_manifest(tmp_path)
+
+
+def test_counts_and_digests_are_checked_strictly():
+    assert mf.is_count(0) and mf.is_count(7)
+    assert not any(mf.is_count(x) for x in (-1, True, False, 1.0, "3", None))
+    digest = hashlib.sha256(b"x").hexdigest()
+    assert mf.is_sha256(digest)
+    assert not any(mf.is_sha256(x) for x in (digest.upper(), digest[:-1], "g" * 64, None))
+
+
+def test_rebuild_command_keeps_per_split_settings_max_docs_and_a_custom_spiece_model():
+    out = pathlib.Path("/data/tokens/c4")
+    hub = {"kind": "hf", "path": "allenai/c4", "name": "en", "split": "train"}
+    manifest: dict = {
+        "tokenizer": {"path": "/models/mine/spiece.model"},  # named like T5's, but not T5's cached file
+        "splits": {
+            "train": {"source": hub, "limits": {"max_tokens": None, "max_docs": 50, "shard_tokens": 5000}},
+            "validation": {
+                "source": {**hub, "split": "validation"},
+                "limits": {"max_tokens": DataConfig.val_tokens, "max_docs": None, "shard_tokens": 7000},
+            },
+        },
+    }
+    command, note = mf.rebuild_command(out, manifest)
+    assert command == (
+        "python tools/prepare_data.py --source hf --shard_tokens 5000 --tokenizer /models/mine/spiece.model"
+        " --split train --out /data/tokens/c4 --max_docs 50"
+        " && python tools/prepare_data.py --source hf --shard_tokens 7000 --tokenizer /models/mine/spiece.model"
+        " --split validation --out /data/tokens/c4"
+    )
+    assert note == ""
+
+
+def test_rebuild_command_of_a_local_source_names_the_reader_and_other_files_in_its_folder(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    used, other = corpus / "c4-train.00000-of-00002.json.gz", corpus / "c4-train.00001-of-00002.json.gz"
+    used.write_bytes(b"")
+    other.write_bytes(b"")  # `--source corpus` would read this one too
+    source = {"kind": "local", "reader": "hf", "files": [str(used)]}
+    manifest = {"tokenizer": {}, "splits": {"train": {"source": source, "limits": {}}}}
+    command, note = mf.rebuild_command(tmp_path / "tokens", manifest)
+    assert shlex.split(command) == [
+        *("python", "tools/prepare_data.py", "--source", str(corpus), "--reader", "hf"),
+        *("--split", "train", "--out", str(tmp_path / "tokens")),
+    ]
+    assert note == f" (--source as when it was prepared: the train split was read from 1 file(s) such as {used})"
+
+
+def test_rebuild_command_from_old_split_records_names_the_tokenizer_by_its_sha256(tmp_path):
+    """Records written before tokenizer_path was added: a tokenizer that is not T5's is named by its sha256. A
+    record marked complete without its manifest entry is malformed and left out."""
+    key: dict[str, object] = {"source": {"kind": "hf"}, "max_tokens": None, "max_docs": None, "shard_tokens": None}
+    key["tokenizer_sha256"] = "ab" * 32
+    train = {"key": key}
+    (tmp_path / "train.prepare.json").write_text(json.dumps(train))
+    validation = {"key": {**key, "max_tokens": 1234}, "complete": True}
+    (tmp_path / "validation.prepare.json").write_text(json.dumps(validation))
+    assert mf.read_record(tmp_path, "train") == train and mf.read_record(tmp_path, "validation") is None
+    command, note = mf.rebuild_command(tmp_path, None)
+    assert shlex.split(command) == [
+        *("python", "tools/prepare_data.py", "--source", "hf"),
+        *("--tokenizer", "<the .model with sha256 abababababab...>", "--split", "train", "--out", str(tmp_path)),
+    ]
+    assert note == ""

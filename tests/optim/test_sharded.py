@@ -5,12 +5,15 @@ ordinary and fused in backward."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from optim import Adafactor, AdaLomo, AdaMeM, GaLoreAdafactor, GaLoreAdamW
 from optim.in_backward import InBackwardOptimizer
 from optim.registry import OptimizerSpec
-from optim.sharding import Sharding, chunk_sizes, state_shard_dim
+from optim.sharding import WHOLE, Sharding, chunk_range, chunk_sizes, sharding_of, state_shard_dim
 from tests.helpers.gloo import run_ranks
 
 # (class, constructor keywords)
@@ -159,3 +162,58 @@ def test_sharding_of_one_process_is_the_plain_math():
     whole = Sharding()
     assert torch.equal(whole.mean(x, -1), x.mean(-1)) and torch.equal(whole.rms(x), x.norm(2) / 12**0.5)
     assert whole.gather_to(x, 0) is x and whole.full_shape(x) == (4, 3)
+
+
+def test_chunk_range_is_torch_chunks_split_with_trailing_empty_chunks():
+    """FSDP2 / DTensor Shard split rows as torch.chunk does, padded with empty chunks up to the world size
+    (torch.chunk itself returns fewer chunks: 1 row on 3 ranks is one chunk)."""
+    for full in range(10):
+        for world in range(1, 6):
+            pieces = list(torch.arange(full).chunk(world)) if full else []
+            pieces += [torch.arange(0)] * (world - len(pieces))
+            want = [(int(piece[0]) if len(piece) else full, len(piece)) for piece in pieces]
+            assert [chunk_range(full, world, r) for r in range(world)] == want, (full, world)
+            assert chunk_sizes(full, world) == [n for _, n in want], (full, world)
+
+
+def test_reduced_sharding_renumbers_the_sharded_dim():
+    """The mean over a dim before the sharded one shifts it down; over the sharded one it is whole."""
+    assert Sharding(1, None, 7).reduced(0, 2) == Sharding(0, None, 7)  # columns split: the row-mean vector is split
+    assert Sharding(2, None, 7).reduced(0, 3) == Sharding(1, None, 7)
+    assert Sharding(0, None, 7).reduced(-1, 2) == Sharding(0, None, 7)  # rows split: the row statistic too
+    assert Sharding(1, None, 7).reduced(-1, 2) is WHOLE and Sharding(0, None, 7).reduced(0, 2) is WHOLE
+
+
+def sharding_on_ranks(rank: int, world: int) -> dict[str, object]:
+    out: dict[str, object] = {}
+    # A tensor whose dim 1 follows the rows (AdaMeM's moments of a tall matrix): this rank's columns.
+    out["local_cols"] = Sharding(1, None, 5).local_rows(torch.arange(15.0).reshape(3, 5), 1).clone()
+    # A group that is not the default one: `owner` is a rank of that group (global rank 1 here).
+    sub = dist.new_group([1])
+    if rank == 1:
+        x = torch.arange(6.0).reshape(3, 2)
+        out["gathered"] = Sharding(0, sub, 3).gather_to(x, 0)
+        out["broadcast"] = Sharding(0, sub, 3).broadcast(x.clone(), 0)
+    flat = init_device_mesh("cpu", (world,))
+    p = distribute_tensor(torch.zeros(5, 3), flat, [Shard(0)])
+    sh = sharding_of(p)
+    out["flat"] = (sh.dim, sh.full_size, sh.rank, sh.world_size)
+    out["replicated"] = sharding_of(distribute_tensor(torch.zeros(5, 3), flat, [Replicate()])) is WHOLE
+    hybrid = init_device_mesh("cpu", (world, 1))
+    try:
+        sharding_of(distribute_tensor(torch.zeros(4, 3), hybrid, [Shard(0), Replicate()]))
+    except NotImplementedError as exc:
+        out["hybrid"] = str(exc)
+    return out
+
+
+def test_sharding_of_local_rows_and_owner_ranks_on_two_ranks():
+    results = run_ranks(sharding_on_ranks, 2)
+    full = torch.arange(15.0).reshape(3, 5)
+    for rank, got in enumerate(results):
+        torch.testing.assert_close(got["local_cols"], full[:, [0, 1, 2]] if rank == 0 else full[:, [3, 4]])
+        assert got["flat"] == (0, 5, rank, 2) and got["replicated"] is True
+        assert "parameter sharded over a 2-D device mesh" in str(got.get("hybrid")), got.get("hybrid")
+        assert "use one fully_shard mesh dimension" in str(got["hybrid"])
+    torch.testing.assert_close(results[1]["gathered"], torch.arange(6.0).reshape(3, 2))
+    torch.testing.assert_close(results[1]["broadcast"], torch.arange(6.0).reshape(3, 2))
