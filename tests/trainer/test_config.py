@@ -1,4 +1,6 @@
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -99,6 +101,18 @@ def test_base_inheritance(tmp_path):
         (["--optim.name=ADAMW"], r"unknown optimizer optim\.name='ADAMW'.*Did you mean 'adamw'"),
         (["--train.precision=BF16"], r"train\.precision='BF16' is not one of .*Did you mean 'bf16'"),
         (["--optim.lR=1"], r"unknown config key optim\.lR\. Did you mean 'lr'"),
+        (["--train.device=CUDA"], r"train\.device='CUDA' is not one of .*Did you mean 'cuda'"),  # case-blind
+        (["--optim.lr.x=1"], r"bad override '--optim\.lr\.x=1': the key must be section\.key"),  # not optim.lr
+        # YAML's true is no number and 2.5 no integer: neither may pass as 1 / 1.0 / 2.
+        (["--train.zero_stage=true"], r"train\.zero_stage=True is not one of 1, 2, 3"),
+        (["--optim.lr=true"], r"optim\.lr: expected a number, got True"),
+        (["--train.max_steps=true"], r"train\.max_steps: expected an integer, got True"),
+        (["--train.max_steps=2.5"], r"train\.max_steps: expected an integer, got 2\.5$"),
+        (["--run.dir=42"], r"run\.dir: expected a string, got 42"),
+        (["--scheduler.warmup_steps=-1"], r"scheduler\.warmup_steps must be >= 0"),
+        (["--scheduler.final_lr_ratio=1.5"], r"scheduler\.final_lr_ratio in \[0, 1\]"),
+        (["--eval.batch_size=0"], r"eval\.batch_size=0 must be positive"),
+        (["--checkpoint.keep_last=0"], r"checkpoint\.keep_last must be at least 1"),
     ],
 )
 def test_bad_config_errors_name_the_key(overrides, match):
@@ -109,6 +123,43 @@ def test_bad_config_errors_name_the_key(overrides, match):
 def test_unknown_yaml_key(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key train\.max_step\. Did you mean 'max_steps'"):
         load_config(write(tmp_path, "a.yaml", "train: {max_step: 3}\n"))
+
+
+def test_a_section_that_is_no_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^config section 'optim' must be a mapping of keys, got 'adamw'$"):
+        load_config(write(tmp_path, "a.yaml", "optim: adamw\n"))
+
+
+def test_an_inheritance_loop_is_an_error(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", "base: b.yaml\noptim: {lr: 0.1}\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=f"^config inheritance loop through {re.escape(str(tmp_path / 'a.yaml'))}$"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_an_override_that_is_no_yaml_is_taken_as_text() -> None:
+    # "@" starts no YAML scalar: the value is kept as written instead of failing with a YAML error.
+    assert load_config(None, ["--run.dir=@scratch/x"]).run.dir == "@scratch/x"
+
+
+def test_values_at_the_edge_of_their_range_are_accepted() -> None:
+    cfg = load_config(
+        None,
+        [
+            "--scheduler.warmup_steps=0",
+            "--scheduler.final_lr_ratio=1",  # a constant lr after warmup
+            "--eval.batch_size=1",
+            "--checkpoint.keep_last=1",
+            "--optim.name=adamem",
+            "--optim.rank=128",  # = model.d_model: full rank, allowed
+            "--data.seq_len=512",  # = model.max_seq_len
+            "--train.max_steps=1.0e+3",  # a YAML float that is a whole number
+        ],
+    )
+    assert (cfg.scheduler.warmup_steps, cfg.scheduler.final_lr_ratio) == (0, 1.0)
+    assert (cfg.eval.batch_size, cfg.checkpoint.keep_last, cfg.optim.rank) == (1, 1, 128)
+    assert (cfg.model.d_model, cfg.data.seq_len, cfg.model.max_seq_len) == (128, 512, 512)
+    assert cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -128,6 +179,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
         "lr": 3.0e-3,
         "name": "adafactor",
     }
+    two = "a: &a {lr: 1.0e-3}\nb: &b {name: adafactor}\noptim: {<<: *a, <<: *b}\n"  # two merge keys, as PyYAML reads
+    assert yaml.load(two, Loader=ConfigYamlLoader)["optim"] == {"lr": 1.0e-3, "name": "adafactor"}
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "bad.yaml", "train: {max_steps: [\n"))
 

@@ -33,6 +33,7 @@ def parser() -> FlagParser:
         (["--no-progress"], {"no_progress": True}),
         (["--seq_l", "8"], {"seq_len": 8}),  # argparse's unambiguous prefixes, in either spelling
         (["--prepared-d", "d"], {"prepared_dir": "d"}),
+        (["--verify", "v"], {"verify_bench": "v"}),  # a prefix of both spellings of one flag: not ambiguous
         (["x", "--", "--seq_len", "8"], {"values": ["x", "--seq_len", "8"], "seq_len": 512}),  # after --: values
         # A value that starts with dashes (an sbatch option), given as the next word or after =.
         (
