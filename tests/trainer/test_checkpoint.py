@@ -1,14 +1,23 @@
+import copy
 import errno
 import os
 import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
+from optim import Adafactor
 from tests.helpers.disk import small_tmpfs
+from tests.helpers.gloo import run_ranks
 from trainer import checkpoint as ckpt
 from trainer import dist_checkpoint as dcp_ckpt
 from trainer.distributed import DistInfo
+from trainer.full_state import ModelState, local_optimizer_state
 from trainer.run_lock import remove_stale_temp_files
 
 
@@ -390,3 +399,192 @@ def test_a_sharded_save_that_fails_removes_its_temporary_directory(tmp_path, mon
     with pytest.raises(OSError, match="No space left"):
         dcp_ckpt.save_sharded(tmp_path, 3, model, [opt], {}, ONE_PROCESS)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_checkpoint_is_named_as_missing_not_as_corrupt(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match=r"^checkpoint .*step_00000001\.pt does not exist$"):
+        ckpt.load_checkpoint(tmp_path / "step_00000001.pt")
+
+
+class Touches:
+    """Unpickling this creates `marker`: what a hostile pickle could run instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Path]]:
+        return Path.touch, (self.marker,)
+
+
+def test_a_checkpoint_holding_arbitrary_objects_is_refused_without_running_them(tmp_path):
+    """torch.load(weights_only=True): a pickle that would call code is refused, and the code does not run."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "step_00000001.pt"
+    torch.save({"format_version": 2, "progress": Touches(marker)}, path)
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000001\.pt is corrupt or truncated \(UnpicklingError"):
+        ckpt.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_save_fsyncs_the_directory_after_the_rename(tmp_path, monkeypatch):
+    """The rename is durable only once the directory entry is on disk: the directory itself is fsynced, after the
+    final name exists."""
+    synced: list[tuple[int, bool]] = []
+    fsync = os.fsync
+    final = tmp_path / "step_00000003.pt"
+
+    def recording_fsync(fd: int) -> None:
+        synced.append((os.fstat(fd).st_ino, final.exists()))
+        fsync(fd)
+
+    monkeypatch.setattr(ckpt.os, "fsync", recording_fsync)
+    ckpt.save_checkpoint(tmp_path, 3, state(3), keep_last=1)
+    assert (tmp_path.stat().st_ino, True) in synced
+
+
+class FakeSharded:
+    """A ShardedBackend writing what a multi-rank save leaves (a step directory with its extras.pt), without DCP."""
+
+    layout = "dcp"
+
+    def __init__(self, load_error: Exception | None = None):
+        self.load_error = load_error
+        self.loaded: list[Path] = []
+
+    def save(self, directory: Path, step: int, extras: dict[str, Any]) -> Path:
+        path = directory / f"step_{step:08d}"
+        path.mkdir(parents=True)
+        torch.save(extras, path / "extras.pt")
+        return path
+
+    def load(self, path: Path) -> None:
+        if self.load_error is not None:
+            raise self.load_error
+        self.loaded.append(path)
+
+
+RANK0_OF_2 = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+
+
+def test_sharded_saves_keep_only_the_last_directories(tmp_path):
+    saver = ckpt.Checkpointer(tmp_path, {"progress": ckpt.TrainProgress(), "model": Box()}, 2, FakeSharded())
+    for step in (1, 2, 3, 4):
+        assert saver.save_on_every_rank(step, {}, RANK0_OF_2) == tmp_path / f"step_{step:08d}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
+
+
+def test_every_rank_collects_the_state_but_only_the_main_rank_writes_the_file(tmp_path):
+    """A component's state_dict may be a collective (ZeRO-3 gathers the weights): a rank that skipped it would
+    leave the others waiting."""
+    calls: list[int] = []
+
+    class Gathering(Box):
+        def state_dict(self):
+            calls.append(1)
+            return super().state_dict()
+
+    saver = ckpt.Checkpointer(tmp_path, {"model": Gathering(2.0)}, keep_last=1)
+    rank1 = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    assert saver.save_on_every_rank(1, {}, rank1) is None
+    assert calls == [1] and list(tmp_path.iterdir()) == []
+    assert saver.save_on_every_rank(1, {}, RANK0_OF_2) == tmp_path / "step_00000001.pt"
+    assert calls == [1, 1]
+    assert torch.equal(torch.load(tmp_path / "step_00000001.pt")["model"]["value"], torch.tensor(2.0))
+
+
+def test_a_sharded_checkpoint_restores_model_and_optimizer_from_its_tensors_and_the_rest_from_its_extras(tmp_path):
+    progress = ckpt.TrainProgress(step=4, tokens_seen=40)
+    saver = ckpt.Checkpointer(tmp_path, {"progress": progress, "model": Box(), "optimizer": Box()}, 1, FakeSharded())
+    saver.save_on_every_rank(4, {}, RANK0_OF_2)
+    path = tmp_path / "step_00000004"
+    assert sorted(torch.load(path / "extras.pt")) == ["format_version", "layout", "progress", "world_size"]
+    backend, progress = FakeSharded(), ckpt.TrainProgress()
+    ckpt.Checkpointer(tmp_path, {"progress": progress, "model": Box(), "optimizer": Box()}, 1, backend).restore(path)
+    assert backend.loaded == [path] and (progress.step, progress.tokens_seen) == (4, 40)
+    lacking = FakeSharded(ValueError("it lacks model tensors ['model.2.weight']"))
+    with pytest.raises(ckpt.CheckpointError) as caught:
+        ckpt.Checkpointer(tmp_path, {"progress": ckpt.TrainProgress(), "model": Box()}, 1, lacking).restore(path)
+    assert str(caught.value).startswith(
+        f"cannot restore the model and optimizer from {path}: it lacks model tensors ['model.2.weight']. Resume with"
+    )
+
+
+class WrongType(Box):
+    def load_state_dict(self, state):
+        raise TypeError("expected a float, got a str")
+
+
+def test_a_component_type_error_names_the_run_config_to_resume_with(tmp_path):
+    path = ckpt.Checkpointer(tmp_path / "checkpoints", {"box": Box()}, keep_last=1).save(1, {})
+    with pytest.raises(ckpt.CheckpointError) as caught:
+        ckpt.Checkpointer(tmp_path / "checkpoints", {"box": WrongType()}, keep_last=1).restore(path)
+    assert str(caught.value) == (
+        f"cannot restore the box from {path}: expected a float, got a str. Resume with the settings the run was "
+        f"started with (see {tmp_path / 'config.yaml'}), or start a new run with another --run.dir."
+    )
+
+
+def test_a_sharded_directory_without_a_layout_is_read_as_dcp(tmp_path):
+    """Directories saved before extras.pt recorded `layout` are DCP ones: AdaLomo under ZeRO-3 cannot read them."""
+    directory = tmp_path / "step_00000002"
+    directory.mkdir()
+    fits: dict[str, Any] = dict(engine="deepspeed", world_size=2, layout="gathered", zero_stage=3)
+    with pytest.raises(ckpt.CheckpointError, match="AdaLomo under DeepSpeed ZeRO-3 reads single files"):
+        ckpt.check_checkpoint_fits({"format_version": 2}, directory, **fits)
+
+
+def _two_layers() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3))  # 5 and 3 rows: uneven on 2 ranks
+
+
+def _single_file_into_fsdp2_shards(rank: int, world: int) -> bool:
+    """A one-process checkpoint (full tensors) loaded into a 2-rank FSDP2 model and its optimizers: every tensor
+    that follows the parameter's rows keeps this rank's torch.chunk of them; the rest stays whole."""
+    mesh = init_device_mesh("cpu", (world,))
+    full = _two_layers()
+    full_opts = [torch.optim.AdamW(full.parameters(), lr=0.1), Adafactor(full.parameters(), lr=0.1, beta1=0.9)]
+    full(torch.randn(2, 4)).square().sum().backward()
+    for opt in full_opts:
+        opt.step()
+    weights = {k: v.clone() for k, v in full.state_dict().items()}
+    saved = [copy.deepcopy(opt.state_dict()) for opt in full_opts]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return torch.chunk(t, world)[rank]
+
+    model = _two_layers()
+    fully_shard(model, mesh=mesh)
+    ModelState(model).load_state_dict({k: v.clone() for k, v in weights.items()})  # (it distributes them in place)
+    names = [name for name, _ in model.named_parameters()]
+    for name, p in model.named_parameters():
+        assert isinstance(p, DTensor) and torch.equal(p.to_local(), rows(weights[name])), name
+    adamw = torch.optim.AdamW(model.parameters(), lr=0.1)
+    local = local_optimizer_state(adamw, saved[0])
+    for i, name in enumerate(names):
+        want = full_opts[0].state_dict()["state"][i]
+        for key in ("exp_avg", "exp_avg_sq"):
+            got = local["state"][i][key]
+            assert isinstance(got, DTensor) and got.shape == want[key].shape, (name, key)
+            assert torch.equal(got.to_local(), rows(want[key])), (name, key)
+        assert torch.equal(local["state"][i]["step"], want["step"]), name
+        for key, value in want.items():  # the full state dict it was given is left whole
+            assert torch.equal(saved[0]["state"][i][key], value), (name, key)
+    adamw.load_state_dict(local)
+    factored = Adafactor(model.parameters(), lr=0.1, beta1=0.9)
+    local = local_optimizer_state(factored, saved[1])
+    for i, name in enumerate(names):
+        want = full_opts[1].state_dict()["state"][i]
+        for key, value in want.items():
+            got = local["state"][i][key]
+            if not torch.is_tensor(value):
+                assert got == value, (name, key)
+            elif key == "exp_avg_sq_col" or value.dim() == 0:  # whole on every rank
+                assert torch.equal(got, value), (name, key)
+            else:  # exp_avg, exp_avg_sq_row, a vector's exp_avg_sq: the parameter's rows
+                assert torch.equal(got, rows(value)), (name, key)
+    return True
+
+
+def test_a_single_file_checkpoint_loads_each_ranks_rows_into_fsdp2_shards():
+    assert run_ranks(_single_file_into_fsdp2_shards, 2) == [True, True]
