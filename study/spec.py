@@ -199,7 +199,6 @@ class _Entry:
     base_dir: Path  # what the sweep's config paths are relative to
     source: str  # names the sweep in messages: `where`, plus the sweep file for a sweep entry
     tune: list[str]
-    tune_written: bool  # the entry's own `tune` (each key must be varied by it)
 
     @property
     def configs(self) -> list[Any]:
@@ -376,7 +375,7 @@ def _sweep_entry(
         raise ConfigError(f"{where}: {e} (sweep paths are relative to the study file)") from None
     if "configs" in item:
         sweep = {**sweep, "config": _pick_configs(where, sweep, item["configs"])}
-    return _Entry(item["label"], where, sweep, sweep_path.parent, source, tune, "tune" in item)
+    return _Entry(item["label"], where, sweep, sweep_path.parent, source, tune)
 
 
 def _pick_configs(where: str, sweep: dict[str, Any], stems: Any) -> list[Any]:
@@ -414,7 +413,7 @@ def _inline_entry(
                 for varied in item[key]:
                     _check_key(varied, f"{where}: {key}")
             sweep[key] = item[key]
-    entry = _Entry(item["label"], where, sweep, path.parent, where, tune, "tune" in item)
+    entry = _Entry(item["label"], where, sweep, path.parent, where, tune)
     run_dir = item.get("run_dir")
     if run_dir is None:
         # Every independent axis is in the name, so the runs of one entry never share a directory; of the
