@@ -204,6 +204,38 @@ def test_seeds_repeat_every_run_seed_by_seed_with_their_keys_and_directories(tmp
     assert again.runs[0].run_dir == Path("runs/studies/s/runs/a/lr0.001/seed7")
 
 
+def test_a_seed_key_other_than_run_seed_still_makes_the_runs_replicate_and_comes_after_the_fixed_overrides(tmp_path):
+    body = "seeds: [3]\nseed_keys: [data.seed]\narms:\n"
+    study = load(tmp_path, body + "  - {label: A, overrides: {optim.name: adamw}, grid: {optim.lr: [1.0e-3]}}\n")
+    (run,) = study.runs
+    assert run.overrides == [
+        "--optim.name=adamw",
+        "--data.seed=3",
+        "--optim.lr=0.001",
+        "--run.dir=runs/studies/s/runs/a/lr0.001/seed3",
+    ]
+    # the replicate is the study's seed 3, not the config's run.seed (0, which seed_keys leaves alone)
+    assert (run.seed, run.config.data.seed, run.config.run.seed) == (3, 3, 0)
+
+
+def test_seeds_set_only_run_seed_by_default(tmp_path):
+    (run,) = load(tmp_path, "seeds: [3]\narms:\n  - {label: A}\n").runs
+    assert run.overrides == ["--run.seed=3", "--run.dir=runs/studies/s/runs/a/seed3"]
+    assert (run.config.run.seed, run.config.data.seed) == (3, 1234)  # configs/tiny.yaml's data.seed
+
+
+def test_the_study_tune_may_name_optim_lr_when_every_entry_keeps_it_fixed(tmp_path):
+    study = load(
+        tmp_path,
+        "tune: [optim.lr, optim.weight_decay]\narms:\n  - {label: A, grid: {optim.weight_decay: [0.0, 0.1]}}\n",
+    )
+    assert {run.arm for run in study.runs} == {"A"}
+    assert [run.tuned for run in study.runs] == [
+        {"optim.weight_decay": 0.0, "optim.lr": 3e-3},  # configs/tiny.yaml's lr
+        {"optim.weight_decay": 0.1, "optim.lr": 3e-3},
+    ]
+
+
 def test_a_sweep_entry_takes_the_sweep_files_runs_and_directories(tmp_path):
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()
@@ -217,7 +249,7 @@ def test_a_sweep_entry_takes_the_sweep_files_runs_and_directories(tmp_path):
     study_path.write_text(  # the sweep path is relative to the study file
         "arms:\n"
         "  - {label: All, sweep: ../sweeps/lr.yaml, configs: [tiny], tune: [optim.lr]}\n"
-        "  - {label: Copy, sweep: ../sweeps/lr.yaml, configs: [tiny_copy]}\n"
+        "  - {label: Copy, sweep: ../sweeps/lr.yaml, configs: tiny_copy}\n"  # one stem alone: a list of one
     )
     study = load_study(study_path)
     expected = expand_sweep(sweep)
@@ -272,6 +304,26 @@ figures:
     assert (study.results_dir, study.figures_dir) == (Path("runs/studies/s/results"), Path("runs/studies/s/figures"))
 
 
+def test_a_figure_checks_only_the_entries_it_draws_and_reads_the_runs_of_its_references(tmp_path):
+    study = load(
+        tmp_path,
+        """\
+arms:
+  - {label: A, grid: {optim.weight_decay: [0.0, 0.1]}, tune: [optim.weight_decay]}
+  - {label: B, overrides: {train.global_batch: 16}, grid: {optim.weight_decay: [0.0, 0.1]}}
+figures:
+  - {name: wd, kind: line, x: optim.weight_decay, series: [B]}
+  - {name: lr, kind: table, rows: [B], columns: optim.lr}
+  - {name: ref, kind: line, x: train.global_batch, series: [A], references: {B: [B]}, where: {train.global_batch: 16}}
+""",
+    )
+    # wd: A tunes weight_decay but is not drawn; B varies it untuned (one value per arm).
+    # lr: B tunes optim.lr by default but keeps it fixed, so each arm has one lr.
+    # ref: only B, a reference, has global_batch 16 (A keeps configs/tiny.yaml's 8).
+    assert [figure.name for figure in study.figures] == ["wd", "lr", "ref"]
+    assert sorted({run.arm for run in study.runs}) == ["A", "B weight_decay=0.0", "B weight_decay=0.1"]
+
+
 def test_setup_steps_are_read_in_order(tmp_path):
     study = load(
         tmp_path, "setup:\n  - {run: make data, creates: .cache/x}\n  - {run: echo hi}\narms:\n  - {label: A}\n"
@@ -320,6 +372,19 @@ ERRORS = [
         "arms:\n  - {label: A, grid: {optim.lr: [1.0e-3]}, run_dir: 'runs/x/lr{optim.lr}'}\n"
         "  - {label: B, grid: {optim.lr: [1.0e-3]}, run_dir: 'runs/x/lr{optim.lr}'}\n",
         r"entries 'A' and 'B' both use the run directory runs/x/lr0\.001; give one a different run_dir",
+    ),
+    (
+        "same run directory spelled differently",
+        "arms:\n  - {label: A, grid: {optim.lr: [1.0e-3]}, run_dir: 'runs/x/lr{optim.lr}'}\n"
+        "  - {label: B, grid: {optim.lr: [1.0e-3]}, run_dir: 'runs/y/../x/lr{optim.lr}'}\n",
+        r"entries 'A' and 'B' both use the run directory runs/y/\.\./x/lr0\.001; give one a different run_dir",
+    ),
+    (
+        "same arm name in an entry with its own run_dir",
+        "arms:\n  - {label: A, zip: {optim.weight_decay: [0.0, 0.0], optim.beta2: [0.9, 0.95]},"
+        " run_dir: 'runs/x/wd{optim.weight_decay}_b{optim.beta2}'}\n",
+        r"entry 'A': two of its arms would both be named 'A weight_decay=0\.0' .*put the zip key that tells them "
+        r"apart first in 'zip'",
     ),
     (
         "same run directory in an entry",
@@ -436,6 +501,11 @@ ERRORS = [
         r"entry 'A': sets run\.seed, which `seeds` sets for every run .*remove it from the entry",
     ),
     (
+        "entry overrides a seed key",
+        "seeds: [0]\narms:\n  - {label: A, overrides: {run.seed: 5}}\n",
+        r"entry 'A': sets run\.seed, which `seeds` sets for every run .*remove it from the entry",
+    ),
+    (
         "seed_keys",
         "seed_keys: [run.sed]\narms:\n" + A,
         r"seed_keys: 'run\.sed' is not a config key.*Did you mean 'run\.seed'",
@@ -468,6 +538,16 @@ ERRORS = [
         r"entry 'A': the study's top-level overrides would change the runs of the sweep file",
     ),
     ("setup step", "setup: [{cmd: make}]\narms:\n" + A, r"setup\[0\] must be a mapping with a 'run' command"),
+    (
+        "setup key",
+        "setup: [{run: make, creats: x}]\narms:\n" + A,
+        r"setup\[0\]: unknown key 'creats'\. Did you mean 'creates'",
+    ),
+    (
+        "empty reference",
+        "arms:\n" + A + "figures:\n  - {name: f, kind: line, x: train.global_batch, references: {Ref: []}}\n",
+        r"figure 'f': references\.Ref names no entry; list the entries it is the best of",
+    ),
     (  # each arm's best run picks its own lr: x would show the first run's, not the best one's
         "figure x tuned",
         "arms:\n  - {label: A, grid: {optim.lr: [1.0e-3, 3.0e-3]}}\nfigures:\n  - {name: f, kind: line, x: optim.lr}\n",

@@ -109,6 +109,8 @@ def test_the_deepspeed_json_is_built_from_the_config_and_a_users_file_merged(tmp
     assert built["gradient_clipping"] == 0.5 and built["zero_optimization"] == {"stage": 3}
     assert built["managed_gradient_accumulation"] is False  # the trainer accumulates; engine.step() is the boundary
     assert "optimizer" not in built and "bf16" not in built  # the client optimizer; fp32 weights + our autocast
+    # torch's AdamW is the client optimizer: DeepSpeed must take it untested, and not swap in DeepSpeedCPUAdam
+    assert built["zero_allow_untested_optimizer"] is True and built["zero_force_ds_cpu_optimizer"] is False
     offload = _config("--train.engine=deepspeed", "--train.offload_optimizer=true")
     assert offload["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
     user = tmp_path / "ds.json"
@@ -119,6 +121,11 @@ def test_the_deepspeed_json_is_built_from_the_config_and_a_users_file_merged(tmp
     assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000} and merged["prescale_gradients"]
 
 
+def test_max_grad_norm_0_turns_deepspeeds_clipping_off(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # DeepSpeed reads gradient_clipping=0 as no clipping, like the trainer
+    assert _config("--train.engine=deepspeed", "--train.max_grad_norm=0")["gradient_clipping"] == 0
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -127,6 +134,11 @@ def test_the_deepspeed_json_is_built_from_the_config_and_a_users_file_merged(tmp
         ("[1, 2]", "expected a JSON object"),
         ('{"optimizer": {"type": "Adam"}}', "the optimizer is optim.name's"),
         ('{"bf16": {"enabled": true}}', "parameters stay fp32"),
+        ('{"fp16": {"enabled": true}}', "sets 'fp16': parameters stay fp32"),
+        ('{"torch_autocast": {"enabled": true}}', "sets 'torch_autocast': bf16 compute is --train.precision=bf16"),
+        ('{"scheduler": {"type": "WarmupLR"}}', r"sets 'scheduler': the learning-rate schedule is the trainer's"),
+        (b'{"a": "\xff"}', "not valid JSON"),  # not UTF-8
+        ('{"zero_optimization": 3}', r"zero_optimization=3, but this run's config gives \{'stage': 2\}"),
         ('{"zero_optimization": {"stage": 3}}', r"zero_optimization.stage=3.*gives 2.*train.zero_stage"),
         ('{"train_batch_size": 16}', r"train_batch_size=16.*train.global_batch"),
     ],
@@ -134,7 +146,9 @@ def test_the_deepspeed_json_is_built_from_the_config_and_a_users_file_merged(tmp
 def test_a_bad_deepspeed_config_file_is_refused_at_config_load(tmp_path, monkeypatch, content, message):
     monkeypatch.setenv("WORLD_SIZE", "2")
     path = tmp_path / "ds.json"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(ConfigError, match=message):
         _config("--train.engine=deepspeed", f"--train.deepspeed_config={path}")
@@ -163,6 +177,7 @@ def test_zero_keys_that_would_change_the_run_behind_the_config_are_refused(tmp_p
     ("zero", "flags"),
     [
         ({"offload_optimizer": {"device": "none"}}, []),
+        ({"offload_optimizer": {}}, []),  # DeepSpeed's default device is "none": no offload
         ({"offload_optimizer": {"device": "cpu", "pin_memory": True}}, ["--train.offload_optimizer=true"]),
         ({"overlap_comm": True, "compute_grad_norm": True}, []),  # stage 2
         ({"overlap_comm": False}, ["--train.zero_stage=1"]),
