@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -334,3 +336,153 @@ def test_a_source_rewritten_since_preparation_is_named_in_the_error(assets, tmp_
         f"Fix: prepare into a new --out, or delete {tmp_path / 'o'} (prepared data only) and re-run."
     )
     run(tok, corpus, tmp_path / "new")  # the first fix works
+
+
+def _sidecar(out: pathlib.Path, name: str) -> dict:
+    return json.loads((out / name).with_suffix(".json").read_text())
+
+
+def test_records_skipped_after_the_last_document_are_counted(assets, tmp_path: pathlib.Path) -> None:
+    # Trailing bad records (no document after them) count too, also when they come after a full shard, and a
+    # re-run of the complete split (which rebuilds the counts from the shard sidecars) keeps them.
+    tok, _ = assets
+    lines = [json.dumps({"text": t}).encode() for t in TRAIN[:2]]
+    lines += [json.dumps({"url": "no text"}).encode(), json.dumps({"text": "  \n "}).encode()]
+    _write_raw_shard(tmp_path / "c" / "en" / "c4-train.00000-of-00001.json.gz", lines)
+    for shard_tokens in (10**9, 1):
+        out = tmp_path / f"out{shard_tokens}"
+        for _ in range(2):
+            m = run(tok, tmp_path / "c", out, splits=("train",), shard_tokens=shard_tokens)
+            assert m["splits"]["train"]["skipped"] == {"missing_text": 1, "empty": 1}
+            assert m["splits"]["train"]["docs"] == 2
+        sidecars = [_sidecar(out, s["file"]) for s in m["splits"]["train"]["shards"]]
+        assert sum(sum(s["skipped"].values()) for s in sidecars) == 2
+
+
+def test_a_shard_closes_when_it_reaches_shard_tokens(assets, tmp_path: pathlib.Path) -> None:
+    # Two documents of exactly shard_tokens tokens each: one shard each, the input ends exactly at a shard
+    # boundary (the empty next shard is dropped and the last one marked as ending the split, on disk).
+    tok, _ = assets
+    n0 = len(load_tokenizer(tok).encode(TRAIN[0])) + 1  # + EOS
+    doc = json.dumps({"text": TRAIN[0]}).encode()
+    _write_raw_shard(tmp_path / "c" / "en" / "c4-train.00000-of-00001.json.gz", [doc, doc])
+    out = tmp_path / "out"
+    m = run(tok, tmp_path / "c", out, splits=("train",), shard_tokens=n0)
+    shards = m["splits"]["train"]["shards"]
+    assert [(s["file"], s["tokens"], s["docs"]) for s in shards] == [
+        ("train-00000.bin", n0, 1),
+        ("train-00001.bin", n0, 1),
+    ]
+    assert [p.name for p in sorted(out.iterdir()) if p.name.startswith("train-")] == [
+        "train-00000.bin",
+        "train-00000.json",
+        "train-00001.bin",
+        "train-00001.json",
+    ]
+    first, last = _sidecar(out, "train-00000.bin"), _sidecar(out, "train-00001.bin")
+    assert (first["closed_by"], first["start_cursor"], first["end_cursor"]) == ("size", None, [0, 1])
+    assert (last["closed_by"], last["start_cursor"], last["end_cursor"]) == ("end", [0, 1], [0, 2])
+
+
+def test_a_limit_stops_exactly_on_it_and_a_rerun_keeps_the_split(assets, tmp_path: pathlib.Path) -> None:
+    tok, corpus = assets
+    limit = len(expected_stream(tok, TRAIN[:5]))  # the first 5 documents end exactly on the limit
+    out = tmp_path / "out"
+    m = run(tok, corpus, out, splits=("train",), max_tokens=limit)
+    assert (m["splits"]["train"]["tokens"], m["splits"]["train"]["docs"]) == (limit, 5)
+    np.testing.assert_array_equal(split_tokens(out, "train"), expected_stream(tok, TRAIN[:5]))
+    before = _mtimes(out)
+    assert run(tok, corpus, out, splits=("train",), max_tokens=limit) == m  # complete: nothing is added
+    assert _mtimes(out) == before
+
+
+def test_an_interrupted_split_refuses_other_settings(assets, tmp_path: pathlib.Path) -> None:
+    tok, corpus = assets
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(tok, corpus, out, splits=("train",), source=_Interrupting(LocalSource(corpus, "train"), 70))
+    assert list(out.glob("train-*.bin"))
+    with pytest.raises(DataError, match=r"different settings \(shard_tokens\)\. Fix: re-run with the original"):
+        run(tok, corpus, out, splits=("train",), shard_tokens=5000)
+
+
+def test_another_tokenizer_for_a_new_split_of_an_existing_out_is_an_error(assets, tmp_path: pathlib.Path) -> None:
+    # train has no record yet, but validation (and the manifest) were tokenized with another tokenizer.
+    tok, corpus = assets
+    out = tmp_path / "out"
+    run(tok, corpus, out, splits=("validation",))
+    other = tiny_tokenizer(tmp_path / "other.model", TRAIN, vocab_size=350)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(out))} was tokenized with a different tokenizer"):
+        run(other, corpus, out, splits=("train",))
+    assert not list(out.glob("train-*"))
+
+
+def test_a_shard_is_fsynced_before_it_is_renamed(assets, tmp_path: pathlib.Path, monkeypatch) -> None:
+    tok, corpus = assets
+    synced: list[int] = []  # inodes, in fsync order
+    renamed: list[tuple[str, bool]] = []  # (shard, whether the file was the last one fsynced)
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if str(src).endswith(".bin.tmp"):
+            renamed.append((pathlib.Path(dst).name, bool(synced) and synced[-1] == os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    m = run(tok, corpus, tmp_path / "out", splits=("train",))
+    assert renamed == [(s["file"], True) for s in m["splits"]["train"]["shards"]]
+
+
+def test_uint32_shards_through_workers_and_resumed(assets, tmp_path: pathlib.Path, monkeypatch) -> None:
+    tok, corpus = assets
+    monkeypatch.setattr(prepare_module, "token_dtype", lambda v: np.dtype(np.uint32))
+    out = tmp_path / "out"
+    m = run(tok, corpus, out, splits=("train",), workers=1)
+    np.testing.assert_array_equal(split_tokens(out, "train"), expected_stream(tok, TRAIN))
+    assert [(out / s["file"]).stat().st_size for s in m["splits"]["train"]["shards"]] == [
+        4 * s["tokens"] for s in m["splits"]["train"]["shards"]
+    ]
+    before = _mtimes(out)
+    logged: list[str] = []
+    assert run(tok, corpus, out, splits=("train",), log=logged.append) == m
+    assert _mtimes(out) == before  # the finished uint32 shards are kept, not redone
+    assert not any("damaged" in line for line in logged), logged
+
+
+def test_a_sidecar_without_closed_by_is_redone(assets, tmp_path: pathlib.Path) -> None:
+    tok, corpus = assets
+    out = tmp_path / "out"
+    ref = run(tok, corpus, out, splits=("train",))
+    last = ref["splits"]["train"]["shards"][-1]["file"]
+    meta = _sidecar(out, last)
+    del meta["closed_by"]
+    (out / last).with_suffix(".json").write_text(json.dumps(meta))
+    logged: list[str] = []
+    assert run(tok, corpus, out, splits=("train",), log=logged.append) == ref
+    assert any(f"{last} is damaged" in line for line in logged), logged
+    assert _sidecar(out, last)["closed_by"] == "end"
+
+
+def test_an_input_without_records_gives_an_empty_split(assets, tmp_path: pathlib.Path) -> None:
+    tok, _ = assets
+    _write_raw_shard(tmp_path / "c" / "en" / "c4-train.00000-of-00001.json.gz", [])
+    m = run(tok, tmp_path / "c", tmp_path / "out", splits=("train",))
+    train = m["splits"]["train"]
+    assert (train["tokens"], train["docs"], train["skipped"]) == (0, 0, {})
+    assert [(s["file"], s["tokens"]) for s in train["shards"]] == [("train-00000.bin", 0)]
+    assert (tmp_path / "out" / "train-00000.bin").stat().st_size == 0
+
+
+def test_an_interrupted_split_is_left_out_of_the_manifest(assets, tmp_path: pathlib.Path) -> None:
+    tok, corpus = assets
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(tok, corpus, out, splits=("train",), source=_Interrupting(LocalSource(corpus, "train"), 70))
+    m = run(tok, corpus, out, splits=("validation",))
+    assert list(m["splits"]) == ["validation"]
+    assert m["splits"]["validation"]["docs"] == len(VAL)

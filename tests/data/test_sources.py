@@ -6,6 +6,9 @@ import builtins
 import gzip
 import json
 import re
+import sys
+import types
+from collections.abc import Iterator
 
 import pytest
 
@@ -138,3 +141,50 @@ def test_hf_reader_on_a_truncated_gzip_says_what_the_gzip_reader_says(corpus, tm
         list(LocalSource(src, "train", reader="hf").events())
     assert str(hf.value) == str(gz.value)
     assert str(hf.value).startswith(f"{bad}: corrupt or truncated gzip data")
+
+
+class _FakeStream:
+    """What `datasets.load_dataset(..., streaming=True)` returns, as far as the hub source uses it."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def skip(self, n: int) -> _FakeStream:
+        return _FakeStream(self.records[n:])
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.records)
+
+
+def test_hub_source_resumes_after_its_cursor(monkeypatch) -> None:
+    records: list[dict] = [{"text": "a b"}, {"text": None}, {"text": "c"}, {"text": "d"}]
+    hub = types.SimpleNamespace(load_dataset=lambda *args, **kwargs: _FakeStream(records))
+    monkeypatch.setitem(sys.modules, "datasets", hub)
+    assert list(HubSource("train").events(2)) == [(3, "c", None), (4, "d", None)]
+
+
+def test_unreachable_hub_names_the_fix(monkeypatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(DataError) as err:
+        list(HubSource("train").events())
+    assert str(err.value) == (
+        "cannot reach 'allenai/c4' on the HF hub (no route to host). Fix: run where the hub is reachable, or "
+        "download the C4 json.gz shards (e.g. `huggingface-cli download allenai/c4 --repo-type dataset --include "
+        "'en/c4-train.0000*'`) and pass that folder as --source."
+    )
+
+
+def test_a_glob_of_other_names_splits_on_validation_in_the_name(tmp_path) -> None:
+    for name in ("b-validation-0.json.gz", "a-part-0.json.gz", "c-part-1.json.gz"):
+        (tmp_path / name).write_bytes(b"")
+    pattern = str(tmp_path / "*.json.gz")
+    assert [p.name for p in resolve_local_files(pattern, "validation")] == ["b-validation-0.json.gz"]
+    assert [p.name for p in resolve_local_files(pattern, "train")] == ["a-part-0.json.gz", "c-part-1.json.gz"]
+
+
+def test_an_unknown_reader_is_refused(corpus) -> None:
+    with pytest.raises(ValueError, match=r"^reader must be 'gzip' or 'hf', got 'arrow'$"):
+        LocalSource(corpus, "train", reader="arrow")
