@@ -171,6 +171,19 @@ def test_svd_failure_keeps_previous_projector_and_counts():
     assert opt.svd_failures == 1
 
 
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(variant="variant3"), r"variant must be one of \('adamem', 'variant1', 'variant2'\), got 'variant3'"),
+        (dict(second_moment_from="momentm"), r"second_moment_from must be one of \('momentum', 'gradient'\)"),
+        (dict(beta1=1.0), r"beta1 must be in \[0, 1\) or None, got 1.0"),  # 1: a momentum frozen at 0, 0 / 0
+    ],
+)
+def test_an_unknown_choice_is_an_error_naming_the_choices(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _make((12, 30), **kw)
+
+
 def test_randomized_svd_close_to_exact():
     shape = (12, 30)
     pe, oe = _make(shape, svd_method="exact")
@@ -328,7 +341,7 @@ def _prefixed(what: str) -> Callable[[str], str]:
     return lambda message: f"{what}: {message}"
 
 
-REF_SHAPES = [(12, 20), (20, 12), (20,)]
+REF_SHAPES = [(12, 20), (20, 12), (16, 16), (20,)]  # a square matrix runs untransposed (m <= n)
 REF_CASES = [
     {},
     {"second_moment_from": "gradient"},
@@ -340,6 +353,7 @@ REF_CASES = [
     {"variant": "variant1"},
     {"variant": "variant1", "clip_threshold": 0.5},
     {"variant": "variant1", "moments_on_proj_change": "rotate"},
+    {"variant": "variant1", "moments_on_proj_change": "reset"},  # its statistics are not reset: c2(t), not c2(t_m)
     {"variant": "variant2"},
 ]
 
@@ -347,8 +361,8 @@ REF_CASES = [
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("case", REF_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_matches_float64_reference(case, fast):
-    """Weights after each of 4 steps (a projector refresh at step 3, weight decay, delta .5) for a 12x20 and a
-    20x12 matrix and a 1-D parameter, fp32 optimizer vs the float64 reference above; and each step's update."""
+    """Weights after each of 4 steps (a projector refresh at step 3, weight decay, delta .5) for a 12x20, a 20x12
+    and a 16x16 matrix and a 1-D parameter, fp32 optimizer vs the float64 reference above; and each step's update."""
     o = {**REF_OPTS, **case}
     steps = 4
     gen = torch.Generator().manual_seed(3)
@@ -376,6 +390,31 @@ def test_matches_float64_reference(case, fast):
             torch.testing.assert_close(p.detach().double(), ref_w[i], rtol=1.3e-6, atol=1e-5, msg=_prefixed(what))
             update = (before[i] - p.detach()).double()
             torch.testing.assert_close(update, prev - ref_w[i], rtol=1e-4, atol=1e-6, msg=_prefixed(f"update, {what}"))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_tiny_gradients_match_the_float64_reference(fast):
+    """Gradients ~1e-8, the size of eps: eps = 1e-8 then halves the normalised update (Adam's eps), in the
+    low-rank part and in the residual part alike; the other reference cases have gradients ~1 where eps is
+    below fp32 rounding."""
+    o = {**REF_OPTS, "lr": 1e-3, "weight_decay": 0.0}
+    shapes = [(12, 20), (20, 12)]
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
+    grads = [[g * 1e-8 for g in _grads(shape, 3, seed=i)] for i, shape in enumerate(shapes)]
+    opt = AdaMeM(params, fast=fast, **o)
+    ref_st: list[dict] = [{} for _ in params]
+    for step in range(3):
+        before = [p.detach().double().clone() for p in params]
+        for p, gs in zip(params, grads, strict=True):
+            p.grad = gs[step].clone()
+        opt.step()
+        for i, p in enumerate(params):
+            expected = before[i] - _ref_matrix_step(before[i], grads[i][step].double(), ref_st[i], o)
+            what = f"update, step {step + 1}, shape {tuple(p.shape)}"
+            torch.testing.assert_close(
+                before[i] - p.detach().double(), expected, rtol=1e-3, atol=1e-7, msg=_prefixed(what)
+            )
 
 
 @pytest.mark.parametrize("clip_threshold", [None, 0.5])

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from optim import AdaLomo, AdaMeM, GaLoreAdamW
+from optim import Adafactor, AdaLomo, AdaMeM, GaLoreAdamW
 from optim.fp32_state import FP32StateOptimizer
 
 SHAPES = [(12, 20), (20, 12), (16,)]
@@ -31,6 +31,8 @@ def _lowrank_groups(params: list[torch.nn.Parameter]) -> list[dict]:
 
 
 MAKERS: dict[str, Callable[[list[torch.nn.Parameter]], FP32StateOptimizer]] = {
+    # bf16 matrices stay on Adafactor's reference code (the fast path is for fp32 weights)
+    "adafactor_momentum": lambda ps: Adafactor(ps, lr=1e-2, beta1=0.9, weight_decay=0.1),
     "adalomo": lambda ps: AdaLomo(ps, lr=1e-2, weight_decay=0.1),
     "adalomo_svd2": lambda ps: AdaLomo(ps, lr=1e-2, factorization="svd", factor_rank=2),
     "adamem": lambda ps: AdaMeM(_lowrank_groups(ps), lr=1e-2),

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers.optimization import Adafactor as HFAdafactor
 
 from optim import Adafactor, GaLoreAdafactor, GaLoreAdamW
 
@@ -20,9 +21,10 @@ def _params(seed=0):
     return [torch.randn(s, generator=gen) for s in SHAPES]
 
 
-def _run(make_opt, groups_of, steps=STEPS, seed=0):
-    """Run `steps` steps with seeded random gradients; return the parameter trajectory."""
-    params = [torch.nn.Parameter(p) for p in _params(seed)]
+def _run(make_opt, groups_of, steps=STEPS, seed=0, start=None):
+    """Run `steps` steps with seeded random gradients; return the parameter trajectory. `start`: the initial
+    parameters (default: SHAPES, random)."""
+    params = [torch.nn.Parameter(p.clone()) for p in (_params(seed) if start is None else start)]
     opt = make_opt(groups_of(params))
     gen = torch.Generator().manual_seed(seed + 1)
     traj = []
@@ -62,8 +64,6 @@ HF_LIKE: dict[str, Any] = dict(
 
 
 def test_adafactor_matches_hf_and_torch():
-    from transformers.optimization import Adafactor as HFAdafactor
-
     ours = _run(lambda g: Adafactor(g, lr=1e-2, **HF_LIKE), _plain)
     hf = _run(lambda g: HFAdafactor(g, lr=None), _plain)  # HF defaults: relative step, scale, clip 1, -0.8
     pt = _run(lambda g: torch.optim.Adafactor(g, lr=1e-2, eps=(1e-30, 1e-3), d=1.0, beta2_decay=-0.8), _plain)
@@ -73,8 +73,6 @@ def test_adafactor_matches_hf_and_torch():
 
 def test_adafactor_warmup_init_matches_hf():
     # relative_step with warmup_init: the step size min(1e-6 * t, 1/sqrt(t)), scaled by the parameter's RMS.
-    from transformers.optimization import Adafactor as HFAdafactor
-
     ours = _run(lambda g: Adafactor(g, lr=1e-2, **dict(HF_LIKE, warmup_init=True)), _plain)
     hf = _run(lambda g: HFAdafactor(g, lr=None, warmup_init=True), _plain)
     _assert_close(ours, hf)
@@ -110,11 +108,11 @@ def test_adafactor_with_adam_momentum_equals_torch_adamw_on_rank_one_gradients(f
     _assert_close(ours_traj, ref_traj)
 
 
-@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12), (16, 16)])
 def test_one_sided_adafactor_equals_its_closed_form(shape):
     """one_sided (AdaMeM's Algorithm 4 on the whole gradient) has no published implementation: its closed form
     in float64, from the module docstring. The statistic is kept on the larger side: one per column when
-    m <= n, else one per row."""
+    m <= n (a square matrix included), else one per row."""
     lr, beta1, beta2, eps, eps1, wd = 1e-2, 0.9, 0.95, 1e-8, 1e-30, 0.1
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -138,10 +136,70 @@ def test_one_sided_adafactor_equals_its_closed_form(shape):
     assert opt.state[p]["exp_avg_sq_" + ("col" if dim == 0 else "row")].numel() == max(shape)
 
 
+def test_adafactor_factors_3d_tensors_over_their_last_two_dims_like_hf_and_torch():
+    """A 3-D tensor (stacked matrices) is factored per matrix over its last two dims, as HF and torch do: row
+    statistics are means over the last dim, column statistics over the second last, mean(r) per matrix."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(3, 12, 20, generator=gen), torch.randn(2, 20, 12, generator=gen)]
+    ours = _run(lambda g: Adafactor(g, lr=1e-2, **HF_LIKE), _plain, start=start)
+    hf = _run(lambda g: HFAdafactor(g, lr=None), _plain, start=start)
+    pt = _run(
+        lambda g: torch.optim.Adafactor(g, lr=1e-2, eps=(1e-30, 1e-3), d=1.0, beta2_decay=-0.8), _plain, start=start
+    )
+    _assert_close(ours, hf)
+    _assert_close(ours, pt)
+
+
+def test_scale_parameter_moves_a_zero_matrix_by_eps2_like_hf_and_torch():
+    """scale_parameter: s_t = max(eps2, RMS(W)), so a zero-initialised matrix (LoRA's B) still moves, by
+    eps2 rho_t per step at first, as in HF and torch. The steps are ~1e-5: atol well below them."""
+    start = [torch.zeros(12, 20), torch.zeros(8)]
+    ours = _run(lambda g: Adafactor(g, lr=1e-2, **HF_LIKE), _plain, start=start)
+    hf = _run(lambda g: HFAdafactor(g, lr=None), _plain, start=start)
+    pt = _run(
+        lambda g: torch.optim.Adafactor(g, lr=1e-2, eps=(1e-30, 1e-3), d=1.0, beta2_decay=-0.8), _plain, start=start
+    )
+    assert all(bool(w.abs().max() > 1e-6) for w in hf[0])  # the reference moved them on step 1
+    _assert_close(ours, hf, atol=1e-9)
+    _assert_close(ours, pt, atol=1e-9)
+
+
+def _run_late(make_opt, set_step):
+    """_run's steps 1-2, then `set_step` moves every parameter's step count to 40000, then 3 more steps."""
+    params = [torch.nn.Parameter(p) for p in _params()]
+    opt = make_opt(_plain(params))
+    gen = torch.Generator().manual_seed(1)
+    traj = []
+    for step in range(5):
+        if step == 2:
+            for st in opt.state.values():
+                set_step(st)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        traj.append([p.detach().clone() for p in params])
+    return traj
+
+
+def _set_step(st: dict) -> None:
+    st["step"] = 40000
+
+
+def test_adafactor_late_in_training_matches_hf_and_torch():
+    """Past t = 10^4 the relative step min(1e-2, 1/sqrt(t)) is 1/sqrt(t), below 1e-2 (and beta2_t = 1 - t^-0.8 nears
+    1): steps 40001-40003, which the 7-step tests never reach, from the same state in the three optimizers."""
+    ours = _run_late(lambda g: Adafactor(g, lr=1e-2, **HF_LIKE), _set_step)
+    hf = _run_late(lambda g: HFAdafactor(g, lr=None), _set_step)
+    pt = _run_late(
+        lambda g: torch.optim.Adafactor(g, lr=1e-2, eps=(1e-30, 1e-3), d=1.0, beta2_decay=-0.8),
+        lambda st: st["step"].fill_(40000),
+    )
+    _assert_close(ours, hf)
+    _assert_close(ours, pt)
+
+
 @pytest.mark.parametrize("beta1", [None, 0.9])
 def test_adafactor_hf_momentum_and_weight_decay(beta1):
-    from transformers.optimization import Adafactor as HFAdafactor
-
     kw: dict[str, Any] = dict(HF_LIKE, beta1=beta1, scale_parameter=False, relative_step=False, clip_threshold=1.0)
     ours = _run(lambda g: Adafactor(g, lr=3e-2, weight_decay=0.1, **kw), _plain)
     hf = _run(

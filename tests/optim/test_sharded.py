@@ -153,7 +153,7 @@ def test_every_state_tensor_has_a_shard_rule():
                     dim = state_shard_dim(opt, p, group, key, tuple(value.shape))
                     if dim is not None:
                         assert value.shape[dim] == p.shape[0], (name, key, tuple(p.shape), tuple(value.shape))
-                    elif p.dim() == 2 and value.shape == p.shape:
+                    elif value.shape == p.shape:  # elementwise state (a vector's too) follows the rows
                         raise AssertionError(f"{name}: {key} has the parameter's shape but is called whole")
 
 
