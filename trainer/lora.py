@@ -158,7 +158,12 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of a plain model (no adapter keys) computing the same function: each frozen
     weight with its adapter folded in (W + (alpha / r) B A, in fp32). The model is not changed."""
     model = getattr(model, "module", model)
-    state = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] not in ADAPTER_PARAMS}
+    # Plain names, as lora_modules gives them: torch.compile's wrappers add `_orig_mod.` to the keys.
+    state = {
+        k.replace("_orig_mod.", ""): v
+        for k, v in model.state_dict().items()
+        if k.rsplit(".", 1)[-1] not in ADAPTER_PARAMS
+    }
     for name, m in lora_modules(model):
         delta = (m.lora_b.float() @ m.lora_a.float()).mul_(m.scale)
         state[f"{name}.weight"] = (m.weight.float() + delta).to(m.weight.dtype)
