@@ -33,6 +33,7 @@ from trainer.relora import (
     jagged_lr_multiplier,
     kept_entries,
     prune_by_magnitude_,
+    reset_optimizer_state,
 )
 from trainer.resume_policy import check_resume_compatible
 from trainer.update import build_update_strategy
@@ -315,6 +316,7 @@ def test_dropout_applies_to_the_adapter_branch_only_in_training():
     m = LoRALinear(torch.nn.Linear(8, 8, bias=False), rank=2, alpha=2.0, dropout=0.5)
     x = torch.randn(3, 8)
     with torch.no_grad():
+        m.lora_a.normal_()  # LoRALinear alone leaves A at zero, which would hide the dropout
         m.lora_b.fill_(1.0)
     m.eval()
     torch.testing.assert_close(m(x), F.linear(x, m.weight) + F.linear(F.linear(x, m.lora_a), m.lora_b))
@@ -363,3 +365,120 @@ def test_forward_and_merge_scale_the_adapter_by_alpha_over_rank():
     merge_adapters(model)
     torch.testing.assert_close(m.weight, w0 + 3.0 * (b @ a), rtol=1e-6, atol=1e-6)
     assert torch.count_nonzero(m.lora_b) == 0
+
+
+def compiled_whole(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile of the whole model (lazy: nothing is traced until it runs), whose names gain `_orig_mod.`."""
+    out = torch.compile(model, backend="aot_eager")
+    assert isinstance(out, torch.nn.Module)
+    return out
+
+
+@pytest.mark.parametrize("rank", [0, 17])
+def test_a_rank_outside_one_to_the_smaller_side_is_refused_with_the_bounds(rank: int) -> None:
+    """A 24 x 16 linear takes ranks 1..16 (min of its sides), not up to its larger side."""
+    with pytest.raises(ValueError, match=rf"^LoRA rank {rank} must be in \[1, 16\] for a 24 x 16 linear$"):
+        LoRALinear(torch.nn.Linear(16, 24, bias=False), rank=rank, alpha=1.0, dropout=0.0)
+
+
+def test_applying_lora_twice_is_refused_with_the_reason() -> None:
+    model = lora_model()
+    with pytest.raises(ValueError, match=r"^the model already has LoRA adapters$"):
+        apply_lora(model, rank=4, alpha=8.0, dropout=0.0, seed=0)
+
+
+def test_adapter_names_are_those_of_the_plain_model_under_a_wrapper() -> None:
+    """In model order; a DDP-style `.module` wrapper and torch.compile's `_orig_mod.` add nothing to the names."""
+    expected = [f"blocks.{i}.{lin}" for i in range(2) for lin in BLOCK_LINEARS]
+    model = lora_model()
+    ddp_like = torch.nn.Module()
+    ddp_like.module = model
+    assert [n for n, _ in lora_modules(model)] == expected
+    assert [n for n, _ in lora_modules(ddp_like)] == expected
+    assert [n for n, _ in lora_modules(compiled_whole(model))] == expected
+
+
+def test_merged_state_dict_of_a_compiled_model_loads_into_a_plain_model() -> None:
+    """torch.compile(model) prefixes every state_dict key with `_orig_mod.`: the merged state dict still has the
+    plain model's keys exactly, with the adapters folded in (compared with W + (alpha / r) B A by hand)."""
+    model = lora_model()
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_b.normal_()
+    qkv = wrapped(model, "blocks.0.attn.qkv")
+    by_hand = qkv.weight.detach() + 2.0 * (qkv.lora_b.detach() @ qkv.lora_a.detach())  # alpha / r = 8 / 4
+    state = merged_state_dict(compiled_whole(model))
+    assert set(state) == set(Transformer(model.cfg).state_dict())
+    torch.testing.assert_close(state["blocks.0.attn.qkv.weight"], by_hand, rtol=1e-6, atol=1e-6)
+
+
+def test_reinit_zeroes_a_trained_b() -> None:
+    """reinit_adapters alone (not after a merge) gives the base model's function back: B <- 0."""
+    model = lora_model()
+    base = tiny_model()
+    train_steps(model, 2)
+    assert all(torch.count_nonzero(m.lora_b) > 0 for _, m in lora_modules(model))
+    reinit_adapters(model, seed=0, reset_index=1)
+    assert all(torch.count_nonzero(m.lora_b) == 0 for _, m in lora_modules(model))
+    base.load_state_dict(merged_state_dict(model))
+    tokens = batch(seed=7)[:, :-1]
+    with torch.no_grad():
+        assert torch.equal(model(tokens), base(tokens))
+
+
+def test_bf16_merge_rounds_once_from_fp32() -> None:
+    """W' = bf16(fp32(W) + (alpha / r) fp32(B) fp32(A)), one rounding, in merge_adapters and merged_state_dict
+    (which keeps W's dtype), not a bf16 add of a bf16-rounded delta."""
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(32, 48, bias=False).to(torch.bfloat16)
+    m = LoRALinear(lin, rank=8, alpha=4.0, dropout=0.0)
+    with torch.no_grad():
+        m.lora_a.normal_()
+        m.lora_b.normal_()
+    w, a, b = lin.weight.detach().float(), m.lora_a.detach().float(), m.lora_b.detach().float()
+    expected = (w + 0.5 * (b @ a)).to(torch.bfloat16)  # alpha / r = 4 / 8
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Sequential(m)])
+    state = merged_state_dict(model)
+    assert state["blocks.0.0.weight"].dtype == torch.bfloat16 and torch.equal(state["blocks.0.0.weight"], expected)
+    merge_adapters(model)
+    assert m.weight.dtype == torch.bfloat16 and torch.equal(m.weight, expected)
+
+
+def test_prune_of_a_single_entry_and_the_reset_modes() -> None:
+    t = torch.tensor([0.5, -3.0, 0.1, 2.0, -0.2, 1.0, -0.05, 4.0, 0.3, -1.5])
+    prune_by_magnitude_(t, 0.1)  # keep 9 of 10: only -0.05 goes
+    assert torch.equal(t, torch.tensor([0.5, -3.0, 0.1, 2.0, -0.2, 1.0, 0.0, 4.0, 0.3, -1.5]))
+    with pytest.raises(ValueError, match=r"^unknown optimizer reset 'prnue': prune or zero$"):
+        reset_optimizer_state(None, [], "prnue", 0.9)  # type: ignore[arg-type]
+
+
+def test_reset_skips_parameters_without_state_and_resets_the_others() -> None:
+    """A parameter the optimizer never updated (empty state) is skipped, not the end of the reset."""
+    model = lora_model()
+    updater, _ = train_steps(model, 1)
+    never_updated = torch.nn.Parameter(torch.ones(3))
+    params = adapter_parameters(model)
+    reset_optimizer_state(updater, [never_updated, *params], "zero", 0.0)
+    for p in params:
+        state = updater.state_of(p)
+        assert torch.count_nonzero(state["exp_avg"]) == 0 and torch.count_nonzero(state["exp_avg_sq"]) == 0
+
+
+def test_relora_schedule_jagged_lr_and_header() -> None:
+    """The schedule passes reset_interval and restart_warmup_steps to the jagged lr in that order (distinct values
+    here), and its header names the reset mode."""
+    model = lora_model()
+    prune = AdapterConfig(method="relora", rank=4, alpha=8.0, dropout=0.0, reset_interval=4, restart_warmup_steps=2)
+    zero = AdapterConfig(method="relora", rank=4, alpha=8.0, optimizer_reset="zero", reset_interval=4)
+    lora = AdapterConfig(method="lora", rank=4, alpha=8.0)
+    schedule = build_adapter_schedule(model, None, prune, seed=0)  # type: ignore[arg-type]
+    assert [schedule.lr_multiplier(s) for s in range(10)] == [1, 1, 1, 1, 0.5, 1, 1, 1, 0.5, 1]
+    assert schedule.describe() == (
+        "relora r=4 alpha=8 dropout=0 on 8 linears, merged every 4 steps (optimizer reset: prune 0.999, "
+        "restart warmup 2)"
+    )
+    zero_header = build_adapter_schedule(model, None, zero, seed=0).describe()  # type: ignore[arg-type]
+    assert zero_header.endswith(", merged every 4 steps (optimizer reset: zero, restart warmup 50)")
+    plain = build_adapter_schedule(model, None, lora, seed=0)  # type: ignore[arg-type]
+    assert plain.lr_multiplier(4) == 1.0 and plain.describe() == "lora r=4 alpha=8 dropout=0.1 on 8 linears"
