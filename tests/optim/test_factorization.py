@@ -158,3 +158,76 @@ def test_state_saved_before_the_floor_is_refused_with_the_reason():
     del state["exp_avg_sq_row"], state["exp_avg_sq_col"]
     with pytest.raises(ValueError, match="before the relative floor"):
         fac.update(state, torch.ones(4, 6), 0.5, False, "svd", 2, 1)
+
+
+@pytest.mark.parametrize("rank", [2, 8], ids=["r2", "r8_capped"])
+@pytest.mark.parametrize("method", ["svd", "qr"])
+def test_full_rank_factors_are_the_ema_of_u(method: str, rank: int) -> None:
+    """At r = min(m, n) (asked for or capped from above) svd and qr fit A_t exactly, so the estimate is the EMA
+    V_2 = beta u_1 + (1 - beta) u_2, hand-computed here (the floor, 0.1 x the rank-1 estimate, is not reached)."""
+    u1 = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.5]])
+    u2 = torch.tensor([[3.0, 1.0, 2.0], [2.0, 7.0, 4.0]])
+    state: dict = {}
+    fac.init_state(state, (2, 3), method, rank, "cpu")
+    assert state["factor_left"].shape == (2, 2) and state["factor_right"].shape == (2, 3)  # rank capped at min(m, n)
+    fac.update(state, u1, 0.0, True, method, rank, 1)
+    torch.testing.assert_close(fac.approx(state), u1, rtol=1e-5, atol=0)
+    fac.update(state, u2, 0.25, False, method, rank, 1)
+    expected = torch.tensor([[2.5, 1.25, 2.25], [2.5, 6.5, 4.625]])  # 0.25 u1 + 0.75 u2
+    torch.testing.assert_close(fac.approx(state), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    "method,rank,factored,state_bytes",
+    [("nmf", 1, False, 40), ("svd", 1, True, 80), ("qr", 1, True, 80), ("nmf", 2, True, 120)],
+)
+def test_only_nmf_rank1_is_the_closed_form(method: str, rank: int, factored: bool, state_bytes: int) -> None:
+    """svd-1 and qr-1 are factored arms of their own (a rank-1 SVD / QR floored at 0.1 x Adafactor's), not nmf-1:
+    they keep (4 + 6) x (1 + 1) floats, nmf-1 keeps 4 + 6."""
+    state: dict = {}
+    fac.init_state(state, (4, 6), method, rank, "cpu")
+    assert ("factor_left" in state) is factored
+    assert fac.factored_state_bytes((4, 6), method, rank) == state_bytes
+
+
+def test_pivoted_qr_picks_the_largest_residual_column() -> None:
+    """Column 1 (norm 10.0005) first; then column 2 (residual norm 5), not column 0 (norm 10 but residual ~0.1:
+    almost parallel to column 1)."""
+    a = torch.tensor([[10.0, 10.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 5.0]])
+    q, piv = fac.pivoted_qr(a, 2)
+    assert piv.tolist() == [1, 2]
+    norm1 = (10.0**2 + 0.1**2) ** 0.5
+    expected = torch.tensor([[10.0 / norm1, 0.0], [0.1 / norm1, 0.0], [0.0, 1.0]])
+    torch.testing.assert_close(q, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_nmf_rows_returning_after_zero_gradients_stay_finite() -> None:
+    """Rows with no gradient for three steps (u = eps1: W's rows ~ 1e-37) that return with |g| ~ 1e3: the ratio
+    A / W H is read through the floor, so it does not overflow to inf and the factors stay finite. W's columns are
+    rescaled to sum 1 after every step (the scale is moved into H)."""
+    gen = torch.Generator().manual_seed(0)
+    state: dict = {}
+    fac.init_state(state, (8, 12), "nmf", 2, "cpu")
+    for t in range(1, 6):
+        g = torch.randn(8, 12, generator=gen) * 1e3
+        if t <= 3:
+            g[:2] = 0
+        fac.update(state, g.square().add(1e-30), 1.0 - t**-0.8, t == 1, "nmf", 2, 1)
+        assert torch.isfinite(state["factor_left"]).all() and torch.isfinite(state["factor_right"]).all(), t
+        torch.testing.assert_close(state["factor_left"].sum(0), torch.ones(2))
+
+
+def test_first_nmf_step_runs_at_least_ten_iterations() -> None:
+    """No warm start on the first step: factor_iters = 1 and 10 give the same factors there (10 iterations run
+    either way), while on a warm-started step they differ."""
+    gen = torch.Generator().manual_seed(0)
+    u1, u2 = torch.rand(6, 9, generator=gen) + 0.1, torch.rand(6, 9, generator=gen) + 0.1
+    states: list[dict] = [{}, {}]
+    for st, iters in zip(states, (1, 10), strict=True):
+        fac.init_state(st, (6, 9), "nmf", 2, "cpu")
+        fac.update(st, u1, 0.0, True, "nmf", 2, iters)
+    assert torch.equal(states[0]["factor_left"], states[1]["factor_left"])
+    assert torch.equal(states[0]["factor_right"], states[1]["factor_right"])
+    for st, iters in zip(states, (1, 10), strict=True):
+        fac.update(st, u2, 0.5, False, "nmf", 2, iters)
+    assert not torch.equal(states[0]["factor_right"], states[1]["factor_right"])

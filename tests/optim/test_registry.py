@@ -128,11 +128,11 @@ BAD_VALUES: dict[str, list[Any]] = {
     "eps1": [0.0],
     "eps2": [-1e-3],
     "clip_threshold": [0.0, -1.0, float("inf")],
-    "rank": [0],
+    "rank": [0, True],
     "update_proj_gap": [0],
     "scale": [0.0],
     "delta": [-0.5],
-    "factor_rank": [0],
+    "factor_rank": [0, True],
     "factor_iters": [0],
 }
 GOOD_EDGES: dict[str, list[Any]] = {
@@ -214,6 +214,34 @@ def test_adam_style_optimizers_need_a_float_beta1(name):
     with pytest.raises(ValueError, match="needs optim.beta1"):  # the builder path refuses it too
         optimizer_spec(tiny_model(), OptimConfig(name=name, beta1=None))
     validate_optim_config(OptimConfig(name="adafactor", beta1=None))  # no momentum: fine for Adafactor
+
+
+def test_a_switched_off_key_is_not_reported_on_top_of_an_invalid_value() -> None:
+    """beta2_decay=0.5 is out of range: that alone is reported, not also "beta2 has no effect with beta2_decay=0.5"
+    (whose fix, a constant beta2, may not be what the user meant)."""
+    with pytest.raises(ValueError) as e:
+        validate_optim_config(OptimConfig(name="adafactor", beta2=0.99, beta2_decay=0.5))
+    assert str(e.value) == (
+        "optim.beta2_decay=0.5 is out of range: it must be < 0, or null for a constant beta2 "
+        "(e.g. --optim.beta2_decay=-0.8)"
+    )
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore_adamw"])
+def test_adam_style_optimizers_accept_beta1_zero(name: str) -> None:
+    """beta1 = 0.0 (in [0, 1): momentum off by value) is valid; only null is refused."""
+    validate_optim_config(OptimConfig(name=name, beta1=0.0))
+    spec = optimizer_spec(tiny_model(), OptimConfig(name=name, beta1=0.0))
+    assert spec.build() is not None
+
+
+def test_invalid_choice_of_a_nullable_key_says_null_is_allowed() -> None:
+    with pytest.raises(ValueError) as e:
+        validate_optim_config(unchecked_config("adafactor", momentum_style="bogus"))
+    assert str(e.value) == (
+        "optim.momentum_style='bogus' is not one of adam, hf (or null). Set --optim.momentum_style to one of them"
+    )
+    validate_optim_config(OptimConfig(name="adafactor", momentum_style=None))
 
 
 def test_registered_checks_run_in_optimizer_spec():
