@@ -1,4 +1,4 @@
-"""study/results.py, figure_data.py, orderings.py and report.py on synthetic run directories (hand-written
+"""study/results.py, figure_data.py, orderings.py, tables.py and report.py on synthetic run directories (hand-written
 metrics.jsonl and markers, no training): run status and numbers, best-setting picking over seeds, edge flags, the
 rows behind every figure kind, the orderings lines, the written tables, and the errors for a damaged or missing
 metrics.jsonl."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,13 @@ from study.results import (
     summarize_arms,
 )
 from study.spec import FigureSpec, Study, StudyRun
+from study.tables import fmt_int, fmt_mib, fmt_value, markdown_table
 from tests.helpers.runs import REPO
 from tests.helpers.runs import run as train_in_process
-from trainer.config import load_config
+from trainer.config import load_config, save_config
 from trainer.flop_budget import config_flops
 from trainer.metrics import read_metrics
-from trainer.run_outcome import mark_diverged
+from trainer.run_outcome import DIVERGED_FILE, mark_diverged
 
 TINY = REPO / "configs" / "tiny.yaml"
 MAX_STEPS = 10
@@ -574,8 +576,6 @@ def test_a_run_trained_with_other_settings_than_the_studys_is_an_error_not_its_r
     """A run directory is named by the tuned values and the seed: after an edit of a fixed override (here weight
     decay and max_steps), its old losses must not count as the new setting's. How it ran (micro-batching, device,
     intervals) may differ."""
-    from trainer.config import save_config
-
     old = make_run(tmp_path, "AdamW", extra=["--optim.weight_decay=0.3", "--train.max_steps=20"])
     write_metrics(old, {0: 9.0, 10: 6.0, 20: 5.0})
     save_config(old.config, Path(old.run_dir) / "config.yaml")  # as the trainer writes it at each start
@@ -660,3 +660,166 @@ def test_a_tie_in_one_seed_is_not_a_swap(tmp_path):
         "all arms by mean final val loss of their best setting: AdamW (3.1000) < Adafactor (3.2000); "
         "seed 0: same ranking; seed 1: same ranking"
     ]
+
+
+def test_a_divergence_marker_wins_over_a_stale_failed_marker(tmp_path: Path) -> None:
+    """A run that failed once (failed.json left, e.g. restarted by a SLURM array, which does not remove it) and
+    then diverged is diverged: a result, not a failure to run again."""
+    run = make_run(tmp_path, "AdamW")
+    finish(run, DIVERGED)
+    (run.run_dir / FAILED_FILE).write_text(json.dumps({"exit_code": 1, "message": "an earlier attempt"}))
+    assert (run.run_dir / DIVERGED_FILE).is_file()
+    result = run_result(run)
+    assert (result.status, result.message) == ("diverged", "non-finite loss at step 7 (loss nan)")
+
+
+@pytest.mark.parametrize(
+    "how", ["--data.prepared_dir=.cache/tokens/elsewhere", "--train.compile=true", "--checkpoint.interval=7"]
+)
+def test_where_the_data_lives_and_how_it_was_compiled_or_saved_may_differ(tmp_path: Path, how: str) -> None:
+    """HOW_IT_RAN: data.prepared_dir, train.compile and checkpoint.* change nothing the run computes."""
+    run = make_run(tmp_path, "AdamW")
+    finish(run, 3.0)
+    other = make_run(tmp_path, "AdamW", extra=[how])
+    assert other.run_dir == run.run_dir and other.config != run.config
+    save_config(other.config, Path(run.run_dir) / "config.yaml")
+    result = run_result(run)
+    assert (result.status, result.final_val_loss) == ("complete", 3.0)
+
+
+def test_the_curve_names_each_setting_by_every_tuned_key_when_more_than_one_is_tuned(tmp_path: Path) -> None:
+    results = []
+    for lr, loss in ((1e-3, 3.5), (3.16e-3, 3.25)):
+        run = make_run(tmp_path, "AdamW", lr=lr, extra=["--optim.weight_decay=0.1"])
+        finish(run, loss)
+        results.append(run_result(replace(run, tuned={"optim.lr": lr, "optim.weight_decay": 0.1})))
+    arm = summarize(results, seeds=[0])
+    assert (
+        lr_curve(arm)
+        == "optim.lr=1e-3, optim.weight_decay=0.1: 3.5000 | optim.lr=3.16e-3, optim.weight_decay=0.1: 3.2500*"
+    )
+
+
+def test_a_tie_on_the_means_is_an_equal_sign_and_not_lower(tmp_path: Path) -> None:
+    """Means AdamW 3.1 = Adafactor 3.1 = AdaMeM 3.1: no arm is below another, on the means or at any x; per seed,
+    the seeds disagree."""
+    figures = [
+        FigureSpec(name="fig", kind="line", x="optim.rank", series=["AdaMeM"], references={"AdamW": ["AdamW"]}),
+        FigureSpec(name="batch", kind="line", x="train.global_batch", series=["AdamW", "Adafactor"]),
+    ]
+    s, arms = two_seed_study(
+        tmp_path,
+        [
+            ("AdamW", [], (3.0, 3.2)),
+            ("Adafactor", ["--optim.name=adafactor"], (3.2, 3.0)),
+            ("AdaMeM rank=8", ["--optim.name=adamem", "--optim.rank=8"], (3.1, 3.1)),
+        ],
+        figures,
+    )
+    assert orderings(s, arms) == [
+        "fig: AdaMeM < AdamW at no rank (tried 8); seed 0: none; seed 1: every rank",
+        "batch at global_batch 8: AdamW (3.1000) = Adafactor (3.1000); seed 0: same order; seed 1: Adafactor < AdamW",
+        "all arms by mean final val loss of their best setting: AdamW (3.1000) = Adafactor (3.1000) = AdaMeM rank=8 "
+        "(3.1000); seed 0: same ranking; seed 1: same ranking",
+    ]
+
+
+def test_a_series_lower_at_every_finished_x_but_missing_one_is_not_every_x(tmp_path: Path) -> None:
+    figure = FigureSpec(name="fig", kind="line", x="optim.rank", series=["AdaMeM"], references={"AdamW": ["AdamW"]})
+    s, arms = two_seed_study(
+        tmp_path,
+        [
+            ("AdamW", [], (3.2, 3.2)),
+            ("AdaMeM rank=8", ["--optim.name=adamem", "--optim.rank=8"], (3.0, 3.0)),
+            ("AdaMeM rank=32", ["--optim.name=adamem", "--optim.rank=32"], (PENDING, PENDING)),
+        ],
+        [figure],
+    )
+    assert orderings(s, arms)[0] == (
+        "fig: AdaMeM < AdamW at rank 8; no result at rank 32; seed 0: 8 (no result at 32); seed 1: 8 (no result at "
+        "32); caveats: AdaMeM rank=32 (no finished setting, incomplete)"
+    )
+
+
+def test_an_arm_in_both_the_series_and_the_reference_is_one_caveat(tmp_path: Path) -> None:
+    """Each rank of GaLore against GaLore's best: its arms are points of the series and the reference's candidates,
+    and their caveats are listed once."""
+    figure = FigureSpec(
+        name="fig", kind="line", x="optim.rank", series=["GaLore"], references={"GaLore best": ["GaLore"]}
+    )
+    galore = ["--optim.name=galore_adamw"]
+    runs = []
+    for arm, extra, losses in (
+        ("GaLore rank=8", [*galore, "--optim.rank=8"], {1e-3: (3.0, 3.0)}),
+        ("GaLore rank=32", [*galore, "--optim.rank=32"], {1e-3: (3.1, 3.1), 3e-3: (PENDING, PENDING)}),
+    ):
+        for lr, per_seed in losses.items():
+            for seed, loss in enumerate(per_seed):
+                run = make_run(tmp_path, arm, lr=lr, seed=seed, extra=extra)
+                finish(run, loss)
+                runs.append(run)
+    s = Study(tmp_path / "s.yaml", "s", tmp_path / "out", runs, [figure], [], [0, 1], ["GaLore"])
+    arms = summarize_arms(collect(s), s.seeds)
+    assert orderings(s, arms)[0] == (
+        "fig: GaLore < GaLore best at no rank (tried 8, 32); seed 0: none; seed 1: none; caveats: GaLore rank=32 "
+        "(best lr at the grid's edge: low, incomplete)"
+    )
+
+
+def test_table_cells_are_formatted_for_readers() -> None:
+    assert [fmt_value(v) for v in (3.16e-3, 1e-3, 0.01, 0.95, 1e4, 256, True, False)] == [
+        "3.16e-3",
+        "1e-3",
+        "0.01",
+        "0.95",
+        "1e4",
+        "256",
+        "true",
+        "false",
+    ]
+    assert (fmt_mib(3 * 1024 * 1024), fmt_mib(1536 * 1024), fmt_mib(None)) == ("3.00", "1.50", "")
+    assert (fmt_int(249.6), fmt_int(1000.4), fmt_int(None)) == ("250", "1000", "")
+    # A | inside a cell (lr_curve's separator) is escaped and a newline is a space, so the table keeps its columns.
+    assert markdown_table(["a", "b"], [["1e-3: 3.5 | 3e-3: 3.4", "x\ny"]]) == (
+        "| a | b |\n|---|---|\n| 1e-3: 3.5 \\| 3e-3: 3.4 | x y |\n"
+    )
+
+
+def test_the_tables_columns_hold_their_own_values(study: tuple[Study, list[RunResult], list[ArmSummary]]) -> None:
+    s, results, arms = study
+    write_tables(s, results, arms, figure_data(s, arms))
+    results_dir, figures_dir = s.out / "results", s.out / "figures"
+    with open(results_dir / "runs.csv", newline="") as f:
+        runs = list(csv.DictReader(f))
+    # AdamW lr 1e-3 seed 0: tokens/s the median of 100, 300, 200, 1000, ... (250); peak 800 + 200 bytes + seed 0.
+    assert (runs[0]["tokens_per_s"], runs[0]["peak_memory_bytes"]) == ("250.0", "1000.0")
+    pending = [line for line in (results_dir / "runs.md").read_text().splitlines() if "| pending |" in line]
+    assert len(pending) == 1 and "| 0/10 |" in pending[0]  # AdaMeM rank=32, lr 3e-3, seed 1: not started
+
+    with open(results_dir / "arms.csv", newline="") as f:
+        rows = {r["arm"]: r for r in csv.DictReader(f)}
+    # AdamW's best is lr 3e-3 (the second setting): its seeds' losses, not lr 1e-3's (3.0, 3.2).
+    assert (rows["AdamW"]["best"], rows["AdamW"]["seed 0"], rows["AdamW"]["seed 1"]) == (
+        "optim.lr=3e-3",
+        "2.95",
+        "3.05",
+    )
+    assert rows["AdaMeM rank=8"]["finished"] == "4/4"  # 3 complete and 1 diverged: all finished
+    arms_md = (results_dir / "arms.md").read_text()
+    assert "| 1e-3: 3.2750* \\| 3e-3: diverged |" in arms_md  # AdaMeM rank=8's curve in one cell
+
+    ranks_md = (figures_dir / "ranks.md").read_text().splitlines()
+    assert ranks_md[2:] == [
+        "| entry | optim.rank=8 | optim.rank=32 | optim.rank=128 |",
+        "|---|---|---|---|",
+        "| GaLore | 3.4750 | 3.2000 |  |",
+        "| AdamW |  |  | 3.0000 |",
+    ]
+
+
+def test_the_arms_table_has_a_column_per_study_seed_before_any_arm_finished(tmp_path: Path) -> None:
+    s, arms = two_seed_study(tmp_path, [("AdamW", [], (PENDING, PENDING))], [])
+    write_tables(s, collect(s), arms, [])
+    with open(s.results_dir / "arms.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:6] == ["entry", "arm", "best", "mean_final_val_loss", "seed 0", "seed 1"]
