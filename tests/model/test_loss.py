@@ -168,6 +168,42 @@ def test_the_model_takes_the_plain_loss_when_it_is_the_smaller():
     assert _vocab_sized_logits(model, few[:, :-1], few[:, 1:], grad=True) == 5 * vocab
 
 
+def test_a_replaced_output_layer_forward_runs_whatever_the_chunk_size() -> None:
+    """GaLore's projected backward replaces lm_head's forward (an instance attribute, optim/projected_backward.py):
+    the model must call it, not the chunked loss over lm_head.weight, even where chunked would be the smaller."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=512, max_seq_len=64))
+    tokens = torch.randint(0, 512, (2, 41))  # 80 tokens > d: chunked is otherwise the smaller
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    plain = model(x, targets=y)
+    calls: list[torch.Size] = []
+    head = model.lm_head
+
+    def replaced(inp: torch.Tensor) -> torch.Tensor:
+        calls.append(inp.shape)
+        return F.linear(inp, head.weight)
+
+    head.forward = replaced  # type: ignore[method-assign, assignment]
+    got = model(x, targets=y, loss_chunk_tokens=5)
+    assert calls == [torch.Size([2, 40, 64])]
+    torch.testing.assert_close(got, plain, rtol=1e-6, atol=0)
+
+
+def test_bf16_weights_give_an_fp32_plain_loss_of_the_bf16_logits() -> None:
+    """FSDP2's bf16 param_dtype runs the model in bf16 without autocast: the plain (full-logits) loss is still the
+    fp32 cross-entropy of the bf16 logits, not a bf16-rounded one."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=512, max_seq_len=64)).to(torch.bfloat16)
+    tokens = torch.randint(0, 512, (2, 33))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with torch.no_grad():
+        logits = model(x).double()
+        loss = model(x, targets=y)
+    want = (torch.logsumexp(logits, -1) - logits.gather(-1, y[..., None]).squeeze(-1)).sum()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
+
+
 def test_under_bf16_autocast_the_log_softmax_is_fp32_over_the_bf16_logits():
     # The loss is fp32 cross-entropy of the bf16-rounded logits, as the plain path's logits.float(): CPU autocast
     # leaves log_softmax in bf16, so without the cast the loss would be off by bf16 rounding (~1e-3).

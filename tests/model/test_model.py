@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer, flops_per_token, param_counts
+from model.rms_norm import RMSNorm
 from model.rope import apply_rope, rope_tables
 from model.transformer import Block
 
@@ -93,6 +94,78 @@ def test_initialisation_scales():
     assert isinstance(block, Block)
     assert block.mlp.down.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert torch.all(block.attn_norm.weight == 1)
+
+
+def test_both_residual_projections_are_depth_scaled_and_nothing_else_is() -> None:
+    """GPT-2 scheme: attention `out` and MLP `down` of every block ~ N(0, 0.02 / sqrt(2 * 8 layers)) = N(0, 0.005);
+    every other matrix (qkv, up, embedding, output layer) ~ N(0, 0.02)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=256, n_layers=8, vocab_size=4096))
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            continue
+        want = 0.005 if name.endswith(("attn.out.weight", "mlp.down.weight")) else 0.02
+        assert p.std().item() == pytest.approx(want, rel=0.05), name
+
+
+@pytest.mark.parametrize("arch", ["olmo", "llama"])
+def test_model_norm_eps_reaches_every_norm(arch: str) -> None:
+    """model.norm_eps, not a default of LayerNorm (1e-5) or of the LLaMA flavours (1e-6), in each block's two norms
+    and the final one."""
+    model = Transformer(small_cfg(arch=arch, n_layers=3, norm_eps=1e-3))
+    norm_type = RMSNorm if arch == "llama" else torch.nn.LayerNorm
+    norms = [m for m in model.modules() if isinstance(m, (RMSNorm, torch.nn.LayerNorm))]
+    assert len(norms) == 2 * 3 + 1 and all(type(m) is norm_type for m in norms)
+    assert [m.eps for m in norms] == [1e-3] * 7
+
+
+def test_rope_tables_stay_out_of_the_state_dict() -> None:
+    """The RoPE tables derive from the config: a checkpoint holds the parameters only, and loads (strictly) into a
+    model with another model.max_seq_len."""
+    model = Transformer(small_cfg(max_seq_len=64))
+    block_keys = ["attn_norm", "attn.qkv", "attn.out", "mlp_norm", "mlp.up", "mlp.down"]
+    expected = {f"blocks.{i}.{k}.weight" for i in range(2) for k in block_keys}
+    assert set(model.state_dict()) == expected | {"embed.weight", "norm.weight", "lm_head.weight"}
+    shorter = Transformer(small_cfg(max_seq_len=32))
+    shorter.load_state_dict(model.state_dict(), strict=True)
+    assert shorter.rope_cos.shape[0] == 32
+    torch.testing.assert_close(shorter.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_from_flavor_overrides_beat_the_flavour_values() -> None:
+    cfg = ModelConfig.from_flavor("550m", n_layers=2, d_model=128, max_seq_len=1024)
+    assert (cfg.flavor, cfg.d_model, cfg.n_layers, cfg.max_seq_len) == ("550m", 128, 2, 1024)
+    llama = ModelConfig.from_flavor("llama_60m", norm_eps=1e-5, mlp_hidden=64)
+    assert (llama.arch, llama.d_model, llama.norm_eps, llama.hidden_dim) == ("llama", 512, 1e-5, 64)
+
+
+def test_from_flavor_refusals_name_the_fix() -> None:
+    flavours = "tiny, 210m, 550m, llama_60m, llama_130m, llama_350m, llama_1b, llama_7b"
+    with pytest.raises(ValueError) as err:
+        ModelConfig.from_flavor("llama_60M")
+    assert str(err.value) == f"unknown model.flavor 'llama_60M'. Did you mean 'llama_60m'? Flavours: {flavours}"
+    with pytest.raises(ValueError) as err:
+        ModelConfig.from_flavor("zzzz")
+    assert str(err.value) == f"unknown model.flavor 'zzzz'. Flavours: {flavours}"
+    with pytest.raises(TypeError, match=r"^unknown ModelConfig fields \['depth', 'width'\]$"):
+        ModelConfig.from_flavor("tiny", width=64, depth=2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"d_model": 0}, r"model\.d_model=0 is not a positive multiple .* use e\.g\. --model\.d_model=64$"),
+        ({"d_model": 100}, r"model\.d_model=100 is not a positive multiple .* use e\.g\. --model\.d_model=128$"),
+        ({"d_model": 200, "head_dim": 32}, r"head dimension 32 .* use e\.g\. --model\.d_model=192$"),
+        ({"n_layers": 0}, r"^model\.n_layers must be positive, got 0$"),
+        ({"mlp_ratio": 0}, r"^model\.mlp_ratio must be positive, got 0$"),
+        ({"vocab_size": 0}, r"^model\.vocab_size must be positive, got 0$"),
+        ({"max_seq_len": -1}, r"^model\.max_seq_len must be positive, got -1$"),
+    ],
+)
+def test_validate_refusals_name_the_key_and_the_fix(overrides: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        small_cfg(**overrides).validate()
 
 
 def test_flops_per_token_formula():

@@ -8,7 +8,11 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 
+from model import ModelConfig, Transformer
 from tests.helpers.gloo import run_ranks
 from tests.helpers.runs import (
     assert_identical_runs,
@@ -19,8 +23,10 @@ from tests.helpers.runs import (
     train_as_rank,
 )
 from trainer import checkpoint as ckpt
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.distributed import DistInfo
 from trainer.engines import support_table_markdown
+from trainer.parallelize import apply_fsdp2, grad_sync, parallelize
 from trainer.run_lock import remove_stale_temp_files
 
 # (name, overrides): every optimizer that runs under fsdp2, ordinary and fused, clipping on (the
@@ -220,3 +226,79 @@ def test_fsdp2_keeps_the_output_layers_unsharded_gradient_through_the_backward()
     unsharded gradients are alive while every block's backward runs."""
     for seen in run_ranks(_root_gradients_in_backward, 2):
         assert seen == [["lm_head.weight", "norm.weight"]] * 3 + [[]], seen
+
+
+def _tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(d_model=64, n_layers=2, vocab_size=128, max_seq_len=16))
+
+
+def _fsdp2_units_and_grad_sync(rank: int, world: int) -> bool:
+    """On every rank the same tokens, so FSDP2's averaged gradient is one rank's (checked against the unwrapped
+    model). FSDP2 internals (_get_fsdp_state): there is no public view of a unit's policy or parameters."""
+    info = DistInfo(rank, world, rank, torch.device("cpu"))
+    # grad_sync: no reduce-scatter (so no sharded .grad) after a micro-batch that is not the last; after the
+    # last, the gradients are the sum over both micro-batches, as two backwards of the unwrapped model.
+    model, reference = _tiny_model(), _tiny_model()
+    wrapped = apply_fsdp2(model, info, "fp32")
+    tokens = torch.randint(0, 128, (2, 2, 9), generator=torch.Generator().manual_seed(1))
+    for micro, last in zip(tokens, (False, True), strict=True):
+        with grad_sync(wrapped, last_micro_batch=last):
+            wrapped(micro[:, :-1], targets=micro[:, 1:]).backward()
+        reference(micro[:, :-1], targets=micro[:, 1:]).backward()
+        if not last:
+            assert all(p.grad is None for p in model.parameters())
+    want = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        got, ref_grad = p.grad, want[name].grad
+        assert isinstance(got, DTensor) and ref_grad is not None, name
+        torch.testing.assert_close(got.full_tensor(), ref_grad, rtol=1e-5, atol=1e-7, msg=name)
+    # Each block its own unit, the root holding the rest; bf16: bf16 parameters for compute, gradients reduced
+    # in fp32 (the fp32 shards stay the master weights); fp32: torch's default policy (no casts).
+    for precision in ("fp32", "bf16"):
+        model = _tiny_model()
+        apply_fsdp2(model, info, precision)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if precision == "fp32":
+            policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None)
+        units = {"root": model, **{f"blocks.{i}": b for i, b in enumerate(model.blocks)}}
+        for unit_name, unit in units.items():
+            group = unit._get_fsdp_state()._fsdp_param_group  # type: ignore[operator]
+            assert group is not None and group.mp_policy == policy, (precision, unit_name)
+        root = model._get_fsdp_state()._fsdp_param_group  # type: ignore[operator]
+        assert root is not None
+        root_params = {id(model.embed.weight), id(model.norm.weight), id(model.lm_head.weight)}
+        assert {id(p.sharded_param) for p in root.fsdp_params} == root_params
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    return True
+
+
+def test_fsdp2_units_precision_and_gradients_unreduced_until_the_last_micro_batch() -> None:
+    """In spawned ranks, not in the pytest process: a gloo group outlives destroy_process_group once fully_shard
+    has run (tests/helpers/gloo.py), and could abort the interpreter's exit."""
+    assert run_ranks(_fsdp2_units_and_grad_sync, 2) == [True, True]
+
+
+@pytest.mark.parametrize(("engine", "world"), [("deepspeed", 2), ("ddp", 1), ("fsdp2", 1)])
+def test_parallelize_adds_no_wrapper_for_deepspeed_or_one_process(engine: str, world: int) -> None:
+    """deepspeed.initialize wraps the model later, and one process needs no wrapper: parallelize hands back the
+    model itself, untouched (no process group exists here, which DDP and FSDP2 would need)."""
+    model = _tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train = TrainConfig(engine=engine)  # type: ignore[arg-type]
+    assert parallelize(model, train, DistInfo(0, world, 0, torch.device("cpu"))) is model
+    assert type(model) is Transformer
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_train_compile_compiles_every_block_and_nothing_else() -> None:
+    """train.compile: each block's call goes through torch.compile (nn.Module.compile, lazy: nothing is traced until
+    a forward), the root (embedding, final norm, output layer) is not compiled as one graph."""
+    model = _tiny_model()
+    assert parallelize(model, TrainConfig(compile=True), DistInfo(0, 1, 0, torch.device("cpu"))) is model
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    assert model._compiled_call_impl is None
+    plain = _tiny_model()
+    assert parallelize(plain, TrainConfig(compile=False), DistInfo(0, 1, 0, torch.device("cpu"))) is plain
+    assert all(m._compiled_call_impl is None for m in plain.modules())

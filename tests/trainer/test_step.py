@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from model import ModelConfig, Transformer
 from trainer.distributed import DistInfo
-from trainer.parallelize import autocast_context
+from trainer.parallelize import autocast_context, resolve_precision
 from trainer.step import evaluate, forward_backward, split_micro_batches
 
 FP32 = autocast_context("fp32", torch.device("cpu"))
@@ -104,3 +104,29 @@ def test_evaluate_runs_with_dropout_off_and_draws_no_random_numbers():
         ref = torch.stack([F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") for x, y in batches])
         ref = ref.sum() / 72
     assert out[0] == pytest.approx(ref.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "want"),
+    [
+        ("auto", "cuda", "bf16"),
+        ("auto", "cpu", "fp32"),
+        ("auto", "mps", "fp32"),  # auto = bf16 on CUDA only
+        ("auto", "meta", "fp32"),
+        ("bf16", "cpu", "bf16"),
+        ("fp32", "cuda", "fp32"),
+    ],
+)
+def test_auto_precision_is_bf16_on_cuda_only(precision: str, device: str, want: str) -> None:
+    assert resolve_precision(precision, torch.device(device)) == want
+
+
+@pytest.mark.parametrize(
+    ("precision", "want"), [("bf16", torch.bfloat16), ("fp32", torch.float32), ("auto", torch.float32)]
+)
+def test_autocast_context_computes_matmuls_in_the_resolved_dtype(precision: str, want: torch.dtype) -> None:
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with autocast_context(precision, torch.device("cpu")):
+        out = a @ b
+    assert out.dtype == want
+    torch.testing.assert_close(out.float(), a @ b, rtol=1e-2 if want == torch.bfloat16 else 1e-6, atol=1e-2)
