@@ -1,8 +1,11 @@
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import ModelConfig, Transformer
+from trainer import step as step_module
 from trainer.distributed import DistInfo
 from trainer.parallelize import autocast_context, resolve_precision
 from trainer.step import evaluate, forward_backward, split_micro_batches
@@ -130,3 +133,38 @@ def test_autocast_context_computes_matmuls_in_the_resolved_dtype(precision: str,
         out = a @ b
     assert out.dtype == want
     torch.testing.assert_close(out.float(), a @ b, rtol=1e-2 if want == torch.bfloat16 else 1e-6, atol=1e-2)
+
+
+def test_sync_skips_the_gradient_reduction_on_all_but_the_last_micro_batch() -> None:
+    """DDP's no_sync on every micro-batch but the last: one all-reduce per step, not one per micro-batch."""
+    model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=100, max_seq_len=16))
+    tokens = torch.randint(0, 100, (6, 9))
+    calls: list[bool] = []
+
+    def sync(is_last: bool) -> contextlib.AbstractContextManager:
+        calls.append(is_last)
+        return contextlib.nullcontext()
+
+    forward_backward(
+        model, split_micro_batches(tokens[:, :-1], tokens[:, 1:], 2), loss_denominator=48.0, autocast=FP32, sync=sync
+    )
+    assert calls == [False, False, True]
+
+
+def test_evaluate_on_one_of_two_ranks_counts_only_its_own_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 of 2 owns batches 1, 3, ...: with 3 batches it scores batch 1 alone, then runs one uncounted forward
+    in the last round (the collective forward of FSDP2 and ZeRO-3). The all-reduce is the identity here, so the
+    result is rank 1's own mean token loss."""
+    monkeypatch.setattr(step_module, "all_reduce_sum", lambda value, info: value)
+    torch.manual_seed(3)
+    model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=100, max_seq_len=16))
+    batches = [(torch.randint(0, 100, (3, 8)), torch.randint(0, 100, (3, 8))) for _ in range(3)]
+    forwards: list[int] = []
+    model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    out = evaluate(model, batches, DistInfo(1, 2, 1, torch.device("cpu")), FP32)
+    assert out is not None
+    x, y = batches[1]
+    with torch.no_grad():
+        ref = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    assert out[0] == pytest.approx(ref.item(), rel=1e-6)
+    assert len(forwards) == 3  # its batch, the uncounted forward of the last round, and the reference above

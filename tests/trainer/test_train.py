@@ -4,6 +4,8 @@ logging, checkpoints, exact resume, divergence, fused updates, every optimizer."
 import json
 import os
 import signal
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -294,7 +296,8 @@ def test_a_stop_during_the_final_evaluation_on_resume_is_reported_and_kept_pendi
     tmp_path, sample_tokens, monkeypatch
 ):
     """The final evaluation (step 6 of 6) is stopped, then stopped again when the resume runs it: the second start
-    reports the stop (train.py then says how to resume) and keeps the evaluation pending; the third finishes it."""
+    reports the stop (train.py then says how to resume) and keeps the evaluation pending; the third finishes it
+    and saves that."""
     real = trainer_module.Trainer.evaluate
 
     def signalled_at_step_6(self, step: int) -> None:
@@ -313,6 +316,9 @@ def test_a_stop_during_the_final_evaluation_on_resume_is_reported_and_kept_pendi
     assert not result.stopped_by_signal and [s for s, _ in result.val_losses] == [6]
     val_steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val/loss" in r]
     assert val_steps == [0, 3, 6]
+    # The finished evaluation is saved: the checkpoint no longer holds it pending, so a re-run does not redo it.
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000006.pt"
+    assert result.checkpoint == checkpoint and ckpt.load_checkpoint(checkpoint)["progress"]["eval_pending"] is False
 
 
 def test_bf16_autocast_follows_the_fp32_loss_curve_to_bf16_precision(tmp_path, sample_tokens):
@@ -517,3 +523,113 @@ def test_a_checkpoint_from_before_a_config_key_existed_still_resumes(tmp_path, s
     del saved["optim"]["factor_iters"], saved["train"]["fused_update"]
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000003.pt"
     assert check_resume_compatible(saved, now, checkpoint) == {}
+
+
+def test_the_last_step_is_logged_and_saved_and_eval_interval_0_skips_the_step_0_evaluation(
+    tmp_path: Path, sample_tokens: Path
+) -> None:
+    """max_steps 5 is no multiple of log.interval 2 nor of checkpoint.interval 3: step 5 is still logged and saved
+    (the run's final result). eval.interval 0 turns periodic evaluation off, the step-0 one included: only the
+    final evaluation runs."""
+    overrides = {
+        "train.max_steps": 5,
+        "log.interval": 2,
+        "eval.interval": 0,
+        "checkpoint.interval": 3,
+        "log.tensorboard": False,
+    }
+    _, result = run(tmp_path, sample_tokens, **overrides)
+    logged = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r}
+    assert sorted(logged) == [2, 4, 5]
+    # The lr of each logged step's update (warmup 2 steps, then cosine over 3 to 0.1 x peak): step 2 (0-based 1)
+    # at the peak, step 4 at 0.1 + 0.9 x (1 + cos(2 pi / 3)) / 2 = 0.325 of it, step 5 at 0.1.
+    assert [logged[s]["train/lr"] for s in (2, 4, 5)] == pytest.approx([0.01, 0.00325, 0.001], rel=1e-9)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step_00000003.pt",
+        "step_00000005.pt",
+    ]
+    assert result.checkpoint is not None and result.checkpoint.name == "step_00000005.pt"
+    assert [s for s, _ in result.val_losses] == [5]
+
+
+def test_a_non_finite_gradient_norm_alone_diverges_and_a_restart_clears_the_marker(
+    tmp_path: Path, sample_tokens: Path
+) -> None:
+    """A finite loss with an infinite gradient norm is a divergence too; it leaves diverged.json (what the study
+    runner reads), which the next start of the run directory removes."""
+    trainer = tiny_trainer(tmp_path / "run", sample_tokens)
+    with pytest.raises(TrainingDiverged, match=r"^non-finite gradient norm at step 4 \(loss 2\.5, grad norm inf\)"):
+        trainer._check_finite(4, 2.5, float("inf"))
+    marker = json.loads((tmp_path / "run" / "diverged.json").read_text())
+    assert marker["step"] == 4 and marker["message"].startswith("non-finite gradient norm at step 4")
+    run(tmp_path, sample_tokens, **{"train.max_steps": 1, "eval.interval": 0, "log.tensorboard": False})
+    assert not (tmp_path / "run" / "diverged.json").exists()
+
+
+def test_divergence_causes_name_warmup_and_clipping_only_where_they_apply(tmp_path: Path, sample_tokens: Path) -> None:
+    """scheduler.warmup_steps=2: steps 1 and 2 (1-based, as reported) are in warmup, step 3 is not. Clipping
+    is only suggested where it may be set: a fused update refuses train.max_grad_norm > 0."""
+    cpu = torch.device("cpu")
+
+    def causes(step: int, **extra: object) -> str:
+        cfg = load_config("configs/tiny.yaml", tiny_overrides(tmp_path / "run", sample_tokens, **extra))
+        return "; ".join(trainer_module.divergence_causes(cfg, step, cpu))
+
+    assert "optim.lr=0.01 is too high for adamw (this step was still in warmup): try --optim.lr=0.00316" in causes(2)
+    assert "still in warmup" not in causes(3)
+    clipping = "gradient clipping is off (train.max_grad_norm=0): try --train.max_grad_norm=1.0"
+    assert clipping in causes(3, **{"train.max_grad_norm": 0})
+    assert clipping not in causes(3, **{"train.max_grad_norm": 0, "train.fused_update": True})
+
+
+def test_a_second_sigterm_still_saves(capfd: pytest.CaptureFixture[str]) -> None:
+    """Only a second Ctrl-C (SIGINT) exits at once: a scheduler that sends SIGTERM twice still gets the save."""
+    stop = StopFlag()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once: a signal to this process, in the main thread
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:  # caught: uncaught, it would end the whole pytest session
+            pytest.fail("a second SIGTERM exited at once, without saving")
+        assert stop.requested and stop.signalled
+        assert capfd.readouterr().err == "\nSIGTERM: finishing this step, then saving and exiting\n"  # said once
+    finally:
+        stop.restore()
+
+
+def test_a_tokenizer_as_large_as_the_model_vocabulary_fits_and_a_larger_one_is_refused(
+    tmp_path: Path, sample_tokens: Path
+) -> None:
+    """The sample corpus's T5 tokenizer has 32000 ids: model.vocab_size=32000 holds them all."""
+    assert tiny_trainer(tmp_path / "fits", sample_tokens, **{"model.vocab_size": 32000}).data is not None
+    with pytest.raises(ConfigError) as e:
+        tiny_trainer(tmp_path / "small", sample_tokens, **{"model.vocab_size": 31999})
+    assert str(e.value) == (
+        "the data's tokenizer has 32000 ids but model.vocab_size=31999; set --model.vocab_size to at least 32000 "
+        "(a multiple of 128 is fastest)"
+    )
+
+
+def test_a_stop_between_check_points_checks_the_unread_steps_before_saving(
+    tmp_path: Path, sample_tokens: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM after step 2 of a run that reads its metrics only every 6 steps: the stop saves at once, but first
+    reads the unchecked steps; step 2's NaN stops the run without writing a checkpoint of the diverged model."""
+    real = trainer_module.forward_backward
+    calls: list[int] = []
+
+    def poisoned_and_signalled(model: torch.nn.Module, micro_batches: list, **kw: Any) -> torch.Tensor:
+        loss = real(model, micro_batches, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer_module, "forward_backward", poisoned_and_signalled)
+    overrides = {"log.interval": 6, "eval.interval": 0, "checkpoint.interval": 6, "log.tensorboard": False}
+    with pytest.raises(TrainingDiverged, match=r"^non-finite loss at step 2 "):
+        run(tmp_path, sample_tokens, **overrides)
+    assert len(calls) == 2
+    assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))
