@@ -6,7 +6,15 @@ import pytest
 import yaml
 
 from tests.helpers.runs import REPO
-from trainer.config import ConfigError, help_text, load_config, parse_overrides, save_config, section_classes
+from trainer.config import (
+    ConfigError,
+    help_text,
+    load_config,
+    micro_batch_per_rank,
+    parse_overrides,
+    save_config,
+    section_classes,
+)
 from trainer.config_parsing import ConfigYamlLoader, field_docs
 
 
@@ -240,8 +248,6 @@ def test_every_shipped_config_passes_validation(path):
 
 def test_a_config_written_for_one_rank_runs_on_two(monkeypatch):
     """configs/tiny.yaml has micro-batch = global batch = 8: on 2 ranks each holds 4."""
-    from trainer.config import micro_batch_per_rank
-
     cfg = load_config("configs/tiny.yaml")
     assert micro_batch_per_rank(cfg.train, 1) == 8
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 from model import ModelConfig, Transformer
@@ -23,6 +23,7 @@ from tests.helpers.runs import (
     train_as_rank,
 )
 from trainer import checkpoint as ckpt
+from trainer import parallelize as parallelize_module
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.distributed import DistInfo
 from trainer.engines import support_table_markdown
@@ -164,13 +165,12 @@ def _compiled_jobs(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> 
     """As _cases_on_ranks, with each block compiled by dynamo + AOT autograd (the parts of torch.compile that
     meet DDP's hooks and the fused path's post-accumulate-grad hooks) and no C++ code generation, which would
     take a minute per rank on CPU."""
-    from trainer import parallelize
 
     def compile_blocks(model) -> None:
         for block in model.blocks:
             block.compile(backend="aot_eager")
 
-    parallelize.compile_blocks = compile_blocks
+    parallelize_module.compile_blocks = compile_blocks
     _cases_on_ranks(rank, world, jobs)
 
 
@@ -193,13 +193,6 @@ def test_compiled_blocks_train_under_ddp_fused_and_not(tmp_path, sample_tokens):
 def _root_gradients_in_backward(rank: int, world: int) -> list[list[str]]:
     """Which of the root's parameters (embedding, final norm, output layer) hold an unsharded gradient when each
     block's backward starts, and after the backward, under the trainer's FSDP2 wrapping."""
-    import torch
-    from torch.distributed.fsdp import FSDPModule
-
-    from model import ModelConfig, Transformer
-    from trainer.distributed import DistInfo
-    from trainer.parallelize import apply_fsdp2
-
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=64, n_layers=3, vocab_size=512, max_seq_len=32))
     apply_fsdp2(model, DistInfo(rank, world, rank, torch.device("cpu")), "fp32")

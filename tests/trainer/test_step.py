@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from model import ModelConfig, Transformer
 from trainer import step as step_module
 from trainer.distributed import DistInfo
+from trainer.lora import apply_lora, lora_modules
 from trainer.parallelize import autocast_context, resolve_precision
 from trainer.step import evaluate, forward_backward, split_micro_batches
 
@@ -88,8 +89,6 @@ def test_evaluate_runs_with_dropout_off_and_draws_no_random_numbers():
     """LoRA's adapter dropout (adapter.dropout, 0.1 by default) is the model's only dropout: evaluation must
     switch it off (model.eval()), so the validation loss is that of the deterministic model and the RNG stream
     that the checkpoint saves is not advanced by it."""
-    from trainer.lora import apply_lora, lora_modules
-
     torch.manual_seed(2)
     model = Transformer(ModelConfig(d_model=64, n_layers=1, vocab_size=100, max_seq_len=16))
     apply_lora(model, rank=4, alpha=8.0, dropout=0.5, seed=0)
