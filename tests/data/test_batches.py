@@ -5,14 +5,17 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import signal
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Dataset
 
 import data.loading.prepared_split as prepared_mod
 from data import DataConfig, DataError, DataWarning, TrainBatches, validation_batches
-from data.loading.window_order import epoch_permutation
+from data.loading.token_store import TokenStore
+from data.loading.window_order import WindowOrder, epoch_permutation
 from tests.helpers.corpus import make_texts, prepare_quietly, split_tokens, tiny_tokenizer, write_corpus
 
 SEQ = 16
@@ -74,6 +77,24 @@ def test_dataloader_workers_do_not_change_batches(prepared):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 
+class _WorkerSignals(Dataset):
+    """Each item: whether SIGINT and SIGTERM are ignored in the process that produced it."""
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.tensor(signal.getsignal(signal.SIGINT) == signal.SIG_IGN),
+            torch.tensor(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN),
+        )
+
+
+def test_dataloader_workers_ignore_stop_signals(prepared, monkeypatch):
+    """A Ctrl-C or preemption sent to the process group must not kill a worker mid-step (the main process saves)."""
+    tb = TrainBatches(cfg_for(prepared, num_workers=1), global_batch=2)
+    monkeypatch.setattr(tb, "dataset", _WorkerSignals())
+    ignores_int, ignores_term = next(tb.batches(0))
+    assert bool(ignores_int) and bool(ignores_term)
+
+
 def test_resume_equals_tail_of_uninterrupted_stream(prepared):
     tb = TrainBatches(cfg_for(prepared), global_batch=8)
     full = take(tb, 0, 12)
@@ -91,6 +112,7 @@ def test_state_dict_is_the_order_identity_and_load_catches_changes(prepared, tmp
     assert all(isinstance(v, (str, int, float)) for v in state.values())
     assert set(state) == {"manifest_checksum", "n_windows", "seed", "seq_len", "global_batch", "permutation"}
     assert state["n_windows"] == tb.n_windows and state["seed"] == 1234 and state["global_batch"] == 8
+    assert state["seq_len"] == SEQ
     assert state == TrainBatches(cfg_for(prepared), global_batch=8, rank=1, world_size=2).state_dict()  # any rank
     torch.save({"data": state}, tmp_path / "ckpt.pt")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["data"] == state
@@ -100,6 +122,28 @@ def test_state_dict_is_the_order_identity_and_load_catches_changes(prepared, tmp
             TrainBatches(cfg_for(prepared, **kw), global_batch=gb).load_state_dict(state)
     with pytest.raises(DataError, match="manifest_checksum"):
         tb.load_state_dict({**state, "manifest_checksum": "0" * 64})
+
+
+def test_load_state_dict_refuses_a_numpy_that_permutes_differently(prepared, monkeypatch):
+    """Same data and config, but numpy's RNG draws another order (as after a numpy upgrade): refused."""
+    state = TrainBatches(cfg_for(prepared), global_batch=8).state_dict()
+    real_default_rng = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: real_default_rng([*seed, 1]))
+    other = TrainBatches(cfg_for(prepared), global_batch=8)
+    assert {k: v for k, v in other.state_dict().items() if k != "permutation"} == {
+        k: v for k, v in state.items() if k != "permutation"
+    }
+    with pytest.raises(DataError, match="data changed since this checkpoint.*permutation: checkpoint"):
+        other.load_state_dict(state)
+
+
+def test_batches_leave_torchs_global_rng_alone(prepared):
+    """Starting the batch iterator (as a resumed run does after restoring the RNG) draws no global random number."""
+    tb = TrainBatches(cfg_for(prepared), global_batch=4)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    next(tb.batches(3))
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_load_state_dict_accepts_older_checkpoints_data_state(prepared):
@@ -141,6 +185,39 @@ def test_epoch_rollover_on_tiny_dataset(prepared, tmp_path):
     step = (2 * n) // 3 + 1
     assert take(tb, step, 1)[0][0].tolist() == [r[:-1] for r in rows[step * 3 : step * 3 + 3]]
     assert (step * 3) // n == 2 and (step * 3) % n  # the resumed step starts inside epoch 2, not at its start
+
+
+def test_window_order_keeps_only_the_last_epochs_permutations():
+    """A long run over a few windows passes many epochs: the cache stays at `cache` permutations (the newest)."""
+    order = WindowOrder(5, seed=3, cache=2)
+    ids = order.windows(0, 50)  # epochs 0..9
+    for e in range(10):
+        assert sorted(ids[e * 5 : e * 5 + 5].tolist()) == [0, 1, 2, 3, 4]
+    assert sorted(order._perms) == [8, 9]
+
+
+def _write_shards(tmp_path, parts: list[np.ndarray], dtype: str) -> dict:
+    """Shard files written with numpy's tofile, and the split entry that lists them."""
+    shards = []
+    for i, part in enumerate(parts):
+        name = f"s{i}.bin"
+        part.astype(dtype).tofile(tmp_path / name)
+        shards.append({"file": name, "tokens": len(part)})
+    return {"shards": shards}
+
+
+def test_token_store_reads_across_shards_to_the_last_token(tmp_path):
+    """uint32 ids above 65535, an empty shard in the middle, reads crossing boundaries and ending at the last token."""
+    parts = [np.arange(70000, 70007), np.array([], dtype=np.int64), np.arange(5), np.arange(90000, 90004)]
+    stream = np.concatenate(parts)
+    store = TokenStore(tmp_path, _write_shards(tmp_path, parts, "uint32"), "uint32")
+    assert store.n_tokens == 16
+    np.testing.assert_array_equal(store.read(0, 16), stream)
+    for start, length in [(0, 7), (7, 5), (5, 9), (12, 4), (15, 1), (3, 0)]:
+        np.testing.assert_array_equal(store.read(start, length), stream[start : start + length])
+    for start, length in [(-1, 2), (15, 2), (16, 1)]:
+        with pytest.raises(IndexError, match=f"token range \\[{start}, {start + length}\\) outside the stream of 16"):
+            store.read(start, length)
 
 
 def test_validation_batches_fixed_and_in_order(prepared):
@@ -187,6 +264,10 @@ def test_config_errors(prepared, tmp_path):
         TrainBatches(cfg_for(prepared), global_batch=6, world_size=4)
     with pytest.raises(DataError, match="too few for one window.*Fix"):
         TrainBatches(cfg_for(prepared, seq_len=10**7), global_batch=2)
+    with pytest.raises(DataError, match=r"^rank=2 outside \[0, world_size=2\)$"):
+        TrainBatches(cfg_for(prepared), global_batch=8, rank=2, world_size=2)
+    with pytest.raises(DataError, match="^batch_size must be >= 1, got 0$"):
+        validation_batches(cfg_for(prepared), 0)
 
 
 def test_vocab_must_fit_dtype(prepared, tmp_path, monkeypatch):
