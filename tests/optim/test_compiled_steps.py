@@ -174,3 +174,21 @@ def test_optim_compile_is_read_by_the_factored_optimizers_only():
         validate_optim_config(OptimConfig(name=name, compile=True))
     with pytest.raises(ValueError, match=r"optim.compile=True is not read by adamw.*adafactor"):
         validate_optim_config(OptimConfig(name="adamw", compile=True))
+
+
+def test_compiled_adalomo_moves_a_zero_matrix_by_eps2_as_the_reference() -> None:
+    """The rate is lr max(eps2, RMS(W)): a zero matrix (LoRA's B at the start) still moves, with eta = lr eps2."""
+
+    def train(fast: bool, compiled: bool) -> tuple[list[torch.Tensor], dict]:
+        g = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.zeros(16, 48)), torch.nn.Parameter(torch.randn(48, 16, generator=g))]
+        opt = AdaLomo(params, lr=1e-2, eps2=1e-3, weight_decay=0.1, fast=fast, compiled=compiled)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return [p.detach() for p in params], opt.state
+
+    compiled, ref = train(fast=True, compiled=True), train(fast=False, compiled=False)
+    assert bool(ref[0][0].abs().max() > 0)
+    assert_close_to_reference(compiled, ref, exact=False)

@@ -6,6 +6,7 @@ reference code, bit for bit."""
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from optim import Adafactor
 from optim.adalomo import AdaLomo
+from optim.factored_kernels import workspace
 
 SHAPES = [(48, 32), (16, 80), (1, 40), (40,)]  # tall, wide, a single row, a vector (always the reference code)
 
@@ -183,3 +185,60 @@ def test_eps2_zero_on_a_zero_matrix_with_weight_decay_equals_the_reference(name)
     fast, ref = train(True), train(False)
     assert all(bool(p.isfinite().all()) for p in fast[0])
     assert_close_to_reference(fast, ref, exact=False)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adalomo"])
+def test_a_zero_gradient_column_and_row_equal_the_reference(name: str) -> None:
+    """eps1 keeps both statistics of an all-zero gradient column or row positive (as the reference's g^2 + eps1):
+    without it the factor is 0 (Adafactor with eps 0: 0 / 0) or its rsqrt inf (AdaLomo: 0 * inf), NaN weights."""
+
+    def train(fast: bool) -> tuple[list[torch.Tensor], dict]:
+        g = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(16, 48, generator=g))]
+        opt = ZERO_RATE[name](params, fast=fast, **(dict(eps=0.0) if name == "adafactor" else {}))
+        for _ in range(3):
+            grad = torch.randn(16, 48, generator=g)
+            grad[:, 5] = 0.0  # an unused input feature
+            grad[3, :] = 0.0  # an unused output row
+            params[0].grad = grad
+            opt.step()
+        return [p.detach() for p in params], opt.state
+
+    fast, ref = train(True), train(False)
+    assert all(bool(p.isfinite().all()) for p in ref[0])
+    assert_close_to_reference(fast, ref, exact=False)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adalomo", "adamem"])
+def test_a_weight_decay_below_the_folding_limit_equals_the_reference(name: str) -> None:
+    """The folded update's factor is -scale / (rate * weight_decay): at weight_decay 1e-39 it leaves the fp32 range,
+    so such a decay (below MIN_FOLDED_WEIGHT_DECAY) takes the decay pass + addcmul instead."""
+
+    def train(fast: bool) -> tuple[list[torch.Tensor], dict]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in ADAMEM_SHAPES]
+        opt = ZERO_RATE[name](params, weight_decay=1e-39, fast=fast)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return [p.detach() for p in params], opt.state
+
+    fast, ref = train(True), train(False)
+    assert all(bool(p.isfinite().all()) for p in fast[0])
+    assert_close_to_reference(fast, ref, exact=False)
+
+
+def test_the_cpu_workspace_is_one_buffer_per_thread_shape_and_slot() -> None:
+    """Updates run concurrently on gloo's threads under DDP (trainer/ddp_fused.py): two threads must never share
+    a direction buffer, while one thread reuses its own."""
+    like = torch.empty(7, 13)
+    mine = workspace(like)
+    assert workspace(like) is mine and workspace(like, 1) is not mine
+    assert mine.shape == (7, 13) and mine.dtype == torch.float32
+    other: list[torch.Tensor] = []
+    t = threading.Thread(target=lambda: other.append(workspace(like)))
+    t.start()
+    t.join()
+    assert other[0] is not mine and other[0].data_ptr() != mine.data_ptr()

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from optim import OptimConfig, optimizer_spec
+from optim.galore import GaLoreAdamW
 from optim.in_backward import InBackwardOptimizer
 from optim.projected_backward import backward_flops, install_projected_backward, projected_linear
 from optim.projector import project
@@ -224,6 +225,68 @@ def test_a_projected_gradient_on_a_refresh_step_is_an_error():
     opt.grad_carrier(w).grad = torch.zeros(opt.grad_carrier(w).shape)
     with pytest.raises(RuntimeError, match="refreshes the projector"):
         opt.step()
+
+
+def _projected_opt_after_one_step() -> tuple[Any, nn.Parameter]:
+    """A GaLore optimizer with the projected backward's groups after one ordinary step (bases exist, no refresh due)."""
+    model = tiny_model()
+    opt: Any = optimizer_spec(model, galore_config("galore_adamw", projected_backward=True)).build()
+    loss_of(model, batch(0)).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    w = opt.projected_backward_params()[0]
+    assert opt.projection_for(w) is not None  # the next step projects: a projected gradient is expected
+    return opt, w
+
+
+def test_a_full_and_a_projected_gradient_in_one_step_is_an_error() -> None:
+    opt, w = _projected_opt_after_one_step()
+    carrier = opt.grad_carrier(w)
+    carrier.grad = torch.ones(carrier.shape)
+    w.grad = torch.ones_like(w)
+    with pytest.raises(RuntimeError, match="both a full gradient and a projected one"):
+        opt.step()
+
+
+def test_the_step_frees_the_projected_gradient_it_consumed() -> None:
+    opt, w = _projected_opt_after_one_step()
+    carrier = opt.grad_carrier(w)
+    carrier.grad = torch.ones(carrier.shape)
+    before = w.detach().clone()
+    opt.step()
+    assert carrier.grad is None and opt.projected_grads == 1
+    assert not torch.equal(w.detach(), before)
+    after = w.detach().clone()
+    opt.step()  # no new gradient: nothing to consume, w untouched
+    assert opt.projected_grads == 0 and torch.equal(w.detach(), after)
+
+
+def test_zero_grad_without_set_to_none_zeroes_the_carriers() -> None:
+    opt, w = _projected_opt_after_one_step()
+    carrier = opt.grad_carrier(w)
+    carrier.grad = torch.ones(carrier.shape)
+    opt.zero_grad(set_to_none=False)
+    assert carrier.grad is not None and carrier.grad.shape == carrier.shape
+    assert not carrier.grad.any()
+    opt.zero_grad(set_to_none=True)
+    assert carrier.grad is None
+
+
+def test_only_the_matrices_of_a_projected_group_get_carriers() -> None:
+    w, b = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(6))
+    opt = GaLoreAdamW([{"params": [w, b], "rank": 2, "projected_backward": True}])
+    assert [p is w for p in opt.projected_backward_params()] == [True]
+    assert opt.projection_for(b) is None
+    with pytest.raises(ValueError, match="not in a low-rank group with projected_backward=True"):
+        opt.grad_carrier(b)
+
+
+def test_the_carrier_of_a_bf16_weight_is_fp32_with_the_projected_shape() -> None:
+    w = nn.Parameter(torch.randn(8, 6, dtype=torch.bfloat16))
+    opt = GaLoreAdamW([{"params": [w], "rank": 2, "projected_backward": True}])
+    carrier = opt.grad_carrier(w)
+    assert carrier.dtype == torch.float32 and carrier.shape == (8, 2)  # std, m >= n: R = G Q^T, (m, r)
+    assert carrier.requires_grad and carrier.is_leaf
 
 
 def test_install_needs_a_galore_optimizer_and_leaves_parameters_and_state_dict_alone():

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any
 
 import pytest
+import torch
 
 from optim import REGISTRY, OptimConfig, optimizer_keys, optimizer_spec, register, validate_optim_config
 from optim.config import CHOICES
@@ -277,3 +278,16 @@ def test_lowrank_builders_decay_norm_weights_only_when_asked(name, decay_norm_we
     assert set(got) == set(params)
     for n, p in params.items():
         assert got[n] == (0.1 if p.dim() == 2 or decay_norm_weights else 0.0), n
+
+
+def test_unknown_name_in_another_case_suggests_the_registered_spelling() -> None:
+    with pytest.raises(ValueError, match=r"optim.name='ADAMW'\. Did you mean 'adamw'\?"):
+        optimizer_spec(tiny_model(), OptimConfig(name="ADAMW"))
+
+
+def test_spec_build_passes_the_configured_hyperparameters_to_the_optimizer() -> None:
+    cfg = OptimConfig(name="adamw", lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-7)
+    opt = optimizer_spec(tiny_model(), cfg).build()
+    assert isinstance(opt, torch.optim.AdamW)
+    assert (opt.defaults["lr"], opt.defaults["betas"], opt.defaults["eps"]) == (3e-3, (0.8, 0.99), 1e-7)
+    assert all(g["lr"] == 3e-3 and g["betas"] == (0.8, 0.99) for g in opt.param_groups)
