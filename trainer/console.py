@@ -33,10 +33,7 @@ def silence_closed_stdout() -> None:
         err = os.fstat(2)
         if (err.st_dev, err.st_ino) == (closed.st_dev, closed.st_ino):
             fds.append(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for fd in fds:
-            os.dup2(devnull, fd)
-        os.close(devnull)
+        _to_devnull(fds)
     except (OSError, ValueError, AttributeError):  # a replaced sys.stdout without a descriptor (a test's capture)
         pass
 
@@ -44,8 +41,20 @@ def silence_closed_stdout() -> None:
 def print_to_stderr(message: str) -> None:
     """Best effort: stderr's reader may be gone too (`ssh host train.py` after the client died, or the Ctrl-C that
     stopped the run also ended `2>&1 | tee log`)."""
-    with contextlib.suppress(OSError):
+    try:
         print(message, file=sys.stderr, flush=True)
+    except OSError:
+        # The unwritten message stays in stderr's buffer, and the interpreter's last flush would fail on it again
+        # and turn the exit code into 120: later writes to the standard error go to /dev/null instead.
+        with contextlib.suppress(OSError):
+            _to_devnull([2])
+
+
+def _to_devnull(fds: list[int]) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def exit_quietly_on_closed_stdout(main: Callable[[list[str]], int], argv: list[str]) -> int:
