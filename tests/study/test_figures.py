@@ -331,3 +331,19 @@ def test_missing_columns_and_unknown_kinds_name_the_figure():
         build(FigureData(FigureSpec(name="fig1", kind="line"), [c for c in LINE if c != "loss_mean"]))
     with pytest.raises(FigureError, match="'odd'.*unknown kind 'bar'"):
         build(FigureData(FigureSpec(name="odd", kind="bar"), []))  # type: ignore[arg-type]
+
+
+def test_line_logx_leaves_out_x_0_and_takes_base_2_only_when_every_x_is_a_power_of_two():
+    spec = FigureSpec(name="f", kind="line", x="optim.rank", logx=True)
+    with_zero = build(data(spec, LINE, [line_row("A", 0, 3.9), line_row("A", 8, 3.7), line_row("A", 32, 3.6)]))
+    ax = with_zero.axes[0]
+    assert xs(labelled_lines(with_zero)["A"]) == [8, 32] and ys(labelled_lines(with_zero)["A"]) == [3.7, 3.6]
+    assert log_base(ax) == 2 and list(ax.get_xticks()) == [8, 32]
+    mixed = build(data(spec, LINE, [line_row("A", 24, 3.7), line_row("A", 32, 3.6), line_row("A", 96, 3.5)]))
+    assert mixed.axes[0].get_xscale() == "log" and log_base(mixed.axes[0]) == 10  # 24 and 96 are not powers of 2
+
+
+def test_curves_with_only_step_0_evaluations_say_no_finished_runs():
+    """Step 0 (0 tokens, 0 FLOPs) has no place on the log axes: nothing drawable, the "no finished runs" figure."""
+    figure = data(FigureSpec(name="early", kind="curves"), CURVES, [("AdamW", "AdamW", 0, 0, 0, 0.0, 10.0)])
+    assert NO_DATA in all_texts(build(figure))

@@ -823,3 +823,57 @@ def test_the_arms_table_has_a_column_per_study_seed_before_any_arm_finished(tmp_
     with open(s.results_dir / "arms.csv", newline="") as f:
         header = next(csv.reader(f))
     assert header[:6] == ["entry", "arm", "best", "mean_final_val_loss", "seed 0", "seed 1"]
+
+
+def test_line_x_ascends_and_pareto_skips_unfinished_arms_places_none_without_bytes_and_keeps_loss_ties(
+    tmp_path: Path,
+) -> None:
+    """Hand-computed: GaLore's arms listed rank 32 first still give x = 8, 32; the pending AdaMeM arm has no pareto
+    row; GaLore rank=8 never logged memory (bytes None: off both frontiers, hiding nothing); Adafactor ties AdamW's
+    loss with fewer bytes, which does not push AdamW off the frontier (only a lower loss does)."""
+    arms = [  # (arm, extra, per-seed losses, state bytes, peak bytes)
+        ("GaLore rank=32", ["--optim.name=galore_adamw", "--optim.rank=32"], (3.2, 3.2), 500.0, 1200.0),
+        ("GaLore rank=8", ["--optim.name=galore_adamw", "--optim.rank=8"], (3.5, 3.5), 300.0, 900.0),
+        ("AdamW", [], (3.0, 3.0), 800.0, 1000.0),
+        ("Adafactor", ["--optim.name=adafactor"], (3.0, 3.0), 200.0, 900.0),
+        ("AdaMeM rank=8", ["--optim.name=adamem", "--optim.rank=8"], (PENDING, PENDING), 100.0, 100.0),
+    ]
+    runs = []
+    for arm, extra, per_seed, state, peak in arms:
+        for seed, loss in enumerate(per_seed):
+            run = make_run(tmp_path, arm, seed=seed, extra=extra)
+            finish(run, loss, state_bytes=state, peak_bytes=peak)
+            if arm == "GaLore rank=8":  # a run that logged no memory
+                records = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+                kept = [{k: v for k, v in r.items() if not k.startswith("memory/")} for r in records]
+                (run.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+            runs.append(run)
+    figures = [
+        FigureSpec(name="by_rank", kind="line", x="optim.rank", series=["GaLore"]),
+        FigureSpec(name="pareto", kind="pareto"),
+    ]
+    entries = ["GaLore", "AdamW", "Adafactor", "AdaMeM"]
+    s = Study(tmp_path / "s.yaml", "s", tmp_path / "out", runs, figures, [], [0, 1], entries)
+    by_rank, pareto = figure_data(s, summarize_arms(collect(s), s.seeds))
+    assert [(r["x"], r["arm"]) for r in by_rank.rows] == [(8, "GaLore rank=8"), (32, "GaLore rank=32")]
+    assert [list(r.values()) for r in pareto.rows] == [
+        ["GaLore rank=32", "GaLore", 500.0, 1200.0, pytest.approx(3.2), False, False],
+        ["GaLore rank=8", "GaLore", None, None, pytest.approx(3.5), False, False],
+        ["AdamW", "AdamW", 800.0, 1000.0, pytest.approx(3.0), True, True],
+        ["Adafactor", "Adafactor", 200.0, 900.0, pytest.approx(3.0), True, True],
+    ]
+
+
+@pytest.mark.parametrize(
+    "marker,message",
+    [("{not json", "{run_dir}/diverged.json is unreadable"), ('"nan at step 7"', "nan at step 7")],
+    ids=["unreadable", "not-an-object"],
+)
+def test_a_damaged_divergence_marker_still_says_the_run_diverged(tmp_path: Path, marker: str, message: str) -> None:
+    """diverged.json that is not JSON, or JSON but not an object: still a diverged run (not incomplete, not a
+    crash), with a message naming the file or holding the marker's text."""
+    run = make_run(tmp_path, "AdamW")
+    write_metrics(run, {0: 10.0, 5: 6.0}, last_step=6)
+    (run.run_dir / DIVERGED_FILE).write_text(marker)
+    result = run_result(run)
+    assert (result.status, result.message) == ("diverged", message.format(run_dir=run.run_dir))

@@ -1,11 +1,14 @@
-"""Sweep files -> (config, overrides) per run, every run validated (trainer/sweep.py). The shipped sweep
-files themselves: test_sweep_files.py."""
+"""Sweep files -> (config, overrides) per run, every run validated (trainer/sweep.py), and the tools/sweep.py
+command that prints or runs them. The shipped sweep files themselves: test_sweep_files.py."""
 
+import signal
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.runs import REPO
+from tools import sweep as sweep_tool
 from trainer.config import ConfigError, load_config
 from trainer.sweep import expand_sweep
 
@@ -130,3 +133,34 @@ def test_config_must_name_files(tmp_path):
     sweep.write_text(f"config: [{REPO / 'configs/tiny.yaml'}, 7]\nrun_dir: x/{{config}}\n")
     with pytest.raises(ConfigError, match=r"'config' must be a config file or a list of them"):
         expand_sweep(sweep)
+
+
+def test_the_sweep_command_stops_at_the_first_failed_run_and_starts_this_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--run: `python` is started as this interpreter, the config path is printed relative to the repo, and a run
+    that exits non-zero ends the sweep with its exit code before the next run starts."""
+    sweep = write_sweep(tmp_path, "grid: {optim.lr: [1.0e-3, 3.0e-3]}\nrun_dir: runs/s/lr{optim.lr}\n")
+    started: list[list[str]] = []
+
+    def fail(cmd: list[str]) -> tuple[int, int | None]:
+        started.append(cmd)
+        return 3, None
+
+    monkeypatch.setattr(sweep_tool, "run_to_the_end", fail)
+    assert sweep_tool.main([str(sweep), "--run"]) == 3
+    out, err = capsys.readouterr()
+    assert out == "python train.py configs/tiny.yaml --optim.lr=0.001 --run.dir=runs/s/lr0.001\n"
+    assert started == [
+        [sys.executable, "train.py", "configs/tiny.yaml", "--optim.lr=0.001", "--run.dir=runs/s/lr0.001"]
+    ]
+    assert err == "error: run exited with 3; stopping the sweep\n"
+
+
+def test_a_sweep_run_starts_in_its_own_session_and_the_signal_handlers_are_restored() -> None:
+    """The child's own session keeps a terminal's Ctrl-C from reaching it directly (the sweep forwards one SIGTERM);
+    the sweep's own SIGINT / SIGTERM handlers are back once the run has ended."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    own_session = "import os, sys; sys.exit(0 if os.getsid(0) == os.getpid() else 3)"
+    assert sweep_tool.run_to_the_end([sys.executable, "-c", own_session]) == (0, None)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
