@@ -7,21 +7,22 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 
 from optim import Adafactor
 from optim.adalomo import AdaLomo
+from optim.adamem import AdaMeM
 from optim.factored_kernels import workspace
 
 SHAPES = [(48, 32), (16, 80), (1, 40), (40,)]  # tall, wide, a single row, a vector (always the reference code)
 
 
-def _train(make, steps: int = 6) -> tuple[list[torch.Tensor], dict]:
+def _train(make, steps: int = 6, shapes: Sequence[tuple[int, ...]] = SHAPES) -> tuple[list[torch.Tensor], dict]:
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*s)) for s in SHAPES]
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
     opt = make(params)
     g = torch.Generator().manual_seed(1)
     for step in range(steps):
@@ -108,8 +109,6 @@ ADAMEM_SHAPES = [(16, 48), (48, 16), (8, 40), (4, 12)]  # wide, tall (transposed
     ids=["default", "clip_decay", "decay", "tiny_decay", "relative", "gradient_reset"],
 )
 def test_adamem_fast_path_equals_the_reference(kw):
-    from optim.adamem import AdaMeM
-
     def train(fast: bool) -> tuple[list[torch.Tensor], dict]:
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(*s)) for s in ADAMEM_SHAPES]
@@ -213,19 +212,8 @@ def test_a_zero_gradient_column_and_row_equal_the_reference(name: str) -> None:
 def test_a_weight_decay_below_the_folding_limit_equals_the_reference(name: str) -> None:
     """The folded update's factor is -scale / (rate * weight_decay): at weight_decay 1e-39 it leaves the fp32 range,
     so such a decay (below MIN_FOLDED_WEIGHT_DECAY) takes the decay pass + addcmul instead."""
-
-    def train(fast: bool) -> tuple[list[torch.Tensor], dict]:
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(*s)) for s in ADAMEM_SHAPES]
-        opt = ZERO_RATE[name](params, weight_decay=1e-39, fast=fast)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=g)
-            opt.step()
-        return [p.detach() for p in params], opt.state
-
-    fast, ref = train(True), train(False)
+    fast = _train(lambda ps: ZERO_RATE[name](ps, weight_decay=1e-39, fast=True), 3, ADAMEM_SHAPES)
+    ref = _train(lambda ps: ZERO_RATE[name](ps, weight_decay=1e-39, fast=False), 3, ADAMEM_SHAPES)
     assert all(bool(p.isfinite().all()) for p in fast[0])
     assert_close_to_reference(fast, ref, exact=False)
 
