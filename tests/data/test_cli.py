@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import pathlib
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 from data import DataConfig, TrainBatches, validation_batches
 from data.paths import REPO_ROOT
-from tests.helpers.corpus import make_texts, write_corpus
+from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
 
 
 def load_tool(name):
@@ -212,3 +214,40 @@ def test_help_says_how_relative_paths_resolve(capsys):
         assert "json.gz shards; a relative path is taken from the current directory" in text
         assert "a relative path is taken from the repo root (one starting with .cache/ from MEMOPT_CACHE" in text
     assert "The model depends on it" in text  # train_tokenizer's --threads
+
+
+def test_counts_round_to_the_nearest_and_take_thousands_separators() -> None:
+    count = load_tool("prepare_data").count
+    assert count("1.005k") == 1005  # 1.005 * 1000 is 1004.999... in floating point
+    assert count("1,048,576") == 1_048_576 and count("2,000k") == 2_000_000
+
+
+def test_limits_of_each_split_and_the_default_out_of_a_source(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max_docs limits the train split, --val_tokens the validation split (1 token: its first document), and
+    without --out a --source goes to <cache>/tokens/c4 (MEMOPT_CACHE), not to the sample corpus' tokens."""
+    monkeypatch.setenv("MEMOPT_CACHE", str(tmp_path / "cache"))
+    train = make_texts(40, seed=5)
+    tok = tiny_tokenizer(tmp_path / "tiny.model", train)
+    corpus = write_corpus(tmp_path / "c4", train, make_texts(5, seed=6))
+    args = ["--source", str(corpus), "--tokenizer", str(tok), "--max_docs", "7", "--val_tokens", "1"]
+    assert load_tool("prepare_data").main([*args, "--workers", "0", "--no_progress"]) == 0
+    manifest = json.loads((tmp_path / "cache" / "tokens" / "c4" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["docs"] == 7 and manifest["splits"]["validation"]["docs"] == 1
+    assert sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir()) == ["c4"]
+
+
+def test_prepare_data_interrupted_exits_130_and_says_how_to_resume(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prep = load_tool("prepare_data")
+    corpus = write_corpus(tmp_path / "c4", make_texts(5, seed=1), make_texts(2, seed=2))
+
+    def interrupted(*args: object, **kwargs: object) -> NoReturn:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "resolve_tokenizer_path", lambda name: tmp_path / "tok.model")
+    monkeypatch.setattr(prep, "prepare", interrupted)
+    assert prep.main(["--source", str(corpus), "--out", str(tmp_path / "tokens"), "--no_progress"]) == 130
+    assert capsys.readouterr().err == ("interrupted: finished shards are kept; re-run the same command to resume\n")

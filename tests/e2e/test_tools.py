@@ -6,13 +6,14 @@ import re
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
 from model import ModelConfig
 from optim import OptimConfig
 from tests.helpers.runs import REPO
-from tools import bench_engines, bench_step
+from tools import bench_engines, bench_step, model_info, plot_runs
 from trainer.memory_accounting import measure
 from trainer.trainer import Trainer
 
@@ -336,3 +337,52 @@ def test_plot_labels_tell_study_runs_apart(tmp_path):
     a, b = tmp_path / "runs" / "adamw" / "lr0.001" / "seed0", tmp_path / "runs" / "galore" / "lr0.01" / "seed0"
     assert run_labels([a, b]) == {a: "adamw/lr0.001/seed0", b: "galore/lr0.01/seed0"}  # not seed0 twice
     assert run_labels([a]) == {a: "seed0"}
+
+
+def test_model_info_without_a_config_prints_its_usage_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in ([], ["--help"]):
+        assert model_info.main(argv) == 2
+        assert capsys.readouterr().out.startswith("Parameter counts, FLOPs per token and optimizer state bytes")
+
+
+def test_model_info_with_lora_adapters_counts_them_and_their_training_flops(capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/tiny.yaml: d 128, 4 layers, MLP hidden 512, fused qkv (128 -> 384), 250 steps x 8 x 256. Rank-4
+    adapters on each block linear add 4 * (in + out) each: 4 * (512 + 256 + 640 + 640) = 8192 a layer; the frozen
+    weights (4 * (3 + 1 + 4 + 4) * 128^2 = 786,432) lose their weight gradient (2 FLOPs each) and the adapters
+    cost 6 each: 30,972,672 - 2 * 786,432 + 6 * 32,768 FLOPs per token."""
+    assert model_info.main(["configs/tiny.yaml", "--adapter.method=lora", "--adapter.rank=4"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  FLOPs/token +30,972,672 ", out, re.M), out
+    assert re.search(r"^  training +29,596,416 FLOPs/token$", out, re.M), out
+    assert re.search(r"^  run budget +512,000 tokens ", out, re.M), out  # 250 * 8 * 256
+    assert re.search(r"^  lora adapters +32,768  \(rank 4 on every linear of the blocks\)$", out, re.M), out
+    assert re.search(r"^  frozen +786,432 ", out, re.M), out
+    assert re.search(r"^  trainable +8,258,688 ", out, re.M), out  # 9,012,352 - 786,432 + 32,768
+    assert [line.split()[0] for line in out.splitlines()[-4:]] == [
+        "adamw",
+        "adafactor",
+        "adafactor_momentum",
+        "adalomo",
+    ]
+
+
+def write_metrics(run: Path, records: list[dict[str, float]]) -> Path:
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def test_plot_runs_final_value_is_at_the_last_step_and_a_run_without_the_metric_is_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Records out of step order (a resumed run logs again from its checkpoint): the final value is the highest step's.
+    a = write_metrics(
+        tmp_path / "a", [{"step": 0, "val/loss": 5.0}, {"step": 10, "val/loss": 4.0}, {"step": 5, "val/loss": 4.5}]
+    )
+    b = write_metrics(tmp_path / "b", [{"step": 1, "train/loss": 6.0}])
+    out = tmp_path / "P.PNG"  # the suffix in any case
+    assert plot_runs.main([str(a), str(b), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{a}: final val/loss 4.0000 at step 10\nwrote {out}\n"
+    assert captured.err == f"{b}: no val/loss records\n"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

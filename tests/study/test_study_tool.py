@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
+
+from study.results import ArmSummary, SettingResult
 from tests.helpers.runs import REPO
-from tools.study import main
+from tools.study import describe_arm, main
 
 
 def write_study(tmp_path, lrs="[1.0e-3, 1.0e-2]"):
@@ -101,3 +105,79 @@ def test_run_exits_1_when_a_run_failed(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "error: 1 run(s) failed" in captured.err and "re-run the same command" in captured.err
     assert "1 failed" in captured.out and (tmp_path / "out" / "results").is_dir()
+
+
+def test_seeds_flag_takes_a_trailing_comma_and_refuses_an_empty_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(REPO)
+    study = str(write_study(tmp_path))
+    assert main([study, "--seeds", "0,1,"]) == 0  # 2 lrs x 2 seeds
+    assert capsys.readouterr().out.startswith("# study s: 4 runs: ")
+    assert main([study, "--seeds", " , "]) == 1
+    assert capsys.readouterr().err == "error: --seeds is empty; write e.g. --seeds 0,1\n"
+
+
+def test_status_lists_the_commands_of_incomplete_and_failed_runs_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(REPO)
+    study = str(write_study(tmp_path))
+    incomplete = tmp_path / "out" / "runs" / "adamw" / "lr0.001"
+    incomplete.mkdir(parents=True)
+    (incomplete / "metrics.jsonl").write_text(json.dumps({"step": 3, "train/loss": 5.0}) + "\n")
+    failed = tmp_path / "out" / "runs" / "adamw" / "lr0.01"
+    failed.mkdir(parents=True)
+    (failed / "failed.json").write_text(json.dumps({"exit_code": 1, "message": "boom"}))
+    assert main([study]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "# study s: 2 runs: 0 complete, 0 diverged, 1 failed, 1 incomplete, 0 pending; 2 left"
+    assert len(lines) == 3 and "--optim.lr=0.001" in lines[1] and "--optim.lr=0.01" in lines[2]
+
+
+def test_setup_with_slurm_runs_the_setup_then_writes_the_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(REPO)
+    made = tmp_path / "made.txt"
+    study = write_study(tmp_path)
+    study.write_text(study.read_text() + f"setup:\n  - {{run: 'echo hi > {made}', creates: {made}}}\n")
+    script = tmp_path / "study.sbatch"
+    assert main([str(study), "--setup", "--slurm", str(script), "--jobs", "1"]) == 0
+    assert made.read_text() == "hi\n"
+    assert "#SBATCH --array=0-1%1\n" in script.read_text()  # 2 runs left, one at a time (--jobs 1)
+
+
+def test_collect_lists_the_orderings_file_among_the_paths_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(REPO)
+    assert main([str(write_study(tmp_path)), "--collect"]) == 0
+    out = capsys.readouterr().out
+    orderings = tmp_path / "out" / "results" / "orderings.md"
+    assert orderings.read_text().startswith("# Observed orderings: study s\n")
+    assert f"  {orderings}\n" in out.split("written:\n", 1)[1]
+
+
+def test_an_arm_whose_best_lr_is_at_the_grid_edge_says_to_widen_the_grid() -> None:
+    best = SettingResult(tuned={"optim.lr": 0.01}, losses={0: 4.12, 1: 4.1268}, mean=4.1234)
+    arm = ArmSummary(
+        entry="adamw", arm="adamw", runs=[], settings=[best], best=best, best_per_seed={}, edge="high", complete=False
+    )
+    assert describe_arm(arm) == (
+        "adamw: optim.lr=0.01 -> 4.1234 (seed 0: 4.1200, seed 1: 4.1268)"
+        " [best lr at the grid's high edge: widen the lr grid] [incomplete]"
+    )
+
+
+def test_slurm_with_collect_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(REPO)
+    script = tmp_path / "x.sbatch"
+    with pytest.raises(SystemExit) as exited:
+        main([str(write_study(tmp_path)), "--slurm", str(script), "--collect"])
+    assert exited.value.code == 2 and "--slurm writes the array script only: run --collect after the array" in (
+        capsys.readouterr().err
+    )
+    assert not script.exists() and not (tmp_path / "out").exists()
