@@ -67,10 +67,11 @@ def main(argv: list[str]) -> int:
     for sig in STOP_SIGNALS:
         signal.signal(sig, forward)
     while True:
-        try:
-            return agent.wait(timeout=RESEND_SECONDS if stop_requested_at else None)
+        try:  # a timeout even before any request: one that arrives during this wait must be resent too
+            return agent.wait(timeout=RESEND_SECONDS)
         except subprocess.TimeoutExpired:
-            forward(signal.SIGTERM, None)  # workers still starting up ignored the first request
+            if stop_requested_at:
+                forward(signal.SIGTERM, None)  # workers still starting up ignored the first request
 
 
 if __name__ == "__main__":
