@@ -204,12 +204,27 @@ def test_zero_keys_that_agree_with_the_config_are_merged(tmp_path, monkeypatch, 
         ),
         (["--train.fused_update=true", "--train.max_grad_norm=0"], "steps after backward"),
         (["--adapter.method=lora"], "run on ddp"),
+        (
+            ["--optim.name=adalomo", "--train.zero_stage=3", "--train.fused_update=true", "--train.max_grad_norm=0"]
+            + ["--train.offload_optimizer=true"],
+            r"train\.offload_optimizer=true with optim\.name=adalomo: DeepSpeed holds no optimizer state",
+        ),
     ],
 )
 def test_unsupported_deepspeed_combinations_are_refused_at_config_load(overrides, message, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=message):
         load_config("configs/tiny.yaml", ["--train.global_batch=8", "--train.engine=deepspeed", *overrides])
+
+
+@pytest.mark.parametrize("update_norm", ["grouped", "none"])
+def test_adalomo_the_lomo_way_accepts_grouped_and_no_update_norm(update_norm: str, monkeypatch: pytest.MonkeyPatch):
+    """Both need no other tensor's gradient, so each is updated in its own hook before DeepSpeed re-partitions."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    lomo = ["--optim.name=adalomo", "--train.zero_stage=3", "--train.fused_update=true", "--train.max_grad_norm=0"]
+    overrides = ["--train.global_batch=8", "--train.engine=deepspeed", *lomo, f"--optim.update_norm={update_norm}"]
+    cfg = load_config("configs/tiny.yaml", overrides)
+    assert (cfg.train.engine, cfg.optim.name, cfg.optim.update_norm) == ("deepspeed", "adalomo", update_norm)
 
 
 @pytest.mark.parametrize(

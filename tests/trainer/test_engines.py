@@ -11,8 +11,11 @@ import pytest
 import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from model import ModelConfig, Transformer
+from optim import OptimConfig, optimizer_spec
+from optim.in_backward import InBackwardOptimizer
 from tests.helpers.gloo import run_ranks
 from tests.helpers.runs import (
     assert_identical_runs,
@@ -25,6 +28,7 @@ from tests.helpers.runs import (
 from trainer import checkpoint as ckpt
 from trainer import parallelize as parallelize_module
 from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.ddp_fused import install_fused_comm_hook
 from trainer.distributed import DistInfo
 from trainer.engines import support_table_markdown
 from trainer.parallelize import apply_fsdp2, grad_sync, parallelize
@@ -135,6 +139,10 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
             ["--train.engine=fsdp2", "--optim.name=adalomo", "--optim.factorization=svd", "--optim.factor_rank=2"],
             "need the whole matrix",
         ),
+        (
+            ["--train.engine=fsdp2", "--optim.name=adalomo", "--optim.factorization=nmf", "--optim.factor_rank=2"],
+            r"optim\.factorization=nmf \(factor_rank=2\) with train\.engine=fsdp2",
+        ),
     ],
 )
 def test_unsupported_engine_combinations_are_refused_at_config_load(overrides, message, monkeypatch):
@@ -146,6 +154,24 @@ def test_unsupported_engine_combinations_are_refused_at_config_load(overrides, m
 def test_the_docs_table_is_the_engine_table():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "engines.md").read_text()
     assert support_table_markdown() in doc, "regenerate the table in docs/engines.md from support_table_markdown()"
+
+
+def test_one_process_under_fsdp2_accepts_adalomos_rank_r_ablation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole matrix is on the one rank: only several fsdp2 ranks refuse the rank-r factors."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    overrides = ["--train.engine=fsdp2", "--optim.name=adalomo", "--optim.factorization=svd", "--optim.factor_rank=2"]
+    cfg = load_config("configs/tiny.yaml", ["--train.global_batch=8", *overrides])
+    assert (cfg.train.engine, cfg.optim.factorization, cfg.optim.factor_rank) == ("fsdp2", "svd", 2)
+
+
+def test_the_docs_table_has_every_row_of_the_engine_table() -> None:
+    """The whole table, not a prefix of it: the doc's block of `|` lines under the header equals the generated one,
+    down to the fused-update row, one row per optimizer family plus header, separator and fused row."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "engines.md").read_text().splitlines()
+    start = doc.index(next(line for line in doc if line.startswith("| optimizer | ddp | fsdp2 | deepspeed |")))
+    block = list(itertools.takewhile(lambda line: line.startswith("|"), doc[start:]))
+    assert len(block) == 2 + 5 + 1 and block[-1].startswith("| `train.fused_update` | **exact**")
+    assert support_table_markdown().splitlines() == block
 
 
 def test_a_sharded_save_killed_before_its_commit_leaves_no_checkpoint(tmp_path):
@@ -295,3 +321,46 @@ def test_train_compile_compiles_every_block_and_nothing_else() -> None:
     plain = _tiny_model()
     assert parallelize(plain, TrainConfig(compile=False), DistInfo(0, 1, 0, torch.device("cpu"))) is plain
     assert all(m._compiled_call_impl is None for m in plain.modules())
+
+
+LR, BETA1, BETA2, EPS = 0.1, 0.9, 0.95, 1e-8  # the fused AdamW step's; no weight decay: no group policy
+
+
+def _two_layer_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def _ddp_inputs(world: int) -> torch.Tensor:
+    return torch.randn(world, 4, 6, generator=torch.Generator().manual_seed(1))  # rank r's batch: [r]
+
+
+def _ddp_fused_adamw_step(rank: int, world: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One fused AdamW step through trainer/ddp_fused.py's comm hook: (parameters, exp_avg), the model's order."""
+    model = _two_layer_net()
+    ddp = DistributedDataParallel(model)
+    cfg = OptimConfig(name="adamw", lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=0.0)
+    opt = InBackwardOptimizer(optimizer_spec(model, cfg))
+    install_fused_comm_hook(ddp, opt)
+    opt.arm(True)
+    ddp(_ddp_inputs(world)[rank]).square().mean().backward()
+    opt.step()
+    state = {id(o.param_groups[0]["params"][0]): o.state for o in opt.optimizers.values()}
+    params = [p.detach().clone() for p in model.parameters()]
+    return params, [state[id(p)][p]["exp_avg"].clone() for p in model.parameters()]
+
+
+def test_ddp_fused_updates_every_rank_from_the_mean_gradient_as_torch_adamw() -> None:
+    """Reference: torch AdamW on one process, stepped from the gradient of the ranks' mean loss (DDP's mean of
+    the ranks' gradients); its first moment after one step is (1 - beta1) times that gradient."""
+    results = run_ranks(_ddp_fused_adamw_step, 2)
+    model = _two_layer_net()
+    inputs = _ddp_inputs(2)
+    (sum(model(inputs[r]).square().mean() for r in range(2)) / 2).backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    reference = torch.optim.AdamW(model.parameters(), lr=LR, betas=(BETA1, BETA2), eps=EPS, weight_decay=0.0)
+    reference.step()
+    for params, exp_avg in results:
+        for p, m, expected_p, g in zip(params, exp_avg, model.parameters(), grads, strict=True):
+            torch.testing.assert_close(m, (1 - BETA1) * g)
+            torch.testing.assert_close(p, expected_p.detach())
