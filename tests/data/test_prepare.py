@@ -85,6 +85,7 @@ def test_manifest_content(assets, tmp_path):
     assert m["dtype"] == "uint16"
     assert m["tokenizer"]["sha256"] == sha256_file(tok)
     assert m["tokenizer"]["vocab_size"] == 400 and m["tokenizer"]["eos_id"] == 1
+    assert m["tokenizer"]["pad_id"] == 0 and m["tokenizer"]["path"] == str(tok)
     assert m["tool_version"]
     train = m["splits"]["train"]
     assert train["docs"] == len(TRAIN) and train["tokens"] == len(expected_stream(tok, TRAIN))

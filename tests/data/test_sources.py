@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import builtins
 import gzip
+import hashlib
 import json
+import pathlib
 import re
 import sys
 import types
@@ -141,6 +143,29 @@ def test_hf_reader_on_a_truncated_gzip_says_what_the_gzip_reader_says(corpus, tm
         list(LocalSource(src, "train", reader="hf").events())
     assert str(hf.value) == str(gz.value)
     assert str(hf.value).startswith(f"{bad}: corrupt or truncated gzip data")
+
+
+def test_a_truncated_gzip_error_counts_the_lines_read_before_it(tmp_path: pathlib.Path) -> None:
+    # Hex text barely compresses, so the cut lands well inside the line stream, after many whole lines.
+    lines = [json.dumps({"text": hashlib.sha256(str(i).encode()).hexdigest() * 4}).encode() for i in range(3000)]
+    path = tmp_path / c4_format.shard_name("train", 0, 1)
+    data = gzip.compress(b"".join(line + b"\n" for line in lines))
+    path.write_bytes(data[: len(data) // 2])
+    read: list[int] = []
+    with pytest.raises(DataError) as err:
+        for line_no, text, _ in c4_format.iter_records(path):
+            assert text == json.loads(lines[line_no])["text"]
+            read.append(line_no)
+    assert read == list(range(len(read))) and len(read) > 100
+    assert f"corrupt or truncated gzip data after line {len(read)} (" in str(err.value)
+
+
+def test_written_shards_are_byte_reproducible(tmp_path: pathlib.Path) -> None:
+    (path,) = c4_format.write_shards([{"text": "a"}], tmp_path, "train", 1)
+    assert path.name == "c4-train.00000-of-00001.json.gz" and not list(tmp_path.glob("*.tmp"))
+    header = path.read_bytes()[:10]
+    assert header[:3] == b"\x1f\x8b\x08" and header[4:8] == b"\x00\x00\x00\x00"  # RFC 1952: MTIME = 0
+    assert gzip.decompress(path.read_bytes()) == b'{"text": "a"}\n'
 
 
 class _FakeStream:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pathlib
+
 import numpy as np
 import pytest
 import sentencepiece as spm
 
+from data import files
 from data.errors import DataError
 from data.files import sha256_file
 from data.paths import REPO_ROOT, resolve_path, t5_tokenizer_path
@@ -44,6 +49,9 @@ def test_token_dtype():
     assert token_dtype(32000) == np.uint16
     assert token_dtype(65536) == np.uint16  # ids 0..65535
     assert token_dtype(65537) == np.uint32
+    assert token_dtype(1 << 32) == np.uint32  # ids 0..2**32-1
+    with pytest.raises(DataError, match="vocab_size=4294967297 does not fit uint32"):
+        token_dtype((1 << 32) + 1)
 
 
 def test_trained_model_has_t5_ids_and_pipeline_matches_sentencepiece(tmp_path):
@@ -67,11 +75,66 @@ def test_tokenizer_without_t5_ids_is_rejected(tmp_path):
         load_tokenizer(tmp_path / "plain.model")
 
 
+def test_tokenizer_with_t5_eos_but_no_pad_is_rejected(tmp_path: pathlib.Path) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS),
+        model_prefix=str(tmp_path / "nopad"),
+        vocab_size=120,
+        eos_id=1,
+        bos_id=-1,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    with pytest.raises(DataError, match="eos_id=1, pad_id=-1.*train_tokenizer.py"):
+        load_tokenizer(tmp_path / "nopad.model")
+
+
+def test_a_rewritten_model_is_loaded_again(tmp_path: pathlib.Path) -> None:
+    path = tiny_tokenizer(tmp_path / "m.model", TEXTS, vocab_size=400)
+    os.utime(path, ns=(10**18, 10**18))
+    assert load_tokenizer(path).vocab_size() == 400
+    tiny_tokenizer(path, TEXTS, vocab_size=350)
+    os.utime(path, ns=(2 * 10**18, 2 * 10**18))  # a distinct mtime even on a coarse clock
+    assert load_tokenizer(path).vocab_size() == spm.SentencePieceProcessor(model_file=str(path)).vocab_size() == 350
+
+
+def test_train_sentencepiece_defaults_to_byte_fallback_and_creates_the_folder(tmp_path: pathlib.Path) -> None:
+    path = train_sentencepiece(TEXTS, tmp_path / "new" / "dir" / "m.model", vocab_size=400, hard_vocab_limit=False)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    assert sum(sp.is_byte(i) for i in range(sp.vocab_size())) == 256  # <0x00>..<0xFF>
+    assert sp.decode(sp.encode("中文")) == "中文"
+
+
+def test_documents_longer_than_a_sentencepiece_sentence_are_trained_on_line_by_line(tmp_path: pathlib.Path) -> None:
+    # C4 documents often exceed sentencepiece's 4192-byte max_sentence_length: whole, they would all be dropped.
+    docs = ["\n".join(TEXTS[i : i + 30]) for i in (0, 30)]
+    assert min(len(d.encode()) for d in docs) > 4192
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer(tmp_path / "m.model", docs)))
+    assert sp.vocab_size() > 256 + 3  # pieces learned from the text, beyond the byte pieces and pad/eos/unk
+
+
+def test_an_interrupted_tokenizer_write_keeps_the_old_model(tmp_path: pathlib.Path, monkeypatch) -> None:
+    path = tmp_path / "m.model"
+    path.write_bytes(b"old")
+
+    def interrupted(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_tokenizer(path, TEXTS)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["m.model"]
+
+
 def test_hash_check(tmp_path):
     a = tiny_tokenizer(tmp_path / "a.model", TEXTS)
     check_tokenizer_matches(sha256_file(a), a, "x")
     with pytest.raises(DataError, match="different tokenizer.*Fix"):
         check_tokenizer_matches("0" * 64, a, "x")
+    actual = hashlib.sha256(a.read_bytes()).hexdigest()
+    with pytest.raises(DataError, match="different tokenizer"):  # the whole digest counts, not the shown prefix
+        check_tokenizer_matches(actual[:-1] + ("1" if actual[-1] == "0" else "0"), a, "x")
 
 
 def test_real_t5_ids_through_the_pipeline():
