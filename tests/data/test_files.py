@@ -12,6 +12,7 @@ import pytest
 
 from data import files
 from data.files import shard_digest, write_bytes_atomic, write_json_atomic
+from tests.helpers.disk import record_durable_renames
 
 
 @pytest.mark.parametrize("unique_tmp", [False, True])
@@ -44,22 +45,10 @@ def test_interrupted_atomic_write_keeps_the_old_file(tmp_path, monkeypatch, uniq
 def test_a_unique_write_is_fsynced_before_it_is_renamed(tmp_path: pathlib.Path, monkeypatch) -> None:
     # Several writers (every rank) share the file: the one that wins must be on disk, not only in the page cache.
     target = tmp_path / "cache.json"
-    synced: list[int] = []  # inodes, in fsync order
-    renamed: list[bool] = []  # whether the renamed file was the last one fsynced
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        synced.append(os.fstat(fd).st_ino)
-        real_fsync(fd)
-
-    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        renamed.append(bool(synced) and synced[-1] == os.stat(src).st_ino)
-        real_replace(src, dst)
-
-    monkeypatch.setattr(files.os, "fsync", fsync)
-    monkeypatch.setattr(files.os, "replace", replace)
+    renames = record_durable_renames(monkeypatch)
     write_bytes_atomic(target, b"data", unique_tmp=True)
-    assert renamed == [True] and target.read_bytes() == b"data"
+    assert [(dst, durable) for _, dst, durable in renames] == [("cache.json", True)]
+    assert target.read_bytes() == b"data"
 
 
 def test_json_is_written_indented_with_a_final_newline(tmp_path: pathlib.Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import pathlib
 import re
 
@@ -18,6 +17,7 @@ from data.preparation.prepare import PrepareOptions, SplitPlan, prepare
 from data.preparation.sources import LocalSource
 from data.tokenizer import EOS_ID, load_tokenizer, token_dtype
 from tests.helpers.corpus import make_texts, split_tokens, tiny_tokenizer, write_corpus
+from tests.helpers.disk import record_durable_renames
 
 TRAIN = make_texts(120, seed=1)
 VAL = make_texts(20, seed=2)
@@ -420,23 +420,10 @@ def test_another_tokenizer_for_a_new_split_of_an_existing_out_is_an_error(assets
 
 def test_a_shard_is_fsynced_before_it_is_renamed(assets, tmp_path: pathlib.Path, monkeypatch) -> None:
     tok, corpus = assets
-    synced: list[int] = []  # inodes, in fsync order
-    renamed: list[tuple[str, bool]] = []  # (shard, whether the file was the last one fsynced)
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        synced.append(os.fstat(fd).st_ino)
-        real_fsync(fd)
-
-    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        if str(src).endswith(".bin.tmp"):
-            renamed.append((pathlib.Path(dst).name, bool(synced) and synced[-1] == os.stat(src).st_ino))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    renames = record_durable_renames(monkeypatch)
     m = run(tok, corpus, tmp_path / "out", splits=("train",))
-    assert renamed == [(s["file"], True) for s in m["splits"]["train"]["shards"]]
+    shards = [(dst, durable) for src, dst, durable in renames if src.endswith(".bin.tmp")]
+    assert shards == [(s["file"], True) for s in m["splits"]["train"]["shards"]]
 
 
 def test_uint32_shards_through_workers_and_resumed(assets, tmp_path: pathlib.Path, monkeypatch) -> None:

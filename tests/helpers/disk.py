@@ -51,3 +51,24 @@ def fill(path: Path, chunk: int = 64 * 1024) -> int:
                 if chunk == 1:
                     return written
                 block = b"\0" * (chunk := max(1, chunk // 16))
+
+
+def record_durable_renames(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, bool]]:
+    """Spy on os.fsync and os.replace (patched on the os module, so for every caller): each rename as (source
+    name, target name, whether the renamed file was the last one fsynced before it). A rename is durable only
+    once the file's data reached the disk first."""
+    synced: list[int] = []  # inodes, in fsync order
+    renames: list[tuple[str, str, bool]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        renames.append((Path(src).name, Path(dst).name, bool(synced) and synced[-1] == os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return renames
