@@ -419,19 +419,25 @@ def test_the_fix_in_the_message_repairs(pristine, prepared, damage):
         np.testing.assert_array_equal(split_tokens(out, split), split_tokens(pristine[1], split))
 
 
-def test_rebuild_command_from_the_manifest():
-    out = pathlib.Path("/data/tokens/c4")
+def hub_manifest(tokenizer: str, train_limits: dict, validation_limits: dict) -> dict:
+    """A manifest of both C4 splits read from the hub, with the limits each was prepared with."""
     hub = {"kind": "hf", "path": "allenai/c4", "name": "en", "split": "train"}
-    manifest: dict = {
-        "tokenizer": {"path": "/models/my.model"},
+    return {
+        "tokenizer": {"path": tokenizer},
         "splits": {
-            "train": {"source": hub, "limits": {"max_tokens": 4200, "max_docs": None, "shard_tokens": 100_000_000}},
-            "validation": {
-                "source": {**hub, "split": "validation"},
-                "limits": {"max_tokens": DataConfig.val_tokens, "max_docs": None, "shard_tokens": 100_000_000},
-            },
+            "train": {"source": hub, "limits": train_limits},
+            "validation": {"source": {**hub, "split": "validation"}, "limits": validation_limits},
         },
     }
+
+
+def test_rebuild_command_from_the_manifest():
+    out = pathlib.Path("/data/tokens/c4")
+    manifest = hub_manifest(
+        "/models/my.model",
+        {"max_tokens": 4200, "max_docs": None, "shard_tokens": 100_000_000},
+        {"max_tokens": DataConfig.val_tokens, "max_docs": None, "shard_tokens": 100_000_000},
+    )
     command, note = mf.rebuild_command(out, manifest)
     assert command == (
         "python tools/prepare_data.py --source hf --tokenizer /models/my.model --out /data/tokens/c4 --max_tokens 4200"
@@ -634,17 +640,11 @@ def test_counts_and_digests_are_checked_strictly():
 
 def test_rebuild_command_keeps_per_split_settings_max_docs_and_a_custom_spiece_model():
     out = pathlib.Path("/data/tokens/c4")
-    hub = {"kind": "hf", "path": "allenai/c4", "name": "en", "split": "train"}
-    manifest: dict = {
-        "tokenizer": {"path": "/models/mine/spiece.model"},  # named like T5's, but not T5's cached file
-        "splits": {
-            "train": {"source": hub, "limits": {"max_tokens": None, "max_docs": 50, "shard_tokens": 5000}},
-            "validation": {
-                "source": {**hub, "split": "validation"},
-                "limits": {"max_tokens": DataConfig.val_tokens, "max_docs": None, "shard_tokens": 7000},
-            },
-        },
-    }
+    manifest = hub_manifest(
+        "/models/mine/spiece.model",  # named like T5's, but not T5's cached file
+        {"max_tokens": None, "max_docs": 50, "shard_tokens": 5000},
+        {"max_tokens": DataConfig.val_tokens, "max_docs": None, "shard_tokens": 7000},
+    )
     command, note = mf.rebuild_command(out, manifest)
     assert command == (
         "python tools/prepare_data.py --source hf --shard_tokens 5000 --tokenizer /models/mine/spiece.model"
