@@ -5,15 +5,17 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
 import pathlib
+import re
 from typing import NoReturn
 
 import numpy as np
 import pytest
 import torch
 
-from data import DataConfig, TrainBatches, validation_batches
-from data.paths import REPO_ROOT
+from data import DataConfig, DataError, TrainBatches, validation_batches
+from data.paths import REPO_ROOT, check_output_path
 from tests.helpers.corpus import make_texts, tiny_tokenizer, write_corpus
 
 
@@ -175,6 +177,25 @@ def test_prepare_data_out_that_is_a_file(tmp_path, capsys):
     assert prep.main(["--source", str(corpus), "--out", str(afile / "tokens"), "--no_progress"]) == 1
     assert f"cannot be created: {afile} is a file" in _error_line(capsys)
     assert afile.read_text() == "keep me"
+
+
+def test_an_output_directory_that_is_not_writable_is_refused(tmp_path, monkeypatch):
+    """An existing --out directory must itself be writable (its parent's permissions do not matter); root
+    may write anywhere, so the permission is faked for the one directory."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+
+    def access(path: object, mode: int) -> bool:
+        return not (pathlib.Path(str(path)) == locked and mode & os.W_OK) and real_access(path, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "access", access)
+    message = f"--out {locked} cannot be written: {locked} is not writable by this user. Fix: make it writable"
+    with pytest.raises(DataError, match=f"^{re.escape(message)}"):
+        check_output_path(locked, "--out", directory=True)
+    with pytest.raises(DataError, match=re.escape(f"--out {locked / 'new'} cannot be written: {locked} is not")):
+        check_output_path(locked / "new", "--out", directory=True)
+    check_output_path(tmp_path / "new", "--out", directory=True)  # tmp_path itself is writable
 
 
 def test_train_tokenizer_refuses_to_replace_a_model_without_force(tmp_path, capsys):

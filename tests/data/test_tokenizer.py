@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data import files
+from data import DataConfig, files
 from data.errors import DataError
 from data.files import sha256_file
-from data.paths import REPO_ROOT, resolve_path, t5_tokenizer_path
+from data.paths import REPO_ROOT, resolve_path, sample_tokens_dir, t5_tokenizer_path
 from data.preparation.encoding import encode_texts
 from data.preparation.tokenizer_training import train_sentencepiece
 from data.tokenizer import EOS_ID, check_tokenizer_matches, load_tokenizer, resolve_tokenizer_path, token_dtype
@@ -30,6 +30,22 @@ def test_paths_are_relative_to_the_repo_and_follow_memopt_cache(monkeypatch, tmp
     assert resolve_path(".cache/tokens/sample") == tmp_path / "tokens" / "sample"
     assert t5_tokenizer_path() == tmp_path / "tokenizers" / "t5" / "spiece.model"
     assert resolve_path(tmp_path / "abs") == tmp_path / "abs"
+
+
+def test_a_home_relative_path_or_cache_is_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_path("~/tokens/c4") == tmp_path / "tokens" / "c4"
+    monkeypatch.setenv("MEMOPT_CACHE", "~/big/cache")
+    assert resolve_path(".cache/tokens/sample") == tmp_path / "big" / "cache" / "tokens" / "sample"
+
+
+def test_the_default_data_config_opens_what_prepare_data_writes_by_default(monkeypatch, tmp_path):
+    """tools/prepare_data.py with no --out writes <cache>/tokens/sample; a run with no data.prepared_dir reads
+    it there, wherever MEMOPT_CACHE points; quick verification is the documented default."""
+    monkeypatch.setenv("MEMOPT_CACHE", str(tmp_path))
+    assert sample_tokens_dir() == tmp_path / "tokens" / "sample"
+    assert resolve_path(DataConfig().prepared_dir) == tmp_path / "tokens" / "sample"
+    assert DataConfig().verify == "quick"
 
 
 def test_resolve_tokenizer_path(monkeypatch, tmp_path):

@@ -16,6 +16,7 @@ import shutil
 import threading
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -207,6 +208,17 @@ def test_a_file_changed_a_moment_ago_is_not_cached(prepared, hash_calls, monkeyp
     assert len(hash_calls) == len(train_shards(out))
 
 
+def test_a_file_whose_mtime_was_set_back_a_moment_ago_is_not_cached(prepared, hash_calls, monkeypatch):
+    """Restoring an old mtime leaves a new ctime: the file changed a moment ago all the same."""
+    _, out = prepared
+    monkeypatch.setattr(verify_mod, "RACY_NS", 3600 * 10**9)
+    old = time.time_ns() - 2 * 3600 * 10**9
+    for shard in train_shards(out):
+        os.utime(shard, ns=(old, old))
+    open_train(prepared)
+    assert not json.loads((out / verify_mod.CACHE_NAME).read_text())["shards"]
+
+
 def test_full_mode_hashes_every_shard_every_time_and_off_none(prepared, hash_calls):
     _, out = prepared
     n = len(train_shards(out))
@@ -232,6 +244,33 @@ def test_a_corrupt_cache_is_ignored_and_rebuilt(prepared, hash_calls):
     entries = json.loads(cache.read_text())
     first = next(iter(entries["shards"]))
     entries["shards"][first]["max_id"] = "lots"  # a malformed entry is dropped alone
+    cache.write_text(json.dumps(entries))
+    hash_calls.clear()
+    open_train(prepared)
+    assert hash_calls == [first]
+
+
+def test_a_cache_of_another_version_or_entry_is_not_trusted_and_gone_files_are_dropped(prepared, hash_calls):
+    _, out = prepared
+    shards = train_shards(out)
+    open_train(prepared)
+    cache = out / verify_mod.CACHE_NAME
+    valid = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**valid, "version": verify_mod.CACHE_VERSION + 1}))  # a later format: not read
+    hash_calls.clear()
+    open_train(prepared)
+    assert sorted(hash_calls) == sorted(p.name for p in shards)
+    entries = json.loads(cache.read_text())
+    first = shards[0].name
+    entries["shards"][first]["sha256"] = None  # a malformed sha256: that entry is hashed again, no crash
+    entries["shards"]["gone-00000.bin"] = dict(entries["shards"][shards[1].name])  # no longer in the manifest
+    cache.write_text(json.dumps(entries))
+    hash_calls.clear()
+    open_train(prepared)
+    assert hash_calls == [first]
+    entries = json.loads(cache.read_text())
+    assert set(entries["shards"]) == {p.name for p in shards}
+    entries["shards"][first]["ino"] += 1  # another file (replaced) with the same size and timestamps
     cache.write_text(json.dumps(entries))
     hash_calls.clear()
     open_train(prepared)
@@ -369,6 +408,45 @@ def test_missing_or_wrong_size_shard_names_the_file(prepared):
         with pytest.raises(DataError, match=f"{re.escape(str(victim))} is missing") as e:
             open_train(prepared, verify=mode)
         assert_names_file_and_fix(str(e.value), victim, out)
+
+
+def test_a_longer_shard_is_damage_in_every_mode(prepared):
+    """Off mode checks sizes only: a shard with bytes appended must still be refused there."""
+    _, out = prepared
+    victim = train_shards(out)[1]
+    size = victim.stat().st_size
+    with open(victim, "ab") as f:
+        f.write(b"\0\0")
+    for mode in ("quick", "full", "off"):
+        with pytest.raises(DataError, match=f"{re.escape(str(victim))} is damaged: expected {size} bytes") as e:
+            open_train(prepared, verify=mode)
+        assert f"found {size + 2}" in str(e.value)
+
+
+def test_a_uint32_set_is_size_checked_with_4_bytes_a_token(prepared):
+    """Vocabularies over 65536 ids are stored as uint32: a shard's expected size is 4 bytes per token."""
+    _, out = prepared
+    m = json.loads((out / mf.MANIFEST).read_text())
+    for info in m["splits"].values():
+        for s in info["shards"]:
+            np.fromfile(out / s["file"], dtype=np.uint16).astype(np.uint32).tofile(out / s["file"])
+    m["dtype"] = "uint32"
+    write_json_atomic(out / mf.MANIFEST, m)
+    resign(out)
+    m = json.loads((out / mf.MANIFEST).read_text())
+    first = m["splits"]["train"]["shards"][0]
+    assert (out / first["file"]).stat().st_size == 4 * first["tokens"]
+    for mode in ("quick", "full", "off"):
+        counts = verify_mod.verify_split(out, m, "train", mode)
+        assert counts["shards"] == len(m["splits"]["train"]["shards"])
+
+
+def test_an_unknown_verify_mode_is_refused(prepared):
+    _, out = prepared
+    m = json.loads((out / mf.MANIFEST).read_text())
+    mode: Any = "Quick"
+    with pytest.raises(DataError, match=r"^data\.verify='Quick' is not one of quick, full, off$"):
+        verify_mod.verify_split(out, m, "train", mode)
 
 
 def test_verify_off_reads_no_shard(prepared, monkeypatch):

@@ -3,10 +3,14 @@ line naming the key (or file) and the fix, exit status 1, no traceback, nothing 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 import train
 from tests.helpers.runs import tiny_overrides
+from trainer.compile_toolchain import missing_compiler
 
 # (overrides, text the error must contain). Each is refused when the config loads.
 CONFIG_PROBES = [
@@ -63,3 +67,48 @@ def test_compile_without_a_compiler_is_one_error_line(tmp_path, sample_tokens, c
     err = capsys.readouterr().err
     assert err.startswith("error: train.compile / optim.compile need a C++ compiler on cpu"), err
     assert "apt-get install gcc g++" in err and not run_dir.exists()
+
+
+def _path_with(tmp_path: Path, *names: str) -> str:
+    """A PATH of one directory holding an executable stub for each of `names`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in names:
+        stub = bin_dir / name
+        stub.write_text("#!/bin/sh\n")
+        stub.chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize(
+    ("device", "on_path", "env", "found"),
+    [
+        ("cpu", ["clang++"], {}, True),  # either C++ compiler will do
+        ("cpu", ["gcc"], {}, False),  # a C compiler builds no C++ kernels
+        ("cpu", ["ccache", "mycxx"], {"CXX": "ccache mycxx"}, True),  # $CXX may carry a wrapper before the compiler
+        ("cpu", ["g++"], {"CXX": "nocxx"}, False),  # $CXX names the one that is used
+        ("cuda", ["cc"], {}, True),  # Triton's launchers need a C compiler
+        ("cuda", ["g++"], {}, False),
+        ("cuda", ["mycc"], {"CC": "mycc"}, True),
+    ],
+)
+def test_the_compiler_torch_compile_needs_is_found_on_path_or_in_the_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str, on_path: list[str], env: dict[str, str], found: bool
+):
+    monkeypatch.setenv("PATH", _path_with(tmp_path, *on_path))
+    for var in ("CC", "CXX"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    problem = missing_compiler(torch.device(device))
+    assert (problem is None) == found, problem
+
+
+def test_a_missing_cuda_compiler_names_cc_and_both_fixes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PATH", _path_with(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    assert missing_compiler(torch.device("cuda")) == (
+        "train.compile / optim.compile need a C compiler on cuda (torch.compile builds its kernels with one: $CC or "
+        "cc / gcc / clang) and none is on PATH; install one (Debian: apt-get install gcc g++) or set "
+        "--train.compile=false --optim.compile=false"
+    )

@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
+from torch import nn
 
 from tests.helpers.gloo import run_ranks
 from tests.helpers.runs import assert_identical_runs, follows_reference, run, tiny_overrides, train_as_rank
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, deepspeed_config, load_config
+from trainer.deepspeed_engine import DeepSpeedCheckpoints, GatheredModelState, StepInDeepSpeed, copy_own_slice
 from trainer.dist_checkpoint import read_extras
+from trainer.distributed import DistInfo
 
 STEPS = 4
 COMMON = {"train.max_steps": STEPS, "checkpoint.interval": 2, "eval.interval": 2, "train.micro_batch": 1}
@@ -255,3 +261,68 @@ def test_a_deepspeed_checkpoint_resumes_only_on_its_engine_ranks_and_stage(tmp_p
     with pytest.raises(ckpt.CheckpointError, match="reads single files"):
         ckpt.check_checkpoint_fits({"layout": "dcp"}, directory, **{**fits, "layout": "gathered"})
     ckpt.check_checkpoint_fits({}, single, **{**fits, "layout": "gathered"})  # AdaLomo's files go anywhere
+
+
+class _FakeEngine:
+    """What StepInDeepSpeed and DeepSpeedCheckpoints call on DeepSpeed's engine, with set answers."""
+
+    def __init__(self, norm: Any = None, load_path: str | None = None):
+        self.norm, self.load_path, self.steps = norm, load_path, 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def get_global_grad_norm(self) -> Any:
+        return self.norm
+
+    def load_checkpoint(self, load_dir: str, **kwargs: Any) -> tuple[str | None, dict]:
+        return self.load_path, {}
+
+
+def test_a_missing_deepspeed_gradient_norm_names_the_key_and_a_float_norm_becomes_a_tensor():
+    client = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1e-3)
+    with pytest.raises(RuntimeError, match=r"compute_grad_norm=false in train\.deepspeed_config\?\); remove that key"):
+        StepInDeepSpeed(_FakeEngine(norm=None), client).finish_backward()
+    engine = _FakeEngine(norm=2.5)
+    norm = StepInDeepSpeed(engine, client).finish_backward()
+    assert engine.steps == 1 and torch.is_tensor(norm) and norm.item() == 2.5
+
+
+def test_a_deepspeed_checkpoint_without_model_states_is_refused(tmp_path: Path):
+    directory = tmp_path / "step_00000002"
+    directory.mkdir()
+    (directory / "extras.pt").write_bytes(b"")
+    info = DistInfo(0, 2, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"DeepSpeed found no model states in it \(\['extras\.pt'\]\)"):
+        DeepSpeedCheckpoints(_FakeEngine(load_path=None), info).load(directory)
+    DeepSpeedCheckpoints(_FakeEngine(load_path=str(directory)), info).load(directory)  # found: no error
+
+
+@pytest.mark.parametrize(("rank", "expected"), [(0, [0.0, 1.0]), (1, [2.0, 3.0]), (2, [4.0, 0.0]), (3, [0.0, 0.0])])
+def test_each_rank_keeps_its_flat_slice_of_a_zero3_parameter(rank: int, expected: list[float]):
+    """5 elements over 4 ranks: ZeRO-3 partitions of ceil(5 / 4) = 2, the third padded, the fourth empty."""
+    p = SimpleNamespace(ds_tensor=torch.zeros(2), ds_numel=5)
+    copy_own_slice(p, torch.arange(5.0), rank)
+    assert p.ds_tensor.tolist() == expected
+
+
+def _zero3_linear(rank: int, world: int) -> nn.Linear:
+    """An nn.Linear(3, 2) whose parameters carry ZeRO-3's partition attributes (full values kept, for the test)."""
+    model = nn.Linear(3, 2)
+    for p in model.parameters():
+        size = -(-p.numel() // world)
+        p.ds_shape, p.ds_numel, p.ds_tensor = p.shape, p.numel(), torch.zeros(size)  # type: ignore[attr-defined]
+    return model
+
+
+def test_a_gathered_checkpoint_loads_each_ranks_slice_and_refuses_a_mismatch():
+    model = _zero3_linear(rank=1, world=2)
+    info = DistInfo(1, 2, 1, torch.device("cpu"))
+    weight, bias = torch.arange(6.0).reshape(2, 3), torch.tensor([10.0, 11.0])
+    GatheredModelState(model, info).load_state_dict({"weight": weight, "bias": bias})
+    assert model.weight.ds_tensor.tolist() == [3.0, 4.0, 5.0]  # type: ignore[attr-defined]
+    assert model.bias.ds_tensor.tolist() == [11.0]  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"weight: the checkpoint has shape \(3, 2\), the model \(2, 3\)"):
+        GatheredModelState(model, info).load_state_dict({"weight": weight.T.contiguous(), "bias": bias})
+    with pytest.raises(ValueError, match=r"missing \['bias'\], unexpected \[\]"):
+        GatheredModelState(model, info).load_state_dict({"weight": weight})

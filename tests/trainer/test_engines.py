@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -29,7 +30,7 @@ from trainer import checkpoint as ckpt
 from trainer import parallelize as parallelize_module
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.ddp_fused import install_fused_comm_hook
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, all_reduce_sum, any_rank, init_distributed
 from trainer.engines import support_table_markdown
 from trainer.parallelize import apply_fsdp2, grad_sync, parallelize
 from trainer.run_lock import remove_stale_temp_files
@@ -364,3 +365,40 @@ def test_ddp_fused_updates_every_rank_from_the_mean_gradient_as_torch_adamw() ->
         for p, m, expected_p, g in zip(params, exp_avg, model.parameters(), grads, strict=True):
             torch.testing.assert_close(m, (1 - BETA1) * g)
             torch.testing.assert_close(p, expected_p.detach())
+
+
+def test_only_global_rank_0_is_main_on_every_node() -> None:
+    """On the second node local rank 0 is global rank 2: it must not write what rank 0 writes."""
+    assert DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu")).is_main
+    assert not DistInfo(rank=2, world_size=4, local_rank=0, device=torch.device("cpu")).is_main
+
+
+def test_init_distributed_reads_torchruns_env_and_starts_gloo_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[tuple[str, object]] = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, device_id: started.append((backend, device_id)))
+    info = init_distributed("cpu")
+    assert info == DistInfo(rank=3, world_size=4, local_rank=1, device=torch.device("cpu"))
+    assert started == [("gloo", None)]
+
+
+def test_train_device_cuda_without_a_cuda_device_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(
+        RuntimeError, match=r"^train\.device=cuda but no CUDA device is visible; use --train\.device=cpu$"
+    ):
+        init_distributed("cuda")
+
+
+def _collectives(rank: int, world: int) -> tuple[bool, bool, float]:
+    info = DistInfo(rank, world, rank, torch.device("cpu"))
+    return any_rank(rank == 1, info), any_rank(False, info), all_reduce_sum(torch.tensor(rank + 1.0), info).item()
+
+
+def test_any_rank_and_all_reduce_sum_over_ranks_and_in_one_process() -> None:
+    assert run_ranks(_collectives, 2) == [(True, False, 3.0), (True, False, 3.0)]  # 1 + 2 on both ranks
+    one = DistInfo(0, 1, 0, torch.device("cpu"))
+    assert any_rank(True, one) and not any_rank(False, one) and all_reduce_sum(torch.tensor(5.0), one).item() == 5.0
