@@ -226,3 +226,58 @@ def test_ablation_configs_load():
         )
     assert {("grouped", "nmf", 1), ("none", "nmf", 1), ("layerwise", "nmf", 1), ("global", "nmf", 1)} <= seen
     assert {(f, r) for _, f, r in seen} >= {(f, r) for f in ("nmf", "svd", "qr") for r in (1, 2, 4)}
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(factor_rank=0), r"optim\.factor_rank and optim\.factor_iters must be >= 1, got 0, 1"),
+        (dict(factor_iters=0), r"optim\.factor_rank and optim\.factor_iters must be >= 1, got 1, 0"),
+        (dict(clip_threshold=0.0), r"AdaLomo needs clip_threshold > 0 \(use update_norm=none to disable\), got 0\.0"),
+        (dict(decay_rate=0.0), r"AdaLomo needs decay_rate < 0 \(beta2_t = 1 - t\^decay_rate\), got 0\.0"),
+    ],
+)
+def test_constructor_refuses_the_first_value_out_of_range(kw: dict[str, Any], match: str) -> None:
+    """The edges themselves (0) are refused: rank 0 has no factor, clip 0 divides by zero, decay 0 freezes
+    beta2_t at 0."""
+    with pytest.raises(ValueError, match=match):
+        AdaLomo([torch.nn.Parameter(torch.zeros(2, 2))], **kw)
+
+
+def test_beta2_decay_zero_is_refused_by_the_builder_check_naming_the_key() -> None:
+    match = r"optim\.beta2_decay=0\.0: AdaLomo needs beta2_decay < 0 .* or null \(= -0\.8\)"
+    with pytest.raises(ValueError, match=match):
+        optimizer_spec(tiny_model(), OptimConfig(name="adalomo", beta2_decay=0.0))
+
+
+def test_a_zero_vector_moves_by_lr_times_eps2() -> None:
+    """RMS(theta) = 0 is floored at eps2, so a zero-initialised vector (a bias) still moves: step 1 has
+    V = g^2 + eps1, U = sign(g), RMS(U) = 1 (no clipping), eta = lr eps2, theta_1 = -lr eps2 sign(g)."""
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = AdaLomo([p], lr=1e-2)
+    g = torch.tensor([1.0, -2.0, 0.5, -0.25, 3.0, -4.0])
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), -1e-2 * 1e-3 * torch.sign(g), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("update_norm", ["layerwise", "global"])
+def test_coupled_normalisation_uses_the_configured_clip_threshold(update_norm: str) -> None:
+    """Step 1 on two vectors of ones: U = sign(g), the group's RMS(U) = 1, divisor max(1, 1 / 0.5) = 2,
+    eta = lr RMS(theta) = lr: theta_1 = 1 - lr sign(g) / 2."""
+    ps = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))]
+    names = ["blocks.0.attn_norm.weight", "blocks.0.mlp_norm.weight"]
+    opt = AdaLomo([{"params": ps, "names": names}], lr=1e-2, clip_threshold=0.5, update_norm=update_norm)
+    grads = [torch.tensor([1.0, -2.0, 3.0, -4.0]), torch.tensor([-0.5, 0.5, 2.0])]
+    for p, g in zip(ps, grads, strict=True):
+        p.grad = g.clone()
+    opt.step()
+    for p, g in zip(ps, grads, strict=True):
+        torch.testing.assert_close(p.detach(), 1.0 - 1e-2 * torch.sign(g) / 2, rtol=1e-6, atol=0)
+
+
+def test_layerwise_groups_blocks_past_nine_by_their_full_index() -> None:
+    names = ["blocks.12.attn.wq.weight", "blocks.12.mlp.up.weight", "blocks.1.attn.wq.weight", "lm_head.weight"]
+    ps = [torch.nn.Parameter(torch.zeros(2, 2)) for _ in names]
+    opt = AdaLomo([{"params": ps, "names": names}], update_norm="layerwise")
+    assert [opt.norm_group_key(p) for p in ps] == ["blocks.12", "blocks.12", "blocks.1", "lm_head.weight"]

@@ -265,3 +265,103 @@ def test_coupled_groups_take_updates_from_several_threads_at_once():
             assert_same(m1, m2)
     finally:
         sys.setswitchinterval(switch)
+
+
+def test_grad_norm_is_the_global_norm_of_the_armed_backward():
+    """Independent reference: the 2-norm of every gradient of the same backward on the ordinary path, in fp64."""
+    m1, m2 = tiny_model(), tiny_model()
+    loss_of(m1, batch(0)).backward()
+    expected = math.sqrt(sum(float(p.grad.double().square().sum()) for p in m1.parameters() if p.grad is not None))
+    opt = InBackwardOptimizer(optimizer_spec(m2, config("adalomo")))
+    opt.arm(True)
+    loss_of(m2, batch(0)).backward()
+    opt.step()
+    assert float(opt.grad_norm()) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("update_norm", ["grouped", "layerwise"])
+def test_reduce_grad_runs_before_the_update_and_after_update_sees_each_updated_parameter(update_norm: str) -> None:
+    """An engine's hooks (DeepSpeed ZeRO-3): `reduce_grad` shifting every gradient by 1 gives the ordinary step on
+    the shifted gradients (a shift, not a scale: AdaLomo's U does not see a scale); `after_update` is called once
+    per parameter, after its update."""
+    cfg = config("adalomo", update_norm=update_norm, lr=3e-2)
+    m1, m2 = tiny_model(), tiny_model()
+    o1 = optimizer_spec(m1, cfg).build()
+    loss_of(m1, batch(0)).backward()
+    for p in m1.parameters():
+        assert p.grad is not None
+        p.grad.add_(1.0)
+    o1.step()
+    o2 = InBackwardOptimizer(optimizer_spec(m2, cfg))
+    seen: dict[str, torch.Tensor] = {}
+    names: dict[torch.Tensor, str] = {p: n for n, p in m2.named_parameters()}
+
+    def after(p: torch.Tensor) -> None:
+        assert names[p] not in seen
+        seen[names[p]] = p.detach().clone()
+
+    def shift(g: torch.Tensor) -> None:
+        g.add_(1.0)
+
+    o2.reduce_grad, o2.after_update = shift, after
+    o2.arm(True)
+    loss_of(m2, batch(0)).backward()
+    o2.step()
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9, msg=n)
+    assert set(seen) == set(names.values())
+    for n, p in m2.named_parameters():
+        assert torch.equal(seen[n], p), n  # called after the update, not before
+
+
+def test_update_from_reduced_does_nothing_while_disarmed():
+    """Under DDP the comm hook runs for every micro-batch; only the armed (last) one may update."""
+    model = tiny_model()
+    opt = InBackwardOptimizer(optimizer_spec(model, config("adamw")))
+    opt.updates_from_reduced_grads = True
+    p = model.get_parameter("blocks.0.mlp.up.weight")
+    before = p.detach().clone()
+    opt.arm(False)
+    opt.update_from_reduced(p, torch.ones_like(p))
+    assert torch.equal(p, before) and not opt.grad_sq
+    opt.arm(True)
+    opt.update_from_reduced(p, torch.ones_like(p))
+    assert not torch.equal(p, before) and p.grad is None
+
+
+def test_fused_layerwise_uses_the_configured_clip_threshold():
+    """clip_threshold 0.5 halves the first step's layerwise update (RMS(U) about 1): fused equals ordinary."""
+    cfg = config("adalomo", update_norm="layerwise", clip_threshold=0.5, lr=3e-2)
+    m1, _ = run_ordinary(cfg, 1, 1)
+    m2, _ = run_fused(cfg, 1, 1)
+    assert_same(m1, m2)
+
+
+def test_arming_again_with_updates_still_pending_is_refused_with_the_fix():
+    model = tiny_model()
+    opt = InBackwardOptimizer(optimizer_spec(model, config("adalomo", update_norm="layerwise")))
+    model.get_parameter("blocks.1.mlp_norm.weight").requires_grad_(False)
+    opt.arm(True)
+    loss_of(model, batch(0)).backward()
+    with pytest.raises(RuntimeError, match=r"\['blocks.1'\] are still pending .*call InBackwardOptimizer.step\(\)"):
+        opt.arm(True)
+
+
+def test_a_checkpoint_missing_a_parameter_is_refused_naming_it():
+    model = tiny_model()
+    opt = InBackwardOptimizer(optimizer_spec(model, config("adamw")))
+    state = opt.state_dict()
+    del state["in_backward"]["lm_head.weight"]
+    with pytest.raises(ValueError, match=r"checkpoint lacks optimizer state for parameters \['lm_head.weight'\]"):
+        opt.load_state_dict(state)
+
+
+def test_removed_hooks_no_longer_update():
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    opt = InBackwardOptimizer(optimizer_spec(model, config("adamw")))
+    opt.remove_hooks()
+    opt.arm(True)
+    loss_of(model, batch(0)).backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is not None, n

@@ -13,6 +13,7 @@ import torch
 
 from optim import REGISTRY, OptimConfig, optimizer_keys, optimizer_spec, register, validate_optim_config
 from optim.config import CHOICES
+from optim.param_groups import is_lowrank_target
 from optim.registry import OPTIM_KEYS, REGISTRATIONS
 from optim.validation import RANGES, readers_of
 from tests.helpers.tiny_lm import tiny_model
@@ -291,3 +292,9 @@ def test_spec_build_passes_the_configured_hyperparameters_to_the_optimizer() -> 
     assert isinstance(opt, torch.optim.AdamW)
     assert (opt.defaults["lr"], opt.defaults["betas"], opt.defaults["eps"]) == (3e-3, (0.8, 0.99), 1e-7)
     assert all(g["lr"] == 3e-3 and g["betas"] == (0.8, 0.99) for g in opt.param_groups)
+
+
+def test_lowrank_targets_all_takes_every_matrix_and_blocks_only_the_block_matrices() -> None:
+    assert is_lowrank_target("embedding", 2, "all") and is_lowrank_target("output", 2, "all")
+    assert not is_lowrank_target("embedding", 2, "blocks") and is_lowrank_target("block_matrix", 2, "blocks")
+    assert not is_lowrank_target("norm", 1, "all")
