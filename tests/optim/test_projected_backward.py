@@ -18,7 +18,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from optim import OptimConfig, optimizer_spec
 from optim.galore import GaLoreAdamW
 from optim.in_backward import InBackwardOptimizer
-from optim.projected_backward import backward_flops, install_projected_backward, projected_linear
+from optim.projected_backward import (
+    backward_flops,
+    check_projected_backward_supported,
+    install_projected_backward,
+    projected_linear,
+)
 from optim.projector import project
 from tests.helpers.runs import REPO, losses, run
 from tests.helpers.tiny_lm import batch, loss_of, tiny_model
@@ -91,6 +96,12 @@ def test_backward_flops_equal_the_closed_form_and_G_is_never_formed(side):
     assert counter.get_total_flops() == backward_flops(z, m, n, None, None) == 4 * z * m * n
     # The input gradient alone costs 2 z m n: what is left is far below G's 2 z m n.
     assert projected - 2 * z * m * n < z * m * n
+
+
+def test_backward_flops_use_min_rank_m_n_when_the_rank_exceeds_the_layer() -> None:
+    """z 10, m 8, n 6, rank 8 -> r 6: 2 z m n = 960, plus 2 z r (m + n) = 1680, plus 2 z r^2 = 720 for full."""
+    assert backward_flops(10, 8, 6, 8, "right") == 960 + 1680
+    assert backward_flops(10, 8, 6, 8, "full") == 960 + 1680 + 720
 
 
 def galore_config(name: str, **kw: Any) -> OptimConfig:
@@ -289,6 +300,21 @@ def test_the_carrier_of_a_bf16_weight_is_fp32_with_the_projected_shape() -> None
     assert carrier.requires_grad and carrier.is_leaf
 
 
+def test_the_carrier_has_min_rank_m_n_columns_when_the_rank_exceeds_the_weight() -> None:
+    """rank 8 on an 8 x 6 weight: the SVD basis has 6 vectors, so R = G Q^T is 8 x 6 (not 8 x 8), and a projected
+    step after the first refresh runs with it."""
+    w = nn.Parameter(torch.randn(8, 6))
+    opt = GaLoreAdamW([{"params": [w], "rank": 8, "update_proj_gap": 4, "projected_backward": True}])
+    assert opt.grad_carrier(w).shape == (8, 6)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    w.grad = torch.randn(8, 6)
+    opt.step()  # the refresh: Q is 6 x 6
+    bases = opt.projection_for(w)
+    assert bases is not None and bases["proj_right"].shape == (6, 6)
+    projected_linear(x, w, opt.grad_carrier(w), bases).sum().backward()
+    torch.testing.assert_close(opt.grad_carrier(w).grad, torch.ones(5, 8).T @ x @ bases["proj_right"].T)
+
+
 def test_install_needs_a_galore_optimizer_and_leaves_parameters_and_state_dict_alone():
     model = tiny_model()
     adamw = optimizer_spec(model, OptimConfig(name="adamw")).build()
@@ -305,6 +331,17 @@ def test_install_needs_a_galore_optimizer_and_leaves_parameters_and_state_dict_a
     assert "forward" not in model.lm_head.__dict__
 
 
+def test_a_projected_linear_with_a_bias_adds_it() -> None:
+    layer = nn.Linear(6, 8, bias=True)
+    opt = GaLoreAdamW([{"params": [layer.weight], "rank": 2, "update_proj_gap": 4, "projected_backward": True}])
+    install_projected_backward(layer, opt)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    layer(x).sum().backward()  # the refresh step: ordinary backward
+    opt.step()
+    assert opt.projection_for(layer.weight) is not None  # the next forward is projected
+    torch.testing.assert_close(layer(x), x @ layer.weight.detach().T + layer.bias.detach())
+
+
 def test_refusals_when_the_config_loads():
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(None, ["--optim.name=galore_adamw", "--optim.projected_backward=true", "--train.compile=true"])
@@ -313,6 +350,12 @@ def test_refusals_when_the_config_loads():
         validate(cfg, world_size=2)
     with pytest.raises(ConfigError, match="optim.projected_backward=True is not read by adamw"):
         load_config(None, ["--optim.projected_backward=true"])
+
+
+def test_the_compile_refusal_names_the_settings_that_fix_it() -> None:
+    with pytest.raises(ValueError, match="Set --train.compile=false or --optim.projected_backward=false"):
+        check_projected_backward_supported(world_size=1, compile=True)
+    check_projected_backward_supported(world_size=1, compile=False)
 
 
 PROJECTED_RUN = {
