@@ -8,7 +8,10 @@ import json
 import os
 import pathlib
 import re
-from typing import NoReturn
+import runpy
+import sys
+import tomllib
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -272,3 +275,53 @@ def test_prepare_data_interrupted_exits_130_and_says_how_to_resume(
     monkeypatch.setattr(prep, "prepare", interrupted)
     assert prep.main(["--source", str(corpus), "--out", str(tmp_path / "tokens"), "--no_progress"]) == 130
     assert capsys.readouterr().err == ("interrupted: finished shards are kept; re-run the same command to resume\n")
+
+
+def test_train_tokenizer_trains_on_the_train_splits_non_blank_documents_with_its_defaults(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = ["First doc.", "  \n ", "Second doc.", "Third doc.", "Fourth doc."]
+    corpus = write_corpus(tmp_path / "c4", train, ["Validation doc."], train_shards=1)
+    tool = load_tool("train_tokenizer")
+    calls: list[tuple[list[str], dict[str, Any]]] = []
+
+    def fake_train(docs: Any, out: pathlib.Path, **kwargs: Any) -> None:
+        calls.append((list(docs), kwargs))
+        out.write_bytes(b"model")
+
+    monkeypatch.setattr(tool, "train_sentencepiece", fake_train)
+    monkeypatch.setattr(tool, "load_tokenizer", lambda path: None)
+    assert tool.main(["--source", str(corpus), "--out", str(tmp_path / "a.model"), "--max_docs", "3"]) == 0
+    assert tool.main(["--source", str(corpus), "--out", str(tmp_path / "b.model"), "--threads", "2"]) == 0
+    defaults = {
+        "vocab_size": 32000,
+        "model_type": "unigram",
+        "character_coverage": 0.9995,
+        "byte_fallback": True,
+        "input_sentence_size": 2_000_000,
+        "num_threads": os.cpu_count() or 1,
+    }
+    assert calls == [
+        (["First doc.", "Second doc.", "Third doc."], defaults),
+        (["First doc.", "Second doc.", "Third doc.", "Fourth doc."], {**defaults, "num_threads": 2}),
+    ]
+
+
+def _requirements(monkeypatch: pytest.MonkeyPatch, *extras: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["requirements.py", *extras])
+    runpy.run_path(str(REPO_ROOT / "tools" / "requirements.py"), run_name="__main__")
+
+
+def test_requirements_prints_core_then_each_extra_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    core, extras = project["dependencies"], project["optional-dependencies"]
+    assert "datasets" in extras["test"] and "datasets" in extras["hf"]  # listed twice: printed once
+    _requirements(monkeypatch)
+    assert capsys.readouterr().out.splitlines() == core
+    _requirements(monkeypatch, "test", "hf")
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == core + [r for r in extras["test"] if r not in core] and printed.count("datasets") == 1
+    with pytest.raises(SystemExit, match=re.escape(f"unknown extra 'gpu'; known: {sorted(extras)}")):
+        _requirements(monkeypatch, "gpu")

@@ -50,3 +50,31 @@ def test_iter_articles_skips_redirects_other_namespaces_and_stubs():
     arts = list(iter_wiki_articles(io.BytesIO(xml.encode())))
     assert [(t, ts) for t, ts, _ in arts] == [("Good", "2016-01-01T00:00:00Z")]
     assert arts[0][2].startswith("Good Some prose") and arts[0][2].endswith("label")
+
+
+def test_a_double_escaped_ref_is_dropped_with_its_citation():
+    # In the dump's XML, &amp;lt;ref&amp;gt; is wikitext "&lt;ref&gt;": a ref only once html-unescaped.
+    assert strip_wiki_markup("Prose &lt;ref name=x&gt;Cited book&lt;/ref&gt; goes on.") == "Prose goes on."
+
+
+def test_a_redirect_tag_alone_skips_a_page_and_only_that_page():
+    body = "x" * 196  # 200 characters with "Ok: "
+
+    def page(title, text, redirect=False, timestamp="2016-01-01T00:00:00Z"):
+        red = '<redirect title="T" />' if redirect else ""
+        stamp = f"<timestamp>{timestamp}</timestamp>" if timestamp else ""
+        return f"<page><title>{title}</title><ns>0</ns>{red}<revision>{stamp}<text>Ok: {text}</text></revision></page>"
+
+    xml = (
+        '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">'
+        + page("Moved", body, redirect=True)
+        + page("Exactly 200", body)
+        + page("Undated", body, timestamp="")
+        + page("Too short", body[1:])
+        + "</mediawiki>"
+    )
+    arts = list(iter_wiki_articles(io.BytesIO(xml.encode())))
+    assert [(t, ts, len(text)) for t, ts, text in arts] == [
+        ("Exactly 200", "2016-01-01T00:00:00Z", 200),
+        ("Undated", "", 200),
+    ]

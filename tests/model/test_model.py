@@ -85,6 +85,20 @@ def test_rope_relative_position_property():
     assert dot(3, 1) == pytest.approx(dot(12, 10), rel=1e-4)
 
 
+def test_rope_keeps_the_input_dtype_and_its_fp32_tables_are_accurate_at_long_positions() -> None:
+    head_dim, seq, theta = 128, 8192, 500000.0
+    cos, sin = rope_tables(head_dim, seq, theta)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (seq, head_dim)
+    for p in (seq - 1, 4097):
+        for i in (1, 17, 40):
+            angle = p * theta ** (-2 * i / head_dim)
+            for j in (i, i + head_dim // 2):
+                assert cos[p, j].item() == pytest.approx(math.cos(angle), abs=2e-6)
+                assert sin[p, j].item() == pytest.approx(math.sin(angle), abs=2e-6)
+    x = torch.randn(1, 2, 4, head_dim).to(torch.bfloat16)
+    assert apply_rope(x, cos[:4], sin[:4]).dtype == torch.bfloat16
+
+
 def test_initialisation_scales():
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=256, n_layers=8, vocab_size=4096)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from study.failed_marker import FAILED_FILE
+from study.failed_marker import FAILED_FILE, read_failed
 from study.figure_data import figure_data
 from study.orderings import orderings
 from study.report import write_tables
@@ -154,6 +154,12 @@ def test_a_failed_run_carries_the_exit_code_and_message(tmp_path):
     result = run_result(run)
     assert (result.status, result.message) == ("failed", "exit code 1: RuntimeError: boom")
     assert result.step == 3 and result.final_val_loss is None
+
+
+def test_an_unreadable_failed_marker_still_says_the_run_failed(tmp_path: Path) -> None:
+    assert read_failed(tmp_path) is None
+    (tmp_path / "failed.json").write_text('{"exit_code": 1, "mess')
+    assert read_failed(tmp_path) == {"exit_code": None, "message": f"{tmp_path / 'failed.json'} is unreadable"}
 
 
 def test_incomplete_and_pending(tmp_path):
