@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from data import DataWarning
 from tests.helpers.runs import tiny_overrides
 from trainer.compile_toolchain import missing_compiler
 
@@ -112,3 +113,18 @@ def test_a_missing_cuda_compiler_names_cc_and_both_fixes(tmp_path: Path, monkeyp
         "cc / gcc / clang) and none is on PATH; install one (Debian: apt-get install gcc g++) or set "
         "--train.compile=false --optim.compile=false"
     )
+
+
+@pytest.mark.parametrize("main_rank", [True, False])
+def test_a_data_warning_is_one_warning_line_on_the_main_rank_only(capsys, main_rank: bool):
+    """Every rank opens the data, so a DataWarning is printed once (rank 0) as `warning: ...`; other warnings go to
+    the usual printer on every rank."""
+    passed: list[tuple[object, type[Warning]]] = []
+    show = train._data_warning_printer(
+        DataWarning, main_rank, lambda message, cat, *a, **k: passed.append((message, cat))
+    )
+    show(DataWarning("old tokens"), DataWarning, "data.py", 1)
+    other = UserWarning("something else")
+    show(other, UserWarning, "x.py", 2)
+    assert capsys.readouterr().err == ("warning: old tokens\n" if main_rank else "")
+    assert passed == [(other, UserWarning)]
