@@ -15,6 +15,7 @@ import shlex
 import shutil
 import threading
 import time
+import types
 import warnings
 from typing import Any
 
@@ -596,6 +597,39 @@ def test_bench_data_times_each_mode_and_writes_a_valid_synthetic_set(pristine, t
     assert not (out / verify_mod.CACHE_NAME).exists(), "the benchmark writes nothing into the prepared dir"
     tb = TrainBatches(DataConfig(prepared_dir=str(out), tokenizer=str(tok), seq_len=SEQ, verify="full"), global_batch=2)
     assert tb.store.n_tokens == 5000
+
+
+def test_bench_data_reports_gb_per_s_of_the_shard_bytes_and_restores_the_thread_limit(
+    pristine: Any, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GB/s = shard bytes / seconds / 1e9 (a clock that ticks 1 us per reading: every timing is 1 us); cold rows
+    run once, warm rows `repeats` times; verify.MAX_THREADS is as before."""
+    monkeypatch.setattr(verify_mod, "RACY_NS", verify_mod.RACY_NS)
+    bench = load_tool("bench_data")
+    tok, _ = pristine
+    out = tmp_path / "synthetic"
+    bench.write_synthetic(out, tok, 5000, 1500)
+    n_bytes = sum(p.stat().st_size for p in out.glob("train*") if p.suffix != ".json")
+    assert n_bytes >= 10_000
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 1e-6))
+    verified: list[str] = []
+    real_verify = verify_mod.verify_split
+
+    def counting_verify(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        verified.append(args[3])
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(verify_mod, "verify_split", counting_verify)
+    threads = verify_mod.MAX_THREADS
+    capsys.readouterr()
+    rows = bench.bench_verify(out, "train", 2, str(tok))
+    assert verify_mod.MAX_THREADS == threads
+    assert verified == ["full"] + ["full"] * 4 + ["quick"] * 3 + ["off"] * 2
+    printed = capsys.readouterr().out
+    for label, seconds, hashed in rows:
+        assert seconds == pytest.approx(1e-6)
+        assert f"  {label:<26}{seconds:>10.4f}{n_bytes / 1e-6 / 1e9:>10.2f}{hashed:>8}" in printed
 
 
 def test_a_source_changed_since_preparation_is_a_warning(pristine, tmp_path):

@@ -6,14 +6,18 @@ import re
 import subprocess
 import sys
 import tarfile
+import types
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
-from model import ModelConfig
+from model import ModelConfig, Transformer
 from optim import OptimConfig
 from tests.helpers.runs import REPO
-from tools import bench_engines, bench_step, model_info, plot_runs
+from tools import bench_engines, bench_optim, bench_step, model_info, plot_runs
 from trainer.memory_accounting import measure
 from trainer.trainer import Trainer
 
@@ -187,6 +191,8 @@ def test_bench_step_prints_the_table_with_adamw_as_the_unit(capsys, monkeypatch,
     galore = rows[1]  # the refresh step (an SVD per matrix) amortised over T = 200 steps; no timing compared
     assert galore["refresh"] > 0 and rows[0]["refresh"] is None
     assert galore["amortised"] == pytest.approx((galore["refresh"] + 199 * galore["step"]) / 200)
+    assert galore["tokens_per_s"] * galore["amortised"] == pytest.approx(2 * 32)  # a run's tokens/s: SVD amortised
+    assert f"| {galore['amortised'] / rows[0]['amortised']:.3f}x | galore_adamw |" in out  # over AdamW's step
     assert all(0 < r["accounted"] <= r["formula"] for r in rows)
 
 
@@ -227,6 +233,7 @@ def test_bench_step_accumulates_micro_batches_as_the_configs_do(capsys, sample_t
         ),
         (["--flavor", "tinyy"], "unknown model.flavor 'tinyy'. Did you mean 'tiny'"),
         (["--optim", "adamw", "--data", "/nonexistent"], "prepared data directory missing: /nonexistent"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
     ],
 )
 def test_bench_step_refuses_bad_input_with_one_error_line_before_timing_anything(capsys, bad, message):
@@ -244,6 +251,168 @@ def test_bench_step_measures_adamw_first_and_names_the_unit(capsys, sample_token
     rows = bench_step.main([*args, "--optim", "adafactor", "--data", str(sample_tokens)])
     out = capsys.readouterr().out
     assert "| vs adafactor | optimizer |" in out and "| 1.000x | adafactor |" in out
+
+
+GiB = 2**30
+
+
+def test_bench_engines_ddp_zero_and_lomo_rows_follow_the_docstring_formulas() -> None:
+    """DDP at W > 1 adds its gradient buckets (a copy of every gradient); ZeRO-1 keeps all gradients, ZeRO-2 a
+    chunk, both + the bucket; the LOMO way holds the largest gradient; adafactor runs fused too; the low-rank rows
+    are at rank d/4; fsdp2's transient holds a deferred update direction."""
+    table = bench_engines.rows(["tiny"], [2], micro_batch=2, seq_len=64)
+    cfg = ModelConfig.from_flavor("tiny")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+
+    def row(optimizer: str, engine: str, fused: bool = False) -> dict[str, Any]:
+        return next(r for r in table if (r["optimizer"], r["engine"], r["fused"]) == (optimizer, engine, fused))
+
+    m = measure(cfg, OptimConfig(name="adamw"), False, 2, 64, "meta", shard_ranks=2)
+    w, half = m["weights"], -(-m["weights"] // 2)
+    assert row("adamw", "ddp")["grads"] == m["grads_peak"] + w and row("adamw", "ddp")["total"] == m["peak"] + w
+    assert row("adamw", "ds-z1")["grads"] == 2 * w and row("adamw", "ds-z2")["grads"] == half + w
+    lomo = row("adalomo", "ds-z3-lomo", fused=True)
+    assert lomo["grads"] == max(4 * p.numel() for p in model.parameters())
+    assert {r["fused"] for r in table if r["optimizer"] == "adafactor"} == {False, True}
+    galore = measure(cfg, OptimConfig(name="galore_adamw", scale=0.25, rank=cfg.d_model // 4), False, 2, 64, "meta")
+    assert row("galore_adamw", "ddp")["state"] == galore["state"]
+    adalomo = OptimConfig(name="adalomo", clip_threshold=1.0, beta2_decay=-0.8)
+    fused = measure(cfg, adalomo, True, 2, 64, "meta", shard_ranks=2)
+    blocks = {id(p) for p in model.blocks.parameters()}
+    root = sum(4 * p.numel() for p in model.parameters() if id(p) not in blocks)
+    block = max(sum(4 * p.numel() for p in b.parameters()) for b in model.blocks)
+    assert row("adalomo", "fsdp2", fused=True)["transient"] == root + 2 * block + fused["deferred"]
+
+
+def test_bench_engines_fsdp2_and_lomo_transients_hold_a_deferred_update_direction() -> None:
+    """Hand values through per_rank / per_rank_deepspeed: a deferred U (update_norm=global) is transient memory."""
+    m = dict(weights=100, grads_peak=0, state=9, state_sharded=7, activations=11, deferred=13, peak=0)
+    layout = dict(root=5, head=3, block=2, largest=1)
+    fsdp2 = bench_engines.per_rank("fsdp2", 2, True, m, layout)
+    assert fsdp2 == dict(weights=50, grads=5, state=7, activations=11, transient=5 + 4 + 13, total=50 + 5 + 7 + 11 + 22)
+    lomo = bench_engines.per_rank_deepspeed("ds-z3-lomo", 2, m, layout)
+    assert lomo == dict(weights=50, grads=1, state=9, activations=11, transient=4 + 13, total=50 + 1 + 9 + 11 + 17)
+
+
+def test_bench_engines_table_columns_and_the_80_gb_fit_of_the_per_rank_total(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = dict(flavor="x", micro_batch=2, optimizer="adamw", fused=False, engine="ddp", ranks=2, weights=GiB)
+    parts = dict(grads=2 * GiB, state=3 * GiB, activations=4 * GiB, transient=5 * GiB, formula=10 * GiB)
+    bench_engines.print_table([base | parts | dict(total=73 * GiB), base | parts | dict(total=71 * GiB)], 64)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2] == "| x | 2 | adamw | no | ddp | 2 | 1.00 | 2.00 | 3.00 | 4.00 | 5.00 | **73.00** | 10.00 | no |"
+    assert lines[-1].endswith("| **71.00** | 10.00 | yes |")  # fits: under 90% of 80 GiB
+
+
+def test_bench_step_prints_each_figure_in_its_column(capsys: pytest.CaptureFixture[str]) -> None:
+    """One row from its raw figures: the step over the unit's, ms (1e3 x s), GiB (2**30 bytes)."""
+    r = dict(amortised=0.020, optimizer="galore_adamw", tokens_per_s=12345.6, mfu=0.123, fwd_bwd=0.012, update=0.005)
+    r |= dict(data=0.0004, peak=3 * GiB // 2, accounted=2 * GiB, formula=4 * GiB, syncs=0)
+    bench_step.print_row(r, 0.016)
+    out = capsys.readouterr().out.strip()
+    assert out == "| 1.250x | galore_adamw | 12,346 | 12.3% | 20.0 | 12.0 | 5.0 | 0.40 | 1.50 | 2.00 | 4.00 | 0 |"
+
+
+def test_bench_step_times_steps_per_step_and_splits_the_next_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock that the fake trainer advances: a batch 0.5 s, a step 1 s; forward+backward 2 s, update 3 s."""
+    clock = [0.0]
+
+    def batches(first: int) -> Iterator[tuple[int, int]]:
+        while True:
+            clock[0] += 0.5
+            yield 0, 0
+
+    def takes(seconds: float) -> Any:
+        return lambda *args: clock.__setitem__(0, clock[0] + seconds)
+
+    trainer: Any = types.SimpleNamespace(
+        info=types.SimpleNamespace(device=torch.device("cpu")),
+        data=types.SimpleNamespace(batches=batches),
+        train_step=takes(1.0),
+        set_lr=takes(0.0),
+        compute_gradients=takes(2.0),
+        apply_update=takes(3.0),
+    )
+    monkeypatch.setattr(bench_step, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert bench_step.time_steps(trainer, 4, 2) == {"step": 1.5, "data": 0.5, "fwd_bwd": 2.0, "update": 3.0}
+    assert bench_step.time_steps(trainer, 4, 2, split=False) == {"step": 1.5}
+
+
+def test_bench_step_runs_the_low_rank_methods_at_a_quarter_of_the_width(sample_tokens: Path, tmp_path: Path) -> None:
+    ns = argparse.Namespace(
+        flavor="tiny", data=str(sample_tokens), seq_len=32, micro_batch=2, accumulate=1, fused=[], device="cpu",
+        compile=False, compile_optim=False,
+    )  # fmt: skip
+    cfg = bench_step.bench_config(ns, "galore_adamw", tmp_path, gap=7)
+    assert (cfg.optim.rank, cfg.optim.update_proj_gap) == (ModelConfig.from_flavor("tiny").d_model // 4, 7)
+    assert not cfg.train.fused_update and cfg.train.max_grad_norm == 1.0
+
+
+def test_bench_optim_refuses_a_rank_0_arm() -> None:
+    assert bench_optim.adalomo_arm("qr-3") == ("qr", 3)
+    with pytest.raises(argparse.ArgumentTypeError, match="'svd-0' is not METHOD-RANK"):
+        bench_optim.adalomo_arm("svd-0")
+
+
+def test_bench_optim_times_later_steps_in_alternating_turns_with_adamw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first step (allocation) is apart from the median of the later ones; who steps first alternates."""
+    clock = [0.0]
+    turns: list[str] = []
+
+    class Timed(torch.optim.Optimizer):
+        def __init__(self, params: Any, **kwargs: Any) -> None:
+            super().__init__(params, {})
+            self.name = "adamw" if kwargs.get("fused") else "opt"
+
+        def step(self, closure: Any = None) -> None:  # type: ignore[override]
+            turns.append(self.name)
+            clock[0] += 0.5 if self.name == "adamw" else 100.0 if turns.count("opt") == 1 else 1.0
+
+    monkeypatch.setattr(bench_optim, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(torch.optim, "AdamW", Timed)
+    first, later, _, adamw = bench_optim._time_single_parameter(Timed, {}, {}, (2, 2), 1, torch.Generator())
+    assert (first, later, adamw) == (100.0, 1.0, 0.5)
+    assert turns == ["opt", "adamw", "adamw", "opt"]
+
+
+def test_bench_optim_floor_counts_the_low_rank_matrices_at_their_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The floor column: each low-rank matrix at lowrank_floor's time (here 0.5 s), the rest at their step (2 s)."""
+    monkeypatch.setattr(bench_optim, "_time_single_parameter", lambda *args: (9.0, 2.0, {}, 1.0))
+    monkeypatch.setattr(bench_optim, "lowrank_floor", lambda *args: 0.5)
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_flavor("tiny"))
+    r = bench_optim.bench(model, OptimConfig(name="galore_adamw", rank=2), 1, torch.Generator())
+    lowrank = len(r["bases"])  # one per low-rank (shape, options) kind
+    assert lowrank > 0 and r["floor"] < r["plain"] - 1.5 * lowrank + 1e-9
+
+
+def test_bench_optim_table_divides_by_the_adamw_timed_alongside(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hand values: a 2 ms step beside a 1 ms AdamW, a 402 ms SVD step every T = 200 steps (4 ms on average, half
+    of it the SVD), a 1 ms floor; an arm's step over AdamW, over nmf-1's reference code's."""
+
+    def fake_bench(model: Any, cfg: OptimConfig, repeats: int, gen: Any, fast: bool = True) -> dict[str, Any]:
+        if cfg.name == "adalomo":
+            plain, adamw = (0.006, 0.001) if cfg.factorization == "svd" else (0.003, 0.001) if fast else (0.004, 0.002)
+            return dict(plain=plain, svd=plain, floor=plain, adamw=adamw, bases=[])
+        lowrank = cfg.name == "galore_adamw"
+        bases: list[tuple[tuple[int, int], dict[str, Any]]] = [((8, 8), {})] if lowrank else []
+        return dict(plain=0.002, svd=0.402 if lowrank else 0.002, floor=0.001, adamw=0.001, bases=bases)
+
+    monkeypatch.setattr(bench_optim, "bench", fake_bench)
+    monkeypatch.setattr(bench_optim, "host_overhead", lambda configs: {})
+    flags = ["--flavor", "tiny", "--rank", "2", "--ops-flavor", "", "--real-gradients", ""]
+    assert bench_optim.main([*flags, "--optims", "adamw", "galore_adamw"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    galore = next(line for line in lines if line.startswith("galore_adamw "))
+    assert galore.split() == ["galore_adamw", "2", "2.00", "402", "402.00", "4.00", "50.0%", "1.00", "2.00"]
+    adamw = next(line for line in lines if line.startswith("adamw (fused) "))
+    assert adamw.split()[2:] == ["2", "2.00", "2", "2.00", "2.00", "0.0%", "-", "-"]
+    assert bench_optim.main([*flags, "--optims", "adalomo", "--adalomo-arms", "svd-2"]) == 0
+    assert "as the arms run): svd-2 3.00\n" in capsys.readouterr().out
 
 
 def test_bench_optim_prints_every_optimizer_against_fused_adamw():

@@ -3,11 +3,14 @@ gives the CPU run's numbers, and fused updates keep at most one gradient alive."
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 from model import DEFAULT_CHUNK_TOKENS, ModelConfig, Transformer
 from optim import OptimConfig, optimizer_spec
+from tools import bench_memory
 from trainer.config import AdapterConfig
 from trainer.lora import apply_adapters
 from trainer.memory_accounting import measure
@@ -111,3 +114,57 @@ def test_global_adalomo_fused_holds_every_direction_at_once():
     assert (r["weights"], r["state"], r["activations"], r["deferred"]) == (weights, state, activations, deferred)
     assert r["formula"] == weights + 4 * max(sizes) + deferred + state + activations
     assert r["peak"] >= weights + state + deferred
+
+
+GiB = 2**30
+
+
+def test_bench_memory_prints_each_part_of_the_accounting_in_its_column(capsys: pytest.CaptureFixture[str]) -> None:
+    """tools/bench_memory.py's rows: ordinary then fused, each column the accounting's part in GiB (2**30 bytes)."""
+    bench_memory.main(["--flavors", "tiny", "--optims", "adamw", "--micro-batch", "2", "--seq-len", "32"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  tiny adamw")]
+    assert [row[2] for row in rows] == ["False", "True"]
+    cfg = ModelConfig.from_flavor("tiny", max_seq_len=512)
+    for row, fused in zip(rows, (False, True), strict=True):
+        r = measure(cfg, OptimConfig(name="adamw"), fused, 2, 32, "meta")
+        keys = ("weights", "grads_peak", "state", "activations", "deferred", "peak", "formula")
+        assert row[3:] == [f"{r[k] / GiB:.3f}" for k in keys]
+
+
+def test_bench_memory_with_adapters_lists_only_the_full_rank_optimizers(capsys: pytest.CaptureFixture[str]) -> None:
+    """LoRA leaves the low-rank methods out (trainer/config.py refuses them with adapters)."""
+    bench_memory.main(["--flavors", "tiny", "--adapter-rank", "2", "--micro-batch", "1", "--seq-len", "16"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  tiny ")]
+    assert sorted({row[1] for row in rows}) == ["adafactor", "adalomo", "adamw"]
+
+
+def test_bench_memory_time_table_reports_fused_over_plain_and_the_updates_alone(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--time: per optimizer, plain and fused step ms, fused / plain, and each minus forward+backward alone."""
+    seconds = {(False, False): 0.010, (True, False): 0.016, (True, True): 0.012}  # (optimizer?, fused)
+
+    def fake_time_steps(
+        model_cfg: ModelConfig, optim_cfg: OptimConfig | None, fused: bool, micro_batch: int, seq_len: int, steps: int
+    ) -> float:
+        return seconds[(optim_cfg is not None, fused)]
+
+    monkeypatch.setattr(bench_memory, "time_steps", fake_time_steps)
+    bench_memory.main(["--time", "--optims", "adamw", "--flavors", "tiny"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("adamw "))
+    assert row.split() == ["adamw", "16.0", "12.0", "0.750", "6.0", "2.0"]
+
+
+def test_bench_memory_time_table_defaults_to_tiny_and_honours_flavors(monkeypatch: pytest.MonkeyPatch) -> None:
+    flavors: list[str] = []
+    monkeypatch.setattr(bench_memory, "time_table", lambda flavor, *args: flavors.append(flavor))
+    bench_memory.main(["--time", "--optims", "adamw"])
+    bench_memory.main(["--time", "--optims", "adamw", "--flavors", "210m"])
+    assert flavors == ["tiny", "210m"]
+
+
+def test_bench_memory_step_times_leave_out_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """time_steps runs steps + 1 and takes the median of the last `steps`: step 0 allocates the state."""
+    monkeypatch.setattr(bench_memory, "statistics", types.SimpleNamespace(median=len))
+    cfg = ModelConfig.from_flavor("tiny", max_seq_len=8)
+    assert bench_memory.time_steps(cfg, OptimConfig(name="adamw"), False, 1, 8, steps=3) == 3

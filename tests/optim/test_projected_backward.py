@@ -5,8 +5,10 @@ rule, resume bit-exact, refusals, and the benchmark tool at a tiny size."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,6 +29,7 @@ from optim.projected_backward import (
 from optim.projector import project
 from tests.helpers.runs import REPO, losses, run
 from tests.helpers.tiny_lm import batch, loss_of, tiny_model
+from tools import bench_projected_backward as bench_pb
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config, validate
 from trainer.metrics import read_metrics
@@ -400,3 +403,44 @@ def test_benchmark_tool_counts_the_closed_form_at_a_tiny_size():
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 4 ") or line.startswith("| 8 ")]
     assert len(rows) == 2 and all(" = " in row and "!=" not in row for row in rows)
+
+
+def test_benchmark_tool_prints_each_figure_in_its_column(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tools/bench_projected_backward.py's row from bench_rank's figures: GFLOP (1e9), ms, projected / AdamW step;
+    a FLOP count off the closed form at any rank (not only the last) fails the run; --threads is applied."""
+    figures = {
+        "flops_GaLore": 6e9, "closed_GaLore": 6e9, "flops_projected": 2e9, "closed_projected": 2e9,
+        "fb_AdamW": 0.5, "fb_GaLore": 0.040, "fb_projected": 0.025,
+        "step_AdamW": 0.050, "step_GaLore": 0.080, "step_projected": 0.060,
+    }  # fmt: skip
+
+    def fake_rank(args: argparse.Namespace, rank: int) -> dict[str, float]:
+        return figures if rank == 8 else {**figures, "flops_projected": 3e9}
+
+    threads: list[int] = []
+    monkeypatch.setattr(bench_pb, "bench_rank", fake_rank)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert bench_pb.main(["--ranks", "8", "--threads", "3"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 |"))
+    assert row == "| 8 | 6.00 = 6.00 | 2.00 = 2.00 | 40 | 25 | 50 | 80 | 60 | 1.20 |"
+    assert threads == [3]
+    assert bench_pb.main(["--ranks", "4", "8"]) == 1
+    assert "| 4 | 6.00 = 6.00 | 3.00 != 2.00 |" in capsys.readouterr().out
+
+
+def test_benchmark_tool_times_leave_out_the_warm_up_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_rank's medians are over `repeats` rounds after one untimed warm-up round."""
+    calls: list[int] = []
+
+    def fake_timed(fn: Callable[[], None]) -> float:
+        fn()
+        calls.append(1)
+        return 100.0 if len(calls) <= 3 * 2 * 4 else 1.0  # round 0: 3 paths x (fwd+bwd, step) x 4 weights
+
+    monkeypatch.setattr(bench_pb, "timed", fake_timed)
+    args = argparse.Namespace(width=4, mlp=8, batch=1, seq=2, repeats=1, proj_type="std")
+    r = bench_pb.bench_rank(args, 2)
+    assert len(calls) == 2 * 3 * 2 * 4
+    assert [r[f"{kind}_{path}"] for kind in ("fb", "step") for path in bench_pb.PATHS] == [4.0] * 6
