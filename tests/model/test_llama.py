@@ -185,6 +185,24 @@ def test_optimizer_roles():
     }
 
 
+def test_optimizer_roles_see_through_ddp_and_compile_wrappers() -> None:
+    """A DDP-style `.module` wrapper and torch.compile's `_orig_mod.` prefix change neither the names (those of
+    the plain model's named_parameters) nor the roles: the block matrices stay low-rank candidates."""
+    model = Transformer(small_cfg(n_layers=1))
+    ddp_like = torch.nn.Module()
+    ddp_like.module = model
+    compiled = torch.compile(model)  # lazy: nothing is traced until it runs
+    assert isinstance(compiled, torch.nn.Module)
+    plain = list(model.named_parameters())
+    for wrapped in (ddp_like, compiled):
+        infos = describe_parameters(wrapped)
+        assert [i.name for i in infos] == [n for n, _ in plain]
+        assert all(i.param is p for i, (_, p) in zip(infos, plain, strict=True))
+        roles = {i.name: (i.role, i.layer) for i in infos}
+        assert roles["blocks.0.attn.q.weight"] == ("block_matrix", 0)
+        assert roles["embed.weight"] == ("embedding", None)
+
+
 def test_llama_7b_has_the_published_heads():
     """GaLore's configs/llama_7b.json (LLaMA-7B): 32 heads of 128 (model.head_dim; the other flavours' heads are
     64 wide, test_published_widths); an odd head width, which RoPE cannot rotate in pairs, is refused."""

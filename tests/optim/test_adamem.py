@@ -194,6 +194,13 @@ def test_galore_defaults_to_scale_1_and_refuses_an_unknown_moment_policy_naming_
         opt.step()
 
 
+def test_galore_adamw_refuses_an_unknown_option_naming_it() -> None:
+    """A misspelt low-rank option (`rnak`) is an error, not a silently ignored default."""
+    p = torch.nn.Parameter(torch.zeros(6, 4))
+    with pytest.raises(TypeError, match=r"^unknown GaLoreAdamW options \['rnak'\]$"):
+        GaLoreAdamW([{"params": [p]}], rnak=2)
+
+
 def test_randomized_svd_close_to_exact():
     shape = (12, 30)
     pe, oe = _make(shape, svd_method="exact")

@@ -267,6 +267,55 @@ def test_galore_adafactor_matches_galore_torch(beta1, scale_parameter):
     _assert_close(ours, ref)
 
 
+def test_galore_adafactor_reset_restarts_its_step_like_a_fresh_hf_adafactor() -> None:
+    """moments_on_proj_change='reset' for GaLoreAdafactor: the refresh step is a *first* Adafactor step on
+    R = G Q^T (beta2_t = 1 - 1^-0.8 = 0: the statistics are R^2 alone), back-projected and scaled. Reference:
+    transformers' Adafactor's first step on a fresh r-column tensor with gradient R (clip_threshold high enough
+    never to clip, so the step's size shows)."""
+    lr, scale, rank, gap = 1e-2, 0.25, 4, 2
+    gen = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(20, 12, generator=gen))
+    low = {"rank": rank, "update_proj_gap": gap, "scale": scale, "moments_on_proj_change": "reset"}
+    opt = GaLoreAdafactor(
+        [{"params": [w], **low}],
+        lr=lr,
+        beta1=None,
+        beta2_decay=-0.8,
+        eps=0.0,
+        eps1=1e-30,
+        eps2=1e-3,
+        clip_threshold=1e6,
+        scale_parameter=False,
+        relative_step=False,
+        weight_decay=0.0,
+    )
+    for _ in range(gap):  # steps 1..gap; the next one refreshes (state step == gap)
+        w.grad = torch.randn(w.shape, generator=gen)
+        opt.step()
+    g = torch.randn(w.shape, generator=gen)
+    before = w.detach().clone()
+    w.grad = g.clone()
+    opt.step()
+
+    q = torch.linalg.svd(g, full_matrices=False).Vh[:rank]  # std, m >= n: right basis
+    x = torch.nn.Parameter(torch.zeros(20, rank))
+    x.grad = g @ q.T
+    HFAdafactor(
+        [x],
+        lr=lr,
+        eps=(1e-30, 1e-3),
+        clip_threshold=1e6,
+        decay_rate=-0.8,
+        beta1=None,
+        weight_decay=0.0,
+        scale_parameter=False,
+        relative_step=False,
+        warmup_init=False,
+    ).step()
+    expected = before + scale * (x.detach() @ q)
+    torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_galore_adamw_decays_after_the_update_like_galore_torch():
     """galore_torch applies W <- W - lr_t scale back(N), then W <- W - lr wd W (decay of the *updated*
     weights). lr * wd = 0.1 makes the order visible (the default test's 1e-4 hides it under the tolerance);

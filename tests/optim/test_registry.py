@@ -298,3 +298,9 @@ def test_lowrank_targets_all_takes_every_matrix_and_blocks_only_the_block_matric
     assert is_lowrank_target("embedding", 2, "all") and is_lowrank_target("output", 2, "all")
     assert not is_lowrank_target("embedding", 2, "blocks") and is_lowrank_target("block_matrix", 2, "blocks")
     assert not is_lowrank_target("norm", 1, "all")
+
+
+def test_an_unknown_lowrank_target_is_an_error_naming_the_choices() -> None:
+    """A misspelt target (an OptimConfig built in code skips the config loader's check) is refused, not read as all."""
+    with pytest.raises(ValueError, match=r"^optim.lowrank_targets must be one of \('blocks', 'all'\), got 'block'$"):
+        is_lowrank_target("embedding", 2, "block")

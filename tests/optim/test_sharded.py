@@ -4,10 +4,14 @@ ordinary and fused in backward."""
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from optim import Adafactor, AdaLomo, AdaMeM, GaLoreAdafactor, GaLoreAdamW
@@ -135,6 +139,85 @@ def test_optimizers_on_uneven_row_shards_match_one_process():
     assert max(v for k, v in figures.items() if k != "adamem_variant2") < 1e-6, figures
     assert figures["adamem_variant2"] < 1e-5, figures
     assert all(not torch.equal(Net().head.weight, sharded[0][k]["head.weight"]) for k in figures)  # it trained
+
+
+def bases_of(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in state.items() if k in ("proj_left", "proj_right")}
+
+
+def galore_steps_on_ranks(rank: int, world: int) -> dict:
+    """GaLore on the sharded Net: two good steps (a refresh, then none), then a refresh whose gradient is NaN."""
+    mesh = init_device_mesh("cpu", (world,))
+    model = Net()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = GaLoreAdamW(param_groups(model, "galore_adamw"), lr=1e-2)
+    low = opt.param_groups[0]["params"]
+    for step in range(2):
+        model(batch(step)).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    local = [{k: tuple(v.shape) for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim() > 0} for p in low]
+    before = [bases_of(opt.state[p]) for p in low]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(batch(2) * float("nan")).square().mean().backward()
+        opt.step()
+    after = [bases_of(opt.state[p]) for p in low]
+    return {
+        "local": local,
+        "before": before,
+        "after": after,
+        "failures": opt.svd_failures,
+        "warned": [str(w.message) for w in caught],
+    }
+
+
+@pytest.fixture(scope="module")
+def galore_on_ranks() -> list[dict]:
+    return run_ranks(galore_steps_on_ranks, 2)
+
+
+def test_each_rank_holds_the_galore_state_its_shard_rule_names(galore_on_ranks: list[dict]) -> None:
+    """After two good steps, each rank's state tensors have the shapes state_shard_dim (asked of one process)
+    says: the rule's dim cut in torch.chunk's uneven rows (5 -> 3 + 2), the rest whole (the left basis of the
+    wide 5 x 6 is 5 x 2, split by rows; everything of the tall 7 x 5's right projection follows its 7 rows)."""
+    model = Net()
+    opt = GaLoreAdamW(param_groups(model, "galore_adamw"), lr=1e-2)
+    for step in range(2):
+        model(batch(step)).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    group = opt.param_groups[0]
+    for rank, got in enumerate(galore_on_ranks):
+        for p, local in zip(group["params"], got["local"], strict=True):
+            full = {k: tuple(v.shape) for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim() > 0}
+            assert local.keys() == full.keys()
+            for key, shape in full.items():
+                dim = state_shard_dim(opt, p, group, key, shape)
+                want = list(shape)
+                if dim is not None:
+                    want[dim] = chunk_sizes(shape[dim], 2)[rank]
+                assert local[key] == tuple(want), (rank, tuple(p.shape), key, local[key], shape, dim)
+    assert galore_on_ranks[0]["local"][0]["proj_left"] == (3, 2)  # the case this pins
+
+
+def test_a_failed_sharded_svd_keeps_every_ranks_previous_basis_and_counts_on_every_rank(
+    galore_on_ranks: list[dict],
+) -> None:
+    """The owner's SVD of a NaN gradient fails: every rank keeps its rows of the previous bases (rank 2, not
+    an empty basis) and counts the failure, and only the owner of each matrix warns."""
+    results = galore_on_ranks
+    for got in results:
+        assert got["failures"] == 2, got["failures"]  # the two low-rank matrices, once each, on every rank
+        assert [sorted(b) for b in got["before"]] == [["proj_left"], ["proj_right"]]  # wide 5 x 6, tall 7 x 5
+        for before, after in zip(got["before"], got["after"], strict=True):
+            assert before.keys() == after.keys()
+            for key in before:
+                assert 2 in before[key].shape, (key, tuple(before[key].shape))
+                assert torch.equal(after[key], before[key]), key
+    assert sum("SVD failed" in message for got in results for message in got["warned"]) == 2
 
 
 def test_every_state_tensor_has_a_shard_rule():
