@@ -150,7 +150,8 @@ def _forward(module: nn.Linear, source: ProjectedGradSource, x: torch.Tensor) ->
     if bases is None:
         return F.linear(x, weight, module.bias)
     y = projected_linear(x, weight, source.grad_carrier(weight), bases)
-    return y if module.bias is None else y + module.bias
+    # The bias in y's dtype: under bf16 autocast nn.Linear's output is bf16, and an fp32 bias would promote it.
+    return y if module.bias is None else y + module.bias.to(y.dtype)
 
 
 @dataclass

@@ -345,6 +345,73 @@ def test_a_projected_linear_with_a_bias_adds_it() -> None:
     torch.testing.assert_close(layer(x), x @ layer.weight.detach().T + layer.bias.detach())
 
 
+def test_evaluation_without_grad_is_the_ordinary_linear_under_autocast() -> None:
+    """No graph (torch.no_grad, as in evaluation): the layer is nn.Linear's own F.linear even on a step that
+    would project, so under bf16 autocast its output is autocast's bf16 linear with the bias inside it."""
+    layer = nn.Linear(6, 8, bias=True)
+    opt = GaLoreAdamW([{"params": [layer.weight], "rank": 2, "update_proj_gap": 4, "projected_backward": True}])
+    install_projected_backward(layer, opt)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    layer(x).sum().backward()  # the refresh step: ordinary backward
+    opt.step()
+    assert opt.projection_for(layer.weight) is not None  # a forward with a graph would project
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        want = F.linear(x, layer.weight, layer.bias)
+    assert want.dtype == torch.bfloat16
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_under_autocast_the_projected_linear_computes_like_autocasts_linear() -> None:
+    """bf16 autocast, fp32 input and weight: the forward is autocast's bf16 linear (same values, bf16 out, as
+    nn.Linear would give), the input gradient comes back fp32 and R accumulates in fp32."""
+    m, n, r = 8, 6, 2
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(m, n, generator=g)
+    x = torch.randn(5, n, generator=g, requires_grad=True)
+    carrier = torch.zeros(()).expand(m, r).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = projected_linear(x, w, carrier, bases_for("right", m, n, r))
+        want = F.linear(x.detach(), w)
+    assert want.dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    assert carrier.grad is not None and carrier.grad.dtype == torch.float32
+
+
+def test_a_projected_linear_with_a_bias_keeps_autocasts_dtype() -> None:
+    """Under bf16 autocast nn.Linear's output is bf16, bias included; the projected forward's must be too (an fp32
+    bias added to the bf16 product would promote it to fp32), and the bias still gets its fp32 gradient."""
+    layer = nn.Linear(6, 8, bias=True)
+    opt = GaLoreAdamW([{"params": [layer.weight], "rank": 2, "update_proj_gap": 4, "projected_backward": True}])
+    install_projected_backward(layer, opt)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    layer(x).sum().backward()  # the refresh step: ordinary backward
+    opt.step()
+    layer.bias.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        want = F.linear(x, layer.weight.detach(), layer.bias.detach())
+    assert want.dtype == got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)  # the bias added after rounding, not in the GEMM
+    got.float().sum().backward()
+    assert layer.bias.grad is not None and layer.bias.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.bias.grad, torch.full((8,), 5.0))
+
+
+def test_removing_the_projected_backward_twice_is_harmless() -> None:
+    layer = nn.Linear(6, 8)
+    opt = GaLoreAdamW([{"params": [layer.weight], "rank": 2, "projected_backward": True}])
+    handle = install_projected_backward(layer, opt)
+    assert handle.installed == [""] and "forward" in layer.__dict__
+    handle.remove()
+    handle.remove()
+    assert "forward" not in layer.__dict__
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
 def test_refusals_when_the_config_loads():
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(None, ["--optim.name=galore_adamw", "--optim.projected_backward=true", "--train.compile=true"])
