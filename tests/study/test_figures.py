@@ -326,6 +326,21 @@ def test_draw_writes_a_png_of_the_figures_size(tmp_path: Path, figure: FigureDat
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
 
 
+def test_a_redraw_interrupted_mid_write_leaves_the_previous_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Ctrl-C while savefig writes: the figure's PNG is still the last complete one, never a truncated file."""
+    path = draw(fig1(), tmp_path)
+    before = path.read_bytes()
+
+    def interrupted(self: Figure, fname: Any, **kwargs: Any) -> None:
+        Path(fname).write_bytes(before[:100])  # the first bytes are out when the interrupt arrives
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        draw(fig1(), tmp_path)
+    assert path.read_bytes() == before
+
+
 def test_missing_columns_and_unknown_kinds_name_the_figure():
     with pytest.raises(FigureError, match=r"'fig1'.*\['loss_mean'"):
         build(FigureData(FigureSpec(name="fig1", kind="line"), [c for c in LINE if c != "loss_mean"]))

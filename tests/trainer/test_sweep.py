@@ -1,6 +1,7 @@
 """Sweep files -> (config, overrides) per run, every run validated (trainer/sweep.py), and the tools/sweep.py
 command that prints or runs them. The shipped sweep files themselves: test_sweep_files.py."""
 
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -164,3 +165,15 @@ def test_a_sweep_run_starts_in_its_own_session_and_the_signal_handlers_are_resto
     own_session = "import os, sys; sys.exit(0 if os.getsid(0) == os.getpid() else 3)"
     assert sweep_tool.run_to_the_end([sys.executable, "-c", own_session]) == (0, None)
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_printed_commands_can_be_pasted_into_a_shell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run directory with a space is quoted, so the printed line splits back into the very arguments."""
+    sweep = write_sweep(tmp_path, "grid: {optim.lr: [1.0e-3]}\nrun_dir: runs/my sweep/lr{optim.lr}\n")
+    assert sweep_tool.main([str(sweep), "--launcher", "torchrun --nproc_per_node=8"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert (
+        line
+        == "torchrun --nproc_per_node=8 train.py configs/tiny.yaml --optim.lr=0.001 '--run.dir=runs/my sweep/lr0.001'"
+    )
+    assert shlex.split(line)[-1] == "--run.dir=runs/my sweep/lr0.001"
