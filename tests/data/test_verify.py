@@ -627,6 +627,17 @@ def test_bench_data_reports_gb_per_s_of_the_shard_bytes_and_restores_the_thread_
     assert verify_mod.MAX_THREADS == threads
     assert verified == ["full"] + ["full"] * 4 + ["quick"] * 3 + ["off"] * 2
     printed = capsys.readouterr().out
+    n_shards = sum(1 for p in out.glob("train*") if p.suffix != ".json")
+    # One row per mode, in the table's order (a cold row is relabelled where the page cache cannot be dropped);
+    # full and a first quick open hash every shard, a second quick open and off hash none.
+    assert [(label.replace("page cache not dropped", "cold"), hashed) for label, _, hashed in rows] == [
+        ("full, cold", n_shards),
+        ("full, warm", n_shards),
+        ("full, warm, 1 thread", n_shards),
+        ("quick, first open, cold", n_shards),
+        ("quick, second open", 0),
+        ("off", 0),
+    ]
     for label, seconds, hashed in rows:
         assert seconds == pytest.approx(1e-6)
         assert f"  {label:<26}{seconds:>10.4f}{n_bytes / 1e-6 / 1e9:>10.2f}{hashed:>8}" in printed

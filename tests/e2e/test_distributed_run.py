@@ -60,6 +60,7 @@ def test_two_ranks_match_one_rank(tmp_path, sample_tokens):
     train1, val1 = run(tmp_path / "one", sample_tokens, 1)
     train2, val2 = run(tmp_path / "two", sample_tokens, 2)
     assert sorted(train1) == sorted(train2) == [1, 2, 3, 4]
+    assert sorted(val1) == sorted(val2) == [0, 2, 4]  # eval.interval 2: the evaluations compared below
     for step in train1:  # same windows; only the order of floating-point sums differs
         assert train2[step] == pytest.approx(train1[step], rel=1e-5)
     for step in val1:
