@@ -4,6 +4,7 @@ torch.optim.Adafactor and galore_torch 1.0 (GaLoreAdamW, GaLoreAdafactor), CPU f
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -267,6 +268,27 @@ def test_galore_adafactor_matches_galore_torch(beta1, scale_parameter):
     _assert_close(ours, ref)
 
 
+def _refresh_step_after_a_reset(
+    opt: torch.optim.Optimizer, w: torch.nn.Parameter, gen: torch.Generator, fresh_step: Callable[[Any], None]
+) -> None:
+    """Steps 1..gap, then the refresh (state step == gap) on a gradient G: with moments reset, W moves by
+    scale x (a fresh optimizer's first step on an r-column zero tensor with gradient R = G Q^T) Q, where Q is the
+    exact SVD's top-r right vectors (std, m >= n: the right basis)."""
+    group = opt.param_groups[0]
+    for _ in range(group["update_proj_gap"]):
+        w.grad = torch.randn(w.shape, generator=gen)
+        opt.step()
+    g = torch.randn(w.shape, generator=gen)
+    before = w.detach().clone()
+    w.grad = g.clone()
+    opt.step()
+    q = torch.linalg.svd(g, full_matrices=False).Vh[: group["rank"]]
+    x = torch.nn.Parameter(torch.zeros(w.shape[0], group["rank"]))
+    x.grad = g @ q.T
+    fresh_step(x)
+    torch.testing.assert_close(w.detach(), before + group["scale"] * (x.detach() @ q), atol=1e-6, rtol=1e-5)
+
+
 def test_galore_adafactor_reset_restarts_its_step_like_a_fresh_hf_adafactor() -> None:
     """moments_on_proj_change='reset' for GaLoreAdafactor: the refresh step is a *first* Adafactor step on
     R = G Q^T (beta2_t = 1 - 1^-0.8 = 0: the statistics are R^2 alone), back-projected and scaled. Reference:
@@ -289,31 +311,23 @@ def test_galore_adafactor_reset_restarts_its_step_like_a_fresh_hf_adafactor() ->
         relative_step=False,
         weight_decay=0.0,
     )
-    for _ in range(gap):  # steps 1..gap; the next one refreshes (state step == gap)
-        w.grad = torch.randn(w.shape, generator=gen)
-        opt.step()
-    g = torch.randn(w.shape, generator=gen)
-    before = w.detach().clone()
-    w.grad = g.clone()
-    opt.step()
-
-    q = torch.linalg.svd(g, full_matrices=False).Vh[:rank]  # std, m >= n: right basis
-    x = torch.nn.Parameter(torch.zeros(20, rank))
-    x.grad = g @ q.T
-    HFAdafactor(
-        [x],
-        lr=lr,
-        eps=(1e-30, 1e-3),
-        clip_threshold=1e6,
-        decay_rate=-0.8,
-        beta1=None,
-        weight_decay=0.0,
-        scale_parameter=False,
-        relative_step=False,
-        warmup_init=False,
-    ).step()
-    expected = before + scale * (x.detach() @ q)
-    torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=1e-5)
+    _refresh_step_after_a_reset(
+        opt,
+        w,
+        gen,
+        lambda x: HFAdafactor(
+            [x],
+            lr=lr,
+            eps=(1e-30, 1e-3),
+            clip_threshold=1e6,
+            decay_rate=-0.8,
+            beta1=None,
+            weight_decay=0.0,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        ).step(),
+    )
 
 
 def test_galore_adamw_decays_after_the_update_like_galore_torch():
@@ -347,17 +361,6 @@ def test_galore_adamw_reset_restarts_bias_correction_like_a_fresh_torch_adamw():
         weight_decay=0.0,
     )
     gen = torch.Generator().manual_seed(1)
-    for _ in range(gap):  # steps 1..gap; the next one refreshes (state step == gap)
-        w.grad = torch.randn(w.shape, generator=gen)
-        opt.step()
-    g = torch.randn(w.shape, generator=gen)
-    before = w.detach().clone()
-    w.grad = g.clone()
-    opt.step()
-
-    q = torch.linalg.svd(g, full_matrices=False).Vh[:rank]  # std, m >= n: right basis
-    x = torch.nn.Parameter(torch.zeros(20, rank))
-    x.grad = g @ q.T
-    torch.optim.AdamW([x], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0).step()
-    expected = before + scale * (x.detach() @ q)
-    torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=1e-5)
+    _refresh_step_after_a_reset(
+        opt, w, gen, lambda x: torch.optim.AdamW([x], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0).step()
+    )

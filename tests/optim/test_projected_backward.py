@@ -334,27 +334,28 @@ def test_install_needs_a_galore_optimizer_and_leaves_parameters_and_state_dict_a
     assert "forward" not in model.lm_head.__dict__
 
 
-def test_a_projected_linear_with_a_bias_adds_it() -> None:
+def biased_layer_after_its_refresh() -> tuple[nn.Linear, GaLoreAdamW, torch.Tensor]:
+    """A biased nn.Linear with the projected backward installed, after its refresh step (an ordinary backward):
+    its next forward with a graph is projected."""
     layer = nn.Linear(6, 8, bias=True)
     opt = GaLoreAdamW([{"params": [layer.weight], "rank": 2, "update_proj_gap": 4, "projected_backward": True}])
     install_projected_backward(layer, opt)
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
-    layer(x).sum().backward()  # the refresh step: ordinary backward
+    layer(x).sum().backward()
     opt.step()
-    assert opt.projection_for(layer.weight) is not None  # the next forward is projected
+    assert opt.projection_for(layer.weight) is not None
+    return layer, opt, x
+
+
+def test_a_projected_linear_with_a_bias_adds_it() -> None:
+    layer, opt, x = biased_layer_after_its_refresh()
     torch.testing.assert_close(layer(x), x @ layer.weight.detach().T + layer.bias.detach())
 
 
 def test_evaluation_without_grad_is_the_ordinary_linear_under_autocast() -> None:
     """No graph (torch.no_grad, as in evaluation): the layer is nn.Linear's own F.linear even on a step that
     would project, so under bf16 autocast its output is autocast's bf16 linear with the bias inside it."""
-    layer = nn.Linear(6, 8, bias=True)
-    opt = GaLoreAdamW([{"params": [layer.weight], "rank": 2, "update_proj_gap": 4, "projected_backward": True}])
-    install_projected_backward(layer, opt)
-    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
-    layer(x).sum().backward()  # the refresh step: ordinary backward
-    opt.step()
-    assert opt.projection_for(layer.weight) is not None  # a forward with a graph would project
+    layer, opt, x = biased_layer_after_its_refresh()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = layer(x)
         want = F.linear(x, layer.weight, layer.bias)
@@ -383,12 +384,7 @@ def test_under_autocast_the_projected_linear_computes_like_autocasts_linear() ->
 def test_a_projected_linear_with_a_bias_keeps_autocasts_dtype() -> None:
     """Under bf16 autocast nn.Linear's output is bf16, bias included; the projected forward's must be too (an fp32
     bias added to the bf16 product would promote it to fp32), and the bias still gets its fp32 gradient."""
-    layer = nn.Linear(6, 8, bias=True)
-    opt = GaLoreAdamW([{"params": [layer.weight], "rank": 2, "update_proj_gap": 4, "projected_backward": True}])
-    install_projected_backward(layer, opt)
-    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
-    layer(x).sum().backward()  # the refresh step: ordinary backward
-    opt.step()
+    layer, opt, x = biased_layer_after_its_refresh()
     layer.bias.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = layer(x)
