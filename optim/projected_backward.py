@@ -37,8 +37,14 @@ N is at most the ordinary norm, so this clips no more often than ordinary GaLore
 skips clipping. train/grad_norm logs N (the norm before clipping) and optim/projected_grads how many
 weights entered it projected (0 on a refresh step: then N is the ordinary ||G||).
 
-Not supported (refused when the config loads, `check_projected_backward_supported`): several ranks
-(DDP all-reduces parameters' gradients only: it would never average the carriers' R) and
+Several ranks: under DDP the trainer averages the carriers' R over the ranks itself, in one all-reduce
+after the last micro-batch's backward (DDP reduces parameters' gradients only), and DDP is told that
+the projected weights may be missing from the graph (find_unused_parameters: between refreshes they are).
+Projection is linear and every rank holds the same bases (each refresh's SVD sees DDP's averaged G), so
+the mean of the ranks' R is the projection of the mean gradient: the ordinary GaLore step.
+Not supported (refused when the config loads, `check_projected_backward_supported`): the sharding
+engines (fsdp2, deepspeed: the projected layer would need the whole weight and its carrier sharded
+alike), the fused update on several ranks (each rank would apply its own R before any average), and
 train.compile: tried with torch 2.13 (blocks compiled, aot_eager backend), the question to the optimizer
 breaks the graph, dynamo guards on each weight's identity and recompiles until its cache limit, and the
 projected gradients did not reach the optimizer (parameters off by 3e-3 after 5 steps).
@@ -58,12 +64,19 @@ from torch import nn
 from optim.projected_grads import ProjectedGradSource
 
 
-def check_projected_backward_supported(*, world_size: int, compile: bool) -> None:
+def check_projected_backward_supported(*, world_size: int, compile: bool, engine: str, fused: bool) -> None:
     """Raise a clear ValueError for the settings optim.projected_backward=true does not support."""
-    if world_size > 1:
+    if world_size > 1 and engine != "ddp":
         raise ValueError(
-            f"optim.projected_backward=true is not supported with {world_size} ranks (DDP): DDP all-reduces only the "
-            "parameters' gradients, never the projected ones. Use projected_backward=false under DDP"
+            f"optim.projected_backward=true is not supported with train.engine={engine} on {world_size} ranks: "
+            "it runs in one process or under DDP (which averages the projected gradients over the ranks), while "
+            f"{engine} shards the weights it projects. Use --train.engine=ddp or --optim.projected_backward=false"
+        )
+    if world_size > 1 and fused:
+        raise ValueError(
+            f"optim.projected_backward=true does not work with train.fused_update=true on {world_size} ranks: the "
+            "fused update would apply each rank's own projected gradient before the ranks average it. "
+            "Use --train.fused_update=false or --optim.projected_backward=false"
         )
     if compile:
         raise ValueError(

@@ -239,7 +239,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if t.engine == "deepspeed" and t.global_batch % world == 0:  # an uneven split gets its own message below
             deepspeed_config(cfg, world)  # the user's file read and checked now, before any heavy work
         if cfg.optim.projected_backward:
-            check_projected_backward_supported(world_size=world, compile=t.compile)
+            check_projected_backward_supported(
+                world_size=world, compile=t.compile, engine=t.engine, fused=t.fused_update
+            )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.data.seq_len > cfg.model.max_seq_len:

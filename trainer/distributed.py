@@ -48,6 +48,18 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def average_over_ranks(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Replace each of `tensors` (same dtype and device) by its mean over the ranks, in place, with one
+    all-reduce of their concatenation (a bucket of small tensors costs one collective, not one each)."""
+    if not info.enabled or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    flat.div_(info.world_size)
+    for t, mean in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(mean.view_as(t))
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank if `flag` is true on any rank (e.g. a preemption signal seen by one)."""
     if not info.enabled:

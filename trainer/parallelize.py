@@ -18,18 +18,21 @@ from trainer.config import TrainConfig
 from trainer.distributed import DistInfo
 
 
-def parallelize(model: Transformer, train: TrainConfig, info: DistInfo) -> nn.Module:
+def parallelize(
+    model: Transformer, train: TrainConfig, info: DistInfo, *, projected_backward: bool = False
+) -> nn.Module:
     """compile (train.compile) then the engine's wrapper; returns the module the loop calls. Under
     fsdp2 the parameters of `model` itself become sharded DTensors (build the optimizer after this).
     One process, or deepspeed (deepspeed.initialize wraps the model later: trainer/deepspeed_engine.py): no
-    wrapper here."""
+    wrapper here. `projected_backward` (optim.projected_backward): between projector refreshes the projected
+    weights are not in the backward graph, which DDP must be told (optim/projected_backward.py)."""
     if train.compile:
         compile_blocks(model)
     if not info.enabled or train.engine == "deepspeed":
         return model
     if train.engine == "fsdp2":
         return apply_fsdp2(model, info, resolve_precision(train.precision, info.device))
-    return wrap_ddp(model, info)
+    return wrap_ddp(model, info, find_unused_parameters=projected_backward)
 
 
 def apply_fsdp2(model: Transformer, info: DistInfo, precision: str) -> nn.Module:
@@ -68,11 +71,14 @@ def compile_blocks(model: Transformer) -> None:
         block.compile()
 
 
-def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+def wrap_ddp(model: nn.Module, info: DistInfo, *, find_unused_parameters: bool = False) -> nn.Module:
+    """DDP over `model`. find_unused_parameters: some parameters may get no gradient in a step (DDP then
+    walks the graph after each forward to find them, at some CPU cost; without it, it waits for them
+    and fails at the next step)."""
     if not info.enabled:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

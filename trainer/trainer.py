@@ -56,7 +56,15 @@ from trainer.deepspeed_engine import (
     initialize_deepspeed,
     install_lomo_zero3,
 )
-from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
+from trainer.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    average_over_ranks,
+    barrier,
+    init_distributed,
+    shutdown,
+)
 from trainer.flop_budget import config_flops, resolve_max_steps
 from trainer.full_state import ModelState
 from trainer.hardware import device_peak_flops, peak_memory_bytes
@@ -219,7 +227,7 @@ class Trainer:
         apply_adapters(self.model, cfg.adapter, seed=cfg.run.seed)  # adapter.method=none: nothing
         self.trainable_params = parameter_counts(self.model)["trainable"]  # before ZeRO-3 empties the parameters
         # Before the optimizer is built: fully_shard replaces the parameters by sharded DTensors.
-        self.wrapped_model = parallelize(self.model, cfg.train, info)
+        self.wrapped_model = parallelize(self.model, cfg.train, info, projected_backward=cfg.optim.projected_backward)
         params = [p for p in self.model.parameters() if p.requires_grad]
         spec = optimizer_spec(self.model, cfg.optim)
         # How checkpoints hold the model and optimizer (trainer/checkpoint.py): several ranks write DCP directories.
@@ -228,8 +236,15 @@ class Trainer:
         if cfg.train.engine == "deepspeed" and info.enabled:
             self._build_deepspeed(spec)
         else:
+            # Under DDP the projected gradients (optim.projected_backward) are averaged by the updater.
+            ddp = isinstance(self.wrapped_model, DistributedDataParallel)
+            average = functools.partial(average_over_ranks, info=info) if ddp and cfg.optim.projected_backward else None
             self.updater = build_update_strategy(
-                spec, params, fused=cfg.train.fused_update, max_grad_norm=cfg.train.max_grad_norm
+                spec,
+                params,
+                fused=cfg.train.fused_update,
+                max_grad_norm=cfg.train.max_grad_norm,
+                average_projected=average,
             )
             # The updater's method, not a lambda over self: a closure over the Trainer would put it in a reference
             # cycle, which only the cycle collector frees, at a time of its choosing (the weights and optimizer

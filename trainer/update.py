@@ -31,7 +31,7 @@ config, never from a checkpoint, so `--optim.lr` may change on resume.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -114,10 +114,18 @@ class UpdateStrategy(ABC):
 class StepAfterBackward(UpdateStrategy):
     """clip -> step -> zero_grad, after the whole backward (see the module docstring)."""
 
-    def __init__(self, spec: OptimizerSpec, params: Sequence[torch.Tensor], max_grad_norm: float):
+    def __init__(
+        self,
+        spec: OptimizerSpec,
+        params: Sequence[torch.Tensor],
+        max_grad_norm: float,
+        average_projected: Callable[[list[torch.Tensor]], None] | None = None,
+    ):
         self.optimizer = spec.build()
         self.max_grad_norm = max_grad_norm
         self._params = params  # in the model's order: the norm's summation order is part of the numerics
+        # Under DDP: averages the projected gradients over the ranks in place (DDP averages only .grad of parameters).
+        self.average_projected = average_projected
         super().__init__([self.optimizer])
 
     @property
@@ -128,6 +136,10 @@ class StepAfterBackward(UpdateStrategy):
         # A weight whose gradient was projected in backward holds it in a carrier: its R enters the
         # norm and is clipped in the weight's place (the rule: optim/projected_backward.py).
         holders = gradient_holders(self.optimizer, self._params)
+        if self.average_projected is not None:  # every rank projects the same weights on the same steps
+            self.average_projected(
+                [h.grad for h, p in zip(holders, self._params, strict=True) if h is not p and h.grad is not None]
+            )
         grads = [h.grad for h in holders if h.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
         if isinstance(norm, DTensor):  # FSDP2's sharded gradients: the norm of the full gradient, on every rank
@@ -213,7 +225,15 @@ def with_built_options(optimizer: torch.optim.Optimizer, state: dict) -> dict:
 
 
 def build_update_strategy(
-    spec: OptimizerSpec, params: Sequence[torch.Tensor], *, fused: bool, max_grad_norm: float
+    spec: OptimizerSpec,
+    params: Sequence[torch.Tensor],
+    *,
+    fused: bool,
+    max_grad_norm: float,
+    average_projected: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> UpdateStrategy:
-    """`params`: the trainable parameters in the model's order (those of `spec`)."""
-    return UpdateInBackward(spec) if fused else StepAfterBackward(spec, params, max_grad_norm)
+    """`params`: the trainable parameters in the model's order (those of `spec`). `average_projected`: see
+    StepAfterBackward (the fused update on several ranks is refused with the projected backward)."""
+    if fused:
+        return UpdateInBackward(spec)
+    return StepAfterBackward(spec, params, max_grad_norm, average_projected)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.runs import REPO
-from trainer.config import Config, load_config
+from trainer.config import Config, load_config, validate
 from trainer.sweep import SweepRun, sweep_runs
 
 SWEEPS = REPO / "configs" / "sweeps"
@@ -47,6 +47,14 @@ def test_every_shipped_sweep_expands_into_the_runs_its_header_counts(sweep):
     assert f"python tools/sweep.py configs/sweeps/{sweep.name}" in sweep.read_text()
     run_dirs = [run.config.run.dir for run in runs]
     assert len(set(run_dirs)) == len(run_dirs), sweep
+
+
+@pytest.mark.parametrize("sweep", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_run_also_loads_on_the_eight_ranks_of_the_documented_launcher(sweep):
+    """configs/sweeps/README.md runs them with --launcher "torchrun --nproc_per_node=8": the cross-key checks
+    that depend on the rank count (batch splits, engines, GaLore's projected backward) must pass there too."""
+    for run in runs_of(sweep.stem):
+        validate(run.config, world_size=8)
 
 
 def test_the_readme_lists_every_sweep_with_its_run_count():
