@@ -10,7 +10,7 @@ SAMPLE_STAMP := $(CACHE)/corpus/sample/SAMPLE.json
 .PHONY: demo study test check setup setup-test assets data clean help
 help:
 	@echo "make demo   set up and train the tiny model on the sample corpus (CPU, ~4 min)"
-	@echo "make study  set up and run the CPU-sized optimizer study (configs/studies/mini.yaml, ~30 min)"
+	@echo "make study  set up and run the CPU-sized optimizer study (configs/studies/mini.yaml, ~40 min)"
 	@echo "make test   set up, run the checks (make check), then the test suite"
 	@echo "make check  lint (ruff check), format (ruff format --check) and types (mypy); settings in pyproject.toml"
 
