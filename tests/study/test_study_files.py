@@ -13,6 +13,7 @@ import pytest
 
 from study.spec import Study, load_study
 from tests.helpers.runs import REPO
+from trainer.config import validate
 from trainer.sweep import sweep_runs
 
 STUDIES = REPO / "configs" / "studies"
@@ -34,6 +35,14 @@ def header_runs(path: Path) -> int:
 
 def test_the_paper_studies_are_shipped():
     assert {"210m", "550m", "llama_130m_table1"} <= {p.stem for p in SHIPPED}
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem != "mini"], ids=lambda p: p.stem)
+def test_every_run_of_a_gpu_study_also_loads_on_the_eight_ranks_of_the_documented_launcher(path):
+    """configs/studies/README.md runs them with --launcher "torchrun --nproc_per_node=8": the checks that depend on
+    the rank count (batch splits, engines, GaLore's projected backward) must pass there, or those runs fail."""
+    for run in study_of(path.stem).runs:
+        validate(run.config, world_size=8)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
