@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _data_warning_printer(DataWarning, main_rank, warnings.showwarning)
+            warnings.showwarning = data_warning_printer(DataWarning, main_rank, warnings.showwarning)
             cfg = load_config(argv[0], argv[1:])
             result = train(cfg)
     except (ConfigError, DataError, CheckpointError, RunDirError, TrainingDiverged) as e:
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _data_warning_printer(
+def data_warning_printer(
     category: type[Warning], main_rank: bool, fallback: Callable[..., None]
 ) -> Callable[..., None]:
     """warnings.showwarning that prints `category` warnings as one `warning: ...` line (on the

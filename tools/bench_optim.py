@@ -64,7 +64,7 @@ def _kinds(spec: OptimizerSpec) -> tuple[Counter[Kind], dict[Kind, dict[str, Any
     return kinds, examples
 
 
-def _time_single_parameter(
+def time_single_parameter(
     cls: type[torch.optim.Optimizer],
     options: dict[str, Any],
     kwargs: dict[str, Any],
@@ -118,13 +118,13 @@ def bench(model: nn.Module, cfg: OptimConfig, repeats: int, gen: torch.Generator
         shape, _ = key
         options = examples[key]
         lowrank = options.get("rank") is not None and len(shape) == 2
-        first, later, _, alongside = _time_single_parameter(spec.cls, options, spec.kwargs, shape, repeats, gen)
+        first, later, _, alongside = time_single_parameter(spec.cls, options, spec.kwargs, shape, repeats, gen)
         plain += count * later
         adamw += count * alongside
         floor += count * (lowrank_floor(cfg.name, shape, options["rank"], repeats, gen) if lowrank else later)
         if lowrank:
             # a refresh on every step: median of `repeats` SVD steps (not the first: allocation)
-            _, refresh, state, _ = _time_single_parameter(
+            _, refresh, state, _ = time_single_parameter(
                 spec.cls, {**options, "update_proj_gap": 1}, spec.kwargs, shape, max(1, repeats // 2), gen
             )
             svd += count * refresh
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'avg@T=200 x':>12} {'SVD share':>10} {'floor x AdamW':>14} {'step / floor':>13}"
     )
     for label, r in results.items():
-        ref = r["adamw"]  # fused AdamW timed in turns with this row's steps (see _time_single_parameter)
+        ref = r["adamw"]  # fused AdamW timed in turns with this row's steps (see time_single_parameter)
         svd_extra = r["svd"] - r["plain"]
         avg = r["plain"] + svd_extra / T_PAPER
         share = (svd_extra / T_PAPER) / avg if r["bases"] else 0.0

@@ -372,14 +372,14 @@ def test_bench_optim_times_later_steps_in_alternating_turns_with_adamw(monkeypat
 
     monkeypatch.setattr(bench_optim, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(torch.optim, "AdamW", Timed)
-    first, later, _, adamw = bench_optim._time_single_parameter(Timed, {}, {}, (2, 2), 1, torch.Generator())
+    first, later, _, adamw = bench_optim.time_single_parameter(Timed, {}, {}, (2, 2), 1, torch.Generator())
     assert (first, later, adamw) == (100.0, 1.0, 0.5)
     assert turns == ["opt", "adamw", "adamw", "opt"]
 
 
 def test_bench_optim_floor_counts_the_low_rank_matrices_at_their_floor(monkeypatch: pytest.MonkeyPatch) -> None:
     """The floor column: each low-rank matrix at lowrank_floor's time (here 0.5 s), the rest at their step (2 s)."""
-    monkeypatch.setattr(bench_optim, "_time_single_parameter", lambda *args: (9.0, 2.0, {}, 1.0))
+    monkeypatch.setattr(bench_optim, "time_single_parameter", lambda *args: (9.0, 2.0, {}, 1.0))
     monkeypatch.setattr(bench_optim, "lowrank_floor", lambda *args: 0.5)
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_flavor("tiny"))

@@ -120,7 +120,7 @@ def test_a_data_warning_is_one_warning_line_on_the_main_rank_only(capsys, main_r
     """Every rank opens the data, so a DataWarning is printed once (rank 0) as `warning: ...`; other warnings go to
     the usual printer on every rank."""
     passed: list[tuple[object, type[Warning]]] = []
-    show = train._data_warning_printer(
+    show = train.data_warning_printer(
         DataWarning, main_rank, lambda message, cat, *a, **k: passed.append((message, cat))
     )
     show(DataWarning("old tokens"), DataWarning, "data.py", 1)
