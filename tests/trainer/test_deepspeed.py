@@ -306,7 +306,7 @@ def test_each_rank_keeps_its_flat_slice_of_a_zero3_parameter(rank: int, expected
     assert p.ds_tensor.tolist() == expected
 
 
-def _zero3_linear(rank: int, world: int) -> nn.Linear:
+def _zero3_linear(world: int) -> nn.Linear:
     """An nn.Linear(3, 2) whose parameters carry ZeRO-3's partition attributes (full values kept, for the test)."""
     model = nn.Linear(3, 2)
     for p in model.parameters():
@@ -316,7 +316,7 @@ def _zero3_linear(rank: int, world: int) -> nn.Linear:
 
 
 def test_a_gathered_checkpoint_loads_each_ranks_slice_and_refuses_a_mismatch():
-    model = _zero3_linear(rank=1, world=2)
+    model = _zero3_linear(world=2)
     info = DistInfo(1, 2, 1, torch.device("cpu"))
     weight, bias = torch.arange(6.0).reshape(2, 3), torch.tensor([10.0, 11.0])
     GatheredModelState(model, info).load_state_dict({"weight": weight, "bias": bias})
