@@ -9,10 +9,13 @@ scientific notation, tokens/s as an integer, config values compactly ("1e-3", "3
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from data.files import write_bytes_atomic
 
 MIB = 2**20
 
@@ -66,11 +69,13 @@ Formatter = Callable[[Any], str]
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """Written whole or not at all (as the figures): a --collect cut short leaves the previous table."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    write_bytes_atomic(path, text.getvalue().encode())
     return path
 
 
@@ -86,7 +91,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def write_markdown(path: Path, title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Path:
-    """`# title`, a blank line, then the table."""
+    """`# title`, a blank line, then the table; written whole or not at all, as write_csv."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {title}\n\n" + markdown_table(header, rows))
+    write_bytes_atomic(path, (f"# {title}\n\n" + markdown_table(header, rows)).encode())
     return path

@@ -27,7 +27,7 @@ from study.results import (
     summarize_arms,
 )
 from study.spec import FigureSpec, Study, StudyRun
-from study.tables import fmt_int, fmt_mib, fmt_value, markdown_table
+from study.tables import fmt_int, fmt_mib, fmt_value, markdown_table, write_csv
 from tests.helpers.runs import REPO
 from tests.helpers.runs import run as train_in_process
 from trainer.config import load_config, save_config
@@ -883,3 +883,21 @@ def test_a_damaged_divergence_marker_still_says_the_run_diverged(tmp_path: Path,
     (run.run_dir / DIVERGED_FILE).write_text(marker)
     result = run_result(run)
     assert (result.status, result.message) == ("diverged", message.format(run_dir=run.run_dir))
+
+
+def test_a_table_write_cut_short_leaves_the_previous_table(tmp_path: Path) -> None:
+    """A --collect stopped (Ctrl-C, an error) while a table's rows are produced keeps the last whole table, never
+    a truncated one that a reader would take for the results; a finished write replaces it."""
+    path = write_csv(tmp_path / "runs.csv", ["arm", "loss"], [["AdamW", 3.5]])
+    before = path.read_bytes()
+
+    def rows_then_interrupt():
+        yield ["AdamW", 3.4]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_csv(path, ["arm", "loss"], rows_then_interrupt())
+    assert path.read_bytes() == before == b"arm,loss\r\nAdamW,3.5\r\n"
+    write_csv(path, ["arm", "loss"], [["AdamW", 3.4]])
+    assert list(csv.reader(path.read_text().splitlines())) == [["arm", "loss"], ["AdamW", "3.4"]]
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.csv"]  # no temporary file left
