@@ -37,11 +37,14 @@ N is at most the ordinary norm, so this clips no more often than ordinary GaLore
 skips clipping. train/grad_norm logs N (the norm before clipping) and optim/projected_grads how many
 weights entered it projected (0 on a refresh step: then N is the ordinary ||G||).
 
-Several ranks: under DDP the trainer averages the carriers' R over the ranks itself, in one all-reduce
-after the last micro-batch's backward (DDP reduces parameters' gradients only), and DDP is told that
-the projected weights may be missing from the graph (find_unused_parameters: between refreshes they are).
-Projection is linear and every rank holds the same bases (each refresh's SVD sees DDP's averaged G), so
-the mean of the ranks' R is the projection of the mean gradient: the ordinary GaLore step.
+Several ranks: DDP leaves the projected weights alone (they are in its ignore list:
+`projected_linear_weight_names`), and the trainer averages their gradients over the ranks itself, in one
+all-reduce after the last micro-batch's backward: the carriers' R between refreshes, W's G on a refresh
+step. Projection is linear and every rank holds the same bases (each refresh's SVD sees the averaged G),
+so the mean of the ranks' R is the projection of the mean gradient: the ordinary GaLore step. Why not
+DDP's find_unused_parameters: it walks the graph after every forward, all-reduces full-size zero
+buckets for the absent weights, and waits for a device-to-host copy of its used-parameter map in every
+step that has one (a host stall on CUDA).
 Not supported (refused when the config loads, `check_projected_backward_supported`): the sharding
 engines (fsdp2, deepspeed: the projected layer would need the whole weight and its carrier sharded
 alike), the fused update on several ranks (each rank would apply its own R before any average), and
@@ -180,6 +183,18 @@ class ProjectedBackwardHandle:
         for module in self.modules:
             del module.forward  # the instance attribute: back to nn.Linear.forward
         self.modules = []
+
+
+def projected_linear_weight_names(model: nn.Module, param_groups: list[dict]) -> list[str]:
+    """The names (model.named_parameters()) of the weights `install_projected_backward` will switch, from an
+    optimizer spec's param groups: the nn.Linear weights of the groups with projected_backward. Known before
+    the optimizer is built, for DDP, which must leave them to the trainer (trainer/parallelize.py)."""
+    wanted = {id(p) for g in param_groups if g.get("projected_backward") for p in g["params"]}
+    return [
+        f"{name}.weight" if name else "weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module.weight) in wanted
+    ]
 
 
 def install_projected_backward(model: nn.Module, source: object) -> ProjectedBackwardHandle:

@@ -5,7 +5,7 @@ wrapper (DDP, or FSDP2's fully_shard per block and root). The model file holds n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -19,20 +19,20 @@ from trainer.distributed import DistInfo
 
 
 def parallelize(
-    model: Transformer, train: TrainConfig, info: DistInfo, *, projected_backward: bool = False
+    model: Transformer, train: TrainConfig, info: DistInfo, *, ddp_ignored: Sequence[str] = ()
 ) -> nn.Module:
     """compile (train.compile) then the engine's wrapper; returns the module the loop calls. Under
     fsdp2 the parameters of `model` itself become sharded DTensors (build the optimizer after this).
     One process, or deepspeed (deepspeed.initialize wraps the model later: trainer/deepspeed_engine.py): no
-    wrapper here. `projected_backward` (optim.projected_backward): between projector refreshes the projected
-    weights are not in the backward graph, which DDP must be told (optim/projected_backward.py)."""
+    wrapper here. `ddp_ignored`: parameters (by name) whose gradients DDP must leave to the caller: the
+    projected-backward weights, absent from the graph between projector refreshes (optim/projected_backward.py)."""
     if train.compile:
         compile_blocks(model)
     if not info.enabled or train.engine == "deepspeed":
         return model
     if train.engine == "fsdp2":
         return apply_fsdp2(model, info, resolve_precision(train.precision, info.device))
-    return wrap_ddp(model, info, find_unused_parameters=projected_backward)
+    return wrap_ddp(model, info, ignored=ddp_ignored)
 
 
 def apply_fsdp2(model: Transformer, info: DistInfo, precision: str) -> nn.Module:
@@ -71,14 +71,17 @@ def compile_blocks(model: Transformer) -> None:
         block.compile()
 
 
-def wrap_ddp(model: nn.Module, info: DistInfo, *, find_unused_parameters: bool = False) -> nn.Module:
-    """DDP over `model`. find_unused_parameters: some parameters may get no gradient in a step (DDP then
-    walks the graph after each forward to find them, at some CPU cost; without it, it waits for them
-    and fails at the next step)."""
+def wrap_ddp(model: nn.Module, info: DistInfo, *, ignored: Sequence[str] = ()) -> nn.Module:
+    """DDP over `model`, with the parameters named in `ignored` neither broadcast nor reduced by it (they start
+    equal on every rank all the same: every rank builds the model from run.seed, or loads the same checkpoint)."""
     if not info.enabled:
         return model
+    if ignored:
+        # torch's only way to keep parameters out of DDP (a static method kept since 1.8 for this use: pytorch
+        # issue 43690). find_unused_parameters would do, but at a host stall per step (optim/projected_backward.py).
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignored))
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data import TrainBatches, validation_batches
 from model import Transformer, param_counts
 from optim import OptimizerSpec, optimizer_keys, optimizer_spec
-from optim.projected_backward import install_projected_backward
+from optim.projected_backward import install_projected_backward, projected_linear_weight_names
 from optim.state_bytes import measured_state_bytes
 from trainer.checkpoint import (
     Checkpointer,
@@ -227,7 +227,11 @@ class Trainer:
         apply_adapters(self.model, cfg.adapter, seed=cfg.run.seed)  # adapter.method=none: nothing
         self.trainable_params = parameter_counts(self.model)["trainable"]  # before ZeRO-3 empties the parameters
         # Before the optimizer is built: fully_shard replaces the parameters by sharded DTensors.
-        self.wrapped_model = parallelize(self.model, cfg.train, info, projected_backward=cfg.optim.projected_backward)
+        # The projected-backward weights are left out of DDP: the updater averages their gradients (often a carrier's).
+        ddp_ignored: list[str] = []
+        if cfg.optim.projected_backward and info.enabled:  # several ranks: ddp, as validate allows
+            ddp_ignored = projected_linear_weight_names(self.model, optimizer_spec(self.model, cfg.optim).param_groups)
+        self.wrapped_model = parallelize(self.model, cfg.train, info, ddp_ignored=ddp_ignored)
         params = [p for p in self.model.parameters() if p.requires_grad]
         spec = optimizer_spec(self.model, cfg.optim)
         # How checkpoints hold the model and optimizer (trainer/checkpoint.py): several ranks write DCP directories.
@@ -236,15 +240,14 @@ class Trainer:
         if cfg.train.engine == "deepspeed" and info.enabled:
             self._build_deepspeed(spec)
         else:
-            # Under DDP the projected gradients (optim.projected_backward) are averaged by the updater.
-            ddp = isinstance(self.wrapped_model, DistributedDataParallel)
-            average = functools.partial(average_over_ranks, info=info) if ddp and cfg.optim.projected_backward else None
+            averaged = [self.model.get_parameter(name) for name in ddp_ignored]
             self.updater = build_update_strategy(
                 spec,
                 params,
                 fused=cfg.train.fused_update,
                 max_grad_norm=cfg.train.max_grad_norm,
-                average_projected=average,
+                average_over_ranks=functools.partial(average_over_ranks, info=info) if averaged else None,
+                averaged=averaged,
             )
             # The updater's method, not a lambda over self: a closure over the Trainer would put it in a reference
             # cycle, which only the cycle collector frees, at a time of its choosing (the weights and optimizer

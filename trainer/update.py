@@ -119,13 +119,16 @@ class StepAfterBackward(UpdateStrategy):
         spec: OptimizerSpec,
         params: Sequence[torch.Tensor],
         max_grad_norm: float,
-        average_projected: Callable[[list[torch.Tensor]], None] | None = None,
+        average_over_ranks: Callable[[list[torch.Tensor]], None] | None = None,
+        averaged: Sequence[torch.Tensor] = (),
     ):
         self.optimizer = spec.build()
         self.max_grad_norm = max_grad_norm
         self._params = params  # in the model's order: the norm's summation order is part of the numerics
-        # Under DDP: averages the projected gradients over the ranks in place (DDP averages only .grad of parameters).
-        self.average_projected = average_projected
+        # Under DDP, the parameters DDP leaves alone (the projected-backward weights) have their gradient, a carrier's
+        # R or their own G, averaged over the ranks here, by `average_over_ranks` (in place, one collective).
+        self.average_over_ranks = average_over_ranks
+        self._averaged = {id(p) for p in averaged}
         super().__init__([self.optimizer])
 
     @property
@@ -136,9 +139,13 @@ class StepAfterBackward(UpdateStrategy):
         # A weight whose gradient was projected in backward holds it in a carrier: its R enters the
         # norm and is clipped in the weight's place (the rule: optim/projected_backward.py).
         holders = gradient_holders(self.optimizer, self._params)
-        if self.average_projected is not None:  # every rank projects the same weights on the same steps
-            self.average_projected(
-                [h.grad for h, p in zip(holders, self._params, strict=True) if h is not p and h.grad is not None]
+        if self.average_over_ranks is not None:  # the same parameters have gradients on every rank, in this order
+            self.average_over_ranks(
+                [
+                    h.grad
+                    for h, p in zip(holders, self._params, strict=True)
+                    if id(p) in self._averaged and h.grad is not None
+                ]
             )
         grads = [h.grad for h in holders if h.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
@@ -230,10 +237,11 @@ def build_update_strategy(
     *,
     fused: bool,
     max_grad_norm: float,
-    average_projected: Callable[[list[torch.Tensor]], None] | None = None,
+    average_over_ranks: Callable[[list[torch.Tensor]], None] | None = None,
+    averaged: Sequence[torch.Tensor] = (),
 ) -> UpdateStrategy:
-    """`params`: the trainable parameters in the model's order (those of `spec`). `average_projected`: see
-    StepAfterBackward (the fused update on several ranks is refused with the projected backward)."""
+    """`params`: the trainable parameters in the model's order (those of `spec`). `average_over_ranks` and
+    `averaged`: see StepAfterBackward (the fused update on several ranks is refused with the projected backward)."""
     if fused:
         return UpdateInBackward(spec)
-    return StepAfterBackward(spec, params, max_grad_norm, average_projected)
+    return StepAfterBackward(spec, params, max_grad_norm, average_over_ranks, averaged)

@@ -25,6 +25,7 @@ from optim.projected_backward import (
     check_projected_backward_supported,
     install_projected_backward,
     projected_linear,
+    projected_linear_weight_names,
 )
 from optim.projector import project
 from tests.helpers.gloo import run_ranks
@@ -467,6 +468,22 @@ def test_training_resumes_bit_exact_and_logs_what_the_norm_is(tmp_path, sample_t
         if "optim/projected_grads" in r
     }
     assert gauge == {1: 0, 2: 8, 3: 0, 4: 8, 5: 0, 6: 8}
+
+
+@pytest.mark.parametrize(("targets", "outside"), [("blocks", []), ("all", ["lm_head.weight"])], ids=["blocks", "all"])
+def test_the_weights_left_out_of_ddp_are_the_linears_the_projected_backward_switches(
+    targets: str, outside: list[str]
+) -> None:
+    """Named before the optimizer exists (DDP wraps the model first): exactly the modules install_projected_backward
+    switches later; the embedding of lowrank_targets=all is no nn.Linear and stays with DDP."""
+    model = tiny_model()
+    cfg = galore_config("galore_adamw", projected_backward=True, lowrank_targets=targets)
+    names = projected_linear_weight_names(model, optimizer_spec(model, cfg).param_groups)
+    handle = install_projected_backward(model, optimizer_spec(model, cfg).build())
+    assert names == [f"{m}.weight" for m in handle.installed]
+    blocks = [n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+    assert names == blocks + outside and "embed.weight" not in names
+    assert projected_linear_weight_names(model, optimizer_spec(model, galore_config("galore_adamw")).param_groups) == []
 
 
 def _projected_runs_on_ranks(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> None:
