@@ -38,7 +38,7 @@ from torch import nn
 
 from optim.in_backward import InBackwardOptimizer
 from trainer.dist_checkpoint import committed_directory, temp_directory
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, mean_over_ranks_
 from trainer.update import UpdateInBackward, UpdateStrategy
 
 
@@ -123,11 +123,9 @@ def install_lomo_zero3(updater: UpdateInBackward, info: DistInfo) -> None:
     """Make the fused AdaLomo updates of `updater` work on ZeRO-3 partitioned parameters (see the
     module docstring): reduce each gradient over ranks first, keep this rank's slice after."""
     opt: InBackwardOptimizer = updater.optimizer
-    world = info.world_size
 
     def reduce_mean(grad: torch.Tensor) -> None:
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        grad.div_(world)
+        mean_over_ranks_(grad, info)
 
     def keep_own_slice(p: torch.Tensor) -> None:
         write_own_slice(p, info.rank)

@@ -48,14 +48,17 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def mean_over_ranks_(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """`value` replaced by its mean over the ranks, in place (gloo has no AVG: a sum, then a division)."""
+    return all_reduce_sum(value, info).div_(info.world_size)
+
+
 def average_over_ranks(tensors: list[torch.Tensor], info: DistInfo) -> None:
     """Replace each of `tensors` (same dtype and device) by its mean over the ranks, in place, with one
     all-reduce of their concatenation (a bucket of small tensors costs one collective, not one each)."""
     if not info.enabled or not tensors:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG
-    flat.div_(info.world_size)
+    flat = mean_over_ranks_(torch.cat([t.reshape(-1) for t in tensors]), info)
     for t, mean in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
         t.copy_(mean.view_as(t))
 
