@@ -113,6 +113,12 @@ def train_as_rank(rank: int, world: int, store: str, overrides: list[str]) -> No
     train(load_config("configs/tiny.yaml", overrides))
 
 
+def train_jobs_as_rank(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> None:
+    """train_as_rank for each (store, overrides) of `jobs` in turn: several runs in one spawn of the ranks."""
+    for store, overrides in jobs:
+        train_as_rank(rank, world, store, overrides)
+
+
 def tiny_trainer(run_dir: Path, tokens: Path, **extra: Any) -> Trainer:
     """configs/tiny.yaml with tiny_overrides (plus `extra`), built in-process on the CPU and not trained yet."""
     cfg = load_config("configs/tiny.yaml", tiny_overrides(run_dir, tokens, **extra))

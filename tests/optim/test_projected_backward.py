@@ -29,7 +29,7 @@ from optim.projected_backward import (
 )
 from optim.projector import project
 from tests.helpers.gloo import run_ranks
-from tests.helpers.runs import REPO, final_model, losses, max_rel_difference, run, tiny_overrides, train_as_rank
+from tests.helpers.runs import REPO, final_model, losses, max_rel_difference, run, tiny_overrides, train_jobs_as_rank
 from tests.helpers.tiny_lm import batch, loss_of, tiny_model
 from tools import bench_projected_backward as bench_pb
 from trainer import checkpoint as ckpt
@@ -486,11 +486,6 @@ def test_the_weights_left_out_of_ddp_are_the_linears_the_projected_backward_swit
     assert projected_linear_weight_names(model, optimizer_spec(model, galore_config("galore_adamw")).param_groups) == []
 
 
-def _projected_runs_on_ranks(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> None:
-    for store, overrides in jobs:
-        train_as_rank(rank, world, store, overrides)
-
-
 def test_two_ddp_ranks_train_like_one_process(tmp_path, sample_tokens):
     """The paper's GaLore configs run projected under torchrun: 2 gloo ranks under DDP (each half of every global
     batch, 2 micro-batches each, clipping on) give one process's losses and weights to summation-order rounding,
@@ -498,7 +493,7 @@ def test_two_ddp_ranks_train_like_one_process(tmp_path, sample_tokens):
     and from the one-process run)."""
     extra: dict[str, Any] = {**PROJECTED_RUN, "train.micro_batch": 1, "checkpoint.interval": 6}
     store = str(tmp_path / "store")
-    run_ranks(_projected_runs_on_ranks, 2, [(store, tiny_overrides(tmp_path / "two", sample_tokens, **extra))])
+    run_ranks(train_jobs_as_rank, 2, [(store, tiny_overrides(tmp_path / "two", sample_tokens, **extra))])
     run(tmp_path, sample_tokens, "one", **extra)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 7))

@@ -24,7 +24,7 @@ from tests.helpers.runs import (
     losses,
     run,
     tiny_overrides,
-    train_as_rank,
+    train_jobs_as_rank,
 )
 from trainer import checkpoint as ckpt
 from trainer import parallelize as parallelize_module
@@ -60,11 +60,6 @@ CASES: dict[str, dict[str, object]] = {
     },
 }
 STEPS = 4
-
-
-def _cases_on_ranks(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> None:
-    for store, overrides in jobs:
-        train_as_rank(rank, world, store, overrides)
 
 
 def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_count(tmp_path, sample_tokens):
@@ -105,7 +100,7 @@ def test_fsdp2_on_two_ranks_trains_like_one_process_and_resumes_on_another_rank_
         for fused in (False, True):
             extra = {**ddp, "optim.name": name, "train.fused_update": fused}
             jobs.append((next_store(), tiny_overrides(tmp_path / f"ddp_{name}_{fused}", sample_tokens, **extra)))
-    run_ranks(_cases_on_ranks, 2, jobs)
+    run_ranks(train_jobs_as_rank, 2, jobs)
     for name in ("adalomo", "adamw"):
         assert_identical_runs(tmp_path / f"ddp_{name}_True", tmp_path / f"ddp_{name}_False", STEPS)
     run(tmp_path, sample_tokens, "two_then_one", **two_then_one)
@@ -191,7 +186,7 @@ def test_a_sharded_save_killed_before_its_commit_leaves_no_checkpoint(tmp_path):
 
 
 def _compiled_jobs(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> None:
-    """As _cases_on_ranks, with each block compiled by dynamo + AOT autograd (the parts of torch.compile that
+    """As train_jobs_as_rank, with each block compiled by dynamo + AOT autograd (the parts of torch.compile that
     meet DDP's hooks and the fused path's post-accumulate-grad hooks) and no C++ code generation, which would
     take a minute per rank on CPU."""
 
@@ -200,7 +195,7 @@ def _compiled_jobs(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> 
             block.compile(backend="aot_eager")
 
     parallelize_module.compile_blocks = compile_blocks
-    _cases_on_ranks(rank, world, jobs)
+    train_jobs_as_rank(rank, world, jobs)
 
 
 def test_compiled_blocks_train_under_ddp_fused_and_not(tmp_path, sample_tokens):
